@@ -1,0 +1,124 @@
+"""Decode speed on the default model: HF `generate` vs our dense vs our Quest, side by side, in one run.
+
+Each context length is prefilled once per engine (HF through a reused DynamicCache prefix, ours through the
+paged cache); every timed run then decodes `--new-tokens` tokens (EOS suppressed) from the same prompt.
+decode tok/s = (tokens - 1) / (time of last token - time of first token); the table shows the median of runs.
+
+    python bench/cpu_decode.py                   # 1K, 4K, 8K; writes bench/RESULTS.md
+"""
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.results import write_section  # noqa: E402
+from quest_core.config import QuestConfig  # noqa: E402
+from quest_core.generation import decode, prefill  # noqa: E402
+from quest_core.hf import QuestCache, use_quest  # noqa: E402
+from quest_core.models import load_model  # noqa: E402
+
+
+class Timestamps:
+    """A `generate` streamer that notes when each new token arrives (the first put is the prompt)."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def tokens_per_s(times: list[float]) -> float:
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+def hf_generate_runs(model, prompt, new_tokens, runs):
+    ids = torch.tensor([prompt])
+    prefix = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(ids[:, :-1], past_key_values=prefix)
+    speeds = []
+    for run in range(runs + 1):  # the first run warms up
+        streamer = Timestamps()
+        model.generate(ids, past_key_values=copy.deepcopy(prefix), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, streamer=streamer)
+        if run:
+            speeds.append(tokens_per_s(streamer.times[1:]))
+    return speeds
+
+
+def ours_runs(model, cache, prompt, new_tokens, runs):
+    speeds = []
+    for run in range(runs + 1):
+        cache.truncate(len(prompt) - 1)
+        logits = prefill(model, cache, prompt[-1:])
+        times = []
+        for _ in decode(model, cache, logits, new_tokens, min_new_tokens=new_tokens):
+            times.append(time.perf_counter())
+        if run:
+            speeds.append(tokens_per_s(times))
+    return speeds
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 8000])
+    parser.add_argument("--budget", type=int, default=1024)
+    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model, tokenizer = load_model(dtype=args.dtype, device="cpu")
+    document = (Path(__file__).resolve().parent.parent / "assets" / "hamlet.txt").read_text()
+    document_ids = tokenizer(document, add_special_tokens=False)["input_ids"]
+    quest = QuestConfig(mode="quest", budget=args.budget, page_size=args.page_size)
+    rows = []
+    for context in args.contexts:
+        prompt = document_ids[:context]
+        model.set_attn_implementation("sdpa")
+        hf = hf_generate_runs(model, prompt, args.new_tokens, args.runs)
+        use_quest(model)
+        cache = QuestCache(model.config.num_hidden_layers, quest)
+        prefill(model, cache, prompt[:-1])
+        cache.set_config(quest.with_changes(mode="dense"))
+        dense = ours_runs(model, cache, prompt, args.new_tokens, args.runs)
+        cache.set_config(quest)
+        sparse = ours_runs(model, cache, prompt, args.new_tokens, args.runs)
+        row = {"context": context, "hf_generate": statistics.median(hf), "ours_dense": statistics.median(dense),
+               "ours_quest": statistics.median(sparse), "runs": {"hf_generate": hf, "ours_dense": dense,
+                                                                  "ours_quest": sparse}}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    table = ["| context | HF generate tok/s | ours dense tok/s | ours Quest tok/s | Quest / HF | Quest / dense "
+             "| dense / HF |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        table.append(f"| {r['context']} | {r['hf_generate']:.1f} | {r['ours_dense']:.1f} | {r['ours_quest']:.1f} "
+                     f"| {r['ours_quest'] / r['hf_generate']:.2f}x | {r['ours_quest'] / r['ours_dense']:.2f}x "
+                     f"| {r['ours_dense'] / r['hf_generate']:.2f}x |")
+    body = (f"Default model (SmolLM2-135M-Instruct, {model.dtype}), batch 1, {args.new_tokens} new tokens per run, "
+            f"median of {args.runs} runs after a warm-up; Quest budget {args.budget}, page {args.page_size}, "
+            f"dense layers {quest.dense_layers}. Prompt: the first N tokens of assets/hamlet.txt.\n\n"
+            + "\n".join(table))
+    if not args.no_write:
+        write_section("cpu_decode", "CPU decode: HF generate vs ours dense vs ours Quest", body)
+    print(json.dumps({"bench": "cpu_decode", "rows": [{k: v for k, v in r.items() if k != "runs"} for r in rows]}))
+
+
+if __name__ == "__main__":
+    main()

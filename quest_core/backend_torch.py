@@ -1,0 +1,48 @@
+"""Attention backend `torch`: gathers pages and calls SDPA. Runs on CPU and CUDA; the reference for the others.
+
+Query heads are grouped by KV head (query head j uses KV head j // G), as in transformers' `repeat_kv`, and the
+group is folded into SDPA's query-length axis: `[1, Hkv, G * T, D]` against `[1, Hkv, S, D]`. That keeps K/V
+unrepeated and keeps SDPA on its fused 4-D kernels (3-D inputs and `enable_gqa` fall back to slow paths on CPU).
+"""
+import torch
+import torch.nn.functional as F
+
+from .paged_cache import PagedLayer
+from .selection import page_scores, select_pages
+
+
+class TorchBackend:
+    name = "torch"
+
+    def prefill(self, query: torch.Tensor, layer: PagedLayer, scaling: float) -> torch.Tensor:
+        """query [Hq, T, D] for the last T stored tokens -> out [Hq, T, D], causal over the whole cache."""
+        keys, values = layer.dense()  # [Hkv, S, D]
+        num_heads, num_new, head_dim = query.shape
+        length = keys.shape[1]
+        position = torch.arange(length - num_new, length, device=query.device)
+        mask = torch.arange(length, device=query.device) <= position[:, None]  # [T, S]
+        group = num_heads // layer.num_kv_heads
+        grouped = query.reshape(layer.num_kv_heads, group * num_new, head_dim)  # rows (g, t)
+        out = _attend(grouped, keys, values, scaling, mask.repeat(group, 1))
+        return out.view(num_heads, num_new, head_dim)
+
+    def decode_dense(self, query: torch.Tensor, layer: PagedLayer, scaling: float) -> torch.Tensor:
+        """query [Hkv, G, D] -> out [Hkv, G, D] over every stored token."""
+        keys, values = layer.dense()
+        return _attend(query, keys, values, scaling)
+
+    def select(self, query: torch.Tensor, layer: PagedLayer, num_selected: int, group_rule: str) -> torch.Tensor:
+        """query [Hkv, G, D] -> selected page ids [Hkv, k], current page last."""
+        num_pages = layer.num_pages
+        scores = page_scores(query, layer.page_bounds[:, :num_pages], group_rule)
+        return select_pages(scores, num_selected)
+
+    def decode_sparse(self, query: torch.Tensor, layer: PagedLayer, selected_pages: torch.Tensor, scaling: float):
+        """query [Hkv, G, D], selected_pages [Hkv, k] -> out [Hkv, G, D] over the selected pages only."""
+        keys, values = layer.gather(selected_pages)
+        return _attend(query, keys, values, scaling)
+
+
+def _attend(query, keys, values, scaling, mask=None):
+    """query [Hkv, M, D], keys/values [Hkv, S, D], mask [M, S] or None -> [Hkv, M, D]."""
+    return F.scaled_dot_product_attention(query[None], keys[None], values[None], attn_mask=mask, scale=scaling)[0]

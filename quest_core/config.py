@@ -1,0 +1,33 @@
+"""Quest settings: what the attention does at the next decode step."""
+from dataclasses import dataclass, replace
+
+MODES = ("dense", "quest")
+GROUP_RULES = ("sum", "max")
+
+
+@dataclass(frozen=True)
+class QuestConfig:
+    mode: str = "quest"        # "dense" reads every page, "quest" reads the selected ones
+    budget: int = 1024         # tokens of KV read per KV head and layer (rounded up to whole pages)
+    page_size: int = 16        # tokens per page
+    dense_layers: int = 2      # the first layers always attend densely
+    group_rule: str = "sum"    # how the query heads of one KV group combine their page scores
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.group_rule not in GROUP_RULES:
+            raise ValueError(f"group_rule must be one of {GROUP_RULES}, got {self.group_rule!r}")
+        if self.page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {self.page_size}")
+        if self.budget < self.page_size:
+            raise ValueError(f"budget ({self.budget}) must hold at least one page ({self.page_size} tokens)")
+        if self.dense_layers < 0:
+            raise ValueError(f"dense_layers must be >= 0, got {self.dense_layers}")
+
+    @property
+    def budget_pages(self) -> int:
+        return -(-self.budget // self.page_size)
+
+    def with_changes(self, **changes) -> "QuestConfig":
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})

@@ -1,0 +1,50 @@
+"""The token loop: chunked prefill, then one forward per new token. Batch size 1, any transformers decoder
+switched to the quest attention (see `hf.use_quest`)."""
+import torch
+
+from .hf import QuestCache, cache_argument, forward
+from .sampling import sample
+
+
+@torch.inference_mode()
+def prefill(model, cache: QuestCache, token_ids: list[int], chunk_size: int = 512, progress=None) -> torch.Tensor:
+    """Append `token_ids` to the cache in chunks; returns the last position's logits [vocab].
+
+    progress(done, total) is called after each chunk."""
+    device = next(model.parameters()).device
+    cache_arg = cache_argument(model)
+    cache.reserve(cache.length + len(token_ids))
+    logits = None
+    for start in range(0, len(token_ids), chunk_size):
+        chunk = torch.tensor([token_ids[start:start + chunk_size]], device=device)
+        logits = forward(model, cache, chunk, cache_arg)
+        if progress:
+            progress(min(start + chunk_size, len(token_ids)), len(token_ids))
+    return logits
+
+
+@torch.inference_mode()
+def decode(model, cache: QuestCache, logits: torch.Tensor, max_new_tokens: int, stop_ids=(), min_new_tokens: int = 0,
+           temperature: float = 0.0, top_p: float = 1.0, generator=None, should_stop=lambda: False):
+    """Yields new token ids, starting from the prefill's `logits`, until a stop id (not yielded),
+    `max_new_tokens`, or `should_stop()` after a token."""
+    device = logits.device
+    cache_arg = cache_argument(model)
+    stop_ids = list(stop_ids)
+    for index in range(max_new_tokens):
+        if index < min_new_tokens and stop_ids:
+            logits[stop_ids] = -float("inf")
+        token_id = int(sample(logits, temperature, top_p, generator))
+        if token_id in stop_ids:
+            return
+        yield token_id
+        if index + 1 == max_new_tokens or should_stop():
+            return
+        logits = forward(model, cache, torch.tensor([[token_id]], device=device), cache_arg)
+
+
+def generate_ids(model, cache: QuestCache, prompt_ids: list[int], max_new_tokens: int, chunk_size: int = 512,
+                 **kwargs) -> list[int]:
+    """Greedy (by default) continuation of `prompt_ids`, as a list: the oracle tests' entry point."""
+    logits = prefill(model, cache, prompt_ids, chunk_size)
+    return list(decode(model, cache, logits, max_new_tokens, **kwargs))

@@ -1,0 +1,110 @@
+"""transformers integration: a `Cache` of paged layers and the `quest` attention function.
+
+Nothing of a model is copied: `use_quest(model)` registers the attention under the name "quest" through
+transformers' `AttentionInterface` (plus a mask function that builds no mask: the attention knows causality
+from the cache) and switches the model to it. A forward call then passes the same `QuestCache` twice, as the
+model's cache (transformers appends K/V through `Cache.update`) and as the `quest_cache` keyword, which
+transformers hands on to the attention function untouched (5.17 through 5.24 alike).
+"""
+import inspect
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache
+from transformers.masking_utils import AttentionMaskInterface
+
+from .backend_torch import TorchBackend
+from .config import QuestConfig
+from .paged_cache import GatherBuffer, PagedLayer
+
+ATTN_NAME = "quest"
+
+
+class QuestCache(Cache):
+    """One `PagedLayer` per model layer, the Quest settings, the attention backend and an optional trace."""
+
+    def __init__(self, num_layers: int, config: QuestConfig, backend=None):
+        gather_buffer = GatherBuffer()
+        super().__init__(layers=[PagedLayer(config.page_size, gather_buffer=gather_buffer) for _ in range(num_layers)])
+        self.config = config
+        self.backend = backend or TorchBackend()
+        self.trace = None  # a quest_core.trace.Trace while recording
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def reserve(self, num_tokens: int) -> None:
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.reserve(num_tokens)
+
+    def truncate(self, length: int) -> None:
+        for layer in self.layers:
+            layer.truncate(length)
+
+    def set_config(self, config: QuestConfig) -> None:
+        """New settings for the next step; a new page size re-lays the stored KV out, nothing is recomputed."""
+        for layer in self.layers:
+            layer.repage(config.page_size)
+        self.config = config
+
+
+def quest_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, quest_cache=None, **kwargs):
+    """query [1, Hq, T, D] -> (out [1, T, Hq, D], None). `key`/`value` are the layer's pages, already appended."""
+    if quest_cache is None:
+        raise ValueError("the 'quest' attention needs the model called with quest_cache=<QuestCache>")
+    layer_idx = module.layer_idx
+    layer = quest_cache.layers[layer_idx]
+    config, backend = quest_cache.config, quest_cache.backend
+    _, num_heads, num_new, head_dim = query.shape
+    scaling = head_dim**-0.5 if scaling is None else scaling
+    if num_new > 1:  # prefill is dense
+        out = backend.prefill(query[0], layer, scaling)  # [Hq, T, D]
+        return out.transpose(0, 1).unsqueeze(0), None
+    grouped_query = query[0, :, 0].view(layer.num_kv_heads, -1, head_dim)  # [Hkv, G, D]
+    num_selected = config.budget_pages
+    selected_pages = None
+    if config.mode == "quest" and layer_idx >= config.dense_layers and layer.num_pages > num_selected:
+        selected_pages = backend.select(grouped_query, layer, num_selected, config.group_rule)
+        out = backend.decode_sparse(grouped_query, layer, selected_pages, scaling)
+    else:
+        out = backend.decode_dense(grouped_query, layer, scaling)
+    if quest_cache.trace is not None:
+        quest_cache.trace.record_layer(layer_idx, layer, selected_pages)
+    return out.reshape(1, 1, num_heads, head_dim), None
+
+
+def _no_mask(*args, **kwargs):
+    return None
+
+
+def register() -> None:
+    AttentionInterface.register(ATTN_NAME, quest_attention)
+    AttentionMaskInterface.register(ATTN_NAME, _no_mask)
+
+
+def use_quest(model) -> None:
+    """Switch `model` (any transformers decoder built on the attention registry) to the quest attention."""
+    register()
+    model.set_attn_implementation(ATTN_NAME)
+
+
+def cache_argument(model) -> str:
+    """The name the model's forward takes its cache under: `cache` from transformers 5.24, else `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def forward(model, cache: QuestCache, input_ids: torch.Tensor, cache_arg: str) -> torch.Tensor:
+    """Run `input_ids` [1, T] after the cached tokens; returns the last position's logits [vocab] in float32."""
+    start = cache.length
+    position_ids = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+    output = model(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        use_cache=True,
+        logits_to_keep=1,
+        quest_cache=cache,
+        **{cache_arg: cache},
+    )
+    return output.logits[0, -1].float()

@@ -1,0 +1,203 @@
+"""One attention layer's KV cache in pages of P tokens, with each page's key min/max (Quest's metadata).
+
+Layout (the GPU path views K and V as one-head pages `[pages * Hkv, 1, P, D]`):
+    keys, values   [capacity_pages, Hkv, P, D]
+    page_bounds    [Hkv, capacity_pages, 2 * D]   the page's element-wise key max, then its key min
+    page_max, page_min are the two halves of page_bounds (views): [Hkv, capacity_pages, D]
+
+Keeping max and min side by side makes a page's score one dot product, [relu(q), min(q, 0)] . page_bounds.
+The bounds are exact in any dtype (a max of stored values). On CPU they are kept in float32, so scoring needs no
+per-step conversion (they are 1/16 of the KV's size at page 16); on GPU in the KV dtype, halving the bytes the
+page scorer reads.
+The cache is for inference only: its methods run under `torch.inference_mode()`.
+Pages are allocated in blocks; unused pages hold page_max = -inf and page_min = +inf, so appending is a fold
+(max/min with the new keys) for a single decode token and for a prefill chunk alike. Batch size is 1.
+"""
+import math
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+
+class GatherBuffer:
+    """Scratch memory that layers gather K/V pages into before attention. The layers of a model run one at a
+    time, so they share one; reusing it spares a fresh allocation (and its page faults) per layer and step."""
+
+    def __init__(self):
+        self.keys = self.values = None
+
+    def get(self, shape: tuple, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        numel = math.prod(shape)
+        if self.keys is None or self.keys.numel() < numel or self.keys.dtype != like.dtype \
+                or self.keys.device != like.device:
+            self.keys = like.new_empty(numel + numel // 4)  # some headroom: the context grows
+            self.values = like.new_empty(numel + numel // 4)
+        return self.keys[:numel].view(shape), self.values[:numel].view(shape)
+
+
+class PagedLayer(CacheLayerMixin):
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, page_size: int = 16, block_pages: int = 64, gather_buffer: GatherBuffer | None = None):
+        super().__init__()
+        self.page_size = page_size
+        self.block_pages = block_pages
+        self.gather_buffer = gather_buffer or GatherBuffer()
+        self.length = 0
+        self.page_bounds = None
+
+    # ---- transformers' CacheLayerMixin interface ----
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        _, num_kv_heads, _, head_dim = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self._allocate_empty(num_kv_heads, head_dim, self.dtype, self.device)
+        self.is_initialized = True
+
+    def _allocate_empty(self, num_kv_heads, head_dim, dtype, device):
+        self.keys = torch.empty(0, num_kv_heads, self.page_size, head_dim, dtype=dtype, device=device)
+        self.values = torch.empty_like(self.keys)
+        bounds_dtype = torch.float32 if device.type == "cpu" else dtype
+        self.page_bounds = torch.empty(num_kv_heads, 0, 2 * head_dim, dtype=bounds_dtype, device=device)
+        self.head_rows = torch.arange(num_kv_heads, device=device).unsqueeze(1)  # [Hkv, 1]
+        self.length = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append `key_states`, `value_states` [1, Hkv, T, D]; returns the page tensors [pages, Hkv, P, D]."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.shape[0] != 1:
+            raise ValueError(f"the paged cache holds one sequence, got batch size {key_states.shape[0]}")
+        self.append(key_states[0], value_states[0])
+        return self.keys, self.values
+
+    def get_seq_length(self, *args) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.truncate(0)
+
+    # ---- paging ----
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.keys.shape[3]
+
+    @property
+    def page_max(self) -> torch.Tensor:
+        return self.page_bounds[..., : self.head_dim]
+
+    @property
+    def page_min(self) -> torch.Tensor:
+        return self.page_bounds[..., self.head_dim:]
+
+    @property
+    def num_pages(self) -> int:
+        """Pages holding at least one token; the last one is the current page."""
+        return -(-self.length // self.page_size)
+
+    @property
+    def last_page_len(self) -> int:
+        return self.length - (self.num_pages - 1) * self.page_size
+
+    @torch.inference_mode()
+    def reserve(self, num_tokens: int) -> None:
+        """Make room for `num_tokens` tokens in total, growing by whole blocks of pages."""
+        have = self.keys.shape[0]
+        need = -(-num_tokens // self.page_size)
+        if need <= have:
+            return
+        grow = math.ceil((need - have) / self.block_pages) * self.block_pages
+        self.keys = torch.cat([self.keys, self.keys.new_empty(grow, *self.keys.shape[1:])])
+        self.values = torch.cat([self.values, self.values.new_empty(grow, *self.values.shape[1:])])
+        empty_bounds = self.page_bounds.new_full((self.num_kv_heads, grow, 2, self.head_dim), math.inf)
+        empty_bounds[:, :, 0] = -math.inf
+        self.page_bounds = torch.cat([self.page_bounds, empty_bounds.flatten(2)], dim=1)
+
+    @torch.inference_mode()
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write `keys`, `values` [Hkv, T, D] after the stored tokens and fold them into the page min/max."""
+        start, num_new = self.length, keys.shape[1]
+        self.reserve(start + num_new)
+        if num_new == 1:  # decode: plain indexing, no index tensors
+            page, slot = divmod(start, self.page_size)
+            self.keys[page, :, slot] = keys[:, 0]
+            self.values[page, :, slot] = values[:, 0]
+            new_keys = keys[:, 0].to(self.page_bounds.dtype)
+            torch.maximum(self.page_max[:, page], new_keys, out=self.page_max[:, page])
+            torch.minimum(self.page_min[:, page], new_keys, out=self.page_min[:, page])
+        else:
+            position = torch.arange(start, start + num_new, device=keys.device)
+            page, slot = position // self.page_size, position % self.page_size
+            self.keys[page, :, slot] = keys.transpose(0, 1)
+            self.values[page, :, slot] = values.transpose(0, 1)
+            index = page.view(1, -1, 1).expand_as(keys)
+            new_keys = keys.to(self.page_bounds.dtype)
+            self.page_max.scatter_reduce_(1, index, new_keys, "amax")
+            self.page_min.scatter_reduce_(1, index, new_keys, "amin")
+        self.length = start + num_new
+
+    @torch.inference_mode()
+    def truncate(self, length: int) -> None:
+        """Forget every token from position `length` on; the metadata of the new last page is rebuilt."""
+        if not self.is_initialized or length >= self.length:
+            return
+        first_dropped_page = length // self.page_size
+        self.page_max[:, first_dropped_page:self.num_pages] = -math.inf
+        self.page_min[:, first_dropped_page:self.num_pages] = math.inf
+        kept = length - first_dropped_page * self.page_size
+        if kept:
+            page_keys = self.keys[first_dropped_page, :, :kept]  # [Hkv, kept, D]
+            self.page_max[:, first_dropped_page] = page_keys.amax(dim=1)
+            self.page_min[:, first_dropped_page] = page_keys.amin(dim=1)
+        self.length = length
+
+    @torch.inference_mode()
+    def repage(self, page_size: int) -> None:
+        """Lay the same tokens out in pages of `page_size` and rebuild the metadata (no model call)."""
+        if page_size == self.page_size:
+            return
+        if not self.is_initialized:
+            self.page_size = page_size
+            return
+        keys, values = self.dense()
+        self.page_size = page_size
+        self._allocate_empty(self.num_kv_heads, self.head_dim, keys.dtype, keys.device)
+        if keys.shape[1]:
+            self.append(keys, values)
+
+    # ---- reads ----
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All stored tokens in order: keys, values [Hkv, length, D], in the gather buffer."""
+        return self.gather(None)
+
+    @torch.inference_mode()
+    def gather(self, selected_pages: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys, values [Hkv, tokens, D] of `selected_pages` [Hkv, k] (page ids, the current page last), or of
+        all pages. They live in the shared gather buffer: valid until the next gather."""
+        num_pages = self.num_pages if selected_pages is None else selected_pages.shape[1]
+        shape = (self.num_kv_heads, num_pages, self.page_size, self.head_dim)
+        keys, values = self.gather_buffer.get(shape, self.keys)
+        if selected_pages is None:
+            keys.copy_(self.keys[:num_pages].transpose(0, 1))
+            values.copy_(self.values[:num_pages].transpose(0, 1))
+        else:  # one-head pages: page p of KV head h is row p * Hkv + h
+            rows = (selected_pages * self.num_kv_heads + self.head_rows).view(-1)
+            one_head_pages = (-1, self.page_size, self.head_dim)
+            torch.index_select(self.keys.view(one_head_pages), 0, rows, out=keys.view(one_head_pages))
+            torch.index_select(self.values.view(one_head_pages), 0, rows, out=values.view(one_head_pages))
+        num_tokens = (num_pages - 1) * self.page_size + self.last_page_len
+        flat = (self.num_kv_heads, num_pages * self.page_size, self.head_dim)
+        return keys.view(flat)[:, :num_tokens], values.view(flat)[:, :num_tokens]

@@ -1,0 +1,38 @@
+"""Quest page scoring and top-k selection (the torch twin of kernels/score_topk).
+
+score(page) = sum_d max(q_d * kmax_d, q_d * kmin_d) = relu(q) . kmax + min(q, 0) . kmin,
+an upper bound on q . k for every key k in the page. So scoring is two matrix-vector products.
+
+GQA: each KV head has one page set, shared by the G query heads of its group. The group's scores combine by
+  "sum" (default): the sum of the heads' upper bounds, i.e. a bound on the group's summed logit. It costs one
+          GEMV per KV head (sum relu(q) and min(q, 0) over the group first) and favours pages that several heads
+          want over a page that one head wants a little more.
+  "max": the largest head's bound, so each head's favourite page survives; G GEMVs per KV head.
+"""
+import torch
+
+
+def page_scores(query: torch.Tensor, page_bounds: torch.Tensor, group_rule: str = "sum") -> torch.Tensor:
+    """query [Hkv, G, D]; page_bounds [Hkv, pages, 2D] (max then min)  ->  scores [Hkv, pages] in float32.
+
+    The product runs in the bounds' dtype (float32 on CPU; the KV dtype on GPU, as the fused kernel does)."""
+    query = query.to(page_bounds.dtype)
+    split_query = torch.cat([query.clamp(min=0), query.clamp(max=0)], dim=-1)  # [Hkv, G, 2D]
+    if group_rule == "sum":
+        split_query = split_query.sum(1, keepdim=True)  # [Hkv, 1, 2D]
+    scores = torch.bmm(split_query, page_bounds.transpose(1, 2))  # [Hkv, G or 1, pages]
+    return scores.amax(dim=1).float()
+
+
+def select_pages(scores: torch.Tensor, num_selected: int) -> torch.Tensor:
+    """scores [Hkv, pages] -> selected page ids [Hkv, k], k = min(num_selected, pages).
+
+    The last page (the current one, which holds the newest token) is always selected and always last;
+    the others are the top-(k-1) of the full pages by score, best first.
+    """
+    num_kv_heads, num_pages = scores.shape
+    if num_selected >= num_pages:
+        return torch.arange(num_pages, device=scores.device).expand(num_kv_heads, -1)
+    selected = scores.new_full((num_kv_heads, num_selected), num_pages - 1, dtype=torch.long)
+    torch.topk(scores[:, :-1], num_selected - 1, dim=1, out=(scores.new_empty(0), selected[:, :-1]))
+    return selected

@@ -1,0 +1,60 @@
+"""The torch backend's attention equals plain attention over the same tokens."""
+import torch
+
+from quest_core.backend_torch import TorchBackend
+from quest_core.paged_cache import PagedLayer
+
+backend = TorchBackend()
+
+
+def reference(query, keys, values, scaling, mask=None):
+    """query [Hkv, M, D], keys/values [Hkv, S, D] -> softmax(q k^T) v in float64."""
+    logits = torch.einsum("hmd,hsd->hms", query.double(), keys.double()) * scaling
+    if mask is not None:
+        logits = logits.masked_fill(~mask, -float("inf"))
+    return torch.einsum("hms,hsd->hmd", logits.softmax(-1), values.double())
+
+
+def filled_layer(length, page_size=16, num_kv_heads=2, head_dim=32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(1, num_kv_heads, length, head_dim, generator=generator)
+    values = torch.randn(1, num_kv_heads, length, head_dim, generator=generator)
+    layer = PagedLayer(page_size)
+    layer.update(keys, values)
+    return layer, keys[0], values[0]
+
+
+def relative_error(got, expected):
+    return ((got.double() - expected).norm() / expected.norm()).item()
+
+
+def test_sparse_decode_over_every_page_equals_dense():
+    layer, keys, values = filled_layer(203)
+    query = torch.randn(2, 4, 32)
+    all_pages = backend.select(query, layer, num_selected=1000, group_rule="sum")
+    sparse = backend.decode_sparse(query, layer, all_pages, 0.2)
+    dense = backend.decode_dense(query, layer, 0.2)
+    assert relative_error(sparse, reference(query, keys, values, 0.2)) <= 1e-5
+    assert relative_error(dense, reference(query, keys, values, 0.2)) <= 1e-5
+
+
+def test_sparse_decode_equals_attention_restricted_to_the_selected_tokens():
+    layer, keys, values = filled_layer(203, page_size=8)
+    query = torch.randn(2, 3, 32)
+    selected = backend.select(query, layer, num_selected=6, group_rule="max")
+    mask = torch.zeros(2, 1, 203, dtype=torch.bool)
+    for head, pages in enumerate(selected.tolist()):
+        for page in pages:
+            mask[head, 0, page * 8:(page + 1) * 8] = True
+    got = backend.decode_sparse(query, layer, selected, 0.2)
+    assert relative_error(got, reference(query, keys, values, 0.2, mask)) <= 1e-5
+
+
+def test_prefill_is_causal_over_the_whole_cache_with_grouped_heads():
+    layer, keys, values = filled_layer(90)  # the last 20 tokens are the new chunk
+    query = torch.randn(6, 20, 32)  # 6 query heads over 2 KV heads: group 3
+    got = backend.prefill(query, layer, 0.2)
+    mask = torch.arange(90) <= torch.arange(70, 90)[:, None]  # [20, 90]
+    grouped = query.view(2, 3 * 20, 32)
+    expected = reference(grouped, keys, values, 0.2, mask.repeat(3, 1)).view(6, 20, 32)
+    assert relative_error(got, expected) <= 1e-5

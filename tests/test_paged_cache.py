@@ -1,0 +1,87 @@
+"""The paged cache stores every token where its page says and keeps each page's true key min/max."""
+import torch
+from hypothesis import given, settings, strategies as st
+
+from quest_core.paged_cache import PagedLayer
+
+
+def fill(page_size, chunk_lengths, num_kv_heads=2, head_dim=8, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    layer = PagedLayer(page_size, block_pages=3)
+    all_keys, all_values = [], []
+    for length in chunk_lengths:
+        keys = torch.randn(1, num_kv_heads, length, head_dim, generator=generator).to(dtype)
+        values = torch.randn(1, num_kv_heads, length, head_dim, generator=generator).to(dtype)
+        layer.update(keys, values)
+        all_keys.append(keys[0])
+        all_values.append(values[0])
+    return layer, torch.cat(all_keys, dim=1), torch.cat(all_values, dim=1)
+
+
+def true_bounds(keys, page_size):
+    """keys [Hkv, S, D] -> true per-page max and min [Hkv, pages, D] by brute force."""
+    pages = [keys[:, p:p + page_size] for p in range(0, keys.shape[1], page_size)]
+    return torch.stack([p.amax(1) for p in pages], 1), torch.stack([p.amin(1) for p in pages], 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(page_size=st.sampled_from([1, 8, 16, 32]), chunks=st.lists(st.integers(1, 70), min_size=1, max_size=8))
+def test_metadata_equals_true_min_max_after_random_appends(page_size, chunks):
+    layer, keys, values = fill(page_size, chunks)
+    assert layer.length == keys.shape[1]
+    expected_max, expected_min = true_bounds(keys, page_size)
+    assert torch.equal(layer.page_max[:, : layer.num_pages], expected_max)
+    assert torch.equal(layer.page_min[:, : layer.num_pages], expected_min)
+    stored_keys, stored_values = layer.dense()
+    assert torch.equal(stored_keys, keys) and torch.equal(stored_values, values)
+
+
+def test_pages_hold_tokens_in_order_and_unused_pages_stay_empty():
+    layer, keys, _ = fill(16, [5, 30, 1, 1])  # 37 tokens: 3 pages, the last holds 5
+    assert (layer.num_pages, layer.last_page_len) == (3, 5)
+    assert torch.equal(layer.keys[1, :, 3], keys[:, 19])
+    assert layer.keys.shape[0] % 3 == 0  # grown by whole blocks
+    assert torch.isinf(layer.page_max[:, 3:]).all() and (layer.page_max[:, 3:] < 0).all()
+    assert torch.isinf(layer.page_min[:, 3:]).all() and (layer.page_min[:, 3:] > 0).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(page_size=st.sampled_from([1, 8, 16]), chunks=st.lists(st.integers(1, 50), min_size=1, max_size=5),
+       cut=st.floats(0, 1), extra=st.integers(1, 40))
+def test_truncate_then_append_equals_appending_the_kept_tokens(page_size, chunks, cut, extra):
+    layer, keys, values = fill(page_size, chunks)
+    keep = int(cut * keys.shape[1])
+    layer.truncate(keep)
+    more_keys, more_values = torch.randn(1, 2, extra, 8), torch.randn(1, 2, extra, 8)
+    layer.update(more_keys, more_values)
+    expected_keys = torch.cat([keys[:, :keep], more_keys[0]], dim=1)
+    expected_max, expected_min = true_bounds(expected_keys, page_size)
+    assert torch.equal(layer.dense()[0], expected_keys)
+    assert torch.equal(layer.page_max[:, : layer.num_pages], expected_max)
+    assert torch.equal(layer.page_min[:, : layer.num_pages], expected_min)
+    assert torch.isinf(layer.page_max[:, layer.num_pages:]).all()
+
+
+def test_repage_keeps_tokens_and_rebuilds_metadata():
+    layer, keys, values = fill(16, [40, 1, 1, 9])
+    layer.repage(8)
+    expected_max, expected_min = true_bounds(keys, 8)
+    assert layer.page_size == 8 and layer.num_pages == 7
+    assert torch.equal(layer.dense()[0], keys) and torch.equal(layer.dense()[1], values)
+    assert torch.equal(layer.page_max[:, :7], expected_max) and torch.equal(layer.page_min[:, :7], expected_min)
+
+
+def test_gather_returns_selected_pages_with_the_partial_current_page_last():
+    layer, keys, values = fill(8, [29])  # pages 0..3, the last holds 5 tokens
+    selected = torch.tensor([[2, 0, 3], [1, 2, 3]])
+    got_keys, got_values = layer.gather(selected)
+    for head, pages in enumerate(selected.tolist()):
+        index = torch.cat([torch.arange(p * 8, min(p * 8 + 8, 29)) for p in pages])
+        assert torch.equal(got_keys[head], keys[head, index])
+        assert torch.equal(got_values[head], values[head, index])
+
+
+def test_bf16_metadata_is_exact():
+    layer, keys, _ = fill(16, [33, 1, 7], dtype=torch.bfloat16)
+    expected_max, expected_min = true_bounds(keys, 16)
+    assert torch.equal(layer.page_max[:, :3], expected_max.float()) and torch.equal(layer.page_min[:, :3], expected_min.float())

@@ -1,0 +1,59 @@
+"""Page scores bound q.k from above; selection is the brute-force top-k plus the current page."""
+import math
+
+import torch
+from hypothesis import given, settings, strategies as st
+
+from quest_core.paged_cache import PagedLayer
+from quest_core.selection import page_scores, select_pages
+
+
+def brute_force_scores(query, keys, page_size, group_rule):
+    """query [Hkv, G, D], keys [Hkv, S, D] -> Quest scores [Hkv, pages] from the definition, page by page."""
+    num_kv_heads, group, _ = query.shape
+    num_pages = math.ceil(keys.shape[1] / page_size)
+    scores = torch.empty(num_kv_heads, num_pages, dtype=torch.float64)
+    for h in range(num_kv_heads):
+        for p in range(num_pages):
+            page = keys[h, p * page_size:(p + 1) * page_size].double()
+            kmax, kmin = page.amax(0), page.amin(0)
+            per_head = [torch.maximum(q.double() * kmax, q.double() * kmin).sum() for q in query[h]]
+            scores[h, p] = sum(per_head) if group_rule == "sum" else max(per_head)
+    return scores
+
+
+@settings(max_examples=40, deadline=None)
+@given(page_size=st.sampled_from([1, 8, 16, 32]), length=st.integers(1, 200), group=st.sampled_from([1, 3, 4]),
+       group_rule=st.sampled_from(["sum", "max"]), seed=st.integers(0, 10_000))
+def test_scores_match_definition_and_bound_every_key(page_size, length, group, group_rule, seed):
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(1, 2, length, 16, generator=generator)
+    query = torch.randn(2, group, 16, generator=generator)
+    layer = PagedLayer(page_size)
+    layer.update(keys, keys)
+    scores = page_scores(query, layer.page_bounds[:, : layer.num_pages], group_rule)
+    expected = brute_force_scores(query, keys[0], page_size, group_rule)
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=1e-4)
+    # the upper bound: every query head's q.k for every key of a page is <= that head's page score
+    logits = torch.einsum("hgd,hsd->hgs", query, keys[0])  # [Hkv, G, S]
+    for p in range(layer.num_pages):
+        page_logits = logits[:, :, p * page_size:(p + 1) * page_size]
+        one_head_groups = query.reshape(2 * group, 1, 16)  # rows (h, g)
+        per_head_scores = page_scores(one_head_groups, layer.page_bounds[:, p:p + 1].repeat_interleave(group, 0))
+        assert (page_logits.amax(-1) <= per_head_scores.view(2, group) + 1e-4).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(num_pages=st.integers(1, 60), budget_pages=st.integers(1, 70), seed=st.integers(0, 10_000))
+def test_selection_is_top_k_plus_current_page(num_pages, budget_pages, seed):
+    scores = torch.randn(3, num_pages, generator=torch.Generator().manual_seed(seed))
+    selected = select_pages(scores, budget_pages)
+    k = min(budget_pages, num_pages)
+    assert selected.shape == (3, k)
+    assert (selected[:, -1] == num_pages - 1).all()  # the current page, always last
+    assert (selected >= 0).all() and (selected < num_pages).all()  # never an unused page
+    for h in range(3):
+        others = set(selected[h, :-1].tolist())
+        assert len(others) == k - 1 and num_pages - 1 not in others
+        expected = set(scores[h, :-1].argsort(descending=True)[: k - 1].tolist())
+        assert others == expected
