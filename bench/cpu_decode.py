@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.results import write_section  # noqa: E402
 from quest_core.config import QuestConfig  # noqa: E402
 from quest_core.generation import decode, prefill  # noqa: E402
-from quest_core.hf import QuestCache, use_quest  # noqa: E402
+from quest_core.hf import QuestCache, cache_argument, use_quest  # noqa: E402
 from quest_core.models import load_model  # noqa: E402
 
 
@@ -45,12 +45,13 @@ def tokens_per_s(times: list[float]) -> float:
 def hf_generate_runs(model, prompt, new_tokens, runs):
     ids = torch.tensor([prompt])
     prefix = DynamicCache(config=model.config)
+    cache_arg = cache_argument(model)
     with torch.inference_mode():
-        model(ids[:, :-1], past_key_values=prefix)
+        model(ids[:, :-1], **{cache_arg: prefix})
     speeds = []
     for run in range(runs + 1):  # the first run warms up
         streamer = Timestamps()
-        model.generate(ids, past_key_values=copy.deepcopy(prefix), max_new_tokens=new_tokens,
+        model.generate(ids, **{cache_arg: copy.deepcopy(prefix)}, max_new_tokens=new_tokens,
                        min_new_tokens=new_tokens, do_sample=False, streamer=streamer)
         if run:
             speeds.append(tokens_per_s(streamer.times[1:]))

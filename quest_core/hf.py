@@ -71,7 +71,7 @@ def quest_attention(module, query, key, value, attention_mask, scaling=None, dro
     else:
         out = backend.decode_dense(grouped_query, layer, scaling)
     if quest_cache.trace is not None:
-        quest_cache.trace.record_layer(layer_idx, layer, selected_pages)
+        quest_cache.trace.record_layer(layer_idx, layer, selected_pages, grouped_query, scaling)
     return out.reshape(1, 1, num_heads, head_dim), None
 
 

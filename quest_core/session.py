@@ -174,8 +174,11 @@ class Session:
 
     @torch.inference_mode()
     def ask(self, question: str, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-            seed: int | None = None, trace: bool = False, progress=None, min_new_tokens: int = 0):
+            seed: int | None = None, trace: bool = False, inspect: bool = False, progress=None,
+            min_new_tokens: int = 0, keep: bool = True):
         """Stream the answer to `question`: yields a `Step` per token; `self.last_run` holds the totals.
+        `trace` records the selected pages of every step; `inspect` adds their recall of dense attention mass.
+        keep=False leaves the turn out of the conversation (side-by-side comparisons of one question).
 
         Stops at an end-of-turn token (not before `min_new_tokens`), after `max_new_tokens`, or on `cancel()`.
         """
@@ -193,10 +196,9 @@ class Session:
                 generator = torch.Generator(self.device).manual_seed(seed)
             started = time.perf_counter()
             logits, run.reused_tokens = self._prefill(prompt_ids, progress)
-            self.messages = messages
             run.prompt_tokens = len(prompt_ids)
             run.prefill_tokens = run.prompt_tokens - run.reused_tokens
-            self.cache.trace = Trace() if trace else None
+            self.cache.trace = Trace(inspect=inspect) if trace or inspect else None
             new_ids: list[int] = []
             text, last = "", started
             tokens = decode(self.model, self.cache, logits, max_new_tokens, self.stop_ids, min_new_tokens,
@@ -233,8 +235,9 @@ class Session:
                 run.decode_s = last - started - run.ttft_s
                 if len(new_ids) > 1 and run.decode_s > 0:
                     run.decode_tokens_per_s = (len(new_ids) - 1) / run.decode_s
-                self.messages.append({"role": "assistant", "content": run.text})
-                self.answer_ids.append(new_ids)
+                if keep:
+                    self.messages = messages + [{"role": "assistant", "content": run.text}]
+                    self.answer_ids.append(new_ids)
                 self.cache.trace = None
 
     def answer(self, question: str, **kwargs) -> RunStats:

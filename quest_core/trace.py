@@ -15,16 +15,23 @@ class StepTrace:
     dense_bytes: int                    # KV bytes a dense step reads
     read_bytes: int                     # KV bytes this step read (selected pages + page metadata)
     selected_pages: torch.Tensor | None  # int32 [layers, Hkv, k], current page last; -1 rows for dense layers
+    recall: torch.Tensor | None = None   # float32 [layers, Hkv]: dense attention mass on the selected pages
+                                         # (NaN for dense layers); only when inspecting
 
 
 @dataclass
 class Trace:
+    """inspect=True also computes, for every sparse layer, dense attention over all pages (an extra dense read)
+    to measure the selection's recall: the share of the group's attention mass that falls on selected pages."""
+    inspect: bool = False
     steps: list[StepTrace] = field(default_factory=list)
     _pages: dict = field(default_factory=dict)
+    _recall: dict = field(default_factory=dict)
     _read_bytes: int = 0
     _dense_bytes: int = 0
 
-    def record_layer(self, layer_idx: int, layer, selected_pages: torch.Tensor | None) -> None:
+    def record_layer(self, layer_idx: int, layer, selected_pages: torch.Tensor | None, query=None, scaling=1.0):
+        """query [Hkv, G, D] is needed only when inspecting."""
         per_token = 2 * layer.num_kv_heads * layer.head_dim * layer.keys.element_size()  # K and V
         self._dense_bytes += layer.length * per_token
         if selected_pages is None:
@@ -32,17 +39,34 @@ class Trace:
             return
         num_selected = selected_pages.shape[1]
         tokens = (num_selected - 1) * layer.page_size + layer.last_page_len
-        self._read_bytes += tokens * per_token + layer.num_pages * per_token  # + page_max/page_min of every page
+        bounds_bytes = layer.num_pages * layer.page_bounds.shape[-1] * layer.num_kv_heads * layer.page_bounds.element_size()
+        self._read_bytes += tokens * per_token + bounds_bytes
         self._pages[layer_idx] = selected_pages
+        if self.inspect:
+            mass = page_attention_mass(query, layer, scaling)  # [Hkv, pages]
+            self._recall[layer_idx] = mass.gather(1, selected_pages).sum(1)
 
     def end_step(self, context_len: int, seconds: float, num_layers: int) -> StepTrace:
-        selected = None
+        selected = recall = None
         if self._pages:
             some = next(iter(self._pages.values()))
             selected = torch.full((num_layers, *some.shape), -1, dtype=torch.int32)
             for layer_idx, pages in self._pages.items():
                 selected[layer_idx] = pages.to("cpu", torch.int32)
-        step = StepTrace(context_len, seconds, self._dense_bytes, self._read_bytes, selected)
+        if self._recall:
+            recall = torch.full((num_layers, selected.shape[1]), float("nan"))
+            for layer_idx, layer_recall in self._recall.items():
+                recall[layer_idx] = layer_recall.float().cpu()
+        step = StepTrace(context_len, seconds, self._dense_bytes, self._read_bytes, selected, recall)
         self.steps.append(step)
-        self._pages, self._read_bytes, self._dense_bytes = {}, 0, 0
+        self._pages, self._recall, self._read_bytes, self._dense_bytes = {}, {}, 0, 0
         return step
+
+
+def page_attention_mass(query: torch.Tensor, layer, scaling: float) -> torch.Tensor:
+    """Dense attention of query [Hkv, G, D] over all of `layer`'s tokens, summed per page and averaged over the
+    group: [Hkv, pages], each row summing to 1."""
+    keys, _ = layer.dense()
+    probs = torch.softmax(torch.einsum("hgd,hsd->hgs", query.float(), keys.float()) * scaling, dim=-1)
+    padded = torch.nn.functional.pad(probs.mean(1), (0, layer.num_pages * layer.page_size - keys.shape[1]))
+    return padded.view(layer.num_kv_heads, layer.num_pages, layer.page_size).sum(-1)

@@ -58,3 +58,15 @@ def test_prefill_is_causal_over_the_whole_cache_with_grouped_heads():
     grouped = query.view(2, 3 * 20, 32)
     expected = reference(grouped, keys, values, 0.2, mask.repeat(3, 1)).view(6, 20, 32)
     assert relative_error(got, expected) <= 1e-5
+
+
+def test_page_attention_mass_is_dense_attention_summed_per_page():
+    from quest_core.trace import page_attention_mass
+
+    layer, keys, _ = filled_layer(45, page_size=8)
+    query = torch.randn(2, 3, 32)
+    mass = page_attention_mass(query, layer, 0.2)  # [Hkv, pages]
+    probs = torch.softmax(torch.einsum("hgd,hsd->hgs", query.double(), keys.double()) * 0.2, -1).mean(1)
+    expected = torch.stack([probs[:, p:p + 8].sum(1) for p in range(0, 45, 8)], dim=1)
+    torch.testing.assert_close(mass.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mass.sum(1), torch.ones(2))

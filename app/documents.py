@@ -1,0 +1,106 @@
+"""Turning an uploaded file into plain text, with a clear `DocumentError` for anything we cannot read.
+
+.txt/.md (UTF-8, UTF-16 with a BOM, else Latin-1), .pdf (pypdf), .docx (python-docx), .html/.htm (text only)."""
+import html.parser
+import zipfile
+from pathlib import Path
+
+MAX_DOCX_UNPACKED = 200 * 1024 * 1024  # a .docx that unpacks to more than this is refused (zip bombs)
+SUFFIXES = (".txt", ".md", ".pdf", ".docx", ".html", ".htm")
+
+
+class DocumentError(ValueError):
+    """The file cannot be used as a document; the message says why, for the person who uploaded it."""
+
+
+def read_document(path: str | Path, name: str | None = None) -> str:
+    """The text of the file at `path`; `name` is the uploaded file's name (it picks the format)."""
+    path = Path(path)
+    name = Path(name or path.name).name  # never a path from the client
+    suffix = Path(name).suffix.lower()
+    if suffix not in SUFFIXES:
+        raise DocumentError(f"{name}: unsupported file type; use one of {', '.join(SUFFIXES)}")
+    data = path.read_bytes()
+    if not data.strip():
+        raise DocumentError(f"{name} is empty")
+    if suffix == ".pdf":
+        text = _pdf_text(path, name)
+    elif suffix == ".docx":
+        text = _docx_text(path, name)
+    else:
+        text = _decode(data, name)
+        if suffix in (".html", ".htm"):
+            text = _html_text(text)
+    if not text.strip():
+        raise DocumentError(f"{name} holds no text")
+    return text
+
+
+def _decode(data: bytes, name: str) -> str:
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16")
+    if b"\x00" in data[:4096]:
+        raise DocumentError(f"{name} looks like binary data, not text")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+def _pdf_text(path: Path, name: str) -> str:
+    from pypdf import PdfReader
+    from pypdf.errors import PdfReadError
+
+    try:
+        reader = PdfReader(path)
+        if reader.is_encrypted:
+            raise DocumentError(f"{name} is an encrypted PDF; remove the password and upload it again")
+        text = "\n\n".join(page.extract_text() or "" for page in reader.pages)
+    except DocumentError:
+        raise
+    except (PdfReadError, ValueError, KeyError, TypeError, OSError) as error:
+        raise DocumentError(f"{name} is not a readable PDF ({error.__class__.__name__})") from None
+    if not text.strip():
+        raise DocumentError(f"{name} has no text layer (a scanned PDF?); OCR it first")
+    return text
+
+
+def _docx_text(path: Path, name: str) -> str:
+    if not zipfile.is_zipfile(path):
+        raise DocumentError(f"{name} is not a .docx file (not a zip archive)")
+    with zipfile.ZipFile(path) as archive:
+        if sum(info.file_size for info in archive.infolist()) > MAX_DOCX_UNPACKED:
+            raise DocumentError(f"{name} unpacks to more than {MAX_DOCX_UNPACKED >> 20} MB; refused")
+    import docx
+
+    try:
+        document = docx.Document(str(path))
+    except Exception as error:  # python-docx raises many kinds for a broken package
+        raise DocumentError(f"{name} is not a readable .docx ({error.__class__.__name__})") from None
+    return "\n".join(paragraph.text for paragraph in document.paragraphs)
+
+
+class _TextOnly(html.parser.HTMLParser):
+    SKIP = {"script", "style", "head", "template", "noscript"}
+
+    def __init__(self):
+        super().__init__()
+        self.parts, self.skipping = [], 0
+
+    def handle_starttag(self, tag, attrs):
+        self.skipping += tag in self.SKIP
+        if tag in ("p", "br", "div", "li", "h1", "h2", "h3", "h4", "tr"):
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag):
+        self.skipping -= tag in self.SKIP and self.skipping > 0
+
+    def handle_data(self, data):
+        if not self.skipping:
+            self.parts.append(data)
+
+
+def _html_text(markup: str) -> str:
+    parser = _TextOnly()
+    parser.feed(markup)
+    return "".join(parser.parts)

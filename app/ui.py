@@ -1,0 +1,344 @@
+"""The Gradio app: a thin view over `quest_core.session.Session`. `build_app(model, tokenizer)` returns the Blocks.
+
+Per-user state lives in `gr.State` (a `ChatState`, freed when the browser leaves); the model is shared and all
+model work is queued under one concurrency id, so it runs one request at a time.
+"""
+import html
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+
+from quest_core.config import QuestConfig
+from quest_core.session import Session
+
+from . import figures
+from .documents import SUFFIXES, DocumentError, read_document
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+SAMPLES = {
+    "Hamlet, the opening (~6K tokens)": "hamlet_opening.txt",
+    "Hamlet, the whole play (~53K tokens: longer than the context)": "hamlet.txt",
+    "Milton, Areopagitica (~24K tokens)": "areopagitica.txt",
+}
+NEEDLE = "Needle in a haystack (passkey at a chosen depth)"
+REFRESH_S = 0.5  # plots refresh at most this often while streaming
+MODEL_WORK = "model"  # the queue's concurrency id for everything that runs the model
+
+
+@dataclass
+class ChatState:
+    """One browser session's conversation and what the plots show."""
+    session: Session | None = None
+    document: str = ""
+    steps: list = field(default_factory=list)            # StepTraces of the last answer
+    step_times: dict = field(default_factory=dict)        # mode -> seconds per step of its last answer
+    tokens_per_s: dict = field(default_factory=dict)      # mode -> decode tok/s of its last answer
+    page_labels: list = field(default_factory=list)
+
+    def close(self):
+        if self.session is not None:
+            self.session.reset()
+        self.session = None
+
+
+def needle_document(depth_percent: float, filler_tokens_hint: int = 5000) -> tuple[str, str]:
+    """A passkey hidden at `depth_percent` of a public-domain filler; returns (document, passkey)."""
+    filler = ASSETS.joinpath("areopagitica.txt").read_text()[: filler_tokens_hint * 4]
+    passkey = str(10000 + (hash(round(depth_percent, 2)) % 90000))
+    cut = int(len(filler) * depth_percent / 100)
+    cut = filler.rfind("\n", 0, cut) + 1 if cut else 0
+    needle = f"\nThe pass key is {passkey}. Remember it. {passkey} is the pass key.\n"
+    return filler[:cut] + needle + filler[cut:], passkey
+
+
+def build_app(model, tokenizer, backend=None, max_new_tokens: int = 1024, gpu=lambda fn: fn) -> gr.Blocks:
+    """`gpu` wraps the functions that run the model (Hugging Face Spaces' `spaces.GPU`, or nothing)."""
+    max_context = getattr(model.config, "max_position_embeddings", None) or 8192
+    defaults = QuestConfig()
+    num_layers = model.config.num_hidden_layers
+    num_kv_heads = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
+
+    def new_state(state: ChatState | None) -> ChatState:
+        if state is None or state.session is None:
+            state = ChatState(session=Session(model, tokenizer, defaults, backend))
+        return state
+
+    # ---- document ----
+
+    def read_upload(file):
+        if file is None:
+            return gr.skip(), gr.skip()
+        try:
+            text = read_document(file, Path(file).name)
+        except DocumentError as error:
+            raise gr.Error(str(error))
+        return text, describe(text)
+
+    def pick_sample(name, depth):
+        if name == NEEDLE:
+            text, passkey = needle_document(depth)
+            return text, describe(text) + f" The passkey is **{passkey}**: ask *What is the pass key?*"
+        if name in SAMPLES:
+            text = ASSETS.joinpath(SAMPLES[name]).read_text()
+            return text, describe(text)
+        return gr.skip(), gr.skip()
+
+    def describe(text: str) -> str:
+        if not text.strip():
+            return "No document yet."
+        tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        share = 100 * tokens / max_context
+        note = ""
+        if tokens > max_context - 512:
+            note = (f" **Longer than the model's {max_context}-token context:** choose *keep the head* or "
+                    "*keep the tail* below, then load.")
+        return f"{tokens:,} tokens, {share:.0f}% of the model's {max_context:,}-token context.{note}"
+
+    @gpu
+    def load_document(text, cut, state, progress=gr.Progress()):
+        if not text or not text.strip():
+            raise gr.Error("The document is empty: upload a file, paste text or pick a sample.")
+        state = new_state(state)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        room = max_context - 512  # leave room for the questions and answers
+        if len(ids) > room:
+            if cut not in ("keep the head", "keep the tail"):
+                raise gr.Error(f"The document has {len(ids):,} tokens and the context holds {max_context:,}: "
+                               "choose keep the head or keep the tail, then load again.")
+            ids = ids[:room] if cut == "keep the head" else ids[-room:]
+            text = tokenizer.decode(ids)
+        progress(0, desc="Prefilling the document")
+        started = time.perf_counter()
+        ingested = state.session.ingest(text, progress=lambda done, total: progress(done / total, desc="Prefill"))
+        state.document, state.steps = text, []
+        state.page_labels = []
+        status = (f"Loaded {ingested.document_tokens:,} tokens (prefill {time.perf_counter() - started:.1f} s). "
+                  "Ask away: follow-up questions reuse the document's KV.")
+        return state, status, []
+
+    # ---- answering ----
+
+    def apply_settings(state, mode, budget, page_size, dense_layers):
+        if state is None or state.session is None or not state.document:
+            raise gr.Error("Load a document first.")
+        state.session.configure(mode=mode, budget=int(budget), page_size=int(page_size),
+                                dense_layers=int(dense_layers))
+
+    def labels_for(state: ChatState) -> list[str]:
+        """Hover text per page: token range and a snippet of the text."""
+        session = state.session
+        page_size = session.config.page_size
+        ids = session.token_ids
+        labels = []
+        for start in range(0, len(ids), page_size):
+            snippet = tokenizer.decode(ids[start:start + page_size]).replace("\n", " ")
+            labels.append(f"tokens {start}-{min(start + page_size, len(ids)) - 1}: {html.escape(snippet[:60])}")
+        return labels + ["(new tokens)"] * 64
+
+    def metrics_text(state: ChatState, run, mode: str) -> str:
+        if run is None:
+            return ""
+        lines = [f"**{mode}** · TTFT {run.ttft_s:.2f} s · decode {run.decode_tokens_per_s:.1f} tok/s · "
+                 f"{run.new_tokens} tokens · prefilled {run.prefill_tokens} new tokens, reused {run.reused_tokens}"]
+        traced = [s for s in state.steps if s is not None]
+        if traced:
+            last = traced[-1]
+            theory = last.dense_bytes / max(last.read_bytes, 1)
+            lines.append(f"KV read per step: {last.read_bytes / 2**20:.2f} MiB of {last.dense_bytes / 2**20:.2f} MiB "
+                         f"dense → theoretical attention speedup {theory:.1f}×")
+            recall = [s.recall for s in traced if s.recall is not None]
+            if recall:
+                import torch
+                mean_recall = torch.nanmean(torch.stack(recall)).item()
+                lines.append(f"Selection recall (dense attention mass on the selected pages): {mean_recall:.3f}")
+        other = "dense" if mode == "quest" else "quest"
+        if other in state.tokens_per_s and run.decode_tokens_per_s:
+            lines.append(f"Measured: {run.decode_tokens_per_s / state.tokens_per_s[other]:.2f}× the last {other} "
+                         f"answer ({state.tokens_per_s[other]:.1f} tok/s)")
+        return "  \n".join(lines)
+
+    def plots(state: ChatState, layer, head, step_index):
+        traced = [s for s in state.steps if s is not None]
+        if not traced or state.session is None:
+            return None, None
+        page_size = state.session.config.page_size
+        if not state.page_labels:
+            state.page_labels = labels_for(state)
+        layer = min(int(layer), num_layers - 1)
+        head = min(int(head), num_kv_heads - 1)
+        step = traced[min(int(step_index), len(traced) - 1)] if step_index >= 0 else traced[-1]
+        return (figures.heads_by_pages(step, layer, page_size, state.page_labels),
+                figures.steps_by_pages(traced, layer, head, page_size, state.page_labels))
+
+    def sparkline(state: ChatState, mode: str, times: list[float]):
+        other = "dense" if mode == "quest" else "quest"
+        return figures.step_times(times, state.step_times.get(other, []), mode, f"last {other} answer")
+
+    @gpu
+    def ask(question, history, state, mode, budget, page_size, dense_layers, inspect, layer, head):
+        if not question or not question.strip():
+            raise gr.Error("Type a question first.")
+        apply_settings(state, mode, budget, page_size, dense_layers)
+        history = list(history or []) + [{"role": "user", "content": question},
+                                         {"role": "assistant", "content": ""}]
+        state.steps, state.page_labels = [], []
+        times, answer, last_refresh = [], "", 0.0
+        session = state.session
+        yield history, "Prefilling the question…", gr.skip(), gr.skip(), gr.skip(), state, ""
+        for step in session.ask(question, max_new_tokens=max_new_tokens, trace=True, inspect=bool(inspect)):
+            answer += step.text
+            times.append(step.seconds)
+            state.steps.append(step.trace)
+            history[-1]["content"] = answer
+            now = time.perf_counter()
+            if now - last_refresh > REFRESH_S:
+                last_refresh = now
+                heads_plot, steps_plot = plots(state, layer, head, -1)
+                yield (history, metrics_text(state, session.last_run, mode), sparkline(state, mode, times[1:]),
+                       heads_plot or gr.skip(), steps_plot or gr.skip(), state, "")
+        run = session.last_run
+        state.step_times[mode], state.tokens_per_s[mode] = times[1:], run.decode_tokens_per_s
+        heads_plot, steps_plot = plots(state, layer, head, -1)
+        note = "" if run.stop_reason != "cancelled" else " (stopped)"
+        history[-1]["content"] = answer + note
+        yield (history, metrics_text(state, run, mode), sparkline(state, mode, times[1:]), heads_plot, steps_plot,
+               state, "")
+
+    def stop(state):
+        if state is not None and state.session is not None:
+            state.session.cancel()
+
+    @gpu
+    def compare(question, state, budget, page_size, dense_layers):
+        if not question or not question.strip():
+            raise gr.Error("Type a question first.")
+        answers = {}
+        for mode in ("dense", "quest"):
+            apply_settings(state, mode, budget, page_size, dense_layers)
+            run = state.session.answer(question, max_new_tokens=max_new_tokens, keep=False)
+            answers[mode] = run
+            state.tokens_per_s[mode] = run.decode_tokens_per_s
+        return (*divergence_html(answers["dense"], answers["quest"]), state)
+
+    def divergence_html(dense, quest):
+        dense_ids = [s.token_id for s in dense.steps]
+        quest_ids = [s.token_id for s in quest.steps]
+        first = next((i for i, (a, b) in enumerate(zip(dense_ids, quest_ids)) if a != b), None)
+        if first is None and len(dense_ids) != len(quest_ids):
+            first = min(len(dense_ids), len(quest_ids))
+
+        def render(run, label):
+            pieces = [html.escape(s.text) for s in run.steps]
+            if first is not None and first < len(pieces):
+                pieces[first] = f"<mark title='first divergent token'>{pieces[first] or '∅'}</mark>"
+            body = "".join(pieces).replace("\n", "<br>")
+            return (f"<b>{label}</b> · {run.decode_tokens_per_s:.1f} tok/s · TTFT {run.ttft_s:.2f} s"
+                    f"<div class='answer'>{body}</div>")
+
+        verdict = ("Identical answers." if first is None else
+                   f"The answers diverge at token {first}.")
+        return render(dense, "Dense"), render(quest, f"Quest (budget {quest.budget})"), verdict
+
+    # ---- inspection ----
+
+    def page_text(state, page):
+        if state is None or state.session is None or not state.session.token_ids:
+            return "Load a document and ask a question first."
+        page_size = state.session.config.page_size
+        ids = state.session.token_ids
+        page = int(page)
+        if not 0 <= page * page_size < len(ids):
+            return f"Page {page} is outside the context ({-(-len(ids) // page_size)} pages)."
+        start, end = page * page_size, min((page + 1) * page_size, len(ids))
+        return f"Page {page}: tokens {start}-{end - 1}\n\n{tokenizer.decode(ids[start:end])}"
+
+    def export_trace(state):
+        traced = [s for s in (state.steps if state else []) if s is not None]
+        if not traced:
+            raise gr.Error("No trace yet: ask a question first.")
+        run = state.session.last_run
+        data = {"run": run.summary(), "page_size": state.session.config.page_size,
+                "steps": [{"context_len": s.context_len, "seconds": s.seconds, "dense_bytes": s.dense_bytes,
+                           "read_bytes": s.read_bytes,
+                           "selected_pages": None if s.selected_pages is None else s.selected_pages.tolist(),
+                           "recall": None if s.recall is None else [[None if r != r else r for r in row]
+                                                                     for row in s.recall.tolist()]}
+                          for s in traced]}
+        path = Path(tempfile.mkdtemp(prefix="quest-trace-")) / "trace.json"
+        path.write_text(json.dumps(data))
+        return str(path)
+
+    # ---- layout ----
+
+    with gr.Blocks(title="Quest: query-aware sparse attention") as demo:
+        state = gr.State(None, delete_callback=lambda s: s.close() if s is not None else None)
+        gr.Markdown("# Quest: query-aware sparse attention\nUpload a long document, chat with it, and flip between "
+                    "dense attention and Quest, which reads only the KV pages each head needs. The heatmaps show "
+                    "which pages every head picked at every step.")
+        with gr.Row():
+            with gr.Column(scale=2):
+                upload = gr.File(label=f"Document ({', '.join(SUFFIXES)})", file_types=list(SUFFIXES),
+                                 type="filepath")
+                with gr.Row():
+                    sample = gr.Dropdown([*SAMPLES, NEEDLE], label="…or a sample", value=None)
+                    depth = gr.Slider(0, 100, 50, step=5, label="needle depth %")
+                document = gr.Textbox(label="…or paste text", lines=6, max_lines=12)
+                doc_info = gr.Markdown("No document yet.")
+                with gr.Row():
+                    cut = gr.Radio(["keep the head", "keep the tail"], label="if too long", value=None)
+                    load = gr.Button("Load document", variant="primary")
+                load_status = gr.Markdown()
+            with gr.Column(scale=1):
+                mode = gr.Radio(["quest", "dense"], value="quest", label="attention")
+                budget = gr.Slider(64, 4096, defaults.budget, step=64, label="token budget")
+                page_size = gr.Dropdown([8, 16, 32], value=defaults.page_size, label="page size")
+                dense_layers = gr.Slider(0, num_layers, defaults.dense_layers, step=1, label="dense layers")
+                inspect = gr.Checkbox(label="Inspect: measure selection recall (slower)")
+        chatbot = gr.Chatbot(label="Chat", height=360)
+        with gr.Row():
+            question = gr.Textbox(placeholder="Ask about the document", show_label=False, scale=4)
+            send = gr.Button("Send", variant="primary", scale=1)
+            stop_button = gr.Button("Stop", scale=1)
+            compare_button = gr.Button("Compare dense vs Quest", scale=1)
+        metrics = gr.Markdown()
+        times_plot = gr.Plot(label="time per token")
+        with gr.Row():
+            layer = gr.Slider(0, num_layers - 1, defaults.dense_layers, step=1, label="layer")
+            head = gr.Slider(0, num_kv_heads - 1, 0, step=1, label="KV head")
+            step_pick = gr.Slider(-1, max_new_tokens, -1, step=1, label="step (-1: latest)")
+        heads_plot = gr.Plot(label="pages read by each KV head")
+        steps_plot = gr.Plot(label="selection over time")
+        with gr.Row():
+            page = gr.Number(0, label="show page", precision=0)
+            page_span = gr.Textbox(label="page text", lines=3)
+            export = gr.Button("Export trace JSON")
+            trace_file = gr.File(label="trace")
+        with gr.Accordion("Compare", open=False) as compare_box:
+            verdict = gr.Markdown()
+            with gr.Row():
+                dense_answer = gr.HTML()
+                quest_answer = gr.HTML()
+
+        upload.change(read_upload, upload, [document, doc_info])
+        sample.change(pick_sample, [sample, depth], [document, doc_info])
+        depth.release(pick_sample, [sample, depth], [document, doc_info])
+        document.blur(describe, document, doc_info)
+        load.click(load_document, [document, cut, state], [state, load_status, chatbot], concurrency_id=MODEL_WORK)
+        ask_inputs = [question, chatbot, state, mode, budget, page_size, dense_layers, inspect, layer, head]
+        ask_outputs = [chatbot, metrics, times_plot, heads_plot, steps_plot, state, question]
+        ask_events = [send.click(ask, ask_inputs, ask_outputs, concurrency_id=MODEL_WORK),
+                      question.submit(ask, ask_inputs, ask_outputs, concurrency_id=MODEL_WORK)]
+        stop_button.click(stop, state, None, cancels=ask_events, queue=False)
+        compare_button.click(lambda: gr.Accordion(open=True), None, compare_box).then(
+            compare, [question, state, budget, page_size, dense_layers],
+            [dense_answer, quest_answer, verdict, state], concurrency_id=MODEL_WORK)
+        for picker in (layer, head, step_pick):
+            picker.release(plots, [state, layer, head, step_pick], [heads_plot, steps_plot])
+        page.submit(page_text, [state, page], page_span)
+        export.click(export_trace, state, trace_file)
+    demo.queue(default_concurrency_limit=1)
+    return demo

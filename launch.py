@@ -1,0 +1,58 @@
+"""Start the Quest app: `python launch.py` serves the embedded default model, offline, on 127.0.0.1:7860."""
+import argparse
+import logging
+
+from quest_core.models import load_model
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", help="HF id or local folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch"],
+                        help="attention backend (auto: the fastest available)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
+    parser.add_argument("--max-upload-mb", type=int, default=50)
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    return parser.parse_args(argv)
+
+
+def spaces_gpu():
+    """Hugging Face Spaces' ZeroGPU decorator where the `spaces` package is installed, else nothing."""
+    try:
+        import spaces
+    except ImportError:
+        return lambda fn: fn
+    return spaces.GPU
+
+
+def warm_up(model, tokenizer, log):
+    """One short answer, so the first visitor does not pay for kernel set-up."""
+    from quest_core.session import Session
+
+    log("Warming up...")
+    session = Session(model, tokenizer)
+    session.ingest("Warm-up document. " * 40)
+    session.answer("What is this?", max_new_tokens=4)
+    session.reset()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log = logging.getLogger("quest").info
+    model, tokenizer = load_model(args.model, args.dtype, args.device, log=log)
+    log(f"Model ready: {type(model).__name__}, {model.dtype}, on {next(model.parameters()).device}")
+    warm_up(model, tokenizer, log)
+    from app.ui import build_app
+
+    demo = build_app(model, tokenizer, max_new_tokens=args.max_new_tokens, gpu=spaces_gpu())
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share,
+                max_file_size=f"{args.max_upload_mb}mb")
+
+
+if __name__ == "__main__":
+    main()
