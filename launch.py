@@ -1,6 +1,7 @@
 """Start the Quest app: `python launch.py` serves the embedded default model, offline, on 127.0.0.1:7860."""
 import argparse
 import logging
+import os
 
 from quest_core.models import load_model
 
@@ -12,11 +13,11 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     parser.add_argument("--backend", default="auto", choices=["auto", "torch"],
                         help="attention backend (auto: the fastest available)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
     parser.add_argument("--max-upload-mb", type=int, default=50)
-    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
     return parser.parse_args(argv)
 
 
@@ -49,7 +50,10 @@ def main(argv=None):
     warm_up(model, tokenizer, log)
     from app.ui import build_app
 
-    demo = build_app(model, tokenizer, max_new_tokens=args.max_new_tokens, gpu=spaces_gpu())
+    from quest_core.backend_torch import TorchBackend
+
+    backend = TorchBackend()  # "auto" and "torch": the only backend so far
+    demo = build_app(model, tokenizer, backend, max_new_tokens=args.max_new_tokens, gpu=spaces_gpu())
     demo.launch(server_name=args.host, server_port=args.port, share=args.share,
                 max_file_size=f"{args.max_upload_mb}mb")
 

@@ -41,8 +41,9 @@ def step_index_label(step):
     return f"@{step.context_len} tokens"
 
 
-def steps_by_pages(steps, layer, head, page_size, page_labels):
-    """Selection over time for one layer and KV head: rows are decode steps, columns pages."""
+def steps_by_pages(steps, layer, head, page_size):
+    """Selection over time for one layer and KV head: rows are decode steps, columns pages. (No per-cell hover
+    text: steps x pages labels would make the figure megabytes.)"""
     num_pages = -(-steps[-1].context_len // page_size)
     z = np.zeros((len(steps), num_pages))
     for row, step in enumerate(steps):
@@ -50,8 +51,7 @@ def steps_by_pages(steps, layer, head, page_size, page_labels):
         dense = step.selected_pages is None or step.selected_pages[layer, 0, 0] < 0
         selected = None if dense else step.selected_pages[layer, head].numpy()
         z[row, :pages_now] = _page_cells(selected, pages_now, dense)
-    hover = np.array([page_labels[:num_pages]] * len(steps))
-    figure = go.Figure(go.Heatmap(z=z, text=hover, hovertemplate="step %{y}, page %{x}<br>%{text}<extra></extra>",
+    figure = go.Figure(go.Heatmap(z=z, hovertemplate="step %{y}, page %{x}<extra></extra>",
                                   colorscale=COLORS, zmin=0, zmax=1, showscale=False))
     figure.update_yaxes(title="decode step", autorange="reversed")
     figure.update_xaxes(title="page")

@@ -25,7 +25,8 @@ SAMPLES = {
     "Milton, Areopagitica (~24K tokens)": "areopagitica.txt",
 }
 NEEDLE = "Needle in a haystack (passkey at a chosen depth)"
-REFRESH_S = 0.5  # plots refresh at most this often while streaming
+REFRESH_S = 1.0  # the plots refresh at most this often while streaming
+TEXT_REFRESH_S = 0.2  # and the answer text
 MODEL_WORK = "model"  # the queue's concurrency id for everything that runs the model
 
 
@@ -38,6 +39,7 @@ class ChatState:
     step_times: dict = field(default_factory=dict)        # mode -> seconds per step of its last answer
     tokens_per_s: dict = field(default_factory=dict)      # mode -> decode tok/s of its last answer
     page_labels: list = field(default_factory=list)
+    last_question: str = ""
 
     def close(self):
         if self.session is not None:
@@ -161,8 +163,9 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 1024, gpu=la
                          f"answer ({state.tokens_per_s[other]:.1f} tok/s)")
         return "  \n".join(lines)
 
-    def plots(state: ChatState, layer, head, step_index):
-        traced = [s for s in state.steps if s is not None]
+    def plots(state: ChatState, layer, head, step_index, over_time=True):
+        """(heads x pages at one step, steps x pages for one head); the second only if `over_time`."""
+        traced = [s for s in state.steps if s is not None] if state else []
         if not traced or state.session is None:
             return None, None
         page_size = state.session.config.page_size
@@ -172,7 +175,7 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 1024, gpu=la
         head = min(int(head), num_kv_heads - 1)
         step = traced[min(int(step_index), len(traced) - 1)] if step_index >= 0 else traced[-1]
         return (figures.heads_by_pages(step, layer, page_size, state.page_labels),
-                figures.steps_by_pages(traced, layer, head, page_size, state.page_labels))
+                figures.steps_by_pages(traced, layer, head, page_size) if over_time else None)
 
     def sparkline(state: ChatState, mode: str, times: list[float]):
         other = "dense" if mode == "quest" else "quest"
@@ -185,10 +188,10 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 1024, gpu=la
         apply_settings(state, mode, budget, page_size, dense_layers)
         history = list(history or []) + [{"role": "user", "content": question},
                                          {"role": "assistant", "content": ""}]
-        state.steps, state.page_labels = [], []
-        times, answer, last_refresh = [], "", 0.0
+        state.steps, state.page_labels, state.last_question = [], [], question
+        times, answer, last_refresh, last_text = [], "", 0.0, 0.0
         session = state.session
-        yield history, "Prefilling the question…", gr.skip(), gr.skip(), gr.skip(), state, ""
+        yield history, "Prefilling the question…", gr.skip(), gr.skip(), gr.skip(), ""
         for step in session.ask(question, max_new_tokens=max_new_tokens, trace=True, inspect=bool(inspect)):
             answer += step.text
             times.append(step.seconds)
@@ -197,16 +200,18 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 1024, gpu=la
             now = time.perf_counter()
             if now - last_refresh > REFRESH_S:
                 last_refresh = now
-                heads_plot, steps_plot = plots(state, layer, head, -1)
+                heads_plot, _ = plots(state, layer, head, -1, over_time=False)
                 yield (history, metrics_text(state, session.last_run, mode), sparkline(state, mode, times[1:]),
-                       heads_plot or gr.skip(), steps_plot or gr.skip(), state, "")
+                       heads_plot or gr.skip(), gr.skip(), "")
+            elif now - last_text > TEXT_REFRESH_S:
+                last_text = now
+                yield history, gr.skip(), gr.skip(), gr.skip(), gr.skip(), ""
         run = session.last_run
         state.step_times[mode], state.tokens_per_s[mode] = times[1:], run.decode_tokens_per_s
         heads_plot, steps_plot = plots(state, layer, head, -1)
         note = "" if run.stop_reason != "cancelled" else " (stopped)"
         history[-1]["content"] = answer + note
-        yield (history, metrics_text(state, run, mode), sparkline(state, mode, times[1:]), heads_plot, steps_plot,
-               state, "")
+        yield history, metrics_text(state, run, mode), sparkline(state, mode, times[1:]), heads_plot, steps_plot, ""
 
     def stop(state):
         if state is not None and state.session is not None:
@@ -214,7 +219,9 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 1024, gpu=la
 
     @gpu
     def compare(question, state, budget, page_size, dense_layers):
-        if not question or not question.strip():
+        """Answers `question` (or, if empty, the last one asked) once dense and once with Quest."""
+        question = question if question and question.strip() else (state.last_question if state else "")
+        if not question:
             raise gr.Error("Type a question first.")
         answers = {}
         for mode in ("dense", "quest"):
@@ -222,7 +229,7 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 1024, gpu=la
             run = state.session.answer(question, max_new_tokens=max_new_tokens, keep=False)
             answers[mode] = run
             state.tokens_per_s[mode] = run.decode_tokens_per_s
-        return (*divergence_html(answers["dense"], answers["quest"]), state)
+        return divergence_html(answers["dense"], answers["quest"])
 
     def divergence_html(dense, quest):
         dense_ids = [s.token_id for s in dense.steps]
@@ -291,54 +298,56 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 1024, gpu=la
                 with gr.Row():
                     cut = gr.Radio(["keep the head", "keep the tail"], label="if too long", value=None)
                     load = gr.Button("Load document", variant="primary")
-                load_status = gr.Markdown()
+                load_status = gr.Markdown(elem_id="load-status")
             with gr.Column(scale=1):
-                mode = gr.Radio(["quest", "dense"], value="quest", label="attention")
+                mode = gr.Radio(["quest", "dense"], value="quest", label="attention", elem_id="mode")
                 budget = gr.Slider(64, 4096, defaults.budget, step=64, label="token budget")
                 page_size = gr.Dropdown([8, 16, 32], value=defaults.page_size, label="page size")
                 dense_layers = gr.Slider(0, num_layers, defaults.dense_layers, step=1, label="dense layers")
                 inspect = gr.Checkbox(label="Inspect: measure selection recall (slower)")
-        chatbot = gr.Chatbot(label="Chat", height=360)
+        chatbot = gr.Chatbot(label="Chat", height=360, elem_id="chat")
         with gr.Row():
             question = gr.Textbox(placeholder="Ask about the document", show_label=False, scale=4)
             send = gr.Button("Send", variant="primary", scale=1)
             stop_button = gr.Button("Stop", scale=1)
             compare_button = gr.Button("Compare dense vs Quest", scale=1)
-        metrics = gr.Markdown()
+        metrics = gr.Markdown(elem_id="metrics")
         times_plot = gr.Plot(label="time per token")
         with gr.Row():
             layer = gr.Slider(0, num_layers - 1, defaults.dense_layers, step=1, label="layer")
             head = gr.Slider(0, num_kv_heads - 1, 0, step=1, label="KV head")
             step_pick = gr.Slider(-1, max_new_tokens, -1, step=1, label="step (-1: latest)")
-        heads_plot = gr.Plot(label="pages read by each KV head")
-        steps_plot = gr.Plot(label="selection over time")
+        heads_plot = gr.Plot(label="pages read by each KV head", elem_id="heads-plot")
+        steps_plot = gr.Plot(label="selection over time", elem_id="steps-plot")
         with gr.Row():
             page = gr.Number(0, label="show page", precision=0)
             page_span = gr.Textbox(label="page text", lines=3)
             export = gr.Button("Export trace JSON")
             trace_file = gr.File(label="trace")
         with gr.Accordion("Compare", open=False) as compare_box:
-            verdict = gr.Markdown()
+            verdict = gr.Markdown(elem_id="verdict")
             with gr.Row():
                 dense_answer = gr.HTML()
                 quest_answer = gr.HTML()
 
-        upload.change(read_upload, upload, [document, doc_info])
-        sample.change(pick_sample, [sample, depth], [document, doc_info])
-        depth.release(pick_sample, [sample, depth], [document, doc_info])
-        document.blur(describe, document, doc_info)
-        load.click(load_document, [document, cut, state], [state, load_status, chatbot], concurrency_id=MODEL_WORK)
+        upload.change(read_upload, upload, [document, doc_info], api_name="read_upload")
+        sample.change(pick_sample, [sample, depth], [document, doc_info], api_name="pick_sample")
+        depth.release(pick_sample, [sample, depth], [document, doc_info], api_visibility="private")
+        document.blur(describe, document, doc_info, api_visibility="private")
+        load.click(load_document, [document, cut, state], [state, load_status, chatbot], concurrency_id=MODEL_WORK,
+                   api_name="load_document")
         ask_inputs = [question, chatbot, state, mode, budget, page_size, dense_layers, inspect, layer, head]
-        ask_outputs = [chatbot, metrics, times_plot, heads_plot, steps_plot, state, question]
-        ask_events = [send.click(ask, ask_inputs, ask_outputs, concurrency_id=MODEL_WORK),
-                      question.submit(ask, ask_inputs, ask_outputs, concurrency_id=MODEL_WORK)]
-        stop_button.click(stop, state, None, cancels=ask_events, queue=False)
-        compare_button.click(lambda: gr.Accordion(open=True), None, compare_box).then(
+        ask_outputs = [chatbot, metrics, times_plot, heads_plot, steps_plot, question]  # state changes in place
+        ask_events = [send.click(ask, ask_inputs, ask_outputs, concurrency_id=MODEL_WORK, api_name="ask"),
+                      question.submit(ask, ask_inputs, ask_outputs, concurrency_id=MODEL_WORK,
+                                      api_visibility="private")]
+        stop_button.click(stop, state, None, cancels=ask_events, queue=False, api_name="stop")
+        compare_button.click(lambda: gr.Accordion(open=True), None, compare_box, api_visibility="private").then(
             compare, [question, state, budget, page_size, dense_layers],
-            [dense_answer, quest_answer, verdict, state], concurrency_id=MODEL_WORK)
+            [dense_answer, quest_answer, verdict], concurrency_id=MODEL_WORK, api_name="compare")
         for picker in (layer, head, step_pick):
-            picker.release(plots, [state, layer, head, step_pick], [heads_plot, steps_plot])
-        page.submit(page_text, [state, page], page_span)
-        export.click(export_trace, state, trace_file)
+            picker.release(plots, [state, layer, head, step_pick], [heads_plot, steps_plot], api_visibility="private")
+        page.submit(page_text, [state, page], page_span, api_name="page_text")
+        export.click(export_trace, state, trace_file, api_name="export_trace")
     demo.queue(default_concurrency_limit=1)
     return demo

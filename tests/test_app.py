@@ -1,0 +1,118 @@
+"""The app, driven over its API with gradio_client against a server on 127.0.0.1 (see conftest.app_url)."""
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from gradio_client import Client, handle_file
+from pypdf import PdfWriter
+
+ROOT = Path(__file__).resolve().parent.parent
+QUESTION = "Who is Francisco?"
+
+
+@pytest.fixture(scope="module")
+def client(app_url):
+    return Client(app_url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def short_document(tmp_path_factory, default_model):
+    """~1K tokens of Hamlet, as an uploaded .txt file."""
+    _, tokenizer = default_model
+    ids = tokenizer(ROOT.joinpath("assets", "hamlet.txt").read_text(), add_special_tokens=False)["input_ids"]
+    path = tmp_path_factory.mktemp("docs") / "hamlet_short.txt"
+    path.write_text(tokenizer.decode(ids[:1000]))
+    return path
+
+
+def ask(client, question, mode="quest", budget=256, inspect=False, history=()):
+    job = client.submit(question, list(history), mode, budget, 16, 2, inspect, 2, 0, api_name="/ask")
+    updates = list(job)
+    return updates, job.result()
+
+
+def answer_text(history):
+    content = history[-1]["content"]
+    return content if isinstance(content, str) else "".join(part["text"] for part in content)
+
+
+def test_upload_ask_stream_metrics_heatmap_and_compare(client, short_document):
+    text, info = client.predict(handle_file(str(short_document)), api_name="/read_upload")
+    assert text == short_document.read_text() and "tokens" in info
+    status, _ = client.predict(text, None, api_name="/load_document")
+    assert status.startswith("Loaded")
+
+    updates, (history, metrics, times_plot, heads_plot, steps_plot, _) = ask(client, QUESTION, inspect=True)
+    assert len(updates) >= 2  # streamed, not one final message
+    assert answer_text(history).strip()
+    assert "tok/s" in metrics and "KV read per step" in metrics and "recall" in metrics
+    heatmap = json.loads(heads_plot["plot"])
+    assert heatmap["data"][0]["type"] == "heatmap"
+    assert json.loads(steps_plot["plot"])["data"][0]["type"] == "heatmap"
+    assert json.loads(times_plot["plot"])["data"]
+
+    follow_up, (history, metrics, *_rest) = ask(client, "And Bernardo?", history=history)
+    assert "reused" in metrics and len(history) == 4
+
+    dense_html, quest_html, verdict = client.predict(QUESTION, 256, 16, 2, api_name="/compare")
+    assert "Dense" in dense_html and "Quest" in quest_html
+    assert "Identical" in verdict or "diverge" in verdict
+
+    trace_path = client.predict(api_name="/export_trace")
+    trace = json.loads(Path(trace_path).read_text())
+    assert trace["steps"] and trace["steps"][-1]["selected_pages"]
+
+
+def test_dense_answer_equals_the_cli(client, short_document):
+    text, _ = client.predict(handle_file(str(short_document)), api_name="/read_upload")
+    client.predict(text, None, api_name="/load_document")
+    _, (history, *_rest) = ask(client, QUESTION, mode="dense")
+    cli = subprocess.run([sys.executable, "-m", "quest_core", "generate", "--doc", str(short_document),
+                          "--question", QUESTION, "--mode", "dense", "--max-new-tokens", "24", "--json"],
+                         capture_output=True, text=True, cwd=ROOT, check=True, env=dict(os.environ))
+    assert answer_text(history) == json.loads(cli.stdout)["text"]
+
+
+def test_a_document_longer_than_the_context_needs_an_explicit_cut(client):
+    text, info = client.predict("Hamlet, the whole play (~53K tokens: longer than the context)", 50,
+                                api_name="/pick_sample")
+    assert "Longer than the model" in info
+    with pytest.raises(Exception, match="keep the head or keep the tail"):
+        client.predict(text, None, api_name="/load_document")
+    status, _ = client.predict(text, "keep the tail", api_name="/load_document")
+    assert status.startswith("Loaded")
+
+
+def pdf_bytes(encrypt=False):
+    writer = PdfWriter()
+    writer.add_blank_page(200, 200)
+    if encrypt:
+        writer.encrypt("secret")
+    buffer = io.BytesIO()
+    writer.write(buffer)
+    return buffer.getvalue()
+
+
+BAD_FILES = {
+    "empty.txt": (b"", "is empty"),
+    "binary.pdf": (bytes(range(256)) * 20, "not a readable PDF"),
+    "corrupt.pdf": (b"%PDF-1.4\n1 0 obj << /Type /Catalog >> garbage\n%%EOF", "not a readable PDF"),
+    "encrypted.pdf": (pdf_bytes(encrypt=True), "encrypted PDF"),
+    "scanned.pdf": (pdf_bytes(), "no text layer"),
+    "fake.docx": (b"this is not a zip archive", "not a .docx"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_FILES)
+def test_bad_files_get_a_clear_error_and_the_app_keeps_serving(client, tmp_path, name):
+    data, message = BAD_FILES[name]
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(Exception, match=message):
+        client.predict(handle_file(str(path)), api_name="/read_upload")
+    _, info = client.predict("Hamlet, the opening (~6K tokens)", 50, api_name="/pick_sample")
+    assert "tokens" in info
