@@ -28,11 +28,11 @@ def select_pages(scores: torch.Tensor, num_selected: int) -> torch.Tensor:
     """scores [Hkv, pages] -> selected page ids [Hkv, k], k = min(num_selected, pages).
 
     The last page (the current one, which holds the newest token) is always selected and always last;
-    the others are the top-(k-1) of the full pages by score, best first.
+    the others are the top-(k-1) of the full pages by score, in no particular order.
     """
     num_kv_heads, num_pages = scores.shape
     if num_selected >= num_pages:
         return torch.arange(num_pages, device=scores.device).expand(num_kv_heads, -1)
     selected = scores.new_full((num_kv_heads, num_selected), num_pages - 1, dtype=torch.long)
-    torch.topk(scores[:, :-1], num_selected - 1, dim=1, out=(scores.new_empty(0), selected[:, :-1]))
+    torch.topk(scores[:, :-1], num_selected - 1, dim=1, sorted=False, out=(scores.new_empty(0), selected[:, :-1]))
     return selected
