@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .paged_cache import PagedLayer
-from .selection import page_scores, select_pages
+from .selection import page_attention_mass, page_scores, select_pages, streaming_pages
 
 
 class TorchBackend:
@@ -32,10 +32,22 @@ class TorchBackend:
         return _attend(query, keys, values, scaling)
 
     def select(self, query: torch.Tensor, layer: PagedLayer, num_selected: int, group_rule: str) -> torch.Tensor:
-        """query [Hkv, G, D] -> selected page ids [Hkv, k], current page last."""
+        """query [Hkv, G, D] -> Quest's selected page ids [Hkv, k], current page last."""
         num_pages = layer.num_pages
         scores = page_scores(query, layer.page_bounds[:, :num_pages], group_rule)
         return select_pages(scores, num_selected)
+
+    def select_baseline(self, mode: str, query: torch.Tensor, layer: PagedLayer, num_selected: int,
+                        scaling: float) -> torch.Tensor:
+        """The evaluation's baselines: "streaming" (sinks + recent pages) or "oracle" (top dense attention mass)."""
+        if mode == "streaming":
+            return streaming_pages(layer.num_pages, num_selected, layer.num_kv_heads, query.device)
+        mass = page_attention_mass(query, layer.dense()[0], layer.page_size, scaling)
+        return select_pages(mass, num_selected)
+
+    def page_ids(self, selected_pages: torch.Tensor, layer: PagedLayer) -> torch.Tensor:
+        """What `select` returned, as page ids [Hkv, k]: here they already are."""
+        return selected_pages
 
     def decode_sparse(self, query: torch.Tensor, layer: PagedLayer, selected_pages: torch.Tensor, scaling: float):
         """query [Hkv, G, D], selected_pages [Hkv, k] -> out [Hkv, G, D] over the selected pages only."""

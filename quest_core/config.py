@@ -1,13 +1,15 @@
 """Quest settings: what the attention does at the next decode step."""
 from dataclasses import dataclass, replace
 
-MODES = ("dense", "quest")
+MODES = ("dense", "quest", "streaming", "oracle")  # the last two are baselines for the evaluation
 GROUP_RULES = ("sum", "max")
 
 
 @dataclass(frozen=True)
 class QuestConfig:
-    mode: str = "quest"        # "dense" reads every page, "quest" reads the selected ones
+    mode: str = "quest"        # "dense" reads every page, "quest" the pages its scores select; baselines:
+                               # "streaming" the first page (attention sinks) + the most recent pages,
+                               # "oracle" the pages holding the most dense attention mass (needs a dense pass)
     budget: int = 1024         # tokens of KV read per KV head and layer (rounded up to whole pages)
     page_size: int = 16        # tokens per page
     dense_layers: int = 2      # the first layers always attend densely

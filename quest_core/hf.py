@@ -24,10 +24,11 @@ class QuestCache(Cache):
     """One `PagedLayer` per model layer, the Quest settings, the attention backend and an optional trace."""
 
     def __init__(self, num_layers: int, config: QuestConfig, backend=None):
-        gather_buffer = GatherBuffer()
-        super().__init__(layers=[PagedLayer(config.page_size, gather_buffer=gather_buffer) for _ in range(num_layers)])
-        self.config = config
         self.backend = backend or TorchBackend()
+        gather_buffer, append_kernels = GatherBuffer(), getattr(self.backend, "kernels", None)
+        super().__init__(layers=[PagedLayer(config.page_size, gather_buffer=gather_buffer, kernels=append_kernels)
+                                 for _ in range(num_layers)])
+        self.config = config
         self.trace = None  # a quest_core.trace.Trace while recording
 
     @property
@@ -65,12 +66,17 @@ def quest_attention(module, query, key, value, attention_mask, scaling=None, dro
     grouped_query = query[0, :, 0].view(layer.num_kv_heads, -1, head_dim)  # [Hkv, G, D]
     num_selected = config.budget_pages
     selected_pages = None
-    if config.mode == "quest" and layer_idx >= config.dense_layers and layer.num_pages > num_selected:
-        selected_pages = backend.select(grouped_query, layer, num_selected, config.group_rule)
+    if config.mode != "dense" and layer_idx >= config.dense_layers and layer.num_pages > num_selected:
+        if config.mode == "quest":
+            selected_pages = backend.select(grouped_query, layer, num_selected, config.group_rule)
+        else:
+            selected_pages = backend.select_baseline(config.mode, grouped_query, layer, num_selected, scaling)
         out = backend.decode_sparse(grouped_query, layer, selected_pages, scaling)
     else:
         out = backend.decode_dense(grouped_query, layer, scaling)
     if quest_cache.trace is not None:
+        if selected_pages is not None:
+            selected_pages = backend.page_ids(selected_pages, layer)
         quest_cache.trace.record_layer(layer_idx, layer, selected_pages, grouped_query, scaling)
     return out.reshape(1, 1, num_heads, head_dim), None
 
@@ -96,7 +102,10 @@ def cache_argument(model) -> str:
 
 
 def forward(model, cache: QuestCache, input_ids: torch.Tensor, cache_arg: str) -> torch.Tensor:
-    """Run `input_ids` [1, T] after the cached tokens; returns the last position's logits [vocab] in float32."""
+    """Run `input_ids` [1, T] after the cached tokens; returns the last position's logits [vocab] in float32.
+    A model not yet on the quest attention is switched to it (a QuestCache works with no other)."""
+    if model.config._attn_implementation != ATTN_NAME:
+        use_quest(model)
     start = cache.length
     position_ids = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).unsqueeze(0)
     output = model(

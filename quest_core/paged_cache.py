@@ -39,11 +39,14 @@ class PagedLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, page_size: int = 16, block_pages: int = 64, gather_buffer: GatherBuffer | None = None):
+    def __init__(self, page_size: int = 16, block_pages: int = 64, gather_buffer: GatherBuffer | None = None,
+                 kernels=None):
+        """kernels: the compiled CUDA module (kernels.load()), whose append_kv replaces the torch path on CUDA."""
         super().__init__()
         self.page_size = page_size
         self.block_pages = block_pages
         self.gather_buffer = gather_buffer or GatherBuffer()
+        self.kernels = kernels
         self.length = 0
         self.page_bounds = None
 
@@ -130,7 +133,9 @@ class PagedLayer(CacheLayerMixin):
         """Write `keys`, `values` [Hkv, T, D] after the stored tokens and fold them into the page min/max."""
         start, num_new = self.length, keys.shape[1]
         self.reserve(start + num_new)
-        if num_new == 1:  # decode: plain indexing, no index tensors
+        if self.kernels is not None and keys.is_cuda:  # one fused launch; the torch code below is its twin
+            self.kernels.append_kv(keys, values, self.keys, self.values, self.page_bounds, start)
+        elif num_new == 1:  # decode: plain indexing, no index tensors
             page, slot = divmod(start, self.page_size)
             self.keys[page, :, slot] = keys[:, 0]
             self.values[page, :, slot] = values[:, 0]

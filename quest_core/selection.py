@@ -36,3 +36,21 @@ def select_pages(scores: torch.Tensor, num_selected: int) -> torch.Tensor:
     selected = scores.new_full((num_kv_heads, num_selected), num_pages - 1, dtype=torch.long)
     torch.topk(scores[:, :-1], num_selected - 1, dim=1, sorted=False, out=(scores.new_empty(0), selected[:, :-1]))
     return selected
+
+
+def streaming_pages(num_pages: int, num_selected: int, num_kv_heads: int, device) -> torch.Tensor:
+    """StreamingLLM at page granularity: the first page (it holds the attention sinks) and the most recent pages,
+    the current one last: [Hkv, k]."""
+    recent = torch.arange(num_pages - num_selected + 1, num_pages, device=device)
+    if num_selected == 1:
+        return torch.full((num_kv_heads, 1), num_pages - 1, device=device)
+    return torch.cat([recent.new_zeros(1), recent]).expand(num_kv_heads, -1)
+
+
+def page_attention_mass(query: torch.Tensor, keys: torch.Tensor, page_size: int, scaling: float) -> torch.Tensor:
+    """Dense attention of query [Hkv, G, D] over keys [Hkv, S, D], summed per page and averaged over the group:
+    [Hkv, pages], each row summing to 1. The oracle's page scores, and the measure of a selection's recall."""
+    probs = torch.softmax(torch.einsum("hgd,hsd->hgs", query.float(), keys.float()) * scaling, dim=-1)
+    num_pages = -(-keys.shape[1] // page_size)
+    padded = torch.nn.functional.pad(probs.mean(1), (0, num_pages * page_size - keys.shape[1]))
+    return padded.view(keys.shape[0], num_pages, page_size).sum(-1)

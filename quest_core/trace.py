@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .selection import page_attention_mass
+
 
 @dataclass
 class StepTrace:
@@ -43,7 +45,7 @@ class Trace:
         self._read_bytes += tokens * per_token + bounds_bytes
         self._pages[layer_idx] = selected_pages
         if self.inspect:
-            mass = page_attention_mass(query, layer, scaling)  # [Hkv, pages]
+            mass = page_attention_mass(query, layer.dense()[0], layer.page_size, scaling)  # [Hkv, pages]
             self._recall[layer_idx] = mass.gather(1, selected_pages).sum(1)
 
     def end_step(self, context_len: int, seconds: float, num_layers: int) -> StepTrace:
@@ -61,12 +63,3 @@ class Trace:
         self.steps.append(step)
         self._pages, self._recall, self._read_bytes, self._dense_bytes = {}, {}, 0, 0
         return step
-
-
-def page_attention_mass(query: torch.Tensor, layer, scaling: float) -> torch.Tensor:
-    """Dense attention of query [Hkv, G, D] over all of `layer`'s tokens, summed per page and averaged over the
-    group: [Hkv, pages], each row summing to 1."""
-    keys, _ = layer.dense()
-    probs = torch.softmax(torch.einsum("hgd,hsd->hgs", query.float(), keys.float()) * scaling, dim=-1)
-    padded = torch.nn.functional.pad(probs.mean(1), (0, layer.num_pages * layer.page_size - keys.shape[1]))
-    return padded.view(layer.num_kv_heads, layer.num_pages, layer.page_size).sum(-1)

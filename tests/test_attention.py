@@ -3,6 +3,7 @@ import torch
 
 from quest_core.backend_torch import TorchBackend
 from quest_core.paged_cache import PagedLayer
+from quest_core.selection import page_attention_mass, streaming_pages
 
 backend = TorchBackend()
 
@@ -61,12 +62,22 @@ def test_prefill_is_causal_over_the_whole_cache_with_grouped_heads():
 
 
 def test_page_attention_mass_is_dense_attention_summed_per_page():
-    from quest_core.trace import page_attention_mass
-
     layer, keys, _ = filled_layer(45, page_size=8)
     query = torch.randn(2, 3, 32)
-    mass = page_attention_mass(query, layer, 0.2)  # [Hkv, pages]
+    mass = page_attention_mass(query, keys, 8, 0.2)  # [Hkv, pages]
     probs = torch.softmax(torch.einsum("hgd,hsd->hgs", query.double(), keys.double()) * 0.2, -1).mean(1)
     expected = torch.stack([probs[:, p:p + 8].sum(1) for p in range(0, 45, 8)], dim=1)
     torch.testing.assert_close(mass.double(), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(mass.sum(1), torch.ones(2))
+
+
+def test_baselines_select_sinks_plus_recent_pages_and_the_attention_mass_top_k():
+    layer, keys, _ = filled_layer(100, page_size=8)  # 13 pages
+    query = torch.randn(2, 3, 32)
+    streaming = backend.select_baseline("streaming", query, layer, 4, 0.2)
+    assert streaming.tolist() == [[0, 10, 11, 12]] * 2
+    oracle = backend.select_baseline("oracle", query, layer, 4, 0.2)
+    mass = page_attention_mass(query, keys, 8, 0.2)
+    for head in range(2):
+        assert set(oracle[head, :-1].tolist()) == set(mass[head, :-1].argsort(descending=True)[:3].tolist())
+        assert oracle[head, -1] == 12

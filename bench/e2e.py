@@ -1,0 +1,102 @@
+"""End to end on the GPU: decode tok/s and TTFT of a Llama-3.1-8B-shaped model with random bf16 weights (built
+from a config, nothing downloaded), batch 1: HF `generate` (sdpa) vs ours dense vs ours Quest, in one run.
+
+    python bench/e2e.py            # 8K, 32K, 128K; writes the gpu_e2e section of bench/RESULTS.md
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.cpu_decode import Timestamps, tokens_per_s  # noqa: E402
+from bench.results import write_section  # noqa: E402
+from quest_core.backends import make_backend  # noqa: E402
+from quest_core.config import QuestConfig  # noqa: E402
+from quest_core.generation import decode, prefill  # noqa: E402
+from quest_core.hf import QuestCache, use_quest  # noqa: E402
+
+
+def llama_8b_shaped(max_context: int):
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=max_context,
+                         rope_theta=500000.0, tie_word_embeddings=False)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).eval()
+    torch.set_default_dtype(torch.float32)
+    return model
+
+
+def hf_generate(model, prompt, new_tokens):
+    model.set_attn_implementation("sdpa")
+    streamer = Timestamps()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                   do_sample=False, streamer=streamer)
+    torch.cuda.synchronize()
+    return streamer.times[1] - started, tokens_per_s(streamer.times[1:])
+
+
+def ours(model, cache, prompt, new_tokens):
+    """(ttft_s, decode tok/s) from an empty cache."""
+    cache.truncate(0)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    logits = prefill(model, cache, prompt, chunk_size=8192)
+    times = []
+    for _ in decode(model, cache, logits, new_tokens, min_new_tokens=new_tokens):
+        torch.cuda.synchronize()
+        times.append(time.perf_counter())
+    return times[0] - started, tokens_per_s(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--budget", type=int, default=2048)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    model = llama_8b_shaped(max(args.contexts) + args.new_tokens + 16)
+    backend = make_backend("auto", "cuda")
+    quest = QuestConfig(mode="quest", budget=args.budget)
+    rows = []
+    for context in args.contexts:
+        prompt = torch.randint(0, model.config.vocab_size, (context,), generator=torch.Generator().manual_seed(0))
+        prompt = prompt.tolist()
+        hf_ttft, hf_speed = hf_generate(model, prompt, args.new_tokens)
+        use_quest(model)
+        cache = QuestCache(model.config.num_hidden_layers, quest.with_changes(mode="dense"), backend)
+        ours(model, cache, prompt[:512], 8)  # warm-up: kernel builds and plans
+        dense_ttft, dense_speed = ours(model, cache, prompt, args.new_tokens)
+        cache.set_config(quest)
+        quest_ttft, quest_speed = ours(model, cache, prompt, args.new_tokens)
+        row = dict(context=context, hf_ttft_s=hf_ttft, hf_tok_s=hf_speed, dense_ttft_s=dense_ttft,
+                   dense_tok_s=dense_speed, quest_ttft_s=quest_ttft, quest_tok_s=quest_speed)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del cache
+        torch.cuda.empty_cache()
+    table = ["| context | HF generate tok/s | ours dense tok/s | ours Quest tok/s | Quest / dense | dense / HF "
+             "| TTFT HF s | TTFT ours dense s | TTFT ours Quest s |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        table.append(f"| {r['context']} | {r['hf_tok_s']:.1f} | {r['dense_tok_s']:.1f} | {r['quest_tok_s']:.1f} | "
+                     f"{r['quest_tok_s'] / r['dense_tok_s']:.2f}x | {r['dense_tok_s'] / r['hf_tok_s']:.2f}x | "
+                     f"{r['hf_ttft_s']:.2f} | {r['dense_ttft_s']:.2f} | {r['quest_ttft_s']:.2f} |")
+    body = (f"Llama-3.1-8B shapes (32 layers, 32 q / 8 kv heads, d 128) with random bf16 weights, batch 1, "
+            f"{args.new_tokens} new tokens (EOS suppressed), Quest budget {args.budget}, page 16, 2 dense layers; "
+            f"backend {backend.name}; eager decode (no CUDA graph). Each engine prefills the whole prompt for its "
+            "TTFT.\n\n" + "\n".join(table))
+    if not args.no_write:
+        write_section("gpu_e2e", "GPU end to end: HF generate vs ours dense vs ours Quest", body)
+    print(json.dumps({"bench": "gpu_e2e", "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Passkey retrieval: a random 5-digit key hidden at a depth of filler text; exact match of the greedy answer.
+
+Each (filler, context, depth) prompt is prefilled once; every method then re-reads only the prompt's last token
+and decodes the answer, so all methods see identical KV."""
+import random
+import re
+
+import torch
+
+from quest_core.generation import decode, prefill
+from quest_core.hf import QuestCache
+
+INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize "
+         "it. I will quiz you about it.\n\n")
+REPETITIVE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+def passkey_prompt(tokenizer, filler: str, context: int, depth: float, passkey: str) -> list[int]:
+    """Token ids of a prompt of about `context` tokens with the passkey sentence at `depth` (0..1) of the filler."""
+    needle = tokenizer(f" The pass key is {passkey}. Remember it. {passkey} is the pass key. ",
+                       add_special_tokens=False)["input_ids"]
+    head = tokenizer(INTRO, add_special_tokens=False)["input_ids"]
+    tail = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
+    filler_ids = tokenizer(filler, add_special_tokens=False)["input_ids"]
+    room = context - len(head) - len(tail) - len(needle)
+    while len(filler_ids) < room:
+        filler_ids = filler_ids + filler_ids
+    filler_ids = filler_ids[:room]
+    cut = int(room * depth)
+    return head + filler_ids[:cut] + needle + filler_ids[cut:] + tail
+
+
+def run(model, tokenizer, fillers: dict, contexts, depths, method_rows, seed=0, new_tokens=8, log=print):
+    """Rows of (filler, context, depth, method, budget, passkey, answer, correct)."""
+    rng = random.Random(seed)
+    cache = QuestCache(model.config.num_hidden_layers, method_rows[0][2])
+    rows = []
+    for filler_name, filler in fillers.items():
+        for context in contexts:
+            for depth in depths:
+                passkey = str(rng.randint(10000, 99999))
+                prompt = passkey_prompt(tokenizer, filler, context, depth, passkey)
+                cache.truncate(0)
+                cache.set_config(method_rows[0][2])
+                prefill(model, cache, prompt[:-1])
+                for name, budget, config in method_rows:
+                    cache.truncate(len(prompt) - 1)
+                    cache.set_config(config)
+                    logits = prefill(model, cache, prompt[-1:])
+                    answer = tokenizer.decode(list(decode(model, cache, logits, new_tokens)))
+                    found = re.search(r"\d{5}", answer)
+                    rows.append(dict(filler=filler_name, context=context, depth=depth, method=name, budget=budget,
+                                     passkey=passkey, answer=answer.strip(), correct=bool(found and
+                                                                                         found.group() == passkey)))
+                log(f"passkey {filler_name} {context} depth {depth:.2f}: "
+                    + " ".join(f"{r['method']}@{r['budget']}={int(r['correct'])}" for r in rows[-len(method_rows):]))
+    return rows

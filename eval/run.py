@@ -1,0 +1,147 @@
+"""Accuracy of Quest against dense attention, StreamingLLM and oracle top-k on the default model.
+
+    python -m eval.run --quick     # CI-sized: 2K-token contexts, a few budgets (minutes on 2 cores)
+    python -m eval.run --full      # 1K/2K/4K/7.5K contexts, 11 depths, budgets 32..2048
+
+Writes eval/results/{passkey,perplexity}.csv, eval/results/*.png and eval/RESULTS.md."""
+import argparse
+import csv
+import datetime
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from quest_core.models import load_model
+
+from . import passkey, perplexity
+from .methods import methods
+
+HERE = Path(__file__).resolve().parent
+ASSETS = HERE.parent / "assets"
+QUICK = dict(contexts=[2048], depths=[0.0, 0.25, 0.5, 0.75, 1.0], budgets=[64, 128, 256],
+             ppl_prefix=2048, ppl_scored=96, ppl_budgets=[256, 1024])
+FULL = dict(contexts=[1024, 2048, 4096, 7500], depths=[i / 10 for i in range(11)],
+            budgets=[32, 64, 128, 256, 512, 1024, 2048], ppl_prefix=4096, ppl_scored=256,
+            ppl_budgets=[64, 128, 256, 512, 1024, 2048])
+
+
+def evaluate(model, tokenizer, settings: dict, log=print) -> dict:
+    fillers = {"repetitive": passkey.REPETITIVE, "prose": ASSETS.joinpath("areopagitica.txt").read_text()}
+    passkey_rows = passkey.run(model, tokenizer, fillers, settings["contexts"], settings["depths"],
+                               methods(settings["budgets"]), log=log)
+    text_ids = tokenizer(ASSETS.joinpath("hamlet.txt").read_text(), add_special_tokens=False)["input_ids"]
+    ppl_rows = perplexity.run(model, text_ids, settings["ppl_prefix"], settings["ppl_scored"],
+                              methods(settings["ppl_budgets"]), log=log)
+    return {"passkey": passkey_rows, "perplexity": ppl_rows}
+
+
+def accuracy_table(rows) -> dict:
+    """(method, budget) -> accuracy over all prompts."""
+    table = {}
+    for row in rows:
+        table.setdefault((row["method"], row["budget"]), []).append(row["correct"])
+    return {key: sum(v) / len(v) for key, v in table.items()}
+
+
+def write_outputs(results: dict, settings: dict, mode: str, seconds: float, out: Path = HERE) -> None:
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    for name, rows in results.items():
+        with open(out / "results" / f"{name}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    plot(results, out / "results")
+    accuracy = accuracy_table(results["passkey"])
+    budgets = sorted({b for (_, b) in accuracy if b})
+    lines = ["| method | " + " | ".join(f"budget {b}" for b in budgets) + " |",
+             "|---|" + "---:|" * len(budgets)]
+    lines.append("| dense | " + " | ".join(f"{accuracy[('dense', 0)]:.0%}" for _ in budgets) + " |")
+    for method in ("quest", "quest-max", "streaming", "oracle"):
+        lines.append(f"| {method} | " + " | ".join(f"{accuracy[(method, b)]:.0%}" for b in budgets) + " |")
+    ppl = ["| method | budget | perplexity | vs dense | mean selection recall |", "|---|---:|---:|---:|---:|"]
+    dense_ppl = next(r["ppl"] for r in results["perplexity"] if r["method"] == "dense")
+    for r in results["perplexity"]:
+        recall = "" if r["recall"] is None else f"{r['recall']:.3f}"
+        ppl.append(f"| {r['method']} | {r['budget'] or ''} | {r['ppl']:.3f} | {100 * (r['ppl'] / dense_ppl - 1):+.2f}% "
+                   f"| {recall} |")
+    text = f"""# Accuracy evaluation ({mode} mode)
+
+- model: SmolLM2-135M-Instruct (embedded default), greedy, page size 16, 2 dense layers
+- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {seconds / 60:.1f} min on {torch.get_num_threads()} threads
+- command: `{shlex.join(['python', '-m', 'eval.run', *sys.argv[1:]])}`
+- settings: `{json.dumps(settings)}`
+
+## Passkey retrieval (exact match, over fillers × contexts × depths)
+
+{chr(10).join(lines)}
+
+![passkey accuracy by budget](results/passkey.png)
+
+## Perplexity in decode mode (*Hamlet*, {settings['ppl_scored']} tokens after a {settings['ppl_prefix']}-token prefix)
+
+Recall: the share of the (group-averaged) dense attention mass that falls on the selected pages, mean over steps,
+sparse layers and KV heads.
+
+{chr(10).join(ppl)}
+
+![perplexity by budget](results/perplexity.png)
+
+CSV: `results/passkey.csv`, `results/perplexity.csv`.
+"""
+    (out / "RESULTS.md").write_text(text)
+
+
+def plot(results: dict, folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    accuracy = accuracy_table(results["passkey"])
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    for method in ("quest", "quest-max", "streaming", "oracle"):
+        budgets = sorted(b for (m, b) in accuracy if m == method)
+        axis.plot(budgets, [accuracy[(method, b)] for b in budgets], marker="o", label=method)
+    axis.axhline(accuracy[("dense", 0)], color="black", linestyle="--", label="dense")
+    axis.set(xscale="log", xlabel="token budget", ylabel="passkey accuracy", ylim=(-0.05, 1.05))
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(folder / "passkey.png", dpi=120)
+    plt.close(figure)
+
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    rows = results["perplexity"]
+    for method in ("quest", "quest-max", "streaming", "oracle"):
+        points = sorted((r["budget"], r["ppl"]) for r in rows if r["method"] == method)
+        axis.plot(*zip(*points), marker="o", label=method)
+    axis.axhline(next(r["ppl"] for r in rows if r["method"] == "dense"), color="black", linestyle="--", label="dense")
+    axis.set(xscale="log", xlabel="token budget", ylabel="perplexity")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(folder / "perplexity.png", dpi=120)
+    plt.close(figure)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="the CI-sized run (default)")
+    size.add_argument("--full", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    settings, mode = (FULL, "full") if args.full else (QUICK, "quick")
+    model, tokenizer = load_model()
+    started = time.perf_counter()
+    results = evaluate(model, tokenizer, settings)
+    write_outputs(results, settings, mode, time.perf_counter() - started)
+    print(json.dumps({"eval": mode, "passkey": {f"{m}@{b}": a for (m, b), a in accuracy_table(
+        results["passkey"]).items()}, "perplexity": results["perplexity"]}))
+
+
+if __name__ == "__main__":
+    main()

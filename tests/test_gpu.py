@@ -1,0 +1,138 @@
+"""GPU path: our CUDA kernels against their torch twins, the flashinfer backend against fp32 attention, and
+greedy tokens of the two backends. Skipped without CUDA (CI has none); run on the H200 with the device tool."""
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+import kernels  # noqa: E402
+from quest_core.backend_torch import TorchBackend  # noqa: E402
+from quest_core.paged_cache import PagedLayer  # noqa: E402
+from quest_core.selection import page_scores  # noqa: E402
+
+DTYPES = [torch.bfloat16, torch.float16]
+module = kernels.load()
+needs_kernels = pytest.mark.skipif(module is None, reason="the CUDA kernels did not build")
+
+
+def filled(length, page_size, num_kv_heads, head_dim, dtype, chunks=(None,), seed=0, with_kernels=False):
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    layer = PagedLayer(page_size, block_pages=7, kernels=module if with_kernels else None)
+    done = 0
+    for chunk in chunks:
+        step = length - done if chunk is None else min(chunk, length - done)
+        keys = torch.randn(1, num_kv_heads, step, head_dim, device="cuda", generator=generator).to(dtype)
+        values = torch.randn(1, num_kv_heads, step, head_dim, device="cuda", generator=generator).to(dtype)
+        layer.update(keys, values)
+        done += step
+    return layer
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("page_size", [8, 16, 32])
+def test_append_kernel_equals_torch_twin(dtype, head_dim, page_size):
+    chunks = (37, 1, 1, 200, 5, 1, 64, 1)  # prefill chunks and decode tokens, ending mid-page
+    kernel = filled(310, page_size, 4, head_dim, dtype, chunks, with_kernels=True)
+    twin = filled(310, page_size, 4, head_dim, dtype, chunks, with_kernels=False)
+    pages = twin.num_pages
+    assert torch.equal(kernel.dense()[0], twin.dense()[0]) and torch.equal(kernel.dense()[1], twin.dense()[1])
+    assert torch.equal(kernel.page_bounds[:, :pages], twin.page_bounds[:, :pages])
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("page_size", [8, 16, 32])
+@pytest.mark.parametrize("group", [1, 4, 7])
+def test_score_topk_selects_the_reference_top_pages(dtype, head_dim, page_size, group):
+    num_kv_heads, length = 3, 4001 + page_size // 2  # not a multiple of the page size
+    layer = filled(length, page_size, num_kv_heads, head_dim, dtype)
+    query = torch.randn(num_kv_heads, group, head_dim, device="cuda").to(dtype)
+    reference = page_scores(query.float(), layer.page_bounds[:, : layer.num_pages].float())  # [Hkv, pages]
+    scorer = kernels.ScoreTopK(module)
+    for k in (2, 17, 64):
+        rows = torch.empty(num_kv_heads, k, dtype=torch.int32, device="cuda")
+        scorer(query, layer.page_bounds, layer.num_pages, k, rows)
+        heads = torch.arange(num_kv_heads, device="cuda").unsqueeze(1)
+        assert ((rows - heads) % num_kv_heads == 0).all()
+        pages = (rows - heads) // num_kv_heads
+        assert (pages[:, -1] == layer.num_pages - 1).all()
+        for h in range(num_kv_heads):
+            chosen = pages[h, :-1]
+            assert chosen.unique().numel() == k - 1 and (chosen < layer.num_pages - 1).all()
+            scores = reference[h, :-1]
+            threshold = scores.topk(k - 1).values[-1]
+            tolerance = 1e-3 * scores.abs().max()
+            assert (scores[chosen] >= threshold - tolerance).all()  # ties within 1e-3 may go either way
+            assert set((scores > threshold + tolerance).nonzero().flatten().tolist()) <= set(chosen.tolist())
+
+
+def reference_attention(query, keys, values, scaling, mask=None):
+    logits = torch.einsum("hmd,hsd->hms", query.float(), keys.float()) * scaling
+    if mask is not None:
+        logits = logits.masked_fill(~mask, -float("inf"))
+    return torch.einsum("hms,hsd->hmd", logits.softmax(-1), values.float())
+
+
+def relative_error(got, expected):
+    return ((got.float() - expected).norm() / expected.norm()).item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_flashinfer_attention_against_fp32(dtype, head_dim):
+    from quest_core.backend_flashinfer import FlashInferBackend
+
+    backend = FlashInferBackend("cuda")
+    layer = filled(3001, 16, 4, head_dim, dtype, with_kernels=module is not None)
+    keys, values = (t.clone() for t in layer.dense())
+    query = torch.randn(4, 7, head_dim, device="cuda").to(dtype)
+    scaling = head_dim ** -0.5
+    dense = backend.decode_dense(query, layer, scaling)
+    assert relative_error(dense, reference_attention(query, keys, values, scaling)) <= 1e-2
+
+    rows = backend.select(query, layer, 32, "sum")
+    pages = backend.page_ids(rows, layer)
+    sparse = backend.decode_sparse(query, layer, rows, scaling)
+    mask = torch.zeros(4, 1, 3001, dtype=torch.bool, device="cuda")
+    for h in range(4):
+        for p in pages[h].tolist():
+            mask[h, 0, p * 16:(p + 1) * 16] = True
+    assert relative_error(sparse, reference_attention(query, keys, values, scaling, mask)) <= 1e-2
+
+    prefill_query = torch.randn(28, 50, head_dim, device="cuda").to(dtype)  # the last 50 tokens, 28 q heads
+    got = backend.prefill(prefill_query, layer, scaling)
+    causal = torch.arange(3001, device="cuda") <= torch.arange(2951, 3001, device="cuda")[:, None]
+    expected = reference_attention(prefill_query.view(4, 7 * 50, head_dim), keys, values, scaling,
+                                   causal.repeat(7, 1)).view(28, 50, head_dim)
+    assert relative_error(got, expected) <= 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_tokens_flashinfer_vs_torch_backend(dtype, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from quest_core.backend_flashinfer import FlashInferBackend
+    from quest_core.config import QuestConfig
+    from quest_core.generation import generate_ids
+    from quest_core.hf import QuestCache, use_quest
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
+                         initializer_range=0.3)
+    model = LlamaForCausalLM(config).to("cuda", dtype).eval()
+    use_quest(model)
+    prompt = torch.randint(0, 256, (700,), generator=torch.Generator().manual_seed(1)).tolist()
+    tokens = {}
+    for name, backend in (("torch", TorchBackend()), ("flashinfer", FlashInferBackend("cuda"))):
+        cache = QuestCache(4, QuestConfig(mode="quest", budget=256, page_size=16), backend)
+        tokens[name] = generate_ids(model, cache, prompt, 64, chunk_size=256, min_new_tokens=64)
+    same = sum(a == b for a, b in zip(tokens["torch"], tokens["flashinfer"]))
+    with capsys.disabled():
+        print(f"\n{dtype}: flashinfer and torch backends agree on {same}/64 greedy tokens")
+    if dtype == torch.float32:
+        assert tokens["torch"] == tokens["flashinfer"]
