@@ -140,20 +140,33 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int b = threadIdx.x; b < 256; b += kThreads) histogram[b] = 0;
     __syncthreads();
-    for (int p = threadIdx.x; p < candidates; p += kThreads) {
-      const unsigned int key = order_key(__ldcg(head_scores + p));
-      if ((key & mask) == prefix) atomicAdd(&histogram[(key >> shift) & 255u], 1u);
+    for (int p0 = 0; p0 < candidates; p0 += kThreads) {  // whole warps iterate together (for the shuffles)
+      const int p = p0 + threadIdx.x;
+      const unsigned int key = p < candidates ? order_key(__ldcg(head_scores + p)) : 0u;
+      const bool counts = p < candidates && (key & mask) == prefix;
+      // Scores share their top bits, so many lanes hit one bin: one atomic per distinct bin in the warp.
+      const unsigned int bin = counts ? (key >> shift) & 255u : 256u;
+      const unsigned int same = __match_any_sync(0xffffffffu, bin);
+      if (counts && lane == __ffs(same) - 1) atomicAdd(&histogram[bin], __popc(same));
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-      unsigned int remaining = shared_remaining, above = 0;
-      int bin = 255;
-      for (; bin > 0; --bin) {
-        if (above + histogram[bin] >= remaining) break;
-        above += histogram[bin];
+    if (warp == 0) {  // find the bin holding the remaining-th largest: lane l owns bins 255-8l .. 248-8l
+      unsigned int counts[8], own = 0;
+      for (int i = 0; i < 8; ++i) own += counts[i] = histogram[255 - 8 * lane - i];
+      unsigned int above = own;  // inclusive scan from lane 0 (the top bins) upwards
+      for (int offset = 1; offset < 32; offset <<= 1) {
+        const unsigned int other = __shfl_up_sync(0xffffffffu, above, offset);
+        if (lane >= offset) above += other;
       }
-      shared_remaining = remaining - above;
-      shared_prefix = prefix | ((unsigned int)bin << shift);
+      above -= own;  // bins above this lane's
+      const unsigned int remaining = shared_remaining;
+      __syncwarp();  // every lane has read it before one lane rewrites it
+      if (above < remaining && above + own >= remaining) {
+        int i = 0;
+        for (; above + counts[i] < remaining; ++i) above += counts[i];
+        shared_remaining = remaining - above;
+        shared_prefix = prefix | ((unsigned int)(255 - 8 * lane - i) << shift);
+      }
     }
     __syncthreads();
     prefix = shared_prefix;

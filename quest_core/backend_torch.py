@@ -24,7 +24,7 @@ class TorchBackend:
         group = num_heads // layer.num_kv_heads
         grouped = query.reshape(layer.num_kv_heads, group * num_new, head_dim)  # rows (g, t)
         out = _attend(grouped, keys, values, scaling, mask.repeat(group, 1))
-        return out.view(num_heads, num_new, head_dim)
+        return out.reshape(num_heads, num_new, head_dim)  # SDPA may return a transposed layout on CUDA
 
     def decode_dense(self, query: torch.Tensor, layer: PagedLayer, scaling: float) -> torch.Tensor:
         """query [Hkv, G, D] -> out [Hkv, G, D] over every stored token."""

@@ -121,7 +121,7 @@ def test_greedy_tokens_flashinfer_vs_torch_backend(dtype, capsys):
     from quest_core.hf import QuestCache, use_quest
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+    config = LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
                          num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
                          initializer_range=0.3)
     model = LlamaForCausalLM(config).to("cuda", dtype).eval()
