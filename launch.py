@@ -11,8 +11,8 @@ def parse_args(argv=None):
     parser.add_argument("--model", help="HF id or local folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    parser.add_argument("--backend", default="auto", choices=["auto", "torch"],
-                        help="attention backend (auto: the fastest available)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "flashinfer"],
+                        help="attention backend (auto: flashinfer with our CUDA kernels on a GPU, else torch)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
@@ -50,9 +50,10 @@ def main(argv=None):
     warm_up(model, tokenizer, log)
     from app.ui import build_app
 
-    from quest_core.backend_torch import TorchBackend
+    from quest_core.backends import make_backend
 
-    backend = TorchBackend()  # "auto" and "torch": the only backend so far
+    backend = make_backend(args.backend, next(model.parameters()).device)
+    log(f"Attention backend: {backend.name}")
     demo = build_app(model, tokenizer, backend, max_new_tokens=args.max_new_tokens, gpu=spaces_gpu())
     demo.launch(server_name=args.host, server_port=args.port, share=args.share,
                 max_file_size=f"{args.max_upload_mb}mb")

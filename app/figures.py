@@ -34,11 +34,7 @@ def heads_by_pages(step, layer, page_size, page_labels):
     figure.update_yaxes(title="KV head", dtick=1)
     figure.update_xaxes(title="page")
     kind = "dense layer: every page read" if dense else f"{pages.shape[2]} of {num_pages} pages read"
-    return _layout(figure, f"Layer {layer}, step {step_index_label(step)}: {kind}", 90 + 40 * num_heads)
-
-
-def step_index_label(step):
-    return f"@{step.context_len} tokens"
+    return _layout(figure, f"Layer {layer}, at {step.context_len} tokens: {kind}", 90 + 40 * num_heads)
 
 
 def steps_by_pages(steps, layer, head, page_size):

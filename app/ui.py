@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
+import torch
 
 from quest_core.config import QuestConfig
 from quest_core.session import Session
@@ -154,7 +155,6 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 1024, gpu=la
                          f"dense → theoretical attention speedup {theory:.1f}×")
             recall = [s.recall for s in traced if s.recall is not None]
             if recall:
-                import torch
                 mean_recall = torch.nanmean(torch.stack(recall)).item()
                 lines.append(f"Selection recall (dense attention mass on the selected pages): {mean_recall:.3f}")
         other = "dense" if mode == "quest" else "quest"

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from .backends import make_backend
 from .config import QuestConfig
 from .models import load_model
 from .session import Session
@@ -35,6 +36,8 @@ def parse_args(argv=None):
     generate.add_argument("--model", help="HF id or local folder (default: the embedded SmolLM2-135M-Instruct)")
     generate.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     generate.add_argument("--device", default="auto")
+    generate.add_argument("--backend", default="auto", choices=["auto", "torch", "flashinfer"],
+                          help="attention backend; auto: flashinfer with our CUDA kernels on a GPU, else torch")
     generate.add_argument("--json", action="store_true", help="print one JSON object with the answer and stats")
     return parser.parse_args(argv)
 
@@ -44,7 +47,8 @@ def generate(args) -> dict:
     config = QuestConfig(mode=args.mode, budget=args.budget, page_size=args.page_size,
                          dense_layers=args.dense_layers, group_rule=args.group_rule)
     model, tokenizer = load_model(args.model, args.dtype, args.device, log=log)
-    session = Session(model, tokenizer, config)
+    backend = make_backend(args.backend, next(model.parameters()).device)
+    session = Session(model, tokenizer, config, backend)
     started = time.perf_counter()
     ingested = session.ingest(document, progress=lambda done, total: log(f"prefill {done}/{total} tokens"))
     for step in session.ask(args.question, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -56,7 +60,7 @@ def generate(args) -> dict:
     result.update(ttft_s=ingested.prefill_s + run.ttft_s, document_tokens=ingested.document_tokens,
                   document_prefill_s=ingested.prefill_s, question_ttft_s=run.ttft_s,
                   model=args.model or "smollm2-135m-instruct (embedded)", dtype=str(model.dtype).removeprefix("torch."),
-                  device=str(session.device), elapsed_s=time.perf_counter() - started)
+                  device=str(session.device), backend=backend.name, elapsed_s=time.perf_counter() - started)
     return result
 
 
