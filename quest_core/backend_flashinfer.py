@@ -107,14 +107,13 @@ class FlashInferBackend:
                 rows = torch.empty(layer.num_kv_heads, num_selected, dtype=torch.int32, device=self.device)
                 self.rows[(layer.num_kv_heads, num_selected)] = rows
             return self.score_topk(query, layer.page_bounds, layer.num_pages, num_selected, rows)
-        pages = self.reference.select(query, layer, num_selected, group_rule)
-        return (pages * layer.num_kv_heads + layer.head_rows).int()
+        return _one_head_rows(self.reference.select(query, layer, num_selected, group_rule), layer)
 
     def select_baseline(self, mode, query, layer, num_selected, scaling):
         pages = self.reference.select_baseline(mode, query, layer, num_selected, scaling)
         if query.dtype not in FLASHINFER_DTYPES:
             return pages
-        return (pages * layer.num_kv_heads + layer.head_rows).int()
+        return _one_head_rows(pages, layer)
 
     def page_ids(self, selected: torch.Tensor, layer: PagedLayer) -> torch.Tensor:
         """What `select` returned, as page ids [Hkv, k] (for the trace)."""
@@ -136,5 +135,9 @@ class FlashInferBackend:
             selected.view(-1), torch.full((num_kv_heads,), last, dtype=torch.int32), group, 1, head_dim,
             layer.page_size, sm_scale=scaling, q_data_type=query.dtype, kv_data_type=layer.keys.dtype))
         one_head_pages = (-1, 1, layer.page_size, head_dim)
-        return wrapper.run(query.contiguous(),
-                                       (layer.keys.view(one_head_pages), layer.values.view(one_head_pages)))
+        return wrapper.run(query.contiguous(), (layer.keys.view(one_head_pages), layer.values.view(one_head_pages)))
+
+
+def _one_head_rows(pages: torch.Tensor, layer: PagedLayer) -> torch.Tensor:
+    """Page ids [Hkv, k] -> FlashInfer's one-head page rows p * Hkv + h, int32."""
+    return (pages * layer.num_kv_heads + layer.head_rows).int()

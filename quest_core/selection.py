@@ -41,9 +41,9 @@ def select_pages(scores: torch.Tensor, num_selected: int) -> torch.Tensor:
 def streaming_pages(num_pages: int, num_selected: int, num_kv_heads: int, device) -> torch.Tensor:
     """StreamingLLM at page granularity: the first page (it holds the attention sinks) and the most recent pages,
     the current one last: [Hkv, k]."""
-    recent = torch.arange(num_pages - num_selected + 1, num_pages, device=device)
     if num_selected == 1:
         return torch.full((num_kv_heads, 1), num_pages - 1, device=device)
+    recent = torch.arange(num_pages - num_selected + 1, num_pages, device=device)
     return torch.cat([recent.new_zeros(1), recent]).expand(num_kv_heads, -1)
 
 
