@@ -126,13 +126,14 @@ def measure(context: int, budgets: list[int], module, bandwidth: float) -> list[
             attend()
 
         select_us, attend_us, total_us = per_call_us(select), per_call_us(attend), per_call_us(quest)
-        total_graph_us = graph_us(quest)
+        select_graph_us, attend_graph_us, total_graph_us = graph_us(select), graph_us(attend), graph_us(quest)
         tokens = (k - 1) * PAGE + last
         quest_bytes = (num_pages * NUM_KV_HEADS * 2 * HEAD_DIM * 2  # page bounds
                        + 2 * tokens * NUM_KV_HEADS * HEAD_DIM * 2)  # selected K and V
         floor_us = quest_bytes / bandwidth * 1e6
         row = dict(context=context, budget=budget, dense_us=dense_us, dense_graph_us=dense_graph_us,
                    score_topk_us=select_us, sparse_attention_us=attend_us, quest_us=total_us,
+                   score_topk_graph_us=select_graph_us, sparse_attention_graph_us=attend_graph_us,
                    quest_graph_us=total_graph_us, bytes_floor_us=floor_us, speedup=dense_us / total_us,
                    speedup_graph=dense_graph_us / total_graph_us, floor_ratio=total_graph_us / floor_us,
                    dense_floor_us=dense_bytes / bandwidth * 1e6)
@@ -153,11 +154,13 @@ def main():
     bandwidth = copy_bandwidth()
     rows = [row for context in args.contexts for row in measure(context, args.budgets, module, bandwidth)]
     table = ["| context | budget | FlashInfer dense µs | score+top-k µs | sparse attn µs | Quest µs | "
-             "dense graph µs | Quest graph µs | speedup (eager) | speedup (graph) | bytes floor µs | "
-             "Quest graph / floor |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "dense graph µs | score+top-k graph µs | sparse attn graph µs | Quest graph µs | speedup (eager) | "
+             "speedup (graph) | bytes floor µs | Quest graph / floor |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         table.append(f"| {r['context']} | {r['budget']} | {r['dense_us']:.1f} | {r['score_topk_us']:.1f} | "
                      f"{r['sparse_attention_us']:.1f} | {r['quest_us']:.1f} | {r['dense_graph_us']:.1f} | "
+                     f"{r['score_topk_graph_us']:.1f} | {r['sparse_attention_graph_us']:.1f} | "
                      f"{r['quest_graph_us']:.1f} | {r['speedup']:.1f}x | {r['speedup_graph']:.1f}x | "
                      f"{r['bytes_floor_us']:.1f} | {r['floor_ratio']:.2f}x |")
     body = (f"One layer's decode attention, batch 1, Llama-3.1-8B heads ({NUM_HEADS} q / {NUM_KV_HEADS} kv, "

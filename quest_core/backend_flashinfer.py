@@ -7,6 +7,10 @@ pages [pages * Hkv, 1, P, D], where page p of KV head h is row p * Hkv + h, and 
 for a budget and only `last_page_len` moves with the context. Plans are made on the host once per shape (every layer
 of a step has the same shape) and reused by all layers; the page rows are written in place by the scorer, which the
 plan references, so a new selection needs no new plan.
+
+Every decode wrapper runs in FlashInfer's CUDA-graph mode (fixed buffers), so a decode step can be captured in a
+CUDA graph (quest_core/cuda_graph.py): the backend keeps the plan functions of the last step, and `plan_step()`
+re-runs them on the host before each replay, for the layers' new lengths.
 """
 import torch
 
@@ -29,38 +33,58 @@ class FlashInferBackend:
         self.score_topk = kernels.ScoreTopK(self.kernels) if self.kernels is not None else None
         self.reference = TorchBackend()  # for what FlashInfer does not run (float32, the "max" group rule)
 
-        self.flashinfer, self.workspace_bytes = flashinfer, workspace_bytes
-        self.prefill_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace(), kv_layout="HND")
+        self.flashinfer = flashinfer
+        self.workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=self.device)  # wrappers run in turn
+        self.prefill_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, kv_layout="HND")
         self.decode_wrappers = {}
-        self.plans = {}
+        self.plans = {}        # id(wrapper) -> the key of its current plan (eager steps plan only on a change)
+        self.step_plans = {}   # id(wrapper) -> the plan function of the last step, for `plan_step`
+        self.capturing = False  # inside a CUDA-graph capture: plans are made beforehand by plan_step
         self.page_range = torch.arange(1 << 16, dtype=torch.int32, device=self.device)
-        self.rows = {}  # (Hkv, k) -> the int32 page-row buffer the scorer writes and the sparse plan reads
+        self.rows = {}  # (Hkv, k) -> the int32 page-row buffer the scorer writes and the sparse wrapper reads
 
     # ---- planning ----
 
-    def _workspace(self) -> torch.Tensor:
-        return torch.empty(self.workspace_bytes, dtype=torch.uint8, device=self.device)
-
-    def _decode_wrapper(self, name: str, group: int):
-        """FlashInfer's decode kernels take query groups of 1, 2, 3, 4 or 8 heads; other groups (7 in Qwen2-7B)
-        run on its tensor-core (prefill) kernels."""
-        tensor_cores = group not in (1, 2, 3, 4, 8)
-        wrapper = self.decode_wrappers.get((name, tensor_cores))
+    def _decode_wrapper(self, name: str, group: int, indptr, indices, last_page_len):
+        """A decode wrapper in CUDA-graph mode over fixed buffers, made once per (name, group, buffers).
+        FlashInfer's decode kernels take query groups of 1, 2, 3, 4 or 8 heads; other groups (7 in Qwen2-7B) run
+        on its tensor-core (prefill) kernels."""
+        key = (name, group, indices.data_ptr(), indices.numel())
+        wrapper = self.decode_wrappers.get(key)
         if wrapper is None:
-            wrapper = self.flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace(), kv_layout="HND",
-                                                                         use_tensor_cores=tensor_cores)
-            self.decode_wrappers[(name, tensor_cores)] = wrapper
+            wrapper = self.flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace, kv_layout="HND", use_cuda_graph=True, use_tensor_cores=group not in (1, 2, 3, 4, 8),
+                paged_kv_indptr_buffer=indptr(), paged_kv_indices_buffer=indices,
+                paged_kv_last_page_len_buffer=last_page_len())
+            self.decode_wrappers[key] = wrapper
         return wrapper
 
     def _plan(self, wrapper, key: tuple, plan) -> None:
-        if self.plans.get(id(wrapper)) != key:
+        self.step_plans[id(wrapper)] = plan
+        if not self.capturing and self.plans.get(id(wrapper)) != key:
             plan()
             self.plans[id(wrapper)] = key
+
+    def plan_step(self) -> None:
+        """Plan every decode wrapper the last step used for the layers' current lengths (before a graph replay)."""
+        for plan in self.step_plans.values():
+            plan()
+        self.plans.clear()  # the next eager step plans afresh
 
     def _all_pages(self, num_pages: int) -> torch.Tensor:
         if num_pages > self.page_range.numel():
             self.page_range = torch.arange(2 * num_pages, dtype=torch.int32, device=self.device)
         return self.page_range[:num_pages]
+
+    def _rows(self, num_kv_heads: int, num_selected: int) -> torch.Tensor:
+        rows = self.rows.get((num_kv_heads, num_selected))
+        if rows is None:
+            rows = torch.empty(num_kv_heads, num_selected, dtype=torch.int32, device=self.device)
+            self.rows[(num_kv_heads, num_selected)] = rows
+        return rows
+
+    def _int32(self, *shape) -> torch.Tensor:
+        return torch.zeros(shape, dtype=torch.int32, device=self.device)
 
     @staticmethod
     def _host(*values) -> torch.Tensor:
@@ -74,12 +98,14 @@ class FlashInferBackend:
             return self.reference.prefill(query, layer, scaling)
         num_heads, num_new, head_dim = query.shape
         num_pages, last = layer.num_pages, layer.last_page_len
+        wrapper = self.prefill_wrapper
         key = (num_new, num_pages, last, num_heads, layer.num_kv_heads, head_dim, layer.page_size, query.dtype, scaling)
-        self._plan(self.prefill_wrapper, key, lambda: self.prefill_wrapper.plan(
-            self._host(0, num_new), self._host(0, num_pages), self._all_pages(num_pages), self._host(last),
-            num_heads, layer.num_kv_heads, head_dim, layer.page_size, causal=True, sm_scale=scaling,
-            q_data_type=query.dtype, kv_data_type=layer.keys.dtype))
-        out = self.prefill_wrapper.run(query.transpose(0, 1).contiguous(), (layer.keys, layer.values))
+        if self.plans.get(id(wrapper)) != key:
+            wrapper.plan(self._host(0, num_new), self._host(0, num_pages), self._all_pages(num_pages),
+                         self._host(last), num_heads, layer.num_kv_heads, head_dim, layer.page_size, causal=True,
+                         sm_scale=scaling, q_data_type=query.dtype, kv_data_type=layer.keys.dtype)
+            self.plans[id(wrapper)] = key
+        out = wrapper.run(query.transpose(0, 1).contiguous(), (layer.keys, layer.values))
         return out.transpose(0, 1)
 
     def decode_dense(self, query: torch.Tensor, layer: PagedLayer, scaling: float) -> torch.Tensor:
@@ -87,13 +113,19 @@ class FlashInferBackend:
         if query.dtype not in FLASHINFER_DTYPES:
             return self.reference.decode_dense(query, layer, scaling)
         num_kv_heads, group, head_dim = query.shape
-        num_pages, last = layer.num_pages, layer.last_page_len
-        key = (num_pages, last, num_kv_heads, group, head_dim, layer.page_size, query.dtype, scaling)
-        wrapper = self._decode_wrapper("dense", group)
-        self._plan(wrapper, key, lambda: wrapper.plan(
-            self._host(0, num_pages), self._all_pages(num_pages), self._host(last), num_kv_heads * group,
-            num_kv_heads, head_dim, layer.page_size, sm_scale=scaling, q_data_type=query.dtype,
-            kv_data_type=layer.keys.dtype))
+        self._all_pages(layer.keys.shape[0])  # the page list holds every page the cache has room for
+        wrapper = self._decode_wrapper("dense", group, lambda: self._int32(2), self.page_range,
+                                       lambda: self._int32(1))
+
+        def plan():
+            num_pages = layer.num_pages
+            wrapper.plan(self._host(0, num_pages), self.page_range[:num_pages], self._host(layer.last_page_len),
+                         num_kv_heads * group, num_kv_heads, head_dim, layer.page_size, sm_scale=scaling,
+                         q_data_type=query.dtype, kv_data_type=layer.keys.dtype)
+
+        key = (layer.num_pages, layer.last_page_len, num_kv_heads, group, head_dim, layer.page_size, query.dtype,
+               scaling)
+        self._plan(wrapper, key, plan)
         out = wrapper.run(query.reshape(1, num_kv_heads * group, head_dim), (layer.keys, layer.values))
         return out.view(num_kv_heads, group, head_dim)
 
@@ -101,11 +133,11 @@ class FlashInferBackend:
         """query [Hkv, G, D] -> one-head page rows [Hkv, k] int32 (p * Hkv + h), the current page last."""
         if query.dtype not in FLASHINFER_DTYPES:
             return self.reference.select(query, layer, num_selected, group_rule)
-        if self.score_topk is not None and group_rule == "sum":
-            rows = self.rows.get((layer.num_kv_heads, num_selected))
-            if rows is None:
-                rows = torch.empty(layer.num_kv_heads, num_selected, dtype=torch.int32, device=self.device)
-                self.rows[(layer.num_kv_heads, num_selected)] = rows
+        if self.score_topk is not None and group_rule == "sum" and layer.head_dim % 4 == 0:
+            rows = self._rows(layer.num_kv_heads, num_selected)
+            if layer.device_length is not None:  # captured: the kernel reads the length on the GPU
+                return self.score_topk(query, layer.page_bounds, layer.keys.shape[0], num_selected, rows,
+                                       layer.device_length, layer.page_size)
             return self.score_topk(query, layer.page_bounds, layer.num_pages, num_selected, rows)
         return _one_head_rows(self.reference.select(query, layer, num_selected, group_rule), layer)
 
@@ -126,14 +158,21 @@ class FlashInferBackend:
         if query.dtype not in FLASHINFER_DTYPES:
             return self.reference.decode_sparse(query, layer, selected, scaling)
         num_kv_heads, group, head_dim = query.shape
-        num_selected, last = selected.shape[1], layer.last_page_len
-        key = (num_selected, last, num_kv_heads, group, head_dim, layer.page_size, query.dtype, scaling,
-               selected.data_ptr())
-        wrapper = self._decode_wrapper("sparse", group)
-        self._plan(wrapper, key, lambda: wrapper.plan(
-            torch.arange(0, num_kv_heads * num_selected + 1, num_selected, dtype=torch.int32),
-            selected.view(-1), torch.full((num_kv_heads,), last, dtype=torch.int32), group, 1, head_dim,
-            layer.page_size, sm_scale=scaling, q_data_type=query.dtype, kv_data_type=layer.keys.dtype))
+        num_selected = selected.shape[1]
+        rows = self._rows(num_kv_heads, num_selected)
+        if selected.data_ptr() != rows.data_ptr():  # a baseline's or the torch scorer's selection
+            rows.copy_(selected)
+        indptr = torch.arange(0, num_kv_heads * num_selected + 1, num_selected, dtype=torch.int32)
+        wrapper = self._decode_wrapper("sparse", group, lambda: indptr.to(self.device), rows.view(-1),
+                                       lambda: self._int32(num_kv_heads))
+
+        def plan():
+            wrapper.plan(indptr, rows.view(-1), torch.full((num_kv_heads,), layer.last_page_len, dtype=torch.int32),
+                         group, 1, head_dim, layer.page_size, sm_scale=scaling, q_data_type=query.dtype,
+                         kv_data_type=layer.keys.dtype)
+
+        key = (layer.last_page_len, group, head_dim, layer.page_size, query.dtype, scaling)
+        self._plan(wrapper, key, plan)
         one_head_pages = (-1, 1, layer.page_size, head_dim)
         return wrapper.run(query.contiguous(), (layer.keys.view(one_head_pages), layer.values.view(one_head_pages)))
 

@@ -2,6 +2,7 @@
 switched to the quest attention (see `hf.use_quest`)."""
 import torch
 
+from .cuda_graph import graph_decoder
 from .hf import QuestCache, cache_argument, forward
 from .sampling import sample
 
@@ -25,12 +26,16 @@ def prefill(model, cache: QuestCache, token_ids: list[int], chunk_size: int = 51
 
 @torch.inference_mode()
 def decode(model, cache: QuestCache, logits: torch.Tensor, max_new_tokens: int, stop_ids=(), min_new_tokens: int = 0,
-           temperature: float = 0.0, top_p: float = 1.0, generator=None, should_stop=lambda: False):
+           temperature: float = 0.0, top_p: float = 1.0, generator=None, should_stop=lambda: False,
+           cuda_graph: bool = True):
     """Yields new token ids, starting from the prefill's `logits`, until a stop id (not yielded),
-    `max_new_tokens`, or `should_stop()` after a token."""
+    `max_new_tokens`, or `should_stop()` after a token. With `cuda_graph`, steps replay a CUDA graph where they
+    can (see quest_core/cuda_graph.py)."""
     device = logits.device
     cache_arg = cache_argument(model)
     stop_ids = list(stop_ids)
+    cache.reserve(cache.length + max_new_tokens)  # no tensor of the cache moves while decoding
+    graph = graph_decoder(model, cache, cache_arg) if cuda_graph else None
     for index in range(max_new_tokens):
         if index < min_new_tokens and stop_ids:
             logits[stop_ids] = -float("inf")
@@ -40,7 +45,10 @@ def decode(model, cache: QuestCache, logits: torch.Tensor, max_new_tokens: int, 
         yield token_id
         if index + 1 == max_new_tokens or should_stop():
             return
-        logits = forward(model, cache, torch.tensor([[token_id]], device=device), cache_arg)
+        if graph is not None:
+            logits = graph.step(token_id)
+        else:
+            logits = forward(model, cache, torch.tensor([[token_id]], device=device), cache_arg)
 
 
 def generate_ids(model, cache: QuestCache, prompt_ids: list[int], max_new_tokens: int, chunk_size: int = 512,

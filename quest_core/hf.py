@@ -30,6 +30,7 @@ class QuestCache(Cache):
                                  for _ in range(num_layers)])
         self.config = config
         self.trace = None  # a quest_core.trace.Trace while recording
+        self.graph_decoder = None  # a quest_core.cuda_graph.GraphDecoder once decoding has used one
 
     @property
     def length(self) -> int:
@@ -101,13 +102,14 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def forward(model, cache: QuestCache, input_ids: torch.Tensor, cache_arg: str) -> torch.Tensor:
+def forward(model, cache: QuestCache, input_ids: torch.Tensor, cache_arg: str, position_ids=None) -> torch.Tensor:
     """Run `input_ids` [1, T] after the cached tokens; returns the last position's logits [vocab] in float32.
     A model not yet on the quest attention is switched to it (a QuestCache works with no other)."""
     if model.config._attn_implementation != ATTN_NAME:
         use_quest(model)
-    start = cache.length
-    position_ids = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+    if position_ids is None:
+        start = cache.length
+        position_ids = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).unsqueeze(0)
     output = model(
         input_ids=input_ids,
         position_ids=position_ids,

@@ -49,6 +49,7 @@ class PagedLayer(CacheLayerMixin):
         self.kernels = kernels
         self.length = 0
         self.page_bounds = None
+        self.device_length = None  # while a CUDA graph is captured: the length after this step's append, on the GPU
 
     # ---- transformers' CacheLayerMixin interface ----
 
@@ -131,6 +132,9 @@ class PagedLayer(CacheLayerMixin):
     @torch.inference_mode()
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write `keys`, `values` [Hkv, T, D] after the stored tokens and fold them into the page min/max."""
+        if self.device_length is not None:  # captured (quest_core/cuda_graph.py): the host keeps `length` itself
+            self.kernels.append_kv(keys, values, self.keys, self.values, self.page_bounds, 0, self.device_length)
+            return
         start, num_new = self.length, keys.shape[1]
         self.reserve(start + num_new)
         if self.kernels is not None and keys.is_cuda:  # one fused launch; the torch code below is its twin

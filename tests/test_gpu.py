@@ -44,6 +44,22 @@ def test_append_kernel_equals_torch_twin(dtype, head_dim, page_size):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_append_kernel_reading_the_length_on_the_gpu(dtype):
+    """The captured-graph form of the append: the start comes from a device tensor (the length after it)."""
+    kernel = filled(300, 16, 4, 64, dtype, with_kernels=True)
+    twin = filled(300, 16, 4, 64, dtype)
+    for _ in range(20):  # crosses a page boundary
+        keys, values = torch.randn(2, 4, 1, 64, device="cuda").to(dtype)
+        module.append_kv(keys, values, kernel.keys, kernel.values, kernel.page_bounds, 0,
+                         torch.tensor([kernel.length + 1], device="cuda"))
+        kernel.length += 1
+        twin.append(keys, values)
+    assert torch.equal(kernel.dense()[0], twin.dense()[0]) and torch.equal(kernel.dense()[1], twin.dense()[1])
+    assert torch.equal(kernel.page_bounds[:, :twin.num_pages], twin.page_bounds[:, :twin.num_pages])
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("page_size", [8, 16, 32])
 @pytest.mark.parametrize("group", [1, 4, 7])
@@ -53,9 +69,13 @@ def test_score_topk_selects_the_reference_top_pages(dtype, head_dim, page_size, 
     query = torch.randn(num_kv_heads, group, head_dim, device="cuda").to(dtype)
     reference = page_scores(query.float(), layer.page_bounds[:, : layer.num_pages].float())  # [Hkv, pages]
     scorer = kernels.ScoreTopK(module)
-    for k in (2, 17, 64):
+    length_on_gpu = torch.tensor([layer.length], device="cuda")
+    for k, on_gpu in ((2, False), (17, False), (64, False), (64, True), (100, True)):
         rows = torch.empty(num_kv_heads, k, dtype=torch.int32, device="cuda")
-        scorer(query, layer.page_bounds, layer.num_pages, k, rows)
+        if on_gpu:  # as in a captured graph: the length on the GPU, the grid sized for the whole capacity
+            scorer(query, layer.page_bounds, layer.page_bounds.shape[1], k, rows, length_on_gpu, page_size)
+        else:
+            scorer(query, layer.page_bounds, layer.num_pages, k, rows)
         heads = torch.arange(num_kv_heads, device="cuda").unsqueeze(1)
         assert ((rows - heads) % num_kv_heads == 0).all()
         pages = (rows - heads) // num_kv_heads
@@ -136,3 +156,33 @@ def test_greedy_tokens_flashinfer_vs_torch_backend(dtype, capsys):
         print(f"\n{dtype}: flashinfer and torch backends agree on {same}/64 greedy tokens")
     if dtype == torch.float32:
         assert tokens["torch"] == tokens["flashinfer"]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["dense", "quest"])
+def test_cuda_graph_decode_equals_eager_decode(dtype, mode):
+    """The same backend, decoding with the step replayed as a CUDA graph and eagerly: the same greedy tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from quest_core.backend_flashinfer import FlashInferBackend
+    from quest_core.config import QuestConfig
+    from quest_core.generation import generate_ids
+    from quest_core.hf import QuestCache, use_quest
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
+                         initializer_range=0.3)
+    model = LlamaForCausalLM(config).to("cuda", dtype).eval()
+    use_quest(model)
+    prompt = torch.randint(0, 256, (250,), generator=torch.Generator().manual_seed(1)).tolist()
+    backend = FlashInferBackend("cuda")
+    tokens = {}
+    for graph in (False, True):  # 250 + 80 tokens: Quest (budget 256) turns sparse midway, so two graphs
+        cache = QuestCache(4, QuestConfig(mode=mode, budget=256, page_size=16), backend)
+        tokens[graph] = generate_ids(model, cache, prompt, 80, chunk_size=128, min_new_tokens=80, cuda_graph=graph)
+        if graph:
+            assert cache.graph_decoder is not None and not cache.graph_decoder.failed
+            assert cache.graph_decoder.graph is not None
+    assert tokens[True] == tokens[False]

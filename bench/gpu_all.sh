@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The whole GPU session in one command, for the device tool's H200 (see README, "GPU"): installs the carried
+# wheels (.whl/), restores FlashInfer kernels built by an earlier run (.jit/, carried back from $OUT), builds
+# the rest side by side, then runs what the arguments name: tests, kernels, e2e (default: all three).
+set -o pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MAX_JOBS=16
+AOT=/tmp/site/flashinfer/data/aot
+mkdir -p "$AOT" && cat .jit/flashinfer_aot.tar.gz.* 2>/dev/null | tar -xzf - -C "$AOT" 2>/dev/null
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, flashinfer; print('torch', torch.__version__, 'transformers', transformers.__version__, 'flashinfer', flashinfer.__version__)"
+
+start=$(date +%s)
+python3 -c "import kernels; assert kernels.load() is not None, 'kernel build failed'; print('quest kernels built')" &
+for variant in "bf16 128" "bf16 64" "fp16 128" "fp16 64"; do python3 bench/flashinfer_warmup.py $variant & done
+wait
+echo "builds: $(( $(date +%s) - start )) s"
+# FlashInfer's freshly built kernels, as AOT modules for the next run (16 MiB parts: the device tool's limit)
+(cd ~/.cache/flashinfer/*/*/cached_ops 2>/dev/null && tar -czf - */*.so) | split -b 15m - "$OUT/flashinfer_aot.tar.gz."
+
+for step in ${@:-tests kernels e2e}; do
+  case $step in
+    tests) python3 -m pytest -q -rs tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.txt" ;;
+    kernels) python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.txt" ;;
+    e2e) python3 bench/e2e.py 2>&1 | tee "$OUT/e2e.txt" ;;
+  esac
+done
+cp bench/RESULTS.md "$OUT/RESULTS.md"
