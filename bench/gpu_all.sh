@@ -22,8 +22,8 @@ echo "builds: $(( $(date +%s) - start )) s"
 for step in ${@:-tests kernels e2e}; do
   case $step in
     tests) python3 -m pytest -q -rs tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.txt" ;;
-    kernels) python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.txt" ;;
+    kernels) python3 bench/attention_kernels.py 2>&1 | tee "$OUT/kernels.txt" ;;
     e2e) python3 bench/e2e.py 2>&1 | tee "$OUT/e2e.txt" ;;
   esac
+  cp bench/RESULTS.md "$OUT/RESULTS.md"
 done
-cp bench/RESULTS.md "$OUT/RESULTS.md"

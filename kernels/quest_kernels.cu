@@ -94,9 +94,9 @@ void append_kv(torch::Tensor new_keys, torch::Tensor new_values, torch::Tensor k
 // bounds in 16-byte vectors against the group's split query held in registers, four pages in flight per team;
 // scores go to `scores`, and each block adds its pages' top 12 key bits to a histogram per head (`histograms`):
 // the first pass of the radix select, done in parallel. The last block of a head to finish (a counter per head)
-// copies the head's scores into shared memory when they fit, finishes the radix select (12, then 8 more bits:
-// the key of the (k-1)-th largest score and how many equal to it to take) and writes FlashInfer's one-head page
-// rows p * Hkv + h, the current page last. It leaves the counter and the histogram zeroed for the next call.
+// finishes the radix select (12, then 8 more bits: the key of the (k-1)-th largest score and how many equal to
+// it to take) in one sweep over the scores and writes FlashInfer's one-head page rows p * Hkv + h, the current
+// page last. It leaves the counter and the histogram zeroed for the next call.
 constexpr int kThreads = 256;
 constexpr int kUnroll = 4;        // pages in flight per team
 constexpr int kMaxChunks = 4;     // 16-byte vectors per lane and page: 2D <= 4 * 32 * (16 / sizeof(T))
@@ -149,14 +149,16 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
     const T* __restrict__ query, const T* __restrict__ bounds, float* __restrict__ scores,
     unsigned int* __restrict__ histograms, unsigned int* __restrict__ counters, int32_t* __restrict__ out,
     int group, int head_dim, int64_t capacity, int num_pages, const int64_t* __restrict__ device_length,
-    int page_size, int k, int num_kv_heads, int pages_per_block, int shared_scores_capacity) {
+    int page_size, int k, int num_kv_heads, int pages_per_block, int list_capacity) {
   constexpr int kVec = 16 / sizeof(T);
-  extern __shared__ float shared[];  // split query [2D], then histogram [4096] (uint), then the head's scores
+  // Shared: the split query [2D] (float), the histogram [4096], the threshold bin's keys and pages [list_capacity]
+  extern __shared__ float shared[];
   float* split_query = shared;
   unsigned int* histogram = reinterpret_cast<unsigned int*>(shared + 2 * head_dim);
-  float* shared_scores = reinterpret_cast<float*>(histogram + kFirstBins);
+  unsigned int* list_keys = histogram + kFirstBins;
+  int* list_pages = reinterpret_cast<int*>(list_keys + list_capacity);
   __shared__ unsigned int warp_totals[kThreads / 32];
-  __shared__ unsigned int found_bin, remaining, taken_greater, taken_equal;
+  __shared__ unsigned int found_bin, remaining, taken_greater, taken_equal, list_length;
   __shared__ bool is_last;
   const int h = blockIdx.x;
   if (device_length != nullptr) num_pages = (int)((device_length[0] + page_size - 1) / page_size);
@@ -230,49 +232,63 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
   if (!is_last) return;
 
   // The last block of head h: every score and the first digit's histogram are in global memory now.
-  const bool in_shared = candidates <= shared_scores_capacity;
-  if (in_shared)
-    for (int p = threadIdx.x; p < candidates; p += kThreads) shared_scores[p] = __ldcg(head_scores + p);
-  const float* all_scores = in_shared ? shared_scores : head_scores;
-  auto score_at = [&](int p) { return in_shared ? all_scores[p] : __ldcg(all_scores + p); };
   for (int b = threadIdx.x; b < kFirstBins; b += kThreads) {
     histogram[b] = __ldcg(head_histogram + b);
     head_histogram[b] = 0;  // ready for the next call
   }
-  if (threadIdx.x == 0) remaining = k - 1;
+  if (threadIdx.x == 0) {
+    remaining = k - 1;
+    taken_greater = taken_equal = list_length = 0;
+  }
   __syncthreads();
   find_bin(histogram, kFirstBins, warp_totals, &found_bin, &remaining);
-  unsigned int prefix = found_bin << 20, mask = 0xfff00000u;
+  const unsigned int first_prefix = found_bin << 20, first_mask = 0xfff00000u;
+  // One sweep over the scores: pages above the threshold bin are selected now; those in it (few, as a rule) go
+  // to a list in shared memory, which the last two passes and the final pick then read. If they do not fit,
+  // those steps sweep all scores again.
+  const bool use_list = histogram[found_bin] <= (unsigned int)list_capacity;
+  int32_t* head_out = out + (int64_t)h * k;
+  for (int p = threadIdx.x; p < candidates; p += kThreads) {
+    const unsigned int key = order_key(__ldcg(head_scores + p));
+    if ((key & first_mask) > first_prefix) {
+      head_out[atomicAdd(&taken_greater, 1u)] = p * num_kv_heads + h;
+    } else if (use_list && (key & first_mask) == first_prefix) {
+      const unsigned int slot = atomicAdd(&list_length, 1u);
+      list_keys[slot] = key;
+      list_pages[slot] = p;
+    }
+  }
+  __syncthreads();
+  const int length = use_list ? (int)list_length : candidates;
+  auto key_at = [&](int i) { return use_list ? list_keys[i] : order_key(__ldcg(head_scores + i)); };
+  auto page_at = [&](int i) { return use_list ? list_pages[i] : i; };
+  unsigned int prefix = first_prefix, mask = first_mask;
   const int shifts[2] = {8, 0}, bits[2] = {12, 8};
 #pragma unroll
   for (int pass = 0; pass < 2; ++pass) {
     const int nbins = 1 << bits[pass];
     for (int b = threadIdx.x; b < nbins; b += kThreads) histogram[b] = 0;
     __syncthreads();
-    for (int p0 = 0; p0 < candidates; p0 += kThreads) {  // whole warps iterate together (for add_to_bin)
-      const int p = p0 + threadIdx.x;
-      const unsigned int key = p < candidates ? order_key(score_at(p)) : 0u;
-      add_to_bin(histogram, (key >> shifts[pass]) & (nbins - 1), p < candidates && (key & mask) == prefix);
+    for (int i0 = 0; i0 < length; i0 += kThreads) {  // whole warps iterate together (for add_to_bin)
+      const int i = i0 + threadIdx.x;
+      const unsigned int key = i < length ? key_at(i) : 0u;
+      add_to_bin(histogram, (key >> shifts[pass]) & (nbins - 1), i < length && (key & mask) == prefix);
     }
     __syncthreads();
     find_bin(histogram, nbins, warp_totals, &found_bin, &remaining);
     prefix |= found_bin << shifts[pass];
     mask |= (unsigned int)(nbins - 1) << shifts[pass];
   }
-  if (threadIdx.x == 0) {
-    taken_greater = 0;
-    taken_equal = 0;
-  }
-  __syncthreads();
+  // `prefix` is now the key of the (k-1)-th largest score; take the keys above it and `remaining` equal to it.
   const unsigned int equal_quota = remaining, greater = (k - 1) - equal_quota;
-  int32_t* head_out = out + (int64_t)h * k;
-  for (int p = threadIdx.x; p < candidates; p += kThreads) {
-    const unsigned int key = order_key(score_at(p));
+  for (int i = threadIdx.x; i < length; i += kThreads) {
+    const unsigned int key = key_at(i);
+    if ((key & first_mask) != first_prefix) continue;  // (without the list) taken in the sweep, or below
     if (key > prefix) {
-      head_out[atomicAdd(&taken_greater, 1u)] = p * num_kv_heads + h;
+      head_out[atomicAdd(&taken_greater, 1u)] = page_at(i) * num_kv_heads + h;
     } else if (key == prefix) {
       const unsigned int slot = atomicAdd(&taken_equal, 1u);
-      if (slot < equal_quota) head_out[greater + slot] = p * num_kv_heads + h;
+      if (slot < equal_quota) head_out[greater + slot] = page_at(i) * num_kv_heads + h;
     }
   }
   if (threadIdx.x == 0) {
@@ -302,33 +318,39 @@ void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, in
   int team = 1;
   while (team < std::min(num_vectors, 32)) team *= 2;
   const int chunks = (num_vectors + team - 1) / team;
-  const int pages_per_block = (kThreads / team) * kUnroll * 2;
-  const int blocks_per_head = std::max<int>(1, (num_pages - 1 + pages_per_block - 1) / pages_per_block);
-
-  // Shared memory: the split query, the histogram, and the head's scores for the last block when they fit.
-  static int max_shared = -1;
-  if (max_shared < 0) {
+  // About two blocks per multiprocessor, each scoring whole rounds of kUnroll pages per team.
+  static int num_sms = -1, max_shared = -1;
+  if (num_sms < 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, query.device().index()));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin,
                                           query.device().index()));
-    max_shared = std::min(max_shared, 100 * 1024);
   }
+  const int round = (kThreads / team) * kUnroll;
+  const int64_t total_pages = (int64_t)num_kv_heads * (num_pages - 1);
+  const int pages_per_block = std::max<int64_t>(1, (total_pages + 2 * num_sms * round - 1) / (2 * num_sms * round)) * round;
+  const int blocks_per_head = std::max<int>(1, (num_pages - 1 + pages_per_block - 1) / pages_per_block);
   const int fixed = (2 * head_dim + kFirstBins) * 4;
-  const int scores_in_shared = std::min<int>(std::max(0, (max_shared - fixed) / 4), num_pages - 1);
-  const int shared_bytes = fixed + 4 * scores_in_shared;
+  const int list_capacity = std::min<int>({4096, (int)(num_pages - 1), (max_shared - fixed - 1024) / 8});
+  const int shared_bytes = fixed + 8 * list_capacity;
   const c10::cuda::CUDAGuard guard(query.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_kv_type(query.scalar_type(), [&](auto type_tag) {
     using T = decltype(type_tag);
     auto launch = [&](auto kernel) {
       static std::unordered_set<const void*> configured;  // allow each kernel over 48 KB of shared memory, once
-      if (configured.insert(reinterpret_cast<const void*>(kernel)).second)
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_shared));
+      if (!configured.count(reinterpret_cast<const void*>(kernel))) {
+        cudaFuncAttributes attributes;
+        C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            max_shared - (int)attributes.sharedSizeBytes));
+        configured.insert(reinterpret_cast<const void*>(kernel));
+      }
       kernel<<<dim3(num_kv_heads, blocks_per_head), kThreads, shared_bytes, stream>>>(
           reinterpret_cast<const T*>(query.data_ptr()), reinterpret_cast<const T*>(bounds.data_ptr()),
           scores.data_ptr<float>(), reinterpret_cast<unsigned int*>(histograms.data_ptr<int>()),
           reinterpret_cast<unsigned int*>(counters.data_ptr<int>()), out.data_ptr<int>(), group, head_dim,
           bounds.size(1), num_pages, device_length ? device_length->data_ptr<int64_t>() : nullptr, page_size, k,
-          num_kv_heads, pages_per_block, scores_in_shared);
+          num_kv_heads, pages_per_block, list_capacity);
     };
     if (chunks == 1) launch(score_topk_kernel<T, 1>);
     else if (chunks == 2) launch(score_topk_kernel<T, 2>);

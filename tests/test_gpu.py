@@ -90,6 +90,21 @@ def test_score_topk_selects_the_reference_top_pages(dtype, head_dim, page_size, 
             assert set((scores > threshold + tolerance).nonzero().flatten().tolist()) <= set(chosen.tolist())
 
 
+@needs_kernels
+@pytest.mark.parametrize("num_pages", [300, 5000])  # 5000: the tied pages overflow the kernel's shared list
+def test_score_topk_with_every_score_tied(num_pages):
+    layer = PagedLayer(8, block_pages=64, kernels=module)
+    ones = torch.ones(1, 2, num_pages * 8 - 3, 64, device="cuda", dtype=torch.bfloat16)
+    layer.update(ones, ones)
+    query = torch.randn(2, 4, 64, device="cuda").to(torch.bfloat16)
+    rows = torch.empty(2, 100, dtype=torch.int32, device="cuda")
+    kernels.ScoreTopK(module)(query, layer.page_bounds, layer.num_pages, 100, rows)
+    pages = (rows - torch.arange(2, device="cuda")[:, None]) // 2
+    assert (pages[:, -1] == num_pages - 1).all()
+    for h in range(2):
+        assert pages[h, :-1].unique().numel() == 99 and (pages[h, :-1] < num_pages - 1).all()
+
+
 def reference_attention(query, keys, values, scaling, mask=None):
     logits = torch.einsum("hmd,hsd->hms", query.float(), keys.float()) * scaling
     if mask is not None:

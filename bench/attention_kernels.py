@@ -2,7 +2,7 @@
 FlashInfer dense decode vs our Quest stages (fused score + top-k kernel, FlashInfer sparse decode) and total, eager
 and CUDA-graph replayed, beside a bytes floor from the copy bandwidth measured in the same run.
 
-    python bench/kernels.py            # writes the gpu_kernels section of bench/RESULTS.md
+    python bench/attention_kernels.py            # writes the gpu_kernels section of bench/RESULTS.md
 """
 import argparse
 import json
