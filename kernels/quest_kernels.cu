@@ -318,19 +318,14 @@ void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, in
   int team = 1;
   while (team < std::min(num_vectors, 32)) team *= 2;
   const int chunks = (num_vectors + team - 1) / team;
-  // About two blocks per multiprocessor, each scoring whole rounds of kUnroll pages per team.
-  static int num_sms = -1, max_shared = -1;
-  if (num_sms < 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, query.device().index()));
+  static int max_shared = -1;
+  if (max_shared < 0)
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin,
                                           query.device().index()));
-  }
-  const int round = (kThreads / team) * kUnroll;
-  const int64_t total_pages = (int64_t)num_kv_heads * (num_pages - 1);
-  const int pages_per_block = std::max<int64_t>(1, (total_pages + 2 * num_sms * round - 1) / (2 * num_sms * round)) * round;
+  const int pages_per_block = (kThreads / team) * kUnroll * 2;  // short blocks, many in flight
   const int blocks_per_head = std::max<int>(1, (num_pages - 1 + pages_per_block - 1) / pages_per_block);
   const int fixed = (2 * head_dim + kFirstBins) * 4;
-  const int list_capacity = std::min<int>({4096, (int)(num_pages - 1), (max_shared - fixed - 1024) / 8});
+  const int list_capacity = std::min<int>({2048, (int)(num_pages - 1), (max_shared - fixed - 1024) / 8});
   const int shared_bytes = fixed + 8 * list_capacity;
   const c10::cuda::CUDAGuard guard(query.device());
   auto stream = c10::cuda::getCurrentCUDAStream();

@@ -12,6 +12,8 @@ Every decode wrapper runs in FlashInfer's CUDA-graph mode (fixed buffers), so a 
 CUDA graph (quest_core/cuda_graph.py): the backend keeps the plan functions of the last step, and `plan_step()`
 re-runs them on the host before each replay, for the layers' new lengths.
 """
+import weakref
+
 import torch
 
 import kernels
@@ -37,9 +39,10 @@ class FlashInferBackend:
         self.workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=self.device)  # wrappers run in turn
         self.prefill_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, kv_layout="HND")
         self.decode_wrappers = {}
-        self.plans = {}        # id(wrapper) -> the key of its current plan (eager steps plan only on a change)
-        self.step_plans = {}   # id(wrapper) -> the plan function of the last step, for `plan_step`
-        self.capturing = False  # inside a CUDA-graph capture: plans are made beforehand by plan_step
+        self.plans = {}          # id(wrapper) -> the key of its current plan: wrappers plan only on a change
+        self.step_plans = {}     # id(wrapper) -> (plan, key) functions of the last step, for `plan_step`
+        self.last_written = {}   # id(wrapper) -> the cache length its last_page_len buffer was written for
+        self.capturing = False   # inside a CUDA-graph capture: plans are made beforehand by plan_step
         self.page_range = torch.arange(1 << 16, dtype=torch.int32, device=self.device)
         self.rows = {}  # (Hkv, k) -> the int32 page-row buffer the scorer writes and the sparse wrapper reads
 
@@ -59,17 +62,34 @@ class FlashInferBackend:
             self.decode_wrappers[key] = wrapper
         return wrapper
 
-    def _plan(self, wrapper, key: tuple, plan) -> None:
-        self.step_plans[id(wrapper)] = plan
-        if not self.capturing and self.plans.get(id(wrapper)) != key:
+    def _plan(self, wrapper, layer: PagedLayer, plan, key) -> None:
+        """Plan `wrapper` when `key()` changed, and keep its last_page_len buffer current.
+
+        The CUDA-core decode kernels read the last page's length from that buffer, and their split-KV schedule
+        depends only on the page counts, so most steps need no new plan (the tensor-core kernels' keys include
+        the length). Inside a capture the graph itself writes the buffer, from the length on the GPU."""
+        self.step_plans[id(wrapper)] = (plan, key)
+        buffer = wrapper._paged_kv_last_page_len_buf
+        if self.capturing:
+            if self.last_written.get(id(wrapper)) != "graph":
+                buffer.copy_(torch.remainder(layer.device_length - 1, layer.page_size).add_(1).expand_as(buffer))
+                self.last_written[id(wrapper)] = "graph"
+            return
+        if self.plans.get(id(wrapper)) != key():
             plan()
-            self.plans[id(wrapper)] = key
+            self.plans[id(wrapper)] = key()
+            self.last_written[id(wrapper)] = layer.length
+        if self.last_written.get(id(wrapper)) != layer.length:
+            buffer.fill_(layer.last_page_len)
+            self.last_written[id(wrapper)] = layer.length
 
     def plan_step(self) -> None:
-        """Plan every decode wrapper the last step used for the layers' current lengths (before a graph replay)."""
-        for plan in self.step_plans.values():
-            plan()
-        self.plans.clear()  # the next eager step plans afresh
+        """Before a graph replay: plan the decode wrappers of the last step whose keys changed."""
+        for wrapper_id, (plan, key) in self.step_plans.items():
+            if self.plans.get(wrapper_id) != key():
+                plan()
+                self.plans[wrapper_id] = key()
+        self.last_written.clear()  # the graph wrote the buffers
 
     def _all_pages(self, num_pages: int) -> torch.Tensor:
         if num_pages > self.page_range.numel():
@@ -116,6 +136,7 @@ class FlashInferBackend:
         self._all_pages(layer.keys.shape[0])  # the page list holds every page the cache has room for
         wrapper = self._decode_wrapper("dense", group, lambda: self._int32(2), self.page_range,
                                        lambda: self._int32(1))
+        layer = weakref.proxy(layer)  # the plan functions outlive the step; they must not keep the cache alive
 
         def plan():
             num_pages = layer.num_pages
@@ -123,9 +144,11 @@ class FlashInferBackend:
                          num_kv_heads * group, num_kv_heads, head_dim, layer.page_size, sm_scale=scaling,
                          q_data_type=query.dtype, kv_data_type=layer.keys.dtype)
 
-        key = (layer.num_pages, layer.last_page_len, num_kv_heads, group, head_dim, layer.page_size, query.dtype,
-               scaling)
-        self._plan(wrapper, key, plan)
+        def key():
+            last = layer.last_page_len if wrapper.use_tensor_cores else None
+            return layer.num_pages, last, num_kv_heads, group, head_dim, layer.page_size, query.dtype, scaling
+
+        self._plan(wrapper, layer, plan, key)
         out = wrapper.run(query.reshape(1, num_kv_heads * group, head_dim), (layer.keys, layer.values))
         return out.view(num_kv_heads, group, head_dim)
 
@@ -165,14 +188,18 @@ class FlashInferBackend:
         indptr = torch.arange(0, num_kv_heads * num_selected + 1, num_selected, dtype=torch.int32)
         wrapper = self._decode_wrapper("sparse", group, lambda: indptr.to(self.device), rows.view(-1),
                                        lambda: self._int32(num_kv_heads))
+        layer = weakref.proxy(layer)
 
         def plan():
             wrapper.plan(indptr, rows.view(-1), torch.full((num_kv_heads,), layer.last_page_len, dtype=torch.int32),
                          group, 1, head_dim, layer.page_size, sm_scale=scaling, q_data_type=query.dtype,
                          kv_data_type=layer.keys.dtype)
 
-        key = (layer.last_page_len, group, head_dim, layer.page_size, query.dtype, scaling)
-        self._plan(wrapper, key, plan)
+        def key():
+            last = layer.last_page_len if wrapper.use_tensor_cores else None
+            return last, group, head_dim, layer.page_size, query.dtype, scaling
+
+        self._plan(wrapper, layer, plan, key)
         one_head_pages = (-1, 1, layer.page_size, head_dim)
         return wrapper.run(query.contiguous(), (layer.keys.view(one_head_pages), layer.values.view(one_head_pages)))
 

@@ -8,7 +8,9 @@ capacity (reserved for the whole answer up front, so no tensor moves) and whethe
 The first step of a shape runs eagerly (it also warms up kernels and plans), the next one captures; if capture
 fails, decoding goes on eagerly, with a log line.
 """
+import gc
 import logging
+import weakref
 
 import torch
 
@@ -33,7 +35,9 @@ def graph_decoder(model, cache: QuestCache, cache_arg: str):
 
 class GraphDecoder:
     def __init__(self, model, cache: QuestCache, cache_arg: str):
-        self.model, self.cache, self.cache_arg = model, cache, cache_arg
+        # The cache holds its decoder: a weak reference back keeps them out of a cycle, which Python's collector
+        # could free in the middle of a later capture (destroying a graph there invalidates the capture).
+        self.model, self.cache, self.cache_arg = model, weakref.proxy(cache), cache_arg
         device = cache.layers[0].keys.device
         self.step_values = torch.zeros(3, dtype=torch.long, device=device)  # token, position, length after append
         self.host_values = torch.zeros(3, dtype=torch.long, pin_memory=True)
@@ -82,6 +86,8 @@ class GraphDecoder:
         backend.capturing = True
         for layer in layers:
             layer.device_length = self.step_values[2:3]
+        collecting = gc.isenabled()
+        gc.disable()  # no destructor of unrelated CUDA objects may run inside the capture
         try:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 logits = forward(self.model, self.cache, self.step_values[0:1].view(1, 1), self.cache_arg,
@@ -95,6 +101,8 @@ class GraphDecoder:
                 layer.length = position
             return None
         finally:
+            if collecting:
+                gc.enable()
             backend.capturing = False
             for layer in layers:
                 layer.device_length = None
