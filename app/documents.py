@@ -1,7 +1,9 @@
 """Turning an uploaded file into plain text, with a clear `DocumentError` for anything we cannot read.
 
-.txt/.md (UTF-8, UTF-16 with a BOM, else Latin-1), .pdf (pypdf), .docx (python-docx), .html/.htm (text only)."""
+.txt/.md (UTF-8, UTF-16 with or without a BOM, else Windows-1252 or Latin-1), .pdf (pypdf), .docx (python-docx),
+.html/.htm (text only)."""
 import html.parser
+import unicodedata
 import zipfile
 from pathlib import Path
 
@@ -37,28 +39,58 @@ def read_document(path: str | Path, name: str | None = None) -> str:
 
 
 def _decode(data: bytes, name: str) -> str:
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return data.decode("utf-16")
-    if b"\x00" in data[:4096]:
+    head = data[:4096]
+    utf16 = _utf16_encoding(head)
+    if utf16:
+        try:
+            text = data.decode(utf16)
+        except UnicodeDecodeError:
+            raise DocumentError(f"{name} is not valid UTF-16 text") from None
+    elif b"\x00" in head:
         raise DocumentError(f"{name} looks like binary data, not text")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        return data.decode("latin-1")
+    else:
+        text = _decode_8bit(data)
+    controls = sum(unicodedata.category(c) == "Cc" and c not in "\t\n\r\f" for c in text[:4096])
+    if controls > 0.05 * len(text[:4096]):
+        raise DocumentError(f"{name} looks like binary data, not text")
+    return text
+
+
+def _decode_8bit(data: bytes) -> str:
+    for encoding in ("utf-8-sig", "cp1252"):
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError:
+            pass
+    return data.decode("latin-1")  # never fails
+
+
+def _utf16_encoding(head: bytes) -> str | None:
+    """The UTF-16 codec for a byte-order mark, or for text whose every other byte is zero (mostly ASCII); else None."""
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "utf-16"
+    pairs = len(head) // 2
+    if pairs < 2:
+        return None
+    if head[1::2].count(0) > 0.9 * pairs and head[0::2].count(0) < 0.1 * pairs:
+        return "utf-16-le"
+    if head[0::2].count(0) > 0.9 * pairs and head[1::2].count(0) < 0.1 * pairs:
+        return "utf-16-be"
+    return None
 
 
 def _pdf_text(path: Path, name: str) -> str:
     from pypdf import PdfReader
-    from pypdf.errors import PdfReadError
+    from pypdf.errors import DependencyError, PyPdfError
 
     try:
         reader = PdfReader(path)
-        if reader.is_encrypted:
+        if reader.is_encrypted and not reader.decrypt(""):  # an owner password alone does not hide the text
             raise DocumentError(f"{name} is an encrypted PDF; remove the password and upload it again")
         text = "\n\n".join(page.extract_text() or "" for page in reader.pages)
     except DocumentError:
         raise
-    except (PdfReadError, ValueError, KeyError, TypeError, OSError) as error:
+    except (PyPdfError, DependencyError, ValueError, KeyError, TypeError, OSError) as error:
         raise DocumentError(f"{name} is not a readable PDF ({error.__class__.__name__})") from None
     if not text.strip():
         raise DocumentError(f"{name} has no text layer (a scanned PDF?); OCR it first")
