@@ -17,12 +17,18 @@ def make_backend(name: str, device) -> object:
     if name == "torch" or (name == "auto" and device.type != "cuda"):
         return TorchBackend()
     if device.type != "cuda":
-        log.warning("the flashinfer backend needs CUDA; using the torch backend")
-        return TorchBackend()
+        return _fallback("the flashinfer backend needs CUDA")
     try:
         from .backend_flashinfer import FlashInferBackend
 
         return FlashInferBackend(device)
     except ImportError as error:
-        log.warning("FlashInfer is not importable (%s); using the torch backend", error)
-        return TorchBackend()
+        return _fallback(f"FlashInfer is not importable ({error})")
+
+
+def _fallback(reason: str) -> TorchBackend:
+    """The torch backend, logged, with `fallback_reason` saying why the one asked for cannot run (the app shows it)."""
+    log.warning("%s; using the torch backend", reason)
+    backend = TorchBackend()
+    backend.fallback_reason = reason
+    return backend
