@@ -102,6 +102,7 @@ constexpr int kUnroll = 4;        // pages in flight per team
 constexpr int kMaxChunks = 4;     // 16-byte vectors per lane and page: 2D <= 4 * 32 * (16 / sizeof(T))
 constexpr int kFirstBits = 12;    // radix digits: bits 31-20, 19-8, 7-0 of the order key
 constexpr int kFirstBins = 1 << kFirstBits;
+constexpr int kSweepBatch = 8;   // scores each thread loads at once in the top-k sweep
 
 __device__ __forceinline__ unsigned int order_key(float score) {  // larger float -> larger unsigned key
   const unsigned int bits = __float_as_uint(score);
@@ -248,14 +249,24 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
   // those steps sweep all scores again.
   const bool use_list = histogram[found_bin] <= (unsigned int)list_capacity;
   int32_t* head_out = out + (int64_t)h * k;
-  for (int p = threadIdx.x; p < candidates; p += kThreads) {
-    const unsigned int key = order_key(__ldcg(head_scores + p));
-    if ((key & first_mask) > first_prefix) {
-      head_out[atomicAdd(&taken_greater, 1u)] = p * num_kv_heads + h;
-    } else if (use_list && (key & first_mask) == first_prefix) {
-      const unsigned int slot = atomicAdd(&list_length, 1u);
-      list_keys[slot] = key;
-      list_pages[slot] = p;
+  for (int p0 = 0; p0 < candidates; p0 += kThreads * kSweepBatch) {
+    unsigned int keys[kSweepBatch];  // loads first, all in flight together; then the atomics
+#pragma unroll
+    for (int j = 0; j < kSweepBatch; ++j) {
+      const int p = p0 + j * kThreads + threadIdx.x;
+      keys[j] = p < candidates ? order_key(__ldcg(head_scores + p)) : 0u;
+    }
+#pragma unroll
+    for (int j = 0; j < kSweepBatch; ++j) {
+      const int p = p0 + j * kThreads + threadIdx.x;
+      if (p >= candidates) break;
+      if ((keys[j] & first_mask) > first_prefix) {
+        head_out[atomicAdd(&taken_greater, 1u)] = p * num_kv_heads + h;
+      } else if (use_list && (keys[j] & first_mask) == first_prefix) {
+        const unsigned int slot = atomicAdd(&list_length, 1u);
+        list_keys[slot] = keys[j];
+        list_pages[slot] = p;
+      }
     }
   }
   __syncthreads();
