@@ -16,8 +16,12 @@ def parse_args(argv=None):
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
-    parser.add_argument("--max-upload-mb", type=int, default=50)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-upload-mb", type=int, default=50, help="largest file accepted")
+    parser.add_argument("--max-document-tokens", type=int, default=100_000,
+                        help="longer documents are refused (longer than the context: cut to its head or tail)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer")
+    parser.add_argument("--max-sessions", type=int, default=16,
+                        help="browser sessions holding a document's KV at once; past it the server says it is busy")
     return parser.parse_args(argv)
 
 
@@ -54,7 +58,8 @@ def main(argv=None):
 
     backend = make_backend(args.backend, next(model.parameters()).device)
     log(f"Attention backend: {backend.name}")
-    demo = build_app(model, tokenizer, backend, max_new_tokens=args.max_new_tokens, gpu=spaces_gpu())
+    demo = build_app(model, tokenizer, backend, max_new_tokens=args.max_new_tokens, gpu=spaces_gpu(),
+                     max_document_tokens=args.max_document_tokens, max_sessions=args.max_sessions)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share,
                 max_file_size=f"{args.max_upload_mb}mb")
 

@@ -1,11 +1,15 @@
 """The Gradio app: a thin view over `quest_core.session.Session`. `build_app(model, tokenizer)` returns the Blocks.
 
-Per-user state lives in `gr.State` (a `ChatState`, freed when the browser leaves); the model is shared and all
-model work is queued under one concurrency id, so it runs one request at a time.
+Per-user state lives in `gr.State` (a `ChatState`, whose KV is freed as soon as the browser leaves); the model is
+shared and all model work is queued under one concurrency id, so it runs one request at a time. Limits (document
+tokens, new tokens, open sessions) are `build_app` arguments; the upload size is `launch`'s `max_file_size`.
 """
+import ctypes
+import gc
 import html
 import json
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +33,7 @@ NEEDLE = "Needle in a haystack (passkey at a chosen depth)"
 REFRESH_S = 1.0  # the plots refresh at most this often while streaming
 TEXT_REFRESH_S = 0.2  # and the answer text
 MODEL_WORK = "model"  # the queue's concurrency id for everything that runs the model
+CHARS_PER_TOKEN = 8  # a generous bound on characters per token: texts over the limit are refused before tokenizing
 
 
 @dataclass
@@ -41,11 +46,89 @@ class ChatState:
     tokens_per_s: dict = field(default_factory=dict)      # mode -> decode tok/s of its last answer
     page_labels: list = field(default_factory=list)
     last_question: str = ""
+    owner: str = ""                                       # the browser session's hash
 
     def close(self):
+        """Free the session's KV; an answer still streaming stops after its current token."""
         if self.session is not None:
+            self.session.cancel()
             self.session.reset()
+            free_memory()
         self.session = None
+
+
+class OpenSessions:
+    """The ChatStates that hold a model session: one per browser session, at most `limit` at once."""
+
+    def __init__(self, limit: int):
+        self.limit, self.states, self.lock = limit, {}, threading.Lock()
+
+    def open(self, owner: str, new_session) -> ChatState:
+        """`owner`'s ChatState, made with `new_session()` if it has none; a gr.Error when `limit` are open."""
+        with self.lock:
+            state = self.states.get(owner)
+            if state is None:
+                if len(self.states) >= self.limit:
+                    raise gr.Error(f"The server is busy ({self.limit} sessions are open): try again shortly.")
+                state = self.states[owner] = ChatState(session=new_session(), owner=owner)
+            return state
+
+    def close(self, state: ChatState | None) -> None:
+        if state is None:
+            return
+        state.close()
+        with self.lock:
+            if self.states.get(state.owner) is state:
+                del self.states[state.owner]
+
+    def close_owner(self, owner: str) -> None:
+        self.close(self.states.get(owner))
+
+
+def backend_notice(backend) -> str:
+    """Which attention backend runs, and why when it is not the one asked for or runs without our CUDA kernels."""
+    if backend is None:
+        return "torch"
+    if getattr(backend, "fallback_reason", None):
+        return f"torch (fallback: {backend.fallback_reason})"
+    if backend.name == "flashinfer" and getattr(backend, "kernels", None) is None:
+        return "flashinfer, without our CUDA kernels (not built here: their torch twins run)"
+    return backend.name
+
+
+def _malloc_trim():
+    """glibc's malloc_trim, or None (macOS, musl, Windows)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError, TypeError):
+        return None
+
+
+MALLOC_TRIM = _malloc_trim()
+
+
+def free_memory() -> None:
+    """Hand freed memory back: CUDA's cached blocks, and on glibc the free pages of the arenas that the server's
+    threads allocate from (without this, RSS stays at its high-water mark after the sessions are gone)."""
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    if MALLOC_TRIM is not None:
+        MALLOC_TRIM(0)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return (isinstance(error, (torch.OutOfMemoryError, MemoryError))
+            or isinstance(error, RuntimeError) and "can't allocate memory" in str(error))  # CPU allocator
+
+
+def reraise_out_of_memory(error: Exception, advice: str):
+    """Re-raises `error`; running out of memory becomes a gr.Error with `advice`, once what it held is freed."""
+    if not is_out_of_memory(error):
+        raise error
+    error.__traceback__ = None  # its frames hold the failed call's tensors
+    free_memory()
+    raise gr.Error(f"Out of memory {advice}") from None
 
 
 def needle_document(depth_percent: float, filler_tokens_hint: int = 5000) -> tuple[str, str]:
@@ -58,17 +141,28 @@ def needle_document(depth_percent: float, filler_tokens_hint: int = 5000) -> tup
     return filler[:cut] + needle + filler[cut:], passkey
 
 
-def build_app(model, tokenizer, backend=None, max_new_tokens: int = 1024, gpu=lambda fn: fn) -> gr.Blocks:
-    """`gpu` wraps the functions that run the model (Hugging Face Spaces' `spaces.GPU`, or nothing)."""
+def build_app(model, tokenizer, backend=None, max_new_tokens: int = 1024, gpu=lambda fn: fn,
+              max_document_tokens: int = 100_000, max_sessions: int = 16) -> gr.Blocks:
+    """`gpu` wraps the functions that run the model (Hugging Face Spaces' `spaces.GPU`, or nothing).
+    Longer documents are refused; a document longer than the context is cut to its head or tail on request.
+    Each browser session with a loaded document holds its KV until it leaves; past `max_sessions` the server is busy."""
     max_context = getattr(model.config, "max_position_embeddings", None) or 8192
+    max_chars = CHARS_PER_TOKEN * max_document_tokens
     defaults = QuestConfig()
     num_layers = model.config.num_hidden_layers
     num_kv_heads = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
+    sessions = OpenSessions(max_sessions)
+    server_status = (f"Attention backend: **{backend_notice(backend)}** on {next(model.parameters()).device} · "
+                     f"documents up to {max_document_tokens:,} tokens, answers up to {max_new_tokens:,} tokens, "
+                     f"{max_sessions} sessions at once.")
 
-    def new_state(state: ChatState | None) -> ChatState:
-        if state is None or state.session is None:
-            state = ChatState(session=Session(model, tokenizer, defaults, backend))
-        return state
+    def too_long(text: str, tokens: int | None = None) -> str:
+        """Why `text` is over the limits, or ""; characters are counted first (50 MB takes minutes to tokenize)."""
+        if len(text) > max_chars:
+            return f"The document has {len(text):,} characters; this server takes up to {max_chars:,}."
+        if tokens is not None and tokens > max_document_tokens:
+            return f"The document has {tokens:,} tokens; this server takes up to {max_document_tokens:,}."
+        return ""
 
     # ---- document ----
 
@@ -79,6 +173,8 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 1024, gpu=la
             text = read_document(file, Path(file).name)
         except DocumentError as error:
             raise gr.Error(str(error))
+        if problem := too_long(text):
+            raise gr.Error(f"{problem} Upload a shorter part of it.")
         return text, describe(text)
 
     def pick_sample(name, depth):
@@ -93,7 +189,11 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 1024, gpu=la
     def describe(text: str) -> str:
         if not text.strip():
             return "No document yet."
+        if problem := too_long(text):
+            return f"**Too long:** {problem}"
         tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if problem := too_long(text, tokens):
+            return f"**Too long:** {problem}"
         share = 100 * tokens / max_context
         note = ""
         if tokens > max_context - 512:
@@ -102,11 +202,14 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 1024, gpu=la
         return f"{tokens:,} tokens, {share:.0f}% of the model's {max_context:,}-token context.{note}"
 
     @gpu
-    def load_document(text, cut, state, progress=gr.Progress()):
+    def load_document(text, cut, state, request: gr.Request, progress=gr.Progress()):
         if not text or not text.strip():
             raise gr.Error("The document is empty: upload a file, paste text or pick a sample.")
-        state = new_state(state)
+        if problem := too_long(text):
+            raise gr.Error(problem)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if problem := too_long(text, len(ids)):
+            raise gr.Error(problem)
         room = max_context - 512  # leave room for the questions and answers
         if len(ids) > room:
             if cut not in ("keep the head", "keep the tail"):
@@ -114,9 +217,17 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 1024, gpu=la
                                "choose keep the head or keep the tail, then load again.")
             ids = ids[:room] if cut == "keep the head" else ids[-room:]
             text = tokenizer.decode(ids)
+        if state is None or state.session is None:
+            state = sessions.open(request.session_hash, lambda: Session(model, tokenizer, defaults, backend))
         progress(0, desc="Prefilling the document")
         started = time.perf_counter()
-        ingested = state.session.ingest(text, progress=lambda done, total: progress(done / total, desc="Prefill"))
+        try:
+            ingested = state.session.ingest(text, progress=lambda done, total: progress(done / total, desc="Prefill"))
+        except Exception as error:
+            state.session.reset()  # no half-loaded document: the partial KV is freed
+            state.document = ""
+            reraise_out_of_memory(error, f"while prefilling {len(ids):,} tokens: load a shorter document, or keep "
+                                         "only its head or its tail.")
         state.document, state.steps = text, []
         state.page_labels = []
         status = (f"Loaded {ingested.document_tokens:,} tokens (prefill {time.perf_counter() - started:.1f} s). "
@@ -192,28 +303,33 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 1024, gpu=la
         times, answer, last_refresh, last_text = [], "", 0.0, 0.0
         session = state.session
         yield history, "Prefilling the question…", gr.skip(), gr.skip(), gr.skip(), ""
-        for step in session.ask(question, max_new_tokens=max_new_tokens, trace=True, inspect=bool(inspect)):
-            answer += step.text
-            times.append(step.seconds)
-            state.steps.append(step.trace)
-            history[-1]["content"] = answer
-            now = time.perf_counter()
-            if now - last_refresh > REFRESH_S:
-                last_refresh = now
-                heads_plot, _ = plots(state, layer, head, -1, over_time=False)
-                yield (history, metrics_text(state, session.last_run, mode), sparkline(state, mode, times[1:]),
-                       heads_plot or gr.skip(), gr.skip(), "")
-            elif now - last_text > TEXT_REFRESH_S:
-                last_text = now
-                yield history, gr.skip(), gr.skip(), gr.skip(), gr.skip(), ""
+        try:
+            for step in session.ask(question, max_new_tokens=max_new_tokens, trace=True, inspect=bool(inspect)):
+                answer += step.text
+                times.append(step.seconds)
+                state.steps.append(step.trace)
+                history[-1]["content"] = answer
+                now = time.perf_counter()
+                if now - last_refresh > REFRESH_S:
+                    last_refresh = now
+                    heads_plot, _ = plots(state, layer, head, -1, over_time=False)
+                    yield (history, metrics_text(state, session.last_run, mode), sparkline(state, mode, times[1:]),
+                           heads_plot or gr.skip(), gr.skip(), "")
+                elif now - last_text > TEXT_REFRESH_S:
+                    last_text = now
+                    yield history, gr.skip(), gr.skip(), gr.skip(), gr.skip(), ""
+        except Exception as error:
+            reraise_out_of_memory(error, "while answering: the document stays loaded; ask for less, or load a "
+                                         "shorter document.")
         run = session.last_run
         state.step_times[mode], state.tokens_per_s[mode] = times[1:], run.decode_tokens_per_s
         heads_plot, steps_plot = plots(state, layer, head, -1)
         note = "" if run.stop_reason != "cancelled" else " (stopped)"
-        history[-1]["content"] = answer + note
+        history[-1]["content"] = run.text + note  # exactly the answer the conversation keeps
         yield history, metrics_text(state, run, mode), sparkline(state, mode, times[1:]), heads_plot, steps_plot, ""
 
     def stop(state):
+        """Ends the answer being generated after its current token; `ask` then sends the answer marked stopped."""
         if state is not None and state.session is not None:
             state.session.cancel()
 
@@ -226,7 +342,10 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 1024, gpu=la
         answers = {}
         for mode in ("dense", "quest"):
             apply_settings(state, mode, budget, page_size, dense_layers)
-            run = state.session.answer(question, max_new_tokens=max_new_tokens, keep=False)
+            try:
+                run = state.session.answer(question, max_new_tokens=max_new_tokens, keep=False)
+            except Exception as error:
+                reraise_out_of_memory(error, "while comparing: the document stays loaded; load a shorter one.")
             answers[mode] = run
             state.tokens_per_s[mode] = run.decode_tokens_per_s
         return divergence_html(answers["dense"], answers["quest"])
@@ -279,13 +398,18 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 1024, gpu=la
         path.write_text(json.dumps(data))
         return str(path)
 
+    def release(request: gr.Request):
+        """The browser left: free its KV now (gradio keeps a closed session's state for an hour)."""
+        sessions.close_owner(request.session_hash)
+
     # ---- layout ----
 
     with gr.Blocks(title="Quest: query-aware sparse attention") as demo:
-        state = gr.State(None, delete_callback=lambda s: s.close() if s is not None else None)
+        state = gr.State(None, delete_callback=sessions.close)
         gr.Markdown("# Quest: query-aware sparse attention\nUpload a long document, chat with it, and flip between "
                     "dense attention and Quest, which reads only the KV pages each head needs. The heatmaps show "
                     "which pages every head picked at every step.")
+        gr.Markdown(server_status, elem_id="server-status")
         with gr.Row():
             with gr.Column(scale=2):
                 upload = gr.File(label=f"Document ({', '.join(SUFFIXES)})", file_types=list(SUFFIXES),
@@ -338,10 +462,11 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 1024, gpu=la
                    api_name="load_document")
         ask_inputs = [question, chatbot, state, mode, budget, page_size, dense_layers, inspect, layer, head]
         ask_outputs = [chatbot, metrics, times_plot, heads_plot, steps_plot, question]  # state changes in place
-        ask_events = [send.click(ask, ask_inputs, ask_outputs, concurrency_id=MODEL_WORK, api_name="ask"),
-                      question.submit(ask, ask_inputs, ask_outputs, concurrency_id=MODEL_WORK,
-                                      api_visibility="private")]
-        stop_button.click(stop, state, None, cancels=ask_events, queue=False, api_name="stop")
+        send.click(ask, ask_inputs, ask_outputs, concurrency_id=MODEL_WORK, api_name="ask")
+        question.submit(ask, ask_inputs, ask_outputs, concurrency_id=MODEL_WORK, api_visibility="private")
+        # Stop ends the answer through the session, not by cancelling the event: the stream then ends with what the
+        # conversation keeps, marked stopped.
+        stop_button.click(stop, state, None, queue=False, api_name="stop")
         compare_button.click(lambda: gr.Accordion(open=True), None, compare_box, api_visibility="private").then(
             compare, [question, state, budget, page_size, dense_layers],
             [dense_answer, quest_answer, verdict], concurrency_id=MODEL_WORK, api_name="compare")
@@ -349,5 +474,6 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 1024, gpu=la
             picker.release(plots, [state, layer, head, step_pick], [heads_plot, steps_plot], api_visibility="private")
         page.submit(page_text, [state, page], page_span, api_name="page_text")
         export.click(export_trace, state, trace_file, api_name="export_trace")
+        demo.unload(release)
     demo.queue(default_concurrency_limit=1)
     return demo
