@@ -5,7 +5,6 @@ and decodes the answer, so all methods see identical KV."""
 import random
 import re
 
-import torch
 
 from quest_core.generation import decode, prefill
 from quest_core.hf import QuestCache
