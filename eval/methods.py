@@ -7,14 +7,14 @@ DENSE = ("dense", QuestConfig(mode="dense"))
 NAMES = ("quest", "quest-max", "quest-p8", "streaming", "oracle")
 
 
-def methods(budgets: list[int], page_size: int = 16) -> list[tuple[str, int, QuestConfig]]:
-    """(name, budget, config) for Quest (GQA group rule sum, the default, and max; and with pages of 8 tokens,
-    whose key bounds are tighter), StreamingLLM and the oracle."""
+def methods(budgets: list[int], names=NAMES, page_size: int = 16) -> list[tuple[str, int, QuestConfig]]:
+    """(name, budget, config), dense first, then for each budget those of `names`: Quest (GQA group rule sum, the
+    default, and max; and with pages of 8 tokens, whose key bounds are tighter), StreamingLLM and the oracle."""
+    configs = {"quest": dict(mode="quest"), "quest-max": dict(mode="quest", group_rule="max"),
+               "quest-p8": dict(mode="quest", page_size=8), "streaming": dict(mode="streaming"),
+               "oracle": dict(mode="oracle")}
     rows = [("dense", 0, DENSE[1])]
     for budget in budgets:
-        rows += [("quest", budget, QuestConfig(mode="quest", budget=budget, page_size=page_size)),
-                 ("quest-max", budget, QuestConfig(mode="quest", budget=budget, page_size=page_size, group_rule="max")),
-                 ("quest-p8", budget, QuestConfig(mode="quest", budget=budget, page_size=8)),
-                 ("streaming", budget, QuestConfig(mode="streaming", budget=budget, page_size=page_size)),
-                 ("oracle", budget, QuestConfig(mode="oracle", budget=budget, page_size=page_size))]
+        rows += [(name, budget, QuestConfig(budget=budget, **{"page_size": page_size, **configs[name]}))
+                 for name in names]
     return rows

@@ -1,7 +1,7 @@
 """Passkey retrieval: a random 5-digit key hidden at a depth of filler text; exact match of the greedy answer.
 
-Each (filler, context, depth) prompt is prefilled once; every method then re-reads only the prompt's last token
-and decodes the answer, so all methods see identical KV."""
+Each (filler, context, depth) prompt is prefilled once (from where it departs from the previous prompt); every
+method then re-reads only the prompt's last token and decodes the answer, so all methods see identical KV."""
 import random
 import re
 
@@ -34,16 +34,21 @@ def run(model, tokenizer, fillers: dict, contexts, depths, method_rows, seed=0, 
     """Rows of (filler, context, depth, method, budget, passkey, answer, correct)."""
     rng = random.Random(seed)
     cache = QuestCache(model.config.num_hidden_layers, method_rows[0][2])
-    rows = []
+    rows, cached = [], []
     for filler_name, filler in fillers.items():
         for context in contexts:
-            for depth in depths:
+            for depth in sorted(depths):  # prompts of rising depth share the text before the earlier needle
                 passkey = str(rng.randint(10000, 99999))
                 prompt = passkey_prompt(tokenizer, filler, context, depth, passkey)
-                cache.truncate(0)
+                common = next((i for i, (a, b) in enumerate(zip(cached, prompt[:-1])) if a != b),
+                              min(len(cached), len(prompt) - 1))
+                cache.truncate(common)
                 cache.set_config(method_rows[0][2])
-                prefill(model, cache, prompt[:-1])
+                prefill(model, cache, prompt[common:-1])
+                cached = prompt[:-1]
                 for name, budget, config in method_rows:
+                    if budget >= context:  # the whole prompt fits the budget: the method is dense attention
+                        continue
                     cache.truncate(len(prompt) - 1)
                     cache.set_config(config)
                     logits = prefill(model, cache, prompt[-1:])
@@ -52,6 +57,7 @@ def run(model, tokenizer, fillers: dict, contexts, depths, method_rows, seed=0, 
                     rows.append(dict(filler=filler_name, context=context, depth=depth, method=name, budget=budget,
                                      passkey=passkey, answer=answer.strip(), correct=bool(found and
                                                                                          found.group() == passkey)))
-                log(f"passkey {filler_name} {context} depth {depth:.2f}: "
-                    + " ".join(f"{r['method']}@{r['budget']}={int(r['correct'])}" for r in rows[-len(method_rows):]))
+                log(f"passkey {filler_name} {context} depth {depth:.2f}: " + " ".join(
+                    f"{r['method']}@{r['budget']}={int(r['correct'])}" for r in rows
+                    if (r["filler"], r["context"], r["depth"]) == (filler_name, context, depth)))
     return rows

@@ -1,9 +1,10 @@
 """Accuracy of Quest against dense attention, StreamingLLM and oracle top-k on the default model.
 
     python -m eval.run --quick     # CI-sized: 2K-token contexts, a few budgets (minutes on 2 cores)
-    python -m eval.run --full      # 1K/2K/4K/7.5K contexts, 11 depths, budgets 32..2048
+    python -m eval.run --full      # 1K/2K/4K/7.5K contexts, 10 depths, budgets 32..2048 (below the context)
+                                   # (about 40 minutes on 2 cores; no quest-max: quick mode compares the rules)
 
-Writes eval/results/{passkey,perplexity}.csv, eval/results/*.png and eval/RESULTS.md."""
+Writes eval/results/<mode>/{passkey,perplexity}.csv and *.png, and the <mode> section of eval/RESULTS.md."""
 import argparse
 import csv
 import datetime
@@ -22,20 +23,21 @@ from .methods import NAMES, methods
 
 HERE = Path(__file__).resolve().parent
 ASSETS = HERE.parent / "assets"
-QUICK = dict(contexts=[2048], depths=[0.0, 0.25, 0.5, 0.75, 1.0], budgets=[64, 128, 256],
-             ppl_prefix=2048, ppl_scored=96, ppl_budgets=[256, 1024])
-FULL = dict(contexts=[1024, 2048, 4096, 7500], depths=[i / 10 for i in range(11)],
-            budgets=[32, 64, 128, 256, 512, 1024, 2048], ppl_prefix=4096, ppl_scored=256,
-            ppl_budgets=[64, 128, 256, 512, 1024, 2048])
+QUICK = dict(contexts=[2048], depths=[0.0, 0.25, 0.5, 0.75, 1.0], budgets=[64, 128, 256], new_tokens=8,
+             methods=list(NAMES), ppl_prefix=2048, ppl_scored=96, ppl_budgets=[256, 1024])
+FULL = dict(contexts=[1024, 2048, 4096, 7500], depths=[round(i / 9, 3) for i in range(10)],
+            budgets=[32, 128, 512, 2048], new_tokens=6, methods=["quest", "quest-p8", "streaming", "oracle"],
+            ppl_prefix=4096, ppl_scored=128, ppl_budgets=[64, 256, 1024])
 
 
 def evaluate(model, tokenizer, settings: dict, log=print) -> dict:
     fillers = {"repetitive": passkey.REPETITIVE, "prose": ASSETS.joinpath("areopagitica.txt").read_text()}
     passkey_rows = passkey.run(model, tokenizer, fillers, settings["contexts"], settings["depths"],
-                               methods(settings["budgets"]), log=log)
+                               methods(settings["budgets"], settings["methods"]), new_tokens=settings["new_tokens"],
+                               log=log)
     text_ids = tokenizer(ASSETS.joinpath("hamlet.txt").read_text(), add_special_tokens=False)["input_ids"]
     ppl_rows = perplexity.run(model, text_ids, settings["ppl_prefix"], settings["ppl_scored"],
-                              methods(settings["ppl_budgets"]), log=log)
+                              methods(settings["ppl_budgets"], settings["methods"]), log=log)
     return {"passkey": passkey_rows, "perplexity": ppl_rows}
 
 
@@ -50,19 +52,20 @@ def accuracy_table(rows, where_dense_found: bool = False) -> dict:
 
 
 def write_outputs(results: dict, settings: dict, mode: str, seconds: float, out: Path = HERE) -> None:
-    (out / "results").mkdir(parents=True, exist_ok=True)
+    folder = out / "results" / mode
+    folder.mkdir(parents=True, exist_ok=True)
     for name, rows in results.items():
-        with open(out / "results" / f"{name}.csv", "w", newline="") as f:
+        with open(folder / f"{name}.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    plot(results, out / "results")
+    plot(results, folder)
     accuracy = accuracy_table(results["passkey"])
     kept = accuracy_table(results["passkey"], where_dense_found=True)
     budgets = sorted({b for (_, b) in accuracy if b})
     lines = ["| method | " + " | ".join(f"budget {b}" for b in budgets) + " |",
              "|---|" + "---:|" * len(budgets)]
-    for method, budget_of in (("dense", lambda b: 0), *((m, lambda b: b) for m in NAMES)):
+    for method, budget_of in (("dense", lambda b: 0), *((m, lambda b: b) for m in settings["methods"])):
         lines.append(f"| {method} | " + " | ".join(
             f"{accuracy[(method, budget_of(b))]:.0%} ({kept.get((method, budget_of(b)), float('nan')):.0%})"
             for b in budgets) + " |")
@@ -72,14 +75,14 @@ def write_outputs(results: dict, settings: dict, mode: str, seconds: float, out:
         recall = "" if r["recall"] is None else f"{r['recall']:.3f}"
         ppl.append(f"| {r['method']} | {r['budget'] or ''} | {r['ppl']:.3f} | {100 * (r['ppl'] / dense_ppl - 1):+.2f}% "
                    f"| {recall} |")
-    text = f"""# Accuracy evaluation ({mode} mode)
+    text = f"""## {mode.capitalize()} mode
 
 - model: SmolLM2-135M-Instruct (embedded default), greedy, page size 16, 2 dense layers
 - date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {seconds / 60:.1f} min on {torch.get_num_threads()} threads
 - command: `{shlex.join(['python', '-m', 'eval.run', *sys.argv[1:]])}`
 - settings: `{json.dumps(settings)}`
 
-## Passkey retrieval (exact match, over fillers × contexts × depths)
+### Passkey retrieval (exact match, over fillers × contexts × depths)
 
 Each cell: accuracy over all prompts (in brackets: over the prompts whose passkey dense attention finds).
 `quest` and `quest-max` use pages of 16 tokens (group rule sum, the engine's default, and max); `quest-p8` pages
@@ -87,20 +90,32 @@ of 8 tokens (rule sum), whose key bounds are tighter; `streaming` and `oracle` p
 
 {chr(10).join(lines)}
 
-![passkey accuracy by budget](results/passkey.png)
+![passkey accuracy by budget](results/{mode}/passkey.png)
 
-## Perplexity in decode mode (*Hamlet*, {settings['ppl_scored']} tokens after a {settings['ppl_prefix']}-token prefix)
+### Perplexity in decode mode (*Hamlet*, {settings['ppl_scored']} tokens after a {settings['ppl_prefix']}-token prefix)
 
 Recall: the share of the (group-averaged) dense attention mass that falls on the selected pages, mean over steps,
 sparse layers and KV heads.
 
 {chr(10).join(ppl)}
 
-![perplexity by budget](results/perplexity.png)
+![perplexity by budget](results/{mode}/perplexity.png)
 
-CSV: `results/passkey.csv`, `results/perplexity.csv`.
+CSV: `results/{mode}/passkey.csv`, `results/{mode}/perplexity.csv`.
 """
-    (out / "RESULTS.md").write_text(text)
+    write_section(out / "RESULTS.md", mode, text)
+
+
+def write_section(path: Path, name: str, text: str) -> None:
+    """Put `text` between the <!-- name:start/end --> markers of `path`, replacing what was there."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    section = f"{start}\n{text.strip()}\n{end}"
+    old = path.read_text() if path.exists() else "# Accuracy evaluation\n"
+    if start in old:
+        new = old[:old.index(start)] + section + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip() + "\n\n" + section + "\n"
+    path.write_text(new)
 
 
 def plot(results: dict, folder: Path) -> None:
@@ -111,7 +126,7 @@ def plot(results: dict, folder: Path) -> None:
 
     accuracy = accuracy_table(results["passkey"])
     figure, axis = plt.subplots(figsize=(6, 3.5))
-    for method in NAMES:
+    for method in [m for m in NAMES if any(name == m for name, _ in accuracy)]:
         budgets = sorted(b for (m, b) in accuracy if m == method)
         axis.plot(budgets, [accuracy[(method, b)] for b in budgets], marker="o", label=method)
     axis.axhline(accuracy[("dense", 0)], color="black", linestyle="--", label="dense")
@@ -123,7 +138,7 @@ def plot(results: dict, folder: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(6, 3.5))
     rows = results["perplexity"]
-    for method in NAMES:
+    for method in [m for m in NAMES if any(r["method"] == m for r in rows)]:
         points = sorted((r["budget"], r["ppl"]) for r in rows if r["method"] == method)
         axis.plot(*zip(*points), marker="o", label=method)
     axis.axhline(next(r["ppl"] for r in rows if r["method"] == "dense"), color="black", linestyle="--", label="dense")
