@@ -418,7 +418,7 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 1024, gpu=la
                     sample = gr.Dropdown([*SAMPLES, NEEDLE], label="…or a sample", value=None)
                     depth = gr.Slider(0, 100, 50, step=5, label="needle depth %")
                 document = gr.Textbox(label="…or paste text", lines=6, max_lines=12)
-                doc_info = gr.Markdown("No document yet.")
+                doc_info = gr.Markdown("No document yet.", elem_id="doc-info")
                 with gr.Row():
                     cut = gr.Radio(["keep the head", "keep the tail"], label="if too long", value=None)
                     load = gr.Button("Load document", variant="primary")

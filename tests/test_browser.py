@@ -28,7 +28,7 @@ def test_upload_ask_heatmap_toggle_compare(app_url, tmp_path, default_model):
         page = browser.new_page(viewport={"width": 1280, "height": 1800})
         page.goto(app_url)
         page.locator("input[type=file]").set_input_files(str(document))
-        page.get_by_text("tokens, ", exact=False).first.wait_for(timeout=30_000)
+        page.locator("#doc-info").get_by_text("tokens, ", exact=False).wait_for(timeout=30_000)
         page.get_by_role("button", name="Load document").click()
         page.locator("#load-status").get_by_text("Loaded").wait_for(timeout=120_000)
 
