@@ -7,7 +7,11 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
 import kernels  # noqa: E402
+from quest_core.backend_flashinfer import FlashInferBackend  # noqa: E402
 from quest_core.backend_torch import TorchBackend  # noqa: E402
+from quest_core.config import QuestConfig  # noqa: E402
+from quest_core.generation import generate_ids  # noqa: E402
+from quest_core.hf import QuestCache  # noqa: E402
 from quest_core.paged_cache import PagedLayer  # noqa: E402
 from quest_core.selection import page_scores  # noqa: E402
 
@@ -119,8 +123,6 @@ def relative_error(got, expected):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_flashinfer_attention_against_fp32(dtype, head_dim):
-    from quest_core.backend_flashinfer import FlashInferBackend
-
     backend = FlashInferBackend("cuda")
     layer = filled(3001, 16, 4, head_dim, dtype, with_kernels=module is not None)
     keys, values = (t.clone() for t in layer.dense())
@@ -146,14 +148,11 @@ def test_flashinfer_attention_against_fp32(dtype, head_dim):
     assert relative_error(got, expected) <= 1e-2
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_greedy_tokens_flashinfer_vs_torch_backend(dtype, capsys):
+def tiny_llama(dtype):
+    """A random 4-layer GQA Llama (8 q / 2 kv heads, head_dim 64) on the GPU, on the quest attention."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from quest_core.backend_flashinfer import FlashInferBackend
-    from quest_core.config import QuestConfig
-    from quest_core.generation import generate_ids
-    from quest_core.hf import QuestCache, use_quest
+    from quest_core.hf import use_quest
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
@@ -161,6 +160,12 @@ def test_greedy_tokens_flashinfer_vs_torch_backend(dtype, capsys):
                          initializer_range=0.3)
     model = LlamaForCausalLM(config).to("cuda", dtype).eval()
     use_quest(model)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_tokens_flashinfer_vs_torch_backend(dtype, capsys):
+    model = tiny_llama(dtype)
     prompt = torch.randint(0, 256, (700,), generator=torch.Generator().manual_seed(1)).tolist()
     tokens = {}
     for name, backend in (("torch", TorchBackend()), ("flashinfer", FlashInferBackend("cuda"))):
@@ -178,19 +183,7 @@ def test_greedy_tokens_flashinfer_vs_torch_backend(dtype, capsys):
 @pytest.mark.parametrize("mode", ["dense", "quest"])
 def test_cuda_graph_decode_equals_eager_decode(dtype, mode):
     """The same backend, decoding with the step replayed as a CUDA graph and eagerly: the same greedy tokens."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from quest_core.backend_flashinfer import FlashInferBackend
-    from quest_core.config import QuestConfig
-    from quest_core.generation import generate_ids
-    from quest_core.hf import QuestCache, use_quest
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
-                         initializer_range=0.3)
-    model = LlamaForCausalLM(config).to("cuda", dtype).eval()
-    use_quest(model)
+    model = tiny_llama(dtype)
     prompt = torch.randint(0, 256, (250,), generator=torch.Generator().manual_seed(1)).tolist()
     backend = FlashInferBackend("cuda")
     tokens = {}
