@@ -36,11 +36,9 @@ class ScoreTopK:
     the number of pages there and `num_pages` only bounds it: the call can be captured in a CUDA graph once and
     replayed as the context grows."""
 
-    FIRST_DIGIT_BINS = 4096  # the kernel's first radix digit: 12 bits
-
     def __init__(self, module):
         self.module = module
-        self.scores = self.histograms = self.counters = None
+        self.scores = self.key_ranges = self.counters = None
 
     def __call__(self, query, page_bounds, num_pages: int, k: int, out: torch.Tensor, device_length=None,
                  page_size: int = 16) -> torch.Tensor:
@@ -48,9 +46,8 @@ class ScoreTopK:
         if (self.scores is None or self.scores.shape[0] != num_kv_heads or self.scores.shape[1] < capacity
                 or self.scores.device != query.device):
             self.scores = torch.empty(num_kv_heads, capacity, dtype=torch.float32, device=query.device)
-            self.histograms = torch.zeros(num_kv_heads, self.FIRST_DIGIT_BINS, dtype=torch.int32,
-                                          device=query.device)
+            self.key_ranges = torch.tensor([-1, 0], dtype=torch.int32, device=query.device).repeat(num_kv_heads, 1)
             self.counters = torch.zeros(num_kv_heads, dtype=torch.int32, device=query.device)
-        self.module.score_topk(query, page_bounds, num_pages, k, self.scores, self.histograms, self.counters, out,
+        self.module.score_topk(query, page_bounds, num_pages, k, self.scores, self.key_ranges, self.counters, out,
                                device_length, page_size)
         return out

@@ -90,41 +90,37 @@ void append_kv(torch::Tensor new_keys, torch::Tensor new_values, torch::Tensor k
 }
 
 // ---- (b) page scoring fused with top-k selection ----
-// Grid (Hkv, blocks per head), 256 threads. Scoring: a team of lanes (up to a warp) per page reads the page's
-// bounds in 16-byte vectors against the group's split query held in registers, four pages in flight per team;
-// scores go to `scores`, and each block adds its pages' top 12 key bits to a histogram per head (`histograms`):
-// the first pass of the radix select, done in parallel. The last block of a head to finish (a counter per head)
-// finishes the radix select (12, then 8 more bits: the key of the (k-1)-th largest score and how many equal to
-// it to take) in one sweep over the scores and writes FlashInfer's one-head page rows p * Hkv + h, the current
-// page last. It leaves the counter and the histogram zeroed for the next call.
-constexpr int kThreads = 256;
+// Grid (Hkv, blocks per head: about one block per SM in all), 1024 threads. Scoring: a team of lanes (up to a
+// warp) per page reads the page's bounds in 16-byte vectors against the group's split query held in registers,
+// four pages in flight per team; scores go to `scores`, and each block folds its scores' order keys into the
+// head's key range (`key_ranges`, [Hkv, 2]: min, max). The last block of a head to finish (a counter per head)
+// selects: a radix select on the key minus the head's smallest key, whose first digit (11 bits) starts at the
+// range's top bit, so the first histogram spreads the head's actual scores over its bins whatever their scale.
+// One sweep then takes the pages above the threshold bin and lists the bin's pages in shared memory; 8-bit digits
+// over that list find the key of the (k-1)-th largest score and how many equal to it to take. It writes
+// FlashInfer's one-head page rows p * Hkv + h, the current page last, and leaves the counter and key range reset
+// for the next call.
+constexpr int kThreads = 1024;  // the selection runs in one block per head: as many threads as fit
 constexpr int kUnroll = 4;        // pages in flight per team
 constexpr int kMaxChunks = 4;     // 16-byte vectors per lane and page: 2D <= 4 * 32 * (16 / sizeof(T))
-constexpr int kFirstBits = 12;    // radix digits: bits 31-20, 19-8, 7-0 of the order key
+constexpr int kFirstBits = 11;    // the first radix digit; the others have 8 bits (fewer for the last)
 constexpr int kFirstBins = 1 << kFirstBits;
-constexpr int kSweepBatch = 8;   // scores each thread loads at once in the top-k sweep
+constexpr int kSweepBatch = 8;    // scores each thread loads at once in the top-k sweeps
 
 __device__ __forceinline__ unsigned int order_key(float score) {  // larger float -> larger unsigned key
   const unsigned int bits = __float_as_uint(score);
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
-// Adds one to histogram[bin] for each lane with counts == true; lanes hitting one bin share a single atomic.
-// Every lane of the warp must call it.
-__device__ __forceinline__ void add_to_bin(unsigned int* histogram, unsigned int bin, bool counts) {
-  const unsigned int key = counts ? bin : 0xffffffffu;
-  const unsigned int same = __match_any_sync(0xffffffffu, key);
-  if (counts && (threadIdx.x % 32) == __ffs(same) - 1) atomicAdd(&histogram[bin], __popc(same));
-}
-
-// The bin holding the remaining-th largest key (counting from the top bin down) of a block-wide histogram, and
-// how many keys of that bin are still to take. Thread t owns bins nbins-1-t*per ... nbins-(t+1)*per.
+// The bin holding the remaining-th largest key (counting from the top bin down) of a block-wide histogram of
+// nbins (a power of two <= 16 * kThreads), and how many keys of that bin are still to take. Thread t owns bins
+// nbins-1-t*per ... nbins-(t+1)*per (none when t*per >= nbins).
 __device__ void find_bin(const unsigned int* histogram, int nbins, unsigned int* warp_totals,
                          unsigned int* found_bin, unsigned int* remaining) {
-  const int per = nbins / kThreads, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int per = max(1, nbins / kThreads), warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int top = nbins - 1 - threadIdx.x * per;
   unsigned int own = 0;
-  for (int i = 0; i < per; ++i) own += histogram[top - i];
+  for (int i = 0; i < per && top >= 0; ++i) own += histogram[top - i];
   unsigned int above = own;  // inclusive scan over threads, from the top bins down
   for (int offset = 1; offset < 32; offset <<= 1) {
     const unsigned int other = __shfl_up_sync(0xffffffffu, above, offset);
@@ -145,21 +141,30 @@ __device__ void find_bin(const unsigned int* histogram, int nbins, unsigned int*
   __syncthreads();
 }
 
+__device__ __forceinline__ unsigned int warp_min(unsigned int x) {
+  for (int offset = 16; offset > 0; offset >>= 1) x = min(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  return x;
+}
+__device__ __forceinline__ unsigned int warp_max(unsigned int x) {
+  for (int offset = 16; offset > 0; offset >>= 1) x = max(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  return x;
+}
+
 template <typename T, int kChunks>  // kChunks: 16-byte vectors per lane and page (1, 2 or 4)
 __global__ void __launch_bounds__(kThreads) score_topk_kernel(
     const T* __restrict__ query, const T* __restrict__ bounds, float* __restrict__ scores,
-    unsigned int* __restrict__ histograms, unsigned int* __restrict__ counters, int32_t* __restrict__ out,
+    unsigned int* __restrict__ key_ranges, unsigned int* __restrict__ counters, int32_t* __restrict__ out,
     int group, int head_dim, int64_t capacity, int num_pages, const int64_t* __restrict__ device_length,
     int page_size, int k, int num_kv_heads, int pages_per_block, int list_capacity) {
   constexpr int kVec = 16 / sizeof(T);
-  // Shared: the split query [2D] (float), the histogram [4096], the threshold bin's keys and pages [list_capacity]
+  // Shared: the split query [2D] (float), a histogram [2048], the threshold bin's keys and pages [list_capacity]
   extern __shared__ float shared[];
   float* split_query = shared;
   unsigned int* histogram = reinterpret_cast<unsigned int*>(shared + 2 * head_dim);
   unsigned int* list_keys = histogram + kFirstBins;
   int* list_pages = reinterpret_cast<int*>(list_keys + list_capacity);
   __shared__ unsigned int warp_totals[kThreads / 32];
-  __shared__ unsigned int found_bin, remaining, taken_greater, taken_equal, list_length;
+  __shared__ unsigned int found_bin, remaining, taken_greater, taken_equal, list_length, smallest_key, largest_key;
   __shared__ bool is_last;
   const int h = blockIdx.x;
   if (device_length != nullptr) num_pages = (int)((device_length[0] + page_size - 1) / page_size);
@@ -175,7 +180,6 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
     split_query[d] = positive;
     split_query[head_dim + d] = negative;
   }
-  for (int b = threadIdx.x; b < kFirstBins; b += kThreads) histogram[b] = 0;
   __syncthreads();
 
   // Scoring. A team of `team` lanes (a power of two, within one warp) scores one page; lane j of a team holds
@@ -192,7 +196,8 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
       q[c][i] = v < num_vectors ? split_query[v * kVec + i] : 0.f;
     }
   float* head_scores = scores + (int64_t)h * capacity;
-  unsigned int* head_histogram = histograms + (int64_t)h * kFirstBins;
+  unsigned int* key_range = key_ranges + 2 * h;
+  unsigned int low = 0xffffffffu, high = 0u;  // this thread's smallest and largest order key
   const int block_first = blockIdx.y * pages_per_block;
   const int block_end = min(candidates, block_first + pages_per_block);
   for (int base = block_first; base < block_first + pages_per_block; base += kUnroll * teams) {
@@ -218,51 +223,75 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
       }
       for (int offset = team / 2; offset > 0; offset >>= 1) score += __shfl_xor_sync(0xffffffffu, score, offset);
       const int p = base + u * teams + team_index;
-      const bool valid = p < block_end && member == 0;
-      if (valid) head_scores[p] = score;
-      add_to_bin(histogram, order_key(score) >> (32 - kFirstBits), valid);
+      if (p < block_end && member == 0) {
+        head_scores[p] = score;
+        low = min(low, order_key(score));
+        high = max(high, order_key(score));
+      }
     }
   }
-  __syncthreads();
-  for (int b = threadIdx.x; b < kFirstBins; b += kThreads)
-    if (histogram[b]) atomicAdd(&head_histogram[b], histogram[b]);
+  low = warp_min(low);
+  high = warp_max(high);
+  if (threadIdx.x % 32 == 0 && low <= high) {
+    atomicMin(&key_range[0], low);
+    atomicMax(&key_range[1], high);
+  }
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) is_last = atomicAdd(&counters[h], 1u) == gridDim.y - 1;
   __syncthreads();
   if (!is_last) return;
 
-  // The last block of head h: every score and the first digit's histogram are in global memory now.
-  for (int b = threadIdx.x; b < kFirstBins; b += kThreads) {
-    histogram[b] = __ldcg(head_histogram + b);
-    head_histogram[b] = 0;  // ready for the next call
-  }
+  // The last block of head h: every score and the head's key range are in global memory now.
   if (threadIdx.x == 0) {
+    smallest_key = __ldcg(key_range);
+    largest_key = __ldcg(key_range + 1);
+    key_range[0] = 0xffffffffu;  // ready for the next call
+    key_range[1] = 0u;
+    counters[h] = 0;
     remaining = k - 1;
     taken_greater = taken_equal = list_length = 0;
   }
+  for (int b = threadIdx.x; b < kFirstBins; b += kThreads) histogram[b] = 0;
   __syncthreads();
-  find_bin(histogram, kFirstBins, warp_totals, &found_bin, &remaining);
-  const unsigned int first_prefix = found_bin << 20, first_mask = 0xfff00000u;
-  // One sweep over the scores: pages above the threshold bin are selected now; those in it (few, as a rule) go
-  // to a list in shared memory, which the last two passes and the final pick then read. If they do not fit,
-  // those steps sweep all scores again.
-  const bool use_list = histogram[found_bin] <= (unsigned int)list_capacity;
-  int32_t* head_out = out + (int64_t)h * k;
-  for (int p0 = 0; p0 < candidates; p0 += kThreads * kSweepBatch) {
-    unsigned int keys[kSweepBatch];  // loads first, all in flight together; then the atomics
+  // Radix digits of r = key - smallest_key, from bit `shift` up: r >> shift < 2048 for every candidate.
+  const unsigned int span = largest_key - smallest_key;
+  int shift = max(0, 32 - __clz(span) - kFirstBits);
+  auto relative_key = [&](int p) { return order_key(__ldcg(head_scores + p)) - smallest_key; };
+  for (int p0 = 0; p0 < candidates; p0 += kThreads * kSweepBatch) {  // the first digit's histogram
+    unsigned int keys[kSweepBatch];  // loads first, all in flight together
 #pragma unroll
     for (int j = 0; j < kSweepBatch; ++j) {
       const int p = p0 + j * kThreads + threadIdx.x;
-      keys[j] = p < candidates ? order_key(__ldcg(head_scores + p)) : 0u;
+      keys[j] = p < candidates ? relative_key(p) : 0u;
+    }
+#pragma unroll
+    for (int j = 0; j < kSweepBatch; ++j)
+      if (p0 + j * kThreads + threadIdx.x < candidates) atomicAdd(&histogram[keys[j] >> shift], 1u);
+  }
+  __syncthreads();
+  find_bin(histogram, kFirstBins, warp_totals, &found_bin, &remaining);
+  const unsigned int first_digit = found_bin;
+  // One sweep: pages above the threshold bin are selected now; those in it (few, as a rule) go to a list in
+  // shared memory, which the later digits and the final pick read. If they do not fit, those steps sweep all
+  // scores again.
+  const bool use_list = histogram[first_digit] <= (unsigned int)list_capacity;
+  int32_t* head_out = out + (int64_t)h * k;
+  for (int p0 = 0; p0 < candidates; p0 += kThreads * kSweepBatch) {
+    unsigned int keys[kSweepBatch];
+#pragma unroll
+    for (int j = 0; j < kSweepBatch; ++j) {
+      const int p = p0 + j * kThreads + threadIdx.x;
+      keys[j] = p < candidates ? relative_key(p) : 0u;
     }
 #pragma unroll
     for (int j = 0; j < kSweepBatch; ++j) {
       const int p = p0 + j * kThreads + threadIdx.x;
       if (p >= candidates) break;
-      if ((keys[j] & first_mask) > first_prefix) {
+      const unsigned int digit = keys[j] >> shift;
+      if (digit > first_digit) {
         head_out[atomicAdd(&taken_greater, 1u)] = p * num_kv_heads + h;
-      } else if (use_list && (keys[j] & first_mask) == first_prefix) {
+      } else if (use_list && digit == first_digit) {
         const unsigned int slot = atomicAdd(&list_length, 1u);
         list_keys[slot] = keys[j];
         list_pages[slot] = p;
@@ -271,26 +300,26 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
   }
   __syncthreads();
   const int length = use_list ? (int)list_length : candidates;
-  auto key_at = [&](int i) { return use_list ? list_keys[i] : order_key(__ldcg(head_scores + i)); };
+  auto key_at = [&](int i) { return use_list ? list_keys[i] : relative_key(i); };
   auto page_at = [&](int i) { return use_list ? list_pages[i] : i; };
+  const unsigned int first_prefix = first_digit << shift, first_mask = 0xffffffffu << shift;  // shift <= 21
   unsigned int prefix = first_prefix, mask = first_mask;
-  const int shifts[2] = {8, 0}, bits[2] = {12, 8};
-#pragma unroll
-  for (int pass = 0; pass < 2; ++pass) {
-    const int nbins = 1 << bits[pass];
+  while (shift > 0) {  // 8-bit digits down to bit 0, over the threshold bin's keys
+    const int bits = min(8, shift), nbins = 1 << bits;
+    shift -= bits;
     for (int b = threadIdx.x; b < nbins; b += kThreads) histogram[b] = 0;
     __syncthreads();
-    for (int i0 = 0; i0 < length; i0 += kThreads) {  // whole warps iterate together (for add_to_bin)
-      const int i = i0 + threadIdx.x;
-      const unsigned int key = i < length ? key_at(i) : 0u;
-      add_to_bin(histogram, (key >> shifts[pass]) & (nbins - 1), i < length && (key & mask) == prefix);
+    for (int i = threadIdx.x; i < length; i += kThreads) {
+      const unsigned int key = key_at(i);
+      if ((key & mask) == prefix) atomicAdd(&histogram[(key >> shift) & (nbins - 1)], 1u);
     }
     __syncthreads();
     find_bin(histogram, nbins, warp_totals, &found_bin, &remaining);
-    prefix |= found_bin << shifts[pass];
-    mask |= (unsigned int)(nbins - 1) << shifts[pass];
+    prefix |= found_bin << shift;
+    mask |= (unsigned int)(nbins - 1) << shift;
   }
-  // `prefix` is now the key of the (k-1)-th largest score; take the keys above it and `remaining` equal to it.
+  // `prefix` is now the relative key of the (k-1)-th largest score; take the keys above it and `remaining` equal
+  // to it.
   const unsigned int equal_quota = remaining, greater = (k - 1) - equal_quota;
   for (int i = threadIdx.x; i < length; i += kThreads) {
     const unsigned int key = key_at(i);
@@ -302,21 +331,19 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
       if (slot < equal_quota) head_out[greater + slot] = page_at(i) * num_kv_heads + h;
     }
   }
-  if (threadIdx.x == 0) {
-    head_out[k - 1] = (num_pages - 1) * num_kv_heads + h;
-    counters[h] = 0;
-  }
+  if (threadIdx.x == 0) head_out[k - 1] = (num_pages - 1) * num_kv_heads + h;
 }
 
 // num_pages: the pages in use (the last one is the current page), or, with `device_length`, an upper bound on
 // them that sizes the grid (the kernel reads the length from the GPU: a captured CUDA graph).
+// key_ranges: int32 [Hkv, 2], (-1, 0) before the first call; each call leaves it so.
 void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, int64_t k, torch::Tensor scores,
-                torch::Tensor histograms, torch::Tensor counters, torch::Tensor out,
+                torch::Tensor key_ranges, torch::Tensor counters, torch::Tensor out,
                 std::optional<torch::Tensor> device_length, int64_t page_size) {
   TORCH_CHECK(query.is_cuda() && bounds.is_contiguous() && scores.is_contiguous() && out.is_contiguous());
   TORCH_CHECK(query.scalar_type() == bounds.scalar_type() && scores.scalar_type() == at::kFloat);
   TORCH_CHECK(out.scalar_type() == at::kInt && counters.scalar_type() == at::kInt);
-  TORCH_CHECK(histograms.scalar_type() == at::kInt && histograms.numel() >= bounds.size(0) * kFirstBins);
+  TORCH_CHECK(key_ranges.scalar_type() == at::kInt && key_ranges.numel() >= 2 * bounds.size(0));
   TORCH_CHECK(k >= 2 && k < num_pages && num_pages <= bounds.size(1) && scores.size(1) >= bounds.size(1));
   TORCH_CHECK(!device_length || device_length->scalar_type() == at::kLong);
   query = query.contiguous();
@@ -329,11 +356,16 @@ void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, in
   int team = 1;
   while (team < std::min(num_vectors, 32)) team *= 2;
   const int chunks = (num_vectors + team - 1) / team;
-  static int max_shared = -1;
-  if (max_shared < 0)
+  static int max_shared = -1, num_sms = -1;
+  if (max_shared < 0) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin,
                                           query.device().index()));
-  const int pages_per_block = (kThreads / team) * kUnroll * 2;  // short blocks, many in flight
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, query.device().index()));
+  }
+  // About one block per SM over all heads, each scoring a whole number of rounds (a page per team and unroll)
+  const int round = (kThreads / team) * kUnroll, rounds = (int)((num_pages - 1 + round - 1) / round);
+  const int spread = std::max(1, std::min((num_sms + num_kv_heads - 1) / num_kv_heads, rounds));
+  const int pages_per_block = (rounds + spread - 1) / spread * round;
   const int blocks_per_head = std::max<int>(1, (num_pages - 1 + pages_per_block - 1) / pages_per_block);
   const int fixed = (2 * head_dim + kFirstBins) * 4;
   const int list_capacity = std::min<int>({2048, (int)(num_pages - 1), (max_shared - fixed - 1024) / 8});
@@ -353,7 +385,7 @@ void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, in
       }
       kernel<<<dim3(num_kv_heads, blocks_per_head), kThreads, shared_bytes, stream>>>(
           reinterpret_cast<const T*>(query.data_ptr()), reinterpret_cast<const T*>(bounds.data_ptr()),
-          scores.data_ptr<float>(), reinterpret_cast<unsigned int*>(histograms.data_ptr<int>()),
+          scores.data_ptr<float>(), reinterpret_cast<unsigned int*>(key_ranges.data_ptr<int>()),
           reinterpret_cast<unsigned int*>(counters.data_ptr<int>()), out.data_ptr<int>(), group, head_dim,
           bounds.size(1), num_pages, device_length ? device_length->data_ptr<int64_t>() : nullptr, page_size, k,
           num_kv_heads, pages_per_block, list_capacity);
@@ -371,6 +403,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("start"), py::arg("device_length") = py::none());
   m.def("score_topk", &score_topk, "score every full page and write the top pages' one-head rows, current last",
         py::arg("query"), py::arg("bounds"), py::arg("num_pages"), py::arg("k"), py::arg("scores"),
-        py::arg("histograms"), py::arg("counters"), py::arg("out"), py::arg("device_length") = py::none(),
+        py::arg("key_ranges"), py::arg("counters"), py::arg("out"), py::arg("device_length") = py::none(),
         py::arg("page_size") = 16);
 }

@@ -80,18 +80,41 @@ def test_score_topk_selects_the_reference_top_pages(dtype, head_dim, page_size, 
             scorer(query, layer.page_bounds, layer.page_bounds.shape[1], k, rows, length_on_gpu, page_size)
         else:
             scorer(query, layer.page_bounds, layer.num_pages, k, rows)
-        heads = torch.arange(num_kv_heads, device="cuda").unsqueeze(1)
-        assert ((rows - heads) % num_kv_heads == 0).all()
-        pages = (rows - heads) // num_kv_heads
-        assert (pages[:, -1] == layer.num_pages - 1).all()
-        for h in range(num_kv_heads):
-            chosen = pages[h, :-1]
-            assert chosen.unique().numel() == k - 1 and (chosen < layer.num_pages - 1).all()
-            scores = reference[h, :-1]
-            threshold = scores.topk(k - 1).values[-1]
-            tolerance = 1e-3 * scores.abs().max()
-            assert (scores[chosen] >= threshold - tolerance).all()  # ties within 1e-3 may go either way
-            assert set((scores > threshold + tolerance).nonzero().flatten().tolist()) <= set(chosen.tolist())
+        assert_top_pages(rows, reference, k)
+
+
+def assert_top_pages(rows, reference, k):
+    """rows [Hkv, k]: one-head page rows p * Hkv + h of the top k-1 full pages by the reference scores
+    [Hkv, pages] (ties within 1e-3 of the largest score may go either way), then the current page."""
+    num_kv_heads, num_pages = reference.shape
+    heads = torch.arange(num_kv_heads, device="cuda").unsqueeze(1)
+    assert ((rows - heads) % num_kv_heads == 0).all()
+    pages = (rows - heads) // num_kv_heads
+    assert (pages[:, -1] == num_pages - 1).all()
+    for h in range(num_kv_heads):
+        chosen = pages[h, :-1]
+        assert chosen.unique().numel() == k - 1 and (chosen < num_pages - 1).all()
+        scores = reference[h, :-1]
+        threshold = scores.topk(k - 1).values[-1]
+        tolerance = 1e-3 * scores.abs().max()
+        assert (scores[chosen] >= threshold - tolerance).all()
+        assert set((scores > threshold + tolerance).nonzero().flatten().tolist()) <= set(chosen.tolist())
+
+
+@needs_kernels
+@pytest.mark.parametrize("outlier", [30.0, -30.0])
+def test_score_topk_with_an_outlier_page(outlier):
+    """One page's bounds far from the rest stretch the head's score range: the kernel's first radix digit then
+    spans that range, and the threshold bin holds many pages (its list path, or the sweep when they overflow)."""
+    layer = filled(8000, 16, 2, 128, torch.bfloat16)
+    with torch.inference_mode():  # the cache's tensors are inference tensors
+        layer.page_bounds[:, 3] *= outlier
+    query = torch.randn(2, 4, 128, device="cuda").to(torch.bfloat16)
+    reference = page_scores(query.float(), layer.page_bounds[:, : layer.num_pages].float())
+    for k in (3, 128, 400):
+        rows = torch.empty(2, k, dtype=torch.int32, device="cuda")
+        kernels.ScoreTopK(module)(query, layer.page_bounds, layer.num_pages, k, rows)
+        assert_top_pages(rows, reference, k)
 
 
 @needs_kernels
