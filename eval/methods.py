@@ -4,14 +4,18 @@ from quest_core.config import QuestConfig
 DENSE = ("dense", QuestConfig(mode="dense"))
 
 
-NAMES = ("quest", "quest-max", "quest-p8", "streaming", "oracle")
+NAMES = ("quest", "quest-max", "quest-mass", "quest-p8", "quest-p4", "quest-p4-mass", "streaming", "oracle")
 
 
 def methods(budgets: list[int], names=NAMES, page_size: int = 16) -> list[tuple[str, int, QuestConfig]]:
     """(name, budget, config), dense first, then for each budget those of `names`: Quest (GQA group rule sum, the
-    default, and max; and with pages of 8 tokens, whose key bounds are tighter), StreamingLLM and the oracle."""
+    engine's default, max and mass; pages of 16 tokens, and of 8 and 4, whose key bounds are tighter), StreamingLLM
+    and the oracle."""
     configs = {"quest": dict(mode="quest"), "quest-max": dict(mode="quest", group_rule="max"),
-               "quest-p8": dict(mode="quest", page_size=8), "streaming": dict(mode="streaming"),
+               "quest-mass": dict(mode="quest", group_rule="mass"), "quest-p8": dict(mode="quest", page_size=8),
+               "quest-p4": dict(mode="quest", page_size=4),
+               "quest-p4-mass": dict(mode="quest", page_size=4, group_rule="mass"),
+               "streaming": dict(mode="streaming"),
                "oracle": dict(mode="oracle")}
     rows = [("dense", 0, DENSE[1])]
     for budget in budgets:

@@ -1,8 +1,9 @@
 """Accuracy of Quest against dense attention, StreamingLLM and oracle top-k on the default model.
 
     python -m eval.run --quick     # CI-sized: 2K-token contexts, a few budgets (minutes on 2 cores)
-    python -m eval.run --full      # 1K/2K/4K/7.5K contexts, 10 depths, budgets 32..2048 (below the context)
-                                   # (about 40 minutes on 2 cores; no quest-max: quick mode compares the rules)
+    python -m eval.run --full      # 1K/2K/4K/7.5K contexts, 10 depths, budgets 32..1024 (below the context)
+                                   # (about 40 minutes on 2 cores; quick mode compares every group rule
+                                   # and page size)
 
 Writes eval/results/<mode>/{passkey,perplexity}.csv and *.png, and the <mode> section of eval/RESULTS.md."""
 import argparse
@@ -26,7 +27,7 @@ ASSETS = HERE.parent / "assets"
 QUICK = dict(contexts=[2048], depths=[0.0, 0.25, 0.5, 0.75, 1.0], budgets=[64, 128, 256], new_tokens=8,
              methods=list(NAMES), ppl_prefix=2048, ppl_scored=96, ppl_budgets=[256, 1024])
 FULL = dict(contexts=[1024, 2048, 4096, 7500], depths=[round(i / 9, 3) for i in range(10)],
-            budgets=[32, 128, 512, 2048], new_tokens=6, methods=["quest", "quest-p8", "streaming", "oracle"],
+            budgets=[32, 128, 256, 1024], new_tokens=6, methods=["quest", "quest-p4-mass", "streaming", "oracle"],
             ppl_prefix=4096, ppl_scored=128, ppl_budgets=[64, 256, 1024])
 
 
@@ -77,7 +78,7 @@ def write_outputs(results: dict, settings: dict, mode: str, seconds: float, out:
                    f"| {recall} |")
     text = f"""## {mode.capitalize()} mode
 
-- model: SmolLM2-135M-Instruct (embedded default), greedy, page size 16, 2 dense layers
+- model: SmolLM2-135M-Instruct (embedded default), greedy, 2 dense layers (page sizes: below)
 - date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {seconds / 60:.1f} min on {torch.get_num_threads()} threads
 - command: `{shlex.join(['python', '-m', 'eval.run', *sys.argv[1:]])}`
 - settings: `{json.dumps(settings)}`
@@ -85,8 +86,10 @@ def write_outputs(results: dict, settings: dict, mode: str, seconds: float, out:
 ### Passkey retrieval (exact match, over fillers × contexts × depths)
 
 Each cell: accuracy over all prompts (in brackets: over the prompts whose passkey dense attention finds).
-`quest` and `quest-max` use pages of 16 tokens (group rule sum, the engine's default, and max); `quest-p8` pages
-of 8 tokens (rule sum), whose key bounds are tighter; `streaming` and `oracle` pages of 16.
+`quest`, `quest-max` and `quest-mass` use pages of 16 tokens (GQA group rule sum, the engine's default, max and
+mass: see quest_core/selection.py); `quest-p8` and `quest-p4` pages of 8 and 4 tokens (rule sum), whose key bounds
+are tighter; `quest-p4-mass` pages of 4 and rule mass (the app's default for this model); `streaming` and `oracle`
+pages of 16.
 
 {chr(10).join(lines)}
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from .backends import make_backend
-from .config import QuestConfig
+from .config import GROUP_RULES, QuestConfig
 from .models import load_model
 from .session import Session
 
@@ -28,7 +28,7 @@ def parse_args(argv=None):
     generate.add_argument("--budget", type=int, default=defaults.budget, help="tokens of KV read per head and layer")
     generate.add_argument("--page-size", type=int, default=defaults.page_size)
     generate.add_argument("--dense-layers", type=int, default=defaults.dense_layers)
-    generate.add_argument("--group-rule", choices=["sum", "max"], default=defaults.group_rule)
+    generate.add_argument("--group-rule", choices=GROUP_RULES, default=defaults.group_rule)
     generate.add_argument("--max-new-tokens", type=int, default=256)
     generate.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     generate.add_argument("--top-p", type=float, default=1.0)

@@ -2,7 +2,7 @@
 from dataclasses import dataclass, replace
 
 MODES = ("dense", "quest", "streaming", "oracle")  # the last two are baselines for the evaluation
-GROUP_RULES = ("sum", "max")
+GROUP_RULES = ("sum", "max", "mass")
 
 
 @dataclass(frozen=True)
@@ -13,7 +13,8 @@ class QuestConfig:
     budget: int = 1024         # tokens of KV read per KV head and layer (rounded up to whole pages)
     page_size: int = 16        # tokens per page
     dense_layers: int = 2      # the first layers always attend densely
-    group_rule: str = "sum"    # how the query heads of one KV group combine their page scores
+    group_rule: str = "sum"    # how the query heads of one KV group combine their page scores: "sum", "max" or
+                               # "mass" (see selection.py)
 
     def __post_init__(self):
         if self.mode not in MODES:

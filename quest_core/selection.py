@@ -8,6 +8,9 @@ GQA: each KV head has one page set, shared by the G query heads of its group. Th
           GEMV per KV head (sum relu(q) and min(q, 0) over the group first) and favours pages that several heads
           want over a page that one head wants a little more.
   "max": the largest head's bound, so each head's favourite page survives; G GEMVs per KV head.
+  "mass": each head's bounds through its softmax over the pages (scaled by 1/sqrt(D), as the attention is), summed
+          over the group: an estimate of the share of the group's attention each page holds. A head with a sharp
+          query (a retrieval head) then weighs as much as one with a flat query; G GEMVs per KV head.
 """
 import torch
 
@@ -21,6 +24,8 @@ def page_scores(query: torch.Tensor, page_bounds: torch.Tensor, group_rule: str 
     if group_rule == "sum":
         split_query = split_query.sum(1, keepdim=True)  # [Hkv, 1, 2D]
     scores = torch.bmm(split_query, page_bounds.transpose(1, 2))  # [Hkv, G or 1, pages]
+    if group_rule == "mass":
+        return torch.softmax(scores.float() * query.shape[-1] ** -0.5, dim=-1).sum(1)  # [Hkv, pages]
     return scores.amax(dim=1).float()
 
 

@@ -18,13 +18,16 @@ def brute_force_scores(query, keys, page_size, group_rule):
             page = keys[h, p * page_size:(p + 1) * page_size].double()
             kmax, kmin = page.amax(0), page.amin(0)
             per_head = [torch.maximum(q.double() * kmax, q.double() * kmin).sum() for q in query[h]]
-            scores[h, p] = sum(per_head) if group_rule == "sum" else max(per_head)
+            scores[h, p] = max(per_head) if group_rule == "max" else sum(per_head)
+    if group_rule == "mass":  # each head's bounds as a softmax over the pages, summed over the group
+        per_head = torch.stack([brute_force_scores(query[:, g:g + 1], keys, page_size, "sum") for g in range(group)])
+        scores = torch.softmax(per_head * query.shape[-1] ** -0.5, dim=-1).sum(0)
     return scores
 
 
 @settings(max_examples=40, deadline=None)
 @given(page_size=st.sampled_from([1, 8, 16, 32]), length=st.integers(1, 200), group=st.sampled_from([1, 3, 4]),
-       group_rule=st.sampled_from(["sum", "max"]), seed=st.integers(0, 10_000))
+       group_rule=st.sampled_from(["sum", "max", "mass"]), seed=st.integers(0, 10_000))
 def test_scores_match_definition_and_bound_every_key(page_size, length, group, group_rule, seed):
     generator = torch.Generator().manual_seed(seed)
     keys = torch.randn(1, 2, length, 16, generator=generator)
