@@ -1,5 +1,4 @@
 """The app, driven over its API with gradio_client against a server on 127.0.0.1 (see conftest.app_url)."""
-import io
 import json
 import os
 import subprocess
@@ -8,7 +7,6 @@ from pathlib import Path
 
 import pytest
 from gradio_client import Client, handle_file
-from pypdf import PdfWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "Who is Francisco?"
@@ -85,34 +83,3 @@ def test_a_document_longer_than_the_context_needs_an_explicit_cut(client):
         client.predict(text, None, api_name="/load_document")
     status, _ = client.predict(text, "keep the tail", api_name="/load_document")
     assert status.startswith("Loaded")
-
-
-def pdf_bytes(encrypt=False):
-    writer = PdfWriter()
-    writer.add_blank_page(200, 200)
-    if encrypt:
-        writer.encrypt("secret")
-    buffer = io.BytesIO()
-    writer.write(buffer)
-    return buffer.getvalue()
-
-
-BAD_FILES = {
-    "empty.txt": (b"", "is empty"),
-    "binary.pdf": (bytes(range(256)) * 20, "not a readable PDF"),
-    "corrupt.pdf": (b"%PDF-1.4\n1 0 obj << /Type /Catalog >> garbage\n%%EOF", "not a readable PDF"),
-    "encrypted.pdf": (pdf_bytes(encrypt=True), "encrypted PDF"),
-    "scanned.pdf": (pdf_bytes(), "no text layer"),
-    "fake.docx": (b"this is not a zip archive", "not a .docx"),
-}
-
-
-@pytest.mark.parametrize("name", BAD_FILES)
-def test_bad_files_get_a_clear_error_and_the_app_keeps_serving(client, tmp_path, name):
-    data, message = BAD_FILES[name]
-    path = tmp_path / name
-    path.write_bytes(data)
-    with pytest.raises(Exception, match=message):
-        client.predict(handle_file(str(path)), api_name="/read_upload")
-    _, info = client.predict("Hamlet, the opening (~6K tokens)", 50, api_name="/pick_sample")
-    assert "tokens" in info

@@ -238,13 +238,27 @@ def encrypted(pdf: bytes, user_password: str) -> bytes:
 
 
 NOISE = random.Random(0).randbytes(8192).replace(b"\x00", b"\x01")  # binary, yet no NUL byte
-BAD_INPUTS = {  # beyond tests/test_app.py's BAD_FILES: name -> (bytes, the message's gist)
+def blank_pdf() -> bytes:
+    """A one-page PDF without a text layer (a scan, as far as text goes)."""
+    writer = PdfWriter()
+    writer.add_blank_page(200, 200)
+    buffer = io.BytesIO()
+    writer.write(buffer)
+    return buffer.getvalue()
+
+
+BAD_INPUTS = {  # name -> (bytes, the message's gist)
+    "empty.txt": (b"", "is empty"),
     "whitespace.txt": (b" \n\t \r\n  ", "is empty"),
     "binary.txt": (bytes(range(256)) * 16, "binary data"),
     "noise.txt": (NOISE, "binary data"),
     "bomb.docx": (zip_bomb(), "unpacks to more than 200 MB"),
     "truncated.pdf": (text_pdf("The vault code is 31337.")[:200], "not a readable PDF"),
     "locked.pdf": (encrypted(text_pdf("The vault code is 31337."), "secret"), "encrypted PDF"),
+    "binary.pdf": (bytes(range(256)) * 20, "not a readable PDF"),
+    "corrupt.pdf": (b"%PDF-1.4\n1 0 obj << /Type /Catalog >> garbage\n%%EOF", "not a readable PDF"),
+    "scanned.pdf": (blank_pdf(), "no text layer"),
+    "fake.docx": (b"this is not a zip archive", "not a .docx"),
 }
 
 
