@@ -96,10 +96,10 @@ void append_kv(torch::Tensor new_keys, torch::Tensor new_values, torch::Tensor k
 // head's key range (`key_ranges`, [Hkv, 2]: min, max). The last block of a head to finish (a counter per head)
 // selects: a radix select on the key minus the head's smallest key, whose first digit (11 bits) starts at the
 // range's top bit, so the first histogram spreads the head's actual scores over its bins whatever their scale.
-// One sweep then takes the pages above the threshold bin and lists the bin's pages in shared memory; 8-bit digits
-// over that list find the key of the (k-1)-th largest score and how many equal to it to take. It writes
-// FlashInfer's one-head page rows p * Hkv + h, the current page last, and leaves the counter and key range reset
-// for the next call.
+// One sweep then takes the pages above the threshold bin and lists the bin's pages in shared memory; the list's
+// keys, ranked against each other (or, for a long list, 8-bit digits: the key of the (k-1)-th largest score and
+// how many equal to it to take), give the rest. It writes FlashInfer's one-head page rows p * Hkv + h, the current
+// page last, and leaves the counter and key range reset for the next call.
 constexpr int kThreads = 1024;  // the selection runs in one block per head: as many threads as fit
 constexpr int kUnroll = 4;        // pages in flight per team
 constexpr int kMaxChunks = 4;     // 16-byte vectors per lane and page: 2D <= 4 * 32 * (16 / sizeof(T))
@@ -299,12 +299,22 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
     }
   }
   __syncthreads();
+  if (threadIdx.x == 0) head_out[k - 1] = (num_pages - 1) * num_kv_heads + h;
   const int length = use_list ? (int)list_length : candidates;
+  if (use_list && length <= kThreads) {  // a short list (the rule): rank its keys against each other in one pass
+    if (threadIdx.x < length) {
+      const unsigned int key = list_keys[threadIdx.x];
+      unsigned int rank = 0;  // the list's keys above this one, ties broken by list position
+      for (int j = 0; j < length; ++j) rank += list_keys[j] > key || (list_keys[j] == key && j < (int)threadIdx.x);
+      if (rank < remaining) head_out[atomicAdd(&taken_greater, 1u)] = list_pages[threadIdx.x] * num_kv_heads + h;
+    }
+    return;
+  }
   auto key_at = [&](int i) { return use_list ? list_keys[i] : relative_key(i); };
   auto page_at = [&](int i) { return use_list ? list_pages[i] : i; };
   const unsigned int first_prefix = first_digit << shift, first_mask = 0xffffffffu << shift;  // shift <= 21
   unsigned int prefix = first_prefix, mask = first_mask;
-  while (shift > 0) {  // 8-bit digits down to bit 0, over the threshold bin's keys
+  while (shift > 0) {  // a long list, or none: 8-bit digits down to bit 0, over the threshold bin's keys
     const int bits = min(8, shift), nbins = 1 << bits;
     shift -= bits;
     for (int b = threadIdx.x; b < nbins; b += kThreads) histogram[b] = 0;
@@ -331,7 +341,6 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
       if (slot < equal_quota) head_out[greater + slot] = page_at(i) * num_kv_heads + h;
     }
   }
-  if (threadIdx.x == 0) head_out[k - 1] = (num_pages - 1) * num_kv_heads + h;
 }
 
 // num_pages: the pages in use (the last one is the current page), or, with `device_length`, an upper bound on
