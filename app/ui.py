@@ -17,7 +17,7 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from quest_core.config import QuestConfig
+from quest_core.config import default_config
 from quest_core.session import Session
 
 from . import figures
@@ -148,11 +148,7 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 1024, gpu=la
     Each browser session with a loaded document holds its KV until it leaves; past `max_sessions` the server is busy."""
     max_context = getattr(model.config, "max_position_embeddings", None) or 8192
     max_chars = CHARS_PER_TOKEN * max_document_tokens
-    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-    # Keys of 64 dims give loose page bounds: on the default model Quest needs pages of 4 tokens and the "mass"
-    # group rule to find the passkeys dense attention finds at small budgets (eval/RESULTS.md). Larger heads keep
-    # the paper's pages of 16 and the rule the fused GPU kernel runs.
-    defaults = QuestConfig(page_size=4, group_rule="mass") if head_dim <= 64 else QuestConfig()
+    defaults = default_config(model.config)
     num_layers = model.config.num_hidden_layers
     num_kv_heads = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
     sessions = OpenSessions(max_sessions)

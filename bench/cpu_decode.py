@@ -1,5 +1,6 @@
 """Decode speed on the default model: HF `generate` vs our dense vs our Quest, side by side, in one run. Quest runs
-twice: with `--page-size` and rule sum, and with the app's default for this model (pages of 4, rule mass).
+twice: with `--page-size` and rule sum, and with the app's default for this model (quest_core.config.default_config:
+pages of 4, rule mass).
 
 Each context length is prefilled once per engine (HF through a reused DynamicCache prefix, ours through the
 paged cache); every timed run then decodes `--new-tokens` tokens (EOS suppressed) from the same prompt.
@@ -20,7 +21,7 @@ from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.results import write_section  # noqa: E402
-from quest_core.config import QuestConfig  # noqa: E402
+from quest_core.config import QuestConfig, default_config  # noqa: E402
 from quest_core.generation import decode, prefill  # noqa: E402
 from quest_core.hf import QuestCache, cache_argument, use_quest  # noqa: E402
 from quest_core.models import load_model  # noqa: E402
@@ -89,7 +90,8 @@ def main():
     document = (Path(__file__).resolve().parent.parent / "assets" / "hamlet.txt").read_text()
     document_ids = tokenizer(document, add_special_tokens=False)["input_ids"]
     quest = QuestConfig(mode="quest", budget=args.budget, page_size=args.page_size)
-    quest_app = quest.with_changes(page_size=4, group_rule="mass")  # app/ui.py's default for 64-dim heads
+    quest_app = default_config(model.config).with_changes(budget=args.budget)
+    app_label = f"page {quest_app.page_size}, {quest_app.group_rule}"
     rows = []
     for context in args.contexts:
         prompt = document_ids[:context]
@@ -110,7 +112,7 @@ def main():
         print(json.dumps(row), flush=True)
 
     table = [f"| context | HF generate tok/s | ours dense tok/s | ours Quest tok/s (page {args.page_size}, sum) | "
-             "ours Quest tok/s (page 4, mass) | Quest / HF | Quest / dense | Quest (page 4, mass) / dense "
+             f"ours Quest tok/s ({app_label}) | Quest / HF | Quest / dense | Quest ({app_label}) / dense "
              "| dense / HF |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         table.append(f"| {r['context']} | {r['hf_generate']:.1f} | {r['ours_dense']:.1f} | {r['ours_quest']:.1f} "
@@ -120,8 +122,8 @@ def main():
     body = (f"Default model (SmolLM2-135M-Instruct, {model.dtype}), batch 1, {args.new_tokens} new tokens per run, "
             f"median of {args.runs} runs after a warm-up; Quest budget {args.budget}, dense layers "
             f"{quest.dense_layers}, pages of {args.page_size} with group rule sum (the engine's default), and pages "
-            f"of 4 with rule mass (the app's default for this model's 64-dim heads). Prompt: the first N tokens of "
-            "assets/hamlet.txt.\n\n"
+            f"of {quest_app.page_size} with rule {quest_app.group_rule} (the app's default for this model). Prompt: "
+            "the first N tokens of assets/hamlet.txt.\n\n"
             + "\n".join(table))
     if not args.no_write:
         write_section("cpu_decode", "CPU decode: HF generate vs ours dense vs ours Quest", body)

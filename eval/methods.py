@@ -7,7 +7,7 @@ DENSE = ("dense", QuestConfig(mode="dense"))
 NAMES = ("quest", "quest-max", "quest-mass", "quest-p8", "quest-p4", "quest-p4-mass", "streaming", "oracle")
 
 
-def methods(budgets: list[int], names=NAMES, page_size: int = 16) -> list[tuple[str, int, QuestConfig]]:
+def methods(budgets: list[int], names=NAMES) -> list[tuple[str, int, QuestConfig]]:
     """(name, budget, config), dense first, then for each budget those of `names`: Quest (GQA group rule sum, the
     engine's default, max and mass; pages of 16 tokens, and of 8 and 4, whose key bounds are tighter), StreamingLLM
     and the oracle."""
@@ -19,6 +19,5 @@ def methods(budgets: list[int], names=NAMES, page_size: int = 16) -> list[tuple[
                "oracle": dict(mode="oracle")}
     rows = [("dense", 0, DENSE[1])]
     for budget in budgets:
-        rows += [(name, budget, QuestConfig(budget=budget, **{"page_size": page_size, **configs[name]}))
-                 for name in names]
+        rows += [(name, budget, QuestConfig(budget=budget, **configs[name])) for name in names]
     return rows

@@ -34,3 +34,12 @@ class QuestConfig:
 
     def with_changes(self, **changes) -> "QuestConfig":
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def default_config(model_config) -> QuestConfig:
+    """The settings the app starts a model with (a transformers config). Keys of 64 dims give loose page bounds: on
+    the default model Quest needs pages of 4 tokens and the "mass" group rule to find the passkeys dense attention
+    finds at small budgets (eval/RESULTS.md). Larger heads keep the paper's pages of 16 and the rule sum, which the
+    fused GPU scorer runs."""
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    return QuestConfig(page_size=4, group_rule="mass") if head_dim <= 64 else QuestConfig()

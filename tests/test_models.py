@@ -4,7 +4,7 @@ import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
-from quest_core.config import QuestConfig
+from quest_core.config import QuestConfig, default_config
 from quest_core.generation import generate_ids
 from quest_core.hf import QuestCache, use_quest
 from quest_core.trace import Trace
@@ -62,3 +62,12 @@ def test_small_budget_quest_reads_fewer_pages_and_still_generates(name):
     pages = step.selected_pages  # [layers, Hkv, 4]
     assert (pages[:2] == -1).all()  # the dense layers
     assert pages.shape == (4, 2, 4) and (pages[2:, :, -1] == cache.layers[2].num_pages - 1).all()
+
+
+def test_default_config_follows_the_head_dim():
+    """64-dim heads (the default model's) start with pages of 4 and rule mass; 128-dim heads (explicit or from
+    hidden_size / heads) keep the engine's defaults."""
+    small = LlamaConfig(hidden_size=576, num_attention_heads=9)  # SmolLM2-135M: head_dim 64
+    assert (default_config(small).page_size, default_config(small).group_rule) == (4, "mass")
+    assert default_config(LlamaConfig(hidden_size=4096, num_attention_heads=32)) == QuestConfig()
+    assert default_config(Qwen3Config(hidden_size=1024, num_attention_heads=16, head_dim=128)) == QuestConfig()

@@ -237,7 +237,6 @@ def encrypted(pdf: bytes, user_password: str) -> bytes:
     return buffer.getvalue()
 
 
-NOISE = random.Random(0).randbytes(8192).replace(b"\x00", b"\x01")  # binary, yet no NUL byte
 def blank_pdf() -> bytes:
     """A one-page PDF without a text layer (a scan, as far as text goes)."""
     writer = PdfWriter()
@@ -247,6 +246,7 @@ def blank_pdf() -> bytes:
     return buffer.getvalue()
 
 
+NOISE = random.Random(0).randbytes(8192).replace(b"\x00", b"\x01")  # binary, yet no NUL byte
 BAD_INPUTS = {  # name -> (bytes, the message's gist)
     "empty.txt": (b"", "is empty"),
     "whitespace.txt": (b" \n\t \r\n  ", "is empty"),

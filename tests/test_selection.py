@@ -11,6 +11,9 @@ from quest_core.selection import page_scores, select_pages
 def brute_force_scores(query, keys, page_size, group_rule):
     """query [Hkv, G, D], keys [Hkv, S, D] -> Quest scores [Hkv, pages] from the definition, page by page."""
     num_kv_heads, group, _ = query.shape
+    if group_rule == "mass":  # each head's bounds as a softmax over the pages, summed over the group
+        per_head = torch.stack([brute_force_scores(query[:, g:g + 1], keys, page_size, "sum") for g in range(group)])
+        return torch.softmax(per_head * query.shape[-1] ** -0.5, dim=-1).sum(0)
     num_pages = math.ceil(keys.shape[1] / page_size)
     scores = torch.empty(num_kv_heads, num_pages, dtype=torch.float64)
     for h in range(num_kv_heads):
@@ -18,10 +21,7 @@ def brute_force_scores(query, keys, page_size, group_rule):
             page = keys[h, p * page_size:(p + 1) * page_size].double()
             kmax, kmin = page.amax(0), page.amin(0)
             per_head = [torch.maximum(q.double() * kmax, q.double() * kmin).sum() for q in query[h]]
-            scores[h, p] = max(per_head) if group_rule == "max" else sum(per_head)
-    if group_rule == "mass":  # each head's bounds as a softmax over the pages, summed over the group
-        per_head = torch.stack([brute_force_scores(query[:, g:g + 1], keys, page_size, "sum") for g in range(group)])
-        scores = torch.softmax(per_head * query.shape[-1] ** -0.5, dim=-1).sum(0)
+            scores[h, p] = sum(per_head) if group_rule == "sum" else max(per_head)
     return scores
 
 
