@@ -102,8 +102,9 @@ def main():
     body = (f"Llama-3.1-8B shapes (32 layers, 32 q / 8 kv heads, d 128) with random bf16 weights, batch 1, "
             f"{args.new_tokens} new tokens (EOS suppressed), Quest budget {args.budget}, page 16, 2 dense layers; "
             f"backend {backend.name}; ours decode with the step replayed as a CUDA graph "
-            f"({'captured' if all(r['cuda_graph'] for r in rows) else 'capture FAILED: eager'}), and Quest also "
-            "eagerly for comparison. Each engine prefills the whole prompt for its TTFT. Ours with graphs: the first "
+            f"({'captured' if all(r['cuda_graph'] for r in rows) else 'capture FAILED: eager'}) that holds the "
+            "decoder layers compiled by torch.compile (quest_core/compiled_layers.py; compiled in the warm-up), and "
+            "Quest also eagerly (not compiled) for comparison. Each engine prefills the whole prompt for its TTFT. Ours with graphs: the first "
             "decode step of an answer runs eagerly and the second captures the graph; every ours tok/s is over the "
             "125 steps after the first two, and the last column is what those two steps took."
             "\n\n" + "\n".join(table))

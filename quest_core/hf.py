@@ -45,6 +45,10 @@ class QuestCache(Cache):
         for layer in self.layers:
             layer.truncate(length)
 
+    @torch.compiler.disable  # compiled decoder layers (quest_core/compiled_layers.py) call it as it is
+    def update(self, *args, **kwargs):
+        return super().update(*args, **kwargs)
+
     def set_config(self, config: QuestConfig) -> None:
         """New settings for the next step; a new page size re-lays the stored KV out, nothing is recomputed."""
         for layer in self.layers:
@@ -87,7 +91,8 @@ def _no_mask(*args, **kwargs):
 
 
 def register() -> None:
-    AttentionInterface.register(ATTN_NAME, quest_attention)
+    # compiled decoder layers (quest_core/compiled_layers.py) call the attention as it is
+    AttentionInterface.register(ATTN_NAME, torch.compiler.disable(quest_attention))
     AttentionMaskInterface.register(ATTN_NAME, _no_mask)
 
 

@@ -10,8 +10,9 @@ import kernels  # noqa: E402
 from quest_core.backend_flashinfer import FlashInferBackend  # noqa: E402
 from quest_core.backend_torch import TorchBackend  # noqa: E402
 from quest_core.config import QuestConfig  # noqa: E402
-from quest_core.generation import generate_ids, prefill  # noqa: E402
-from quest_core.hf import QuestCache  # noqa: E402
+from quest_core.cuda_graph import GraphDecoder, graph_decoder  # noqa: E402
+from quest_core.generation import decode, generate_ids, prefill  # noqa: E402
+from quest_core.hf import QuestCache, cache_argument  # noqa: E402
 from quest_core.paged_cache import PagedLayer  # noqa: E402
 from quest_core.selection import page_scores  # noqa: E402
 
@@ -228,15 +229,47 @@ def test_decode_logits_flashinfer_vs_torch_backend(dtype, page_size, group_rule,
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", ["dense", "quest"])
 def test_cuda_graph_decode_equals_eager_decode(dtype, mode):
-    """The same backend, decoding with the step replayed as a CUDA graph and eagerly: the same greedy tokens."""
+    """The same backend, decoding with the step replayed as a CUDA graph (the layers not compiled) and eagerly:
+    the same greedy tokens."""
     model = tiny_llama(dtype)
     prompt = torch.randint(0, 256, (250,), generator=torch.Generator().manual_seed(1)).tolist()
     backend = FlashInferBackend("cuda")
     tokens = {}
     for graph in (False, True):  # 250 + 80 tokens: Quest (budget 256) turns sparse midway, so two graphs
         cache = QuestCache(4, QuestConfig(mode=mode, budget=256, page_size=16), backend)
-        tokens[graph] = generate_ids(model, cache, prompt, 80, chunk_size=128, min_new_tokens=80, cuda_graph=graph)
+        logits = prefill(model, cache, prompt, chunk_size=128)
+        cache.graph_decoder = GraphDecoder(model, cache, cache_argument(model), compile_layers=False)
+        tokens[graph] = list(decode(model, cache, logits, 80, min_new_tokens=80, cuda_graph=graph))
         if graph:
-            assert cache.graph_decoder is not None and not cache.graph_decoder.failed
-            assert cache.graph_decoder.graph is not None
+            assert not cache.graph_decoder.failed and cache.graph_decoder.graph is not None
     assert tokens[True] == tokens[False]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["dense", "quest"])
+def test_compiled_graph_decode_logits_match_eager(dtype, mode, capsys):
+    """The default graph decoder, whose graph holds the compiled decoder layers, against eager decoding,
+    teacher-forced over the same 64 tokens after 250 (Quest at budget 256 turns sparse midway). Inductor fuses
+    element-wise chains in float32 where eager rounds each op to the dtype, so the logits differ by rounding."""
+    model = tiny_llama(dtype)
+    generator = torch.Generator().manual_seed(1)
+    prompt, continuation = (torch.randint(0, 256, (n,), generator=generator).tolist() for n in (250, 64))
+    backend = FlashInferBackend("cuda")
+    logits = {}
+    for graph in (False, True):
+        cache = QuestCache(4, QuestConfig(mode=mode, budget=256, page_size=16), backend)
+        prefill(model, cache, prompt)
+        cache.reserve(len(prompt) + len(continuation))
+        decoder = graph_decoder(model, cache, cache_argument(model)) if graph else None
+        with torch.inference_mode():
+            steps = [decoder.step(token).clone() if graph else prefill(model, cache, [token])
+                     for token in continuation]
+        logits[graph] = torch.stack(steps).float()
+        if graph:
+            assert decoder.compile_layers and not decoder.failed and decoder.graph is not None
+    error = relative_error(logits[True], logits[False])
+    same = (logits[True].argmax(-1) == logits[False].argmax(-1)).float().mean().item()
+    with capsys.disabled():
+        print(f"\n{dtype}, {mode}: compiled graph vs eager logits rel err {error:.4f}, argmax agrees on {same:.0%}")
+    assert error <= {torch.bfloat16: 0.1, torch.float16: 0.05}[dtype] and same >= 0.9

@@ -1,0 +1,34 @@
+"""torch.compile of the model's decoder layers, for the CUDA-graph decode step (quest_core/cuda_graph.py).
+
+A batch-1 decode step of an 8B model runs about 1,500 kernels, half of them tiny element-wise ones (RMSNorm alone
+is seven, RoPE about ten); in a CUDA graph each still costs a launch slot. Inductor fuses them into a few Triton kernels
+per layer and leaves the matrix products to cuBLAS. Our parts stay outside the compiled graphs: `QuestCache.update`
+and the quest attention are `torch.compiler.disable`d, so Dynamo breaks the graph around them (quest_core/hf.py).
+
+Only the graph decoder's eager warm-up step and its capture run the compiled layers, which the replays then
+repeat; prefill and every other path run the model as it is.
+"""
+import contextlib
+import functools
+
+import torch
+
+_compiled_forward = {}  # decoder layer class -> its compiled forward (Dynamo keeps one entry per layer object)
+
+
+@contextlib.contextmanager
+def compiled_layers(model):
+    """Within the block, `model`'s decoder layers run their compiled forward."""
+    layers = model.get_decoder().layers
+    for layer in layers:
+        cls = type(layer)
+        if cls not in _compiled_forward:
+            _compiled_forward[cls] = torch.compile(cls.forward)
+        layer.forward = functools.partial(_compiled_forward[cls], layer)
+    try:
+        # each layer is a guard of its own (its index is a constant of the graph): room for all of them
+        with torch._dynamo.config.patch(recompile_limit=max(8, 4 * len(layers))):
+            yield
+    finally:
+        for layer in layers:
+            del layer.forward  # back to the class's
