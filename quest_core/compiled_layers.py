@@ -18,8 +18,12 @@ _compiled_forward = {}  # decoder layer class -> its compiled forward (Dynamo ke
 
 @contextlib.contextmanager
 def compiled_layers(model):
-    """Within the block, `model`'s decoder layers run their compiled forward."""
+    """Within the block, `model`'s decoder layers run their compiled forward. Layers whose forward is already
+    replaced on the object (accelerate's device-map hooks do that) are left as they are."""
     layers = model.get_decoder().layers
+    if any("forward" in vars(layer) for layer in layers):
+        yield
+        return
     for layer in layers:
         cls = type(layer)
         if cls not in _compiled_forward:

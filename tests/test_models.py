@@ -100,3 +100,7 @@ def test_compiled_layers_decode_like_the_model_as_it_is(name):
     assert ((logits[True] - logits[False]).norm() / logits[False].norm()).item() <= 1e-4
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs_before  # it did compile
     assert all("forward" not in vars(layer) for layer in model.model.layers)
+    hooked = model.model.layers[0]
+    hooked.forward = hooked.forward  # a forward set on the object, as accelerate's hooks do: nothing is compiled
+    with compiled_layers(model):
+        assert [vars(layer).get("forward") for layer in model.model.layers] == [hooked.forward, None, None, None]
