@@ -58,6 +58,32 @@ def ours(model, cache, prompt, new_tokens, cuda_graph=True):
     return times[0] - started, tokens_per_s(times[2:]), times[2] - times[0]
 
 
+KERNEL_KINDS = {"matmul": ("nvjet", "gemm", "gemv", "splitKreduce", "cutlass"),
+                "FlashInfer attention": ("flashinfer",),
+                "our scorer + append": ("score_topk", "append_kv"),
+                "Triton (compiled layers)": ("triton_",)}
+
+
+def gpu_time_by_kind(model, cache, steps=4):
+    """({kind: GPU us per step}, wall ms per step) over `steps` graph replays decoding on from the cache's
+    tokens, under the profiler (the first two steps, eager and capture, are not profiled)."""
+    logits = torch.zeros(model.config.vocab_size, device="cuda")
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+    for index, _ in enumerate(decode(model, cache, logits, 3 + steps, min_new_tokens=3 + steps)):
+        torch.cuda.synchronize()
+        if index == 2:
+            profiler.start()
+            started = time.perf_counter()
+    wall_ms = 1e3 * (time.perf_counter() - started) / steps
+    profiler.stop()
+    by_kind = dict.fromkeys([*KERNEL_KINDS, "other"], 0.0)
+    for event in profiler.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kind = next((k for k, names in KERNEL_KINDS.items() if any(n in event.name for n in names)), "other")
+            by_kind[kind] += event.device_time / steps
+    return by_kind, wall_ms
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
@@ -77,14 +103,17 @@ def main():
         cache = QuestCache(model.config.num_hidden_layers, quest.with_changes(mode="dense"), backend)
         ours(model, cache, prompt[:512], 8)  # warm-up: kernel builds and plans
         dense_ttft, dense_speed, dense_first = ours(model, cache, prompt, args.new_tokens)
+        dense_kinds, dense_wall = gpu_time_by_kind(model, cache)
         cache.set_config(quest)
         quest_ttft, quest_speed, quest_first = ours(model, cache, prompt, args.new_tokens)
+        quest_kinds, quest_wall = gpu_time_by_kind(model, cache)
         _, quest_eager_speed, _ = ours(model, cache, prompt, args.new_tokens, cuda_graph=False)
         graphed = cache.graph_decoder is not None and not cache.graph_decoder.failed
         row = dict(context=context, hf_ttft_s=hf_ttft, hf_tok_s=hf_speed, dense_ttft_s=dense_ttft,
                    dense_tok_s=dense_speed, quest_ttft_s=quest_ttft, quest_tok_s=quest_speed,
                    quest_eager_tok_s=quest_eager_speed, dense_first_steps_s=dense_first,
-                   quest_first_steps_s=quest_first, cuda_graph=graphed)
+                   quest_first_steps_s=quest_first, cuda_graph=graphed, dense_gpu_us=dense_kinds,
+                   dense_profiled_ms=dense_wall, quest_gpu_us=quest_kinds, quest_profiled_ms=quest_wall)
         rows.append(row)
         print(json.dumps(row), flush=True)
         del cache
@@ -99,15 +128,28 @@ def main():
                      f"{r['quest_tok_s'] / r['dense_tok_s']:.2f}x | {r['dense_tok_s'] / r['hf_tok_s']:.2f}x | "
                      f"{r['hf_ttft_s']:.2f} | {r['dense_ttft_s']:.2f} | {r['quest_ttft_s']:.2f} | "
                      f"{1e3 * r['dense_first_steps_s']:.0f} / {1e3 * r['quest_first_steps_s']:.0f} |")
+    kinds = [*KERNEL_KINDS, "other"]
+    profile = ["| context | engine | " + " | ".join(f"{kind} ms" for kind in kinds) + " | GPU total ms | step ms |",
+               "|---:|---|" + "---:|" * (len(kinds) + 2)]
+    for r in rows:
+        for engine in ("dense", "quest"):
+            times = r[f"{engine}_gpu_us"]
+            profile.append(f"| {r['context']} | {engine} | " + " | ".join(f"{times[k] / 1e3:.2f}" for k in kinds) +
+                           f" | {sum(times.values()) / 1e3:.2f} | {r[f'{engine}_profiled_ms']:.2f} |")
     body = (f"Llama-3.1-8B shapes (32 layers, 32 q / 8 kv heads, d 128) with random bf16 weights, batch 1, "
             f"{args.new_tokens} new tokens (EOS suppressed), Quest budget {args.budget}, page 16, 2 dense layers; "
             f"backend {backend.name}; ours decode with the step replayed as a CUDA graph "
             f"({'captured' if all(r['cuda_graph'] for r in rows) else 'capture FAILED: eager'}) that holds the "
             "decoder layers compiled by torch.compile (quest_core/compiled_layers.py; compiled in the warm-up), and "
-            "Quest also eagerly (not compiled) for comparison. Each engine prefills the whole prompt for its TTFT. Ours with graphs: the first "
-            "decode step of an answer runs eagerly and the second captures the graph; every ours tok/s is over the "
+            "Quest also eagerly (not compiled) for comparison. Each engine prefills the whole prompt for its TTFT. "
+            "Ours with graphs: the first decode step of an answer runs eagerly and the second captures the graph; "
+            "every ours tok/s is over the "
             "125 steps after the first two, and the last column is what those two steps took."
-            "\n\n" + "\n".join(table))
+            "\n\n" + "\n".join(table) +
+            "\n\nWhere a decode step's GPU time goes: kernel time per step by kind, from the profiler over 4 graph "
+            "replays after each timed run (matmul: cuBLAS; other: copies, memsets, PyTorch's own kernels), and the "
+            "step's wall time under the profiler. The step time less the GPU total is time the GPU waits: launch "
+            "gaps inside the graph and the host's work between replays.\n\n" + "\n".join(profile))
     if not args.no_write:
         write_section("gpu_e2e", "GPU end to end: HF generate vs ours dense vs ours Quest", body)
     print(json.dumps({"bench": "gpu_e2e", "rows": rows}))
