@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-_compiled_forward = {}  # decoder layer class -> its compiled forward (Dynamo keeps one entry per layer object)
+_compiled_forward = {}  # decoder layer class -> its compiled forward (Dynamo keeps an entry per layer index)
 
 
 @contextlib.contextmanager
