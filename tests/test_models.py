@@ -1,11 +1,14 @@
 """Unmodified transformers models run on the quest attention and match HF `generate` token for token."""
+import contextlib
+
 import pytest
 import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
+from quest_core.compiled_layers import compiled_layers
 from quest_core.config import QuestConfig, default_config
-from quest_core.generation import generate_ids
+from quest_core.generation import generate_ids, prefill
 from quest_core.hf import QuestCache, use_quest
 from quest_core.trace import Trace
 
@@ -78,9 +81,6 @@ def test_compiled_layers_decode_like_the_model_as_it_is(name):
     """The decoder layers under torch.compile (what the CUDA-graph step runs on the GPU), teacher-forced over 8 decode
     steps with Quest sparse: in float32 the logits equal those of the uncompiled layers, and the layers are
     themselves again after the block."""
-    from quest_core.compiled_layers import compiled_layers
-    from quest_core.generation import prefill
-
     model, prompt = tiny_model(name)
     use_quest(model)
     continuation = list(range(8))
@@ -89,14 +89,8 @@ def test_compiled_layers_decode_like_the_model_as_it_is(name):
     for compiled in (False, True):
         cache = QuestCache(4, QuestConfig(budget=64, page_size=16))
         prefill(model, cache, prompt)
-        steps = []
-        for token in continuation:
-            if compiled:
-                with compiled_layers(model):
-                    steps.append(prefill(model, cache, [token]))
-            else:
-                steps.append(prefill(model, cache, [token]))
-        logits[compiled] = torch.stack(steps)
+        with compiled_layers(model) if compiled else contextlib.nullcontext():
+            logits[compiled] = torch.stack([prefill(model, cache, [token]) for token in continuation])
     assert ((logits[True] - logits[False]).norm() / logits[False].norm()).item() <= 1e-4
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs_before  # it did compile
     assert all("forward" not in vars(layer) for layer in model.model.layers)
