@@ -33,6 +33,9 @@ class TorchBackend:
 
     def select(self, query: torch.Tensor, layer: PagedLayer, num_selected: int, group_rule: str) -> torch.Tensor:
         """query [Hkv, G, D] -> Quest's selected page ids [Hkv, k], current page last."""
+        if layer.device_length is not None:  # a CUDA graph being captured: the length is on the GPU
+            num_pages = torch.div(layer.device_length + layer.page_size - 1, layer.page_size, rounding_mode="floor")
+            return select_pages(page_scores(query, layer.page_bounds, group_rule, num_pages), num_selected, num_pages)
         num_pages = layer.num_pages
         scores = page_scores(query, layer.page_bounds[:, :num_pages], group_rule)
         return select_pages(scores, num_selected)

@@ -15,32 +15,50 @@ GQA: each KV head has one page set, shared by the G query heads of its group. Th
 import torch
 
 
-def page_scores(query: torch.Tensor, page_bounds: torch.Tensor, group_rule: str = "sum") -> torch.Tensor:
+def page_scores(query: torch.Tensor, page_bounds: torch.Tensor, group_rule: str = "sum",
+                num_pages: torch.Tensor | None = None) -> torch.Tensor:
     """query [Hkv, G, D]; page_bounds [Hkv, pages, 2D] (max then min)  ->  scores [Hkv, pages] in float32.
 
-    The product runs in the bounds' dtype (float32 on CPU; the KV dtype on GPU, as the fused kernel does)."""
+    The product runs in the bounds' dtype (float32 on CPU; the KV dtype on GPU, as the fused kernel does).
+    num_pages, a one-element long tensor: only the first num_pages pages are in use, the others score -inf (a
+    captured CUDA graph reads the length on the GPU, so it scores the cache's whole capacity; an unused page's
+    +-inf bounds would give NaN)."""
     query = query.to(page_bounds.dtype)
     split_query = torch.cat([query.clamp(min=0), query.clamp(max=0)], dim=-1)  # [Hkv, G, 2D]
     if group_rule == "sum":
         split_query = split_query.sum(1, keepdim=True)  # [Hkv, 1, 2D]
-    scores = torch.bmm(split_query, page_bounds.transpose(1, 2))  # [Hkv, G or 1, pages]
+    scores = torch.bmm(split_query, page_bounds.transpose(1, 2)).float()  # [Hkv, G or 1, pages]
+    if num_pages is not None:
+        scores = scores.masked_fill(_page_index(scores) >= num_pages, -torch.inf)
     if group_rule == "mass":
-        return torch.softmax(scores.float() * query.shape[-1] ** -0.5, dim=-1).sum(1)  # [Hkv, pages]
-    return scores.amax(dim=1).float()
+        return torch.softmax(scores * query.shape[-1] ** -0.5, dim=-1).sum(1)  # [Hkv, pages]
+    return scores.amax(dim=1)
 
 
-def select_pages(scores: torch.Tensor, num_selected: int) -> torch.Tensor:
+def select_pages(scores: torch.Tensor, num_selected: int, num_pages: torch.Tensor | None = None) -> torch.Tensor:
     """scores [Hkv, pages] -> selected page ids [Hkv, k], k = min(num_selected, pages).
 
     The last page (the current one, which holds the newest token) is always selected and always last;
     the others are the top-(k-1) of the full pages by score, in no particular order.
+    num_pages, a one-element long tensor (see `page_scores`): the pages in use are the first num_pages of
+    `scores`, more than num_selected of them.
     """
-    num_kv_heads, num_pages = scores.shape
-    if num_selected >= num_pages:
-        return torch.arange(num_pages, device=scores.device).expand(num_kv_heads, -1)
-    selected = scores.new_full((num_kv_heads, num_selected), num_pages - 1, dtype=torch.long)
+    num_kv_heads, capacity = scores.shape
+    if num_pages is not None:  # no host sync: the current page's index stays on the device
+        selected = scores.new_empty((num_kv_heads, num_selected), dtype=torch.long)
+        full_pages = scores.masked_fill(_page_index(scores) >= num_pages - 1, -torch.inf)
+        torch.topk(full_pages, num_selected - 1, dim=1, sorted=False, out=(scores.new_empty(0), selected[:, :-1]))
+        selected[:, -1:] = num_pages - 1
+        return selected
+    if num_selected >= capacity:
+        return torch.arange(capacity, device=scores.device).expand(num_kv_heads, -1)
+    selected = scores.new_full((num_kv_heads, num_selected), capacity - 1, dtype=torch.long)
     torch.topk(scores[:, :-1], num_selected - 1, dim=1, sorted=False, out=(scores.new_empty(0), selected[:, :-1]))
     return selected
+
+
+def _page_index(scores: torch.Tensor) -> torch.Tensor:
+    return torch.arange(scores.shape[-1], device=scores.device)
 
 
 def streaming_pages(num_pages: int, num_selected: int, num_kv_heads: int, device) -> torch.Tensor:

@@ -60,3 +60,32 @@ def test_selection_is_top_k_plus_current_page(num_pages, budget_pages, seed):
         assert len(others) == k - 1 and num_pages - 1 not in others
         expected = set(scores[h, :-1].argsort(descending=True)[: k - 1].tolist())
         assert others == expected
+
+
+@settings(max_examples=40, deadline=None)
+@given(page_size=st.sampled_from([1, 4, 16]), length=st.integers(2, 300), spare_pages=st.integers(0, 40),
+       group_rule=st.sampled_from(["sum", "max", "mass"]), seed=st.integers(0, 10_000))
+def test_selection_reading_the_length_from_a_tensor_equals_slicing(page_size, length, spare_pages, group_rule, seed):
+    """The captured-graph form: scores over the cache's whole capacity (unused pages hold +-inf bounds) with the
+    page count as a tensor select what scoring the used pages alone selects."""
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(1, 2, length, 16, generator=generator)
+    query = torch.randn(2, 3, 16, generator=generator)
+    layer = PagedLayer(page_size, block_pages=5)
+    layer.update(keys, keys)
+    layer.reserve(length + spare_pages * page_size)
+    num_pages = layer.num_pages
+    if num_pages < 3:
+        return
+    budget_pages = int(torch.randint(2, num_pages, (1,), generator=generator))
+    scores = page_scores(query, layer.page_bounds[:, :num_pages], group_rule)
+    expected = select_pages(scores, budget_pages)
+    pages_tensor = torch.tensor([num_pages])
+    all_scores = page_scores(query, layer.page_bounds, group_rule, pages_tensor)
+    selected = select_pages(all_scores, budget_pages, pages_tensor)
+    torch.testing.assert_close(all_scores[:, :num_pages], scores)
+    assert (all_scores[:, num_pages:] == (0 if group_rule == "mass" else -math.inf)).all()
+    assert (selected[:, -1] == num_pages - 1).all()
+    for h in range(2):  # the same set, up to ties
+        assert set(selected[h, :-1].tolist()) == set(expected[h, :-1].tolist()) \
+            or torch.allclose(scores[h, selected[h, :-1]].sort().values, scores[h, expected[h, :-1]].sort().values)
