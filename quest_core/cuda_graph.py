@@ -18,18 +18,19 @@ import torch
 
 from .compiled_layers import compiled_layers
 from .hf import QuestCache, forward
+from .trace import Trace
 
 log = logging.getLogger(__name__)
 
 
 def graph_decoder(model, cache: QuestCache, cache_arg: str):
     """The cache's GraphDecoder, made on first use; None where a step cannot be captured: no CUDA, the torch
-    backend or no kernels, float32, a trace being recorded, the streaming/oracle baselines, the "max" group rule."""
+    backend or no kernels, float32, a trace that inspects recall (a dense pass per layer), the streaming/oracle
+    baselines."""
     backend, config, layer = cache.backend, cache.config, cache.layers[0]
     if not (layer.is_initialized and layer.keys.is_cuda and hasattr(backend, "plan_step")
             and getattr(backend, "kernels", None) is not None and layer.keys.dtype in (torch.float16, torch.bfloat16)
-            and cache.trace is None and config.mode in ("dense", "quest") and config.group_rule == "sum"
-            and layer.head_dim % 4 == 0):
+            and (cache.trace is None or not cache.trace.inspect) and config.mode in ("dense", "quest")):
         return None
     if getattr(cache, "graph_decoder", None) is None:
         cache.graph_decoder = GraphDecoder(model, cache, cache_arg)
@@ -45,13 +46,14 @@ class GraphDecoder:
         self.step_values = torch.zeros(3, dtype=torch.long, device=device)  # token, position, length after append
         self.host_values = torch.zeros(3, dtype=torch.long, pin_memory=True)
         self.shape = self.graph = self.logits = None
+        self.traced_pages = {}  # layer index -> the selected pages [Hkv, k] the graph writes (sparse layers)
         self.failed = False
         self.compile_layers = compile_layers
 
     def _shape(self, length: int) -> tuple:
         config, layer = self.cache.config, self.cache.layers[0]
         sparse = config.mode == "quest" and -(-length // layer.page_size) > config.budget_pages
-        return config, layer.keys.shape[0], sparse
+        return config, layer.keys.shape[0], sparse, self.cache.trace is not None
 
     def step(self, token_id: int) -> torch.Tensor:
         """Append `token_id` and run the model on it; returns the logits [vocab] float32 (the graph's output
@@ -69,6 +71,9 @@ class GraphDecoder:
         else:
             self._advance(token_id, position)
         self.graph.replay()
+        if self.cache.trace is not None:  # what the attention would have recorded: the host's part, the graph's pages
+            for index, layer in enumerate(self.cache.layers):
+                self.cache.trace.record_layer(index, layer, self.traced_pages.get(index))
         return self.logits
 
     def _layers(self):
@@ -113,6 +118,9 @@ class GraphDecoder:
         backend.capturing = True
         for layer in layers:
             layer.device_length = self.step_values[2:3]
+        trace = self.cache.trace
+        if trace is not None:  # the capture's trace keeps the graph's page tensors; each replay rewrites them
+            self.cache.trace = Trace()
         collecting = gc.isenabled()
         gc.disable()  # no destructor of unrelated CUDA objects may run inside the capture
         try:
@@ -121,6 +129,7 @@ class GraphDecoder:
                     torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 logits = self._forward()
             self.logits = logits
+            self.traced_pages = self.cache.trace.layer_pages if trace is not None else {}
             return graph
         except Exception as error:  # an op that cannot be captured: decode eagerly from here on
             log.warning("CUDA-graph capture failed (%s); decoding eagerly", error)
@@ -132,5 +141,6 @@ class GraphDecoder:
             if collecting:
                 gc.enable()
             backend.capturing = False
+            self.cache.trace = trace
             for layer in layers:
                 layer.device_length = None

@@ -27,7 +27,7 @@ class Trace:
     to measure the selection's recall: the share of the group's attention mass that falls on selected pages."""
     inspect: bool = False
     steps: list[StepTrace] = field(default_factory=list)
-    _pages: dict = field(default_factory=dict)
+    layer_pages: dict = field(default_factory=dict)  # this step's selected pages by layer index, until end_step
     _recall: dict = field(default_factory=dict)
     _read_bytes: int = 0
     _dense_bytes: int = 0
@@ -43,23 +43,23 @@ class Trace:
         tokens = (num_selected - 1) * layer.page_size + layer.last_page_len
         bounds_bytes = layer.num_pages * layer.page_bounds.shape[-1] * layer.num_kv_heads * layer.page_bounds.element_size()
         self._read_bytes += tokens * per_token + bounds_bytes
-        self._pages[layer_idx] = selected_pages
+        self.layer_pages[layer_idx] = selected_pages
         if self.inspect:
             mass = page_attention_mass(query, layer.dense()[0], layer.page_size, scaling)  # [Hkv, pages]
             self._recall[layer_idx] = mass.gather(1, selected_pages).sum(1)
 
     def end_step(self, context_len: int, seconds: float, num_layers: int) -> StepTrace:
         selected = recall = None
-        if self._pages:
-            some = next(iter(self._pages.values()))
-            selected = torch.full((num_layers, *some.shape), -1, dtype=torch.int32)
-            for layer_idx, pages in self._pages.items():
-                selected[layer_idx] = pages.to("cpu", torch.int32)
+        if self.layer_pages:
+            layer_ids = list(self.layer_pages)
+            pages = torch.stack([self.layer_pages[i] for i in layer_ids]).to("cpu", torch.int32)  # one copy
+            selected = torch.full((num_layers, *pages.shape[1:]), -1, dtype=torch.int32)
+            selected[layer_ids] = pages
         if self._recall:
             recall = torch.full((num_layers, selected.shape[1]), float("nan"))
             for layer_idx, layer_recall in self._recall.items():
                 recall[layer_idx] = layer_recall.float().cpu()
         step = StepTrace(context_len, seconds, self._dense_bytes, self._read_bytes, selected, recall)
         self.steps.append(step)
-        self._pages, self._recall, self._read_bytes, self._dense_bytes = {}, {}, 0, 0
+        self.layer_pages, self._recall, self._read_bytes, self._dense_bytes = {}, {}, 0, 0
         return step

@@ -15,6 +15,7 @@ from quest_core.generation import decode, generate_ids, prefill  # noqa: E402
 from quest_core.hf import QuestCache, cache_argument  # noqa: E402
 from quest_core.paged_cache import PagedLayer  # noqa: E402
 from quest_core.selection import page_scores  # noqa: E402
+from quest_core.trace import Trace  # noqa: E402
 
 DTYPES = [torch.bfloat16, torch.float16]
 module = kernels.load()
@@ -227,22 +228,43 @@ def test_decode_logits_flashinfer_vs_torch_backend(dtype, page_size, group_rule,
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", ["dense", "quest"])
-def test_cuda_graph_decode_equals_eager_decode(dtype, mode):
+@pytest.mark.parametrize("mode, page_size, group_rule", [("dense", 16, "sum"), ("quest", 16, "sum"), ("quest", 4, "mass")])
+@pytest.mark.parametrize("traced", [False, True])
+def test_cuda_graph_decode_equals_eager_decode(dtype, mode, page_size, group_rule, traced):
     """The same backend, decoding with the step replayed as a CUDA graph (the layers not compiled) and eagerly:
-    the same greedy tokens."""
+    the same greedy tokens, and, traced, the same pages and bytes at every step. Rule sum selects with our fused
+    kernel, rule mass with torch ops (in the graph over the cache's whole capacity, the unused pages masked)."""
     model = tiny_llama(dtype)
     prompt = torch.randint(0, 256, (250,), generator=torch.Generator().manual_seed(1)).tolist()
     backend = FlashInferBackend("cuda")
-    tokens = {}
+    tokens, traces = {}, {}
     for graph in (False, True):  # 250 + 80 tokens: Quest (budget 256) turns sparse midway, so two graphs
-        cache = QuestCache(4, QuestConfig(mode=mode, budget=256, page_size=16), backend)
+        config = QuestConfig(mode=mode, budget=256, page_size=page_size, group_rule=group_rule)
+        cache = QuestCache(4, config, backend)
         logits = prefill(model, cache, prompt, chunk_size=128)
         cache.graph_decoder = GraphDecoder(model, cache, cache_argument(model), compile_layers=False)
-        tokens[graph] = list(decode(model, cache, logits, 80, min_new_tokens=80, cuda_graph=graph))
+        cache.trace = Trace() if traced else None
+        tokens[graph] = []
+        for token in decode(model, cache, logits, 80, min_new_tokens=80, cuda_graph=graph):
+            if tokens[graph] and traced:  # as the session does: the step that made this token
+                cache.trace.end_step(cache.length, 0.0, 4)
+            tokens[graph].append(token)
+        traces[graph] = cache.trace.steps if traced else []
         if graph:
             assert not cache.graph_decoder.failed and cache.graph_decoder.graph is not None
     assert tokens[True] == tokens[False]
+    assert len(traces[True]) == len(traces[False]) == (79 if traced else 0)
+    for eager_step, graph_step in zip(traces[False], traces[True]):
+        assert (graph_step.context_len, graph_step.dense_bytes, graph_step.read_bytes) == \
+            (eager_step.context_len, eager_step.dense_bytes, eager_step.read_bytes)
+        if eager_step.selected_pages is None:
+            assert graph_step.selected_pages is None
+            continue
+        eager_pages, graph_pages = eager_step.selected_pages, graph_step.selected_pages
+        assert torch.equal(graph_pages[..., -1], eager_pages[..., -1])  # the current page, last
+        assert torch.equal(graph_pages[..., :-1].sort(-1).values, eager_pages[..., :-1].sort(-1).values)
+    if traced and mode == "quest":
+        assert sum(step.selected_pages is not None for step in traces[True]) > 40
 
 
 @needs_kernels
