@@ -3,8 +3,9 @@
 A batch-1 decode step of an 8B model runs about 1,500 kernels, half of them tiny element-wise ones (RMSNorm alone
 is seven, RoPE about ten); in a CUDA graph each still costs a launch slot. Inductor fuses them into a few Triton kernels
 per layer. On CUDA it also autotunes the matrix products ("max-autotune-no-cudagraphs": the CUDA graph is ours),
-timing Triton's kernels against cuBLAS for each shape: on the H200 an 8B step at 128K took 10% less with Quest and
-6% less dense, for about 25 s more compiling at the first answer (bench/RESULTS.md, gpu_e2e). Our parts stay outside the compiled graphs: `QuestCache.update`
+timing Triton's kernels against cuBLAS for each shape: on the H200 an 8B decode step at 128K went from 6.90 to
+6.23 ms with Quest and from 11.47 to 10.75 ms dense, for about 25 s more compiling at the first answer (issue 4's
+note). Our parts stay outside the compiled graphs: `QuestCache.update`
 and the quest attention are `torch.compiler.disable`d, so Dynamo breaks the graph around them (quest_core/hf.py).
 
 Only the graph decoder's eager warm-up step and its capture run the compiled layers, which the replays then

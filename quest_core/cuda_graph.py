@@ -2,12 +2,16 @@
 replayed, so a step costs one launch instead of a few thousand.
 
 What changes from step to step lives on the GPU: the token, its position and the cache length, which the KV
-append and the page scorer read there. FlashInfer is planned on the host before each replay (its wrappers keep
-fixed buffers), and the host advances the layers' lengths. A graph holds for one shape: the settings, the cache's
-capacity (reserved for the whole answer up front, so no tensor moves) and whether the step is dense or sparse.
-The first step of a shape runs eagerly (it also warms up kernels and plans), the next one captures; if capture
-fails, decoding goes on eagerly, with a log line. Both run the decoder layers compiled (quest_core/compiled_layers.py),
-so the graph holds Inductor's fused kernels; if compiling fails, the layers run as they are, with a log line.
+append and the page scorer read there. Each step also leaves the next step's values there: its greedy pick (the
+argmax of its logits, stop ids blocked while an answer must go on) and the position and length one further. So
+greedy decoding (`GraphDecoder.greedy`) queues step i + 1 before the host reads token i, and the GPU does not
+wait for the host between tokens; sampling writes the host's token over the pick (`GraphDecoder.step`).
+FlashInfer is planned on the host before each replay (its wrappers keep fixed buffers), and the host advances the
+layers' lengths. A graph holds for one shape: the settings, the cache's capacity (reserved for the whole answer up
+front, so no tensor moves), whether the step is dense or sparse and whether it is traced. The first step of a shape
+runs eagerly (it also warms up kernels and plans), the next one captures; if capture fails, decoding goes on
+eagerly, with a log line. Both run the decoder layers compiled (quest_core/compiled_layers.py), so the graph holds
+Inductor's fused kernels; if compiling fails, the layers run as they are, with a log line.
 """
 import contextlib
 import gc
@@ -43,8 +47,12 @@ class GraphDecoder:
         # could free in the middle of a later capture (destroying a graph there invalidates the capture).
         self.model, self.cache, self.cache_arg = model, weakref.proxy(cache), cache_arg
         device = cache.layers[0].keys.device
-        self.step_values = torch.zeros(3, dtype=torch.long, device=device)  # token, position, length after append
+        # the step's token, position and length after its append; the step leaves the next step's there
+        self.step_values = torch.zeros(3, dtype=torch.long, device=device)
         self.host_values = torch.zeros(3, dtype=torch.long, pin_memory=True)
+        vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.stop_bias = torch.zeros(vocab_size, device=device)  # -inf at the stop ids while they are blocked
+        self.planned = torch.cuda.Event()  # after a step's plans: FlashInfer's pinned buffers are free again
         self.shape = self.graph = self.logits = None
         self.traced_pages = {}  # layer index -> the selected pages [Hkv, k] the graph writes (sparse layers)
         self.failed = False
@@ -58,18 +66,67 @@ class GraphDecoder:
     def step(self, token_id: int) -> torch.Tensor:
         """Append `token_id` and run the model on it; returns the logits [vocab] float32 (the graph's output
         buffer, valid until the next step)."""
-        torch.cuda.current_stream().synchronize()  # the last replay may still read what the host rewrites now
+        torch.cuda.current_stream().synchronize()  # the last step may still read what the host rewrites now
+        self._write_step_values(token_id, self.cache.length)
+        return self._run()
+
+    @torch.inference_mode()
+    def greedy(self, logits: torch.Tensor, max_new_tokens: int, stop_ids=(), min_new_tokens: int = 0,
+               should_stop=lambda: False):
+        """`generation.decode` for greedy decoding, pipelined: yields the argmax of `logits` (the prefill's) and
+        of each step's logits, as decode does (stop ids blocked for the first `min_new_tokens`). Step i + 1 is
+        queued before token i is read; when token i ends the answer, that step is undone (its token removed from
+        the cache), so the cache ends as decode leaves it. No trace: its pages would be the next step's."""
+        torch.cuda.current_stream().synchronize()
+        self.stop_bias.zero_()
+        if min_new_tokens > 0 and stop_ids:
+            self.stop_bias[list(stop_ids)] = -torch.inf
+        self._write_step_values(0, self.cache.length)
+        self._pick(logits)
+        tokens = torch.zeros(2, dtype=torch.long, pin_memory=True)  # token i is read from tokens[i % 2]
+        ready = [torch.cuda.Event(), torch.cuda.Event()]
+
+        def fetch(index):  # queue token `index` (the pick in step_values) for the host
+            tokens[index % 2].copy_(self.step_values[0], non_blocking=True)
+            ready[index % 2].record()
+
+        fetch(0)
+        undo = False  # a step is queued on a token the answer may not keep
+        try:
+            for index in range(max_new_tokens):
+                queued = index + 1 < max_new_tokens
+                if queued:
+                    if index + 1 == min_new_tokens:
+                        self.stop_bias.zero_()  # in stream order: token min_new_tokens on may stop the answer
+                    self._run()
+                    fetch(index + 1)
+                    undo = True
+                ready[index % 2].synchronize()
+                token_id = int(tokens[index % 2])
+                if token_id in stop_ids:
+                    return
+                yield token_id
+                if not queued or should_stop():
+                    return
+                undo = False
+        finally:
+            if undo:
+                self.cache.truncate(self.cache.length - 1)
+
+    def _run(self) -> torch.Tensor:
+        """One step on the token, position and length in `step_values`; returns its logits."""
+        self.planned.synchronize()
         position = self.cache.length
         shape = self._shape(position + 1)
         if shape != self.shape or self.failed:
             self.shape, self.graph = shape, None
-            return self._eager(token_id, position)
+            return self._eager(position)
         if self.graph is None:
-            self.graph = self._capture(token_id, position)
+            self.graph = self._capture(position)
             if self.graph is None:
-                return self._eager(token_id, position)
+                return self._eager(position)
         else:
-            self._advance(token_id, position)
+            self._advance(position)
         self.graph.replay()
         if self.cache.trace is not None:  # what the attention would have recorded: the host's part, the graph's pages
             for index, layer in enumerate(self.cache.layers):
@@ -80,21 +137,27 @@ class GraphDecoder:
         return compiled_layers(self.model) if self.compile_layers else contextlib.nullcontext()
 
     def _forward(self) -> torch.Tensor:
-        """The step's forward on the token and position in `step_values`: the eager step and the capture pass
-        the same tensors, so the compiled layers' guards that hold for one hold for the other."""
-        return forward(self.model, self.cache, self.step_values[0:1].view(1, 1), self.cache_arg,
-                       position_ids=self.step_values[1:2].view(1, 1))
+        """The step's forward on the values in `step_values`, which it then advances to the next step's: the
+        eager step and the capture pass the same tensors, so the compiled layers' guards that hold for one hold
+        for the other."""
+        logits = forward(self.model, self.cache, self.step_values[0:1].view(1, 1), self.cache_arg,
+                         position_ids=self.step_values[1:2].view(1, 1))
+        self._pick(logits)
+        self.step_values[1:].add_(1)
+        return logits
+
+    def _pick(self, logits: torch.Tensor) -> None:
+        torch.argmax(logits + self.stop_bias, dim=0, keepdim=True, out=self.step_values[0:1])
 
     def _write_step_values(self, token_id: int, position: int) -> None:
         self.host_values[0], self.host_values[1], self.host_values[2] = token_id, position, position + 1
         self.step_values.copy_(self.host_values, non_blocking=True)
 
-    def _eager(self, token_id: int, position: int) -> torch.Tensor:
-        self._write_step_values(token_id, position)
+    def _eager(self, position: int) -> torch.Tensor:
         self.cache.backend.step_plans.clear()  # this step records the plans that the next replays re-run
         try:
             with self._layers():
-                return self._forward()
+                logits = self._forward()
         except Exception as error:  # compiling: Inductor or Triton missing, a model Dynamo cannot trace
             if not self.compile_layers:
                 raise
@@ -102,18 +165,20 @@ class GraphDecoder:
             self.compile_layers = False
             self.cache.truncate(position)  # the layers before the failure appended the token
             self.cache.backend.step_plans.clear()
-            return self._forward()
+            logits = self._forward()
+        self.planned.record()
+        return logits
 
-    def _advance(self, token_id: int, position: int) -> None:
-        """The host's part of a step: the step's values to the GPU, the layers' lengths, FlashInfer's plans."""
-        self._write_step_values(token_id, position)
+    def _advance(self, position: int) -> None:
+        """The host's part of a step: the layers' lengths, FlashInfer's plans."""
         for layer in self.cache.layers:
             layer.length = position + 1
         self.cache.backend.plan_step()
+        self.planned.record()
 
-    def _capture(self, token_id: int, position: int):
+    def _capture(self, position: int):
         backend, layers = self.cache.backend, self.cache.layers
-        self._advance(token_id, position)
+        self._advance(position)
         graph = torch.cuda.CUDAGraph()
         backend.capturing = True
         for layer in layers:

@@ -30,12 +30,15 @@ def decode(model, cache: QuestCache, logits: torch.Tensor, max_new_tokens: int, 
            cuda_graph: bool = True):
     """Yields new token ids, starting from the prefill's `logits`, until a stop id (not yielded),
     `max_new_tokens`, or `should_stop()` after a token. With `cuda_graph`, steps replay a CUDA graph where they
-    can (see quest_core/cuda_graph.py)."""
+    can (see quest_core/cuda_graph.py); greedy and untraced, they run ahead of the host there."""
     device = logits.device
     cache_arg = cache_argument(model)
     stop_ids = list(stop_ids)
     cache.reserve(cache.length + max_new_tokens)  # no tensor of the cache moves while decoding
     graph = graph_decoder(model, cache, cache_arg) if cuda_graph else None
+    if graph is not None and temperature <= 0 and cache.trace is None:
+        yield from graph.greedy(logits, max_new_tokens, stop_ids, min_new_tokens, should_stop)
+        return
     for index in range(max_new_tokens):
         if index < min_new_tokens and stop_ids:
             logits[stop_ids] = -float("inf")

@@ -268,6 +268,43 @@ def test_cuda_graph_decode_equals_eager_decode(dtype, mode, page_size, group_rul
 
 
 @needs_kernels
+def test_pipelined_greedy_decode_ends_like_eager_decode():
+    """Greedy graph decoding queues the next step before it reads a token; where the answer ends (a stop id, a
+    stop id blocked by min_new_tokens, should_stop, the consumer closing the stream) the queued step is undone:
+    the same tokens as eager decoding, and the same cache after (length, KV, page bounds)."""
+    model = tiny_llama(torch.bfloat16)
+    prompt = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(2)).tolist()
+    backend = FlashInferBackend("cuda")
+
+    def run(graph, stop_after=None, **kwargs):
+        cache = QuestCache(4, QuestConfig(budget=256, page_size=16), backend)
+        logits = prefill(model, cache, prompt, chunk_size=128)
+        cache.graph_decoder = GraphDecoder(model, cache, cache_argument(model), compile_layers=False)
+        tokens = []
+        stream = decode(model, cache, logits, 40, cuda_graph=graph, **kwargs)
+        for token in stream:
+            tokens.append(token)
+            if len(tokens) == stop_after:
+                stream.close()
+        assert (cache.graph_decoder.shape is not None) == graph  # the graph decoder ran the steps
+        return tokens, cache
+
+    free, _ = run(False)
+    index = next(i for i in range(5, 40) if free[i] not in free[:i])  # a token first made at step `index`
+    cases = [dict(stop_ids=[free[index]]), dict(stop_ids=[free[index]], min_new_tokens=index + 1),
+             dict(should_stop=lambda: True), dict(stop_after=7), dict()]
+    for case in cases:
+        (eager, eager_cache), (graphed, graph_cache) = run(False, **case), run(True, **case)
+        assert graphed == eager, case
+        assert graph_cache.length == eager_cache.length, case
+        for graph_layer, eager_layer in zip(graph_cache.layers, eager_cache.layers):
+            pages = eager_layer.num_pages
+            assert torch.equal(graph_layer.dense()[0], eager_layer.dense()[0])
+            assert torch.equal(graph_layer.page_bounds[:, :pages + 1], eager_layer.page_bounds[:, :pages + 1])
+    assert len(run(False, **cases[0])[0]) == index and len(run(False, **cases[1])[0]) > index
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", ["dense", "quest"])
 def test_compiled_graph_decode_logits_match_eager(dtype, mode, capsys):
