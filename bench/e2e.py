@@ -5,11 +5,13 @@ from a config, nothing downloaded), batch 1: HF `generate` (sdpa) vs ours dense 
 """
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+from torch._inductor.runtime.cache_dir_utils import cache_dir
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -51,14 +53,14 @@ def ours(model, cache, prompt, new_tokens, cuda_graph=True):
     torch.cuda.synchronize()
     started = time.perf_counter()
     logits = prefill(model, cache, prompt, chunk_size=8192)
-    times = []
+    times = []  # when each token reached the host (decode waits for it; a sync here would stall the pipeline)
     for _ in decode(model, cache, logits, new_tokens, min_new_tokens=new_tokens, cuda_graph=cuda_graph):
-        torch.cuda.synchronize()
         times.append(time.perf_counter())
     return times[0] - started, tokens_per_s(times[2:]), times[2] - times[0]
 
 
-KERNEL_KINDS = {"matmul": ("nvjet", "gemm", "gemv", "splitKreduce", "cutlass"),
+KERNEL_KINDS = {"cuBLAS matmul": ("nvjet", "gemm", "gemv", "splitKreduce", "cutlass"),
+                "Triton matmul": ("triton_tem", "_mm", "addmm"),
                 "FlashInfer attention": ("flashinfer",),
                 "our scorer + append": ("score_topk", "append_kv"),
                 "Triton (compiled layers)": ("triton_",)}
@@ -66,14 +68,16 @@ KERNEL_KINDS = {"matmul": ("nvjet", "gemm", "gemv", "splitKreduce", "cutlass"),
 
 def gpu_time_by_kind(model, cache, steps=4):
     """({kind: GPU us per step}, wall ms per step) over `steps` graph replays decoding on from the cache's
-    tokens, under the profiler (the first two steps, eager and capture, are not profiled)."""
+    tokens, under the profiler. The first two steps (eager and capture) and the one queued when the profiler
+    starts are not profiled: it starts once the GPU is idle."""
     logits = torch.zeros(model.config.vocab_size, device="cuda")
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
-    for index, _ in enumerate(decode(model, cache, logits, 3 + steps, min_new_tokens=3 + steps)):
-        torch.cuda.synchronize()
+    for index, _ in enumerate(decode(model, cache, logits, 4 + steps, min_new_tokens=4 + steps)):
         if index == 2:
+            torch.cuda.synchronize()
             profiler.start()
             started = time.perf_counter()
+    torch.cuda.synchronize()
     wall_ms = 1e3 * (time.perf_counter() - started) / steps
     profiler.stop()
     by_kind = dict.fromkeys([*KERNEL_KINDS, "other"], 0.0)
@@ -91,6 +95,7 @@ def main():
     parser.add_argument("--budget", type=int, default=2048)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    inductor_cache = "warm (an earlier run on this machine)" if os.path.isdir(cache_dir()) else "cold"
     model = llama_8b_shaped(max(args.contexts) + args.new_tokens + 16)
     backend = make_backend("auto", "cuda")
     quest = QuestConfig(mode="quest", budget=args.budget)
@@ -101,7 +106,9 @@ def main():
         hf_ttft, hf_speed = hf_generate(model, prompt, args.new_tokens)
         use_quest(model)
         cache = QuestCache(model.config.num_hidden_layers, quest.with_changes(mode="dense"), backend)
-        ours(model, cache, prompt[:512], 8)  # warm-up: kernel builds and plans
+        started = time.perf_counter()
+        ours(model, cache, prompt[:512], 8)  # warm-up: kernel builds, plans, compiling the layers (first context)
+        warmup_s = time.perf_counter() - started
         dense_ttft, dense_speed, dense_first = ours(model, cache, prompt, args.new_tokens)
         dense_kinds, dense_wall = gpu_time_by_kind(model, cache)
         cache.set_config(quest)
@@ -112,7 +119,7 @@ def main():
         row = dict(context=context, hf_ttft_s=hf_ttft, hf_tok_s=hf_speed, dense_ttft_s=dense_ttft,
                    dense_tok_s=dense_speed, quest_ttft_s=quest_ttft, quest_tok_s=quest_speed,
                    quest_eager_tok_s=quest_eager_speed, dense_first_steps_s=dense_first,
-                   quest_first_steps_s=quest_first, cuda_graph=graphed, dense_gpu_us=dense_kinds,
+                   quest_first_steps_s=quest_first, warmup_s=warmup_s, cuda_graph=graphed, dense_gpu_us=dense_kinds,
                    dense_profiled_ms=dense_wall, quest_gpu_us=quest_kinds, quest_profiled_ms=quest_wall)
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -140,14 +147,17 @@ def main():
             f"{args.new_tokens} new tokens (EOS suppressed), Quest budget {args.budget}, page 16, 2 dense layers; "
             f"backend {backend.name}; ours decode with the step replayed as a CUDA graph "
             f"({'captured' if all(r['cuda_graph'] for r in rows) else 'capture FAILED: eager'}) that holds the "
-            "decoder layers compiled by torch.compile (quest_core/compiled_layers.py; compiled in the warm-up), and "
-            "Quest also eagerly (not compiled) for comparison. Each engine prefills the whole prompt for its TTFT. "
-            "Ours with graphs: the first decode step of an answer runs eagerly and the second captures the graph; "
-            "every ours tok/s is over the "
-            "125 steps after the first two, and the last column is what those two steps took."
+            "decoder layers compiled by torch.compile, matrix products autotuned (quest_core/compiled_layers.py; "
+            f"compiled in the warm-up before the first context, which took {rows[0]['warmup_s']:.0f} s with "
+            f"Inductor's on-disk cache {inductor_cache}), greedy "
+            "steps queued ahead of the host (quest_core/cuda_graph.py), and Quest also eagerly (not compiled) for "
+            "comparison. Each engine prefills the whole prompt for its TTFT. Ours with graphs: the first decode step "
+            "of an answer runs eagerly and the second captures the graph; every ours tok/s is over the "
+            f"{args.new_tokens - 3} steps after the first two, and the last column is what those two steps took."
             "\n\n" + "\n".join(table) +
             "\n\nWhere a decode step's GPU time goes: kernel time per step by kind, from the profiler over 4 graph "
-            "replays after each timed run (matmul: cuBLAS; other: copies, memsets, PyTorch's own kernels), and the "
+            "replays after each timed run (Triton matmul: the autotuned Triton kernels holding a matrix product; other: "
+            "copies, memsets, PyTorch's own kernels), and the "
             "step's wall time under the profiler. The step time less the GPU total is time the GPU waits: launch "
             "gaps inside the graph and the host's work between replays.\n\n" + "\n".join(profile))
     if not args.no_write:
