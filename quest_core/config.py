@@ -1,4 +1,5 @@
-"""Quest settings: what the attention does at the next decode step."""
+"""Settings, each in one place: Quest's (what the attention does at the next decode step), a model's starting Quest
+settings (`default_config`) and the chat decoding defaults (`Decoding`) that the app, the CLI and `Session` share."""
 from dataclasses import dataclass, replace
 
 MODES = ("dense", "quest", "streaming", "oracle")  # the last two are baselines for the evaluation
@@ -23,8 +24,9 @@ class QuestConfig:
             raise ValueError(f"group_rule must be one of {GROUP_RULES}, got {self.group_rule!r}")
         if self.page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {self.page_size}")
-        if self.budget < self.page_size:
-            raise ValueError(f"budget ({self.budget}) must hold at least one page ({self.page_size} tokens)")
+        if self.budget_pages < 2:
+            raise ValueError(f"budget ({self.budget} tokens) must hold at least two pages of {self.page_size} tokens: "
+                             "the current page and one chosen page")
         if self.dense_layers < 0:
             raise ValueError(f"dense_layers must be >= 0, got {self.dense_layers}")
 
@@ -36,10 +38,37 @@ class QuestConfig:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-def default_config(model_config) -> QuestConfig:
-    """The settings the app starts a model with (a transformers config). Keys of 64 dims give loose page bounds: on
-    the default model Quest needs pages of 4 tokens and the "mass" group rule to find the passkeys dense attention
-    finds at small budgets (eval/RESULTS.md). Larger heads keep the paper's pages of 16 and the rule sum, which the
-    fused GPU scorer runs."""
+def default_config(model_config, **changes) -> QuestConfig:
+    """A model's Quest settings (from its transformers config), with `changes` (None keeps a value) on top: what
+    every entry point (app, CLI, `Session`, warm-up, benches, eval) starts from. Keys of 64 dims give loose page
+    bounds: on the default model Quest needs pages of 4 tokens and the "mass" group rule to find the passkeys dense
+    attention finds at small budgets (eval/RESULTS.md). Larger heads keep the paper's pages of 16 and the rule sum,
+    which the fused GPU scorer runs."""
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-    return QuestConfig(page_size=4, group_rule="mass") if head_dim <= 64 else QuestConfig()
+    config = QuestConfig(page_size=4, group_rule="mass") if head_dim <= 64 else QuestConfig()
+    return config.with_changes(**changes)
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How answers are decoded: the same for dense and Quest, so comparisons stay fair. Greedy by default, so a
+    comparison is deterministic. The two penalties look at the answer's own tokens only (not the document, whose
+    words an answer should be free to quote) and keep a small model out of loops (bench/RESULTS.md, loop_rate)."""
+    max_new_tokens: int = 256
+    temperature: float = 0.0          # 0 is greedy
+    top_p: float = 1.0
+    repetition_penalty: float = 1.2   # HF's: logits of tokens already in the answer divided (or, < 0, multiplied)
+    no_repeat_ngram_size: int = 0     # HF's: no n-gram of the answer twice; 0 is off
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
+        if self.repetition_penalty <= 0 or self.no_repeat_ngram_size < 0:
+            raise ValueError("repetition_penalty must be > 0 and no_repeat_ngram_size >= 0, got "
+                             f"{self.repetition_penalty}, {self.no_repeat_ngram_size}")
+
+    def with_changes(self, **changes) -> "Decoding":
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})

@@ -1,6 +1,7 @@
 """The token loop: chunked prefill, then one forward per new token. Batch size 1, any transformers decoder
 switched to the quest attention (see `hf.use_quest`)."""
 import torch
+from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
 from .cuda_graph import graph_decoder
 from .hf import QuestCache, cache_argument, forward
@@ -27,31 +28,47 @@ def prefill(model, cache: QuestCache, token_ids: list[int], chunk_size: int = 51
 @torch.inference_mode()
 def decode(model, cache: QuestCache, logits: torch.Tensor, max_new_tokens: int, stop_ids=(), min_new_tokens: int = 0,
            temperature: float = 0.0, top_p: float = 1.0, generator=None, should_stop=lambda: False,
-           cuda_graph: bool = True):
+           cuda_graph: bool = True, processors: LogitsProcessorList | None = None):
     """Yields new token ids, starting from the prefill's `logits`, until a stop id (not yielded),
-    `max_new_tokens`, or `should_stop()` after a token. With `cuda_graph`, steps replay a CUDA graph where they
-    can (see quest_core/cuda_graph.py); greedy and untraced, they run ahead of the host there."""
+    `max_new_tokens`, or `should_stop()` after a token. `processors` (transformers' logits processors, see
+    `answer_processors`) see the answer's own ids. With `cuda_graph`, steps replay a CUDA graph where they
+    can (see quest_core/cuda_graph.py); greedy, unprocessed and untraced, they run ahead of the host there."""
     device = logits.device
     cache_arg = cache_argument(model)
     stop_ids = list(stop_ids)
     cache.reserve(cache.length + max_new_tokens)  # no tensor of the cache moves while decoding
     graph = graph_decoder(model, cache, cache_arg) if cuda_graph else None
-    if graph is not None and temperature <= 0 and cache.trace is None:
+    if graph is not None and temperature <= 0 and cache.trace is None and not processors:
         yield from graph.greedy(logits, max_new_tokens, stop_ids, min_new_tokens, should_stop)
         return
+    answer_ids = torch.empty(1, 0, dtype=torch.long, device=device)
     for index in range(max_new_tokens):
         if index < min_new_tokens and stop_ids:
             logits[stop_ids] = -float("inf")
+        if processors:
+            logits = processors(answer_ids, logits[None])[0]
         token_id = int(sample(logits, temperature, top_p, generator))
         if token_id in stop_ids:
             return
         yield token_id
+        if processors:
+            answer_ids = torch.cat([answer_ids, answer_ids.new_full((1, 1), token_id)], dim=1)
         if index + 1 == max_new_tokens or should_stop():
             return
         if graph is not None:
             logits = graph.step(token_id)
         else:
             logits = forward(model, cache, torch.tensor([[token_id]], device=device), cache_arg)
+
+
+def answer_processors(repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> LogitsProcessorList:
+    """transformers' repetition penalty and no-repeat n-grams, as `decode` applies them: to the answer's ids."""
+    processors = LogitsProcessorList()
+    if repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+    if no_repeat_ngram_size > 0:
+        processors.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
+    return processors
 
 
 def generate_ids(model, cache: QuestCache, prompt_ids: list[int], max_new_tokens: int, chunk_size: int = 512,

@@ -62,13 +62,14 @@ def quest_attention(module, query, key, value, attention_mask, scaling=None, dro
         raise ValueError("the 'quest' attention needs the model called with quest_cache=<QuestCache>")
     layer_idx = module.layer_idx
     layer = quest_cache.layers[layer_idx]
-    config, backend = quest_cache.config, quest_cache.backend
+    config, backend, trace = quest_cache.config, quest_cache.backend, quest_cache.trace
     _, num_heads, num_new, head_dim = query.shape
     scaling = head_dim**-0.5 if scaling is None else scaling
     if num_new > 1:  # prefill is dense
         out = backend.prefill(query[0], layer, scaling)  # [Hq, T, D]
         return out.transpose(0, 1).unsqueeze(0), None
     grouped_query = query[0, :, 0].view(layer.num_kv_heads, -1, head_dim)  # [Hkv, G, D]
+    started = trace.start_attention(query.device) if trace is not None else None
     num_selected = config.budget_pages
     selected_pages = None
     if config.mode != "dense" and layer_idx >= config.dense_layers and layer.num_pages > num_selected:
@@ -79,10 +80,10 @@ def quest_attention(module, query, key, value, attention_mask, scaling=None, dro
         out = backend.decode_sparse(grouped_query, layer, selected_pages, scaling)
     else:
         out = backend.decode_dense(grouped_query, layer, scaling)
-    if quest_cache.trace is not None:
+    if trace is not None:
         if selected_pages is not None:
             selected_pages = backend.page_ids(selected_pages, layer)
-        quest_cache.trace.record_layer(layer_idx, layer, selected_pages, grouped_query, scaling)
+        trace.record_layer(layer_idx, layer, selected_pages, grouped_query, scaling, started)
     return out.reshape(1, 1, num_heads, head_dim), None
 
 

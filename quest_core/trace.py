@@ -1,8 +1,11 @@
 """Selection trace: which pages every layer and KV head read at every decode step, and what that cost.
 
 Recording is off unless a `Trace` is attached to the cache (`cache.trace = Trace()`); then the attention calls
-`record_layer` once per layer and the decode loop calls `end_step` once per token.
+`start_attention` and `record_layer` once per layer and the decode loop calls `end_step` once per token. The
+attention's time is the host clock's on CPU and CUDA events' on a GPU; a step replayed from a CUDA graph is not
+timed (a graph cannot hold timing events).
 """
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +22,7 @@ class StepTrace:
     selected_pages: torch.Tensor | None  # int32 [layers, Hkv, k], current page last; -1 rows for dense layers
     recall: torch.Tensor | None = None   # float32 [layers, Hkv]: dense attention mass on the selected pages
                                          # (NaN for dense layers); only when inspecting
+    attention_s: float | None = None     # seconds in the attention (selection included), all layers; None: untimed
 
 
 @dataclass
@@ -31,9 +35,32 @@ class Trace:
     _recall: dict = field(default_factory=dict)
     _read_bytes: int = 0
     _dense_bytes: int = 0
+    _attention_s: float = 0.0
+    _timed: list = field(default_factory=list)  # (start, end) CUDA events of this step's layers
+    _untimed: bool = False
 
-    def record_layer(self, layer_idx: int, layer, selected_pages: torch.Tensor | None, query=None, scaling=1.0):
-        """query [Hkv, G, D] is needed only when inspecting."""
+    @staticmethod
+    def start_attention(device: torch.device):
+        """A layer's attention starts: the host clock, a recorded CUDA event, or None inside a graph capture."""
+        if device.type != "cuda":
+            return time.perf_counter()
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        return start
+
+    def record_layer(self, layer_idx: int, layer, selected_pages: torch.Tensor | None, query=None, scaling=1.0,
+                     started=None):
+        """query [Hkv, G, D] is needed only when inspecting; `started` is what `start_attention` returned."""
+        if isinstance(started, float):
+            self._attention_s += time.perf_counter() - started
+        elif started is not None:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._timed.append((started, end))
+        else:
+            self._untimed = True
         per_token = 2 * layer.num_kv_heads * layer.head_dim * layer.keys.element_size()  # K and V
         self._dense_bytes += layer.length * per_token
         if selected_pages is None:
@@ -59,7 +86,12 @@ class Trace:
             recall = torch.full((num_layers, selected.shape[1]), float("nan"))
             for layer_idx, layer_recall in self._recall.items():
                 recall[layer_idx] = layer_recall.float().cpu()
-        step = StepTrace(context_len, seconds, self._dense_bytes, self._read_bytes, selected, recall)
+        if self._timed:
+            self._timed[-1][1].synchronize()
+            self._attention_s += sum(start.elapsed_time(end) for start, end in self._timed) / 1000
+        attention_s = None if self._untimed else self._attention_s
+        step = StepTrace(context_len, seconds, self._dense_bytes, self._read_bytes, selected, recall, attention_s)
         self.steps.append(step)
         self.layer_pages, self._recall, self._read_bytes, self._dense_bytes = {}, {}, 0, 0
+        self._attention_s, self._timed, self._untimed = 0.0, [], False
         return step

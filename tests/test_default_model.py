@@ -29,7 +29,7 @@ def test_dense_session_equals_hf_generate_and_full_budget_quest_equals_dense(mod
     session = Session(model, tokenizer, QuestConfig(mode="dense"))
     session.ingest(document)
     question = "Who is Francisco?"
-    dense = session.answer(question, max_new_tokens=64, min_new_tokens=64)
+    dense = session.answer(question, max_new_tokens=64, min_new_tokens=64, repetition_penalty=1.0)
     prompt_ids = session.token_ids[: dense.prompt_tokens]
 
     model.set_attn_implementation("sdpa")
@@ -39,7 +39,7 @@ def test_dense_session_equals_hf_generate_and_full_budget_quest_equals_dense(mod
 
     session = Session(model, tokenizer, QuestConfig(mode="quest", budget=4096))
     session.ingest(document)
-    quest = session.answer(question, max_new_tokens=64, min_new_tokens=64)
+    quest = session.answer(question, max_new_tokens=64, min_new_tokens=64, repetition_penalty=1.0)
     assert [step.token_id for step in quest.steps] == expected_ids
 
 
