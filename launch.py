@@ -60,7 +60,7 @@ def main(argv=None):
 
     from quest_core.backends import make_backend
 
-    backend = make_backend(args.backend, next(model.parameters()).device)
+    backend = make_backend(args.backend, next(model.parameters()).device, model.dtype)
     log(f"Attention backend: {backend.name}")
     warm_up(model, tokenizer, backend, log)
     demo = build_app(model, tokenizer, backend, max_new_tokens=args.max_new_tokens, gpu=spaces_gpu(),

@@ -87,13 +87,7 @@ class OpenSessions:
 
 def backend_notice(backend) -> str:
     """Which attention backend runs, and why when it is not the one asked for or runs without our CUDA kernels."""
-    if backend is None:
-        return "torch"
-    if getattr(backend, "fallback_reason", None):
-        return f"torch (fallback: {backend.fallback_reason})"
-    if backend.name == "flashinfer" and getattr(backend, "kernels", None) is None:
-        return "flashinfer, without our CUDA kernels (not built here: their torch twins run)"
-    return backend.name
+    return "torch" if backend is None else backend.describe()
 
 
 def _malloc_trim():

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import flashinfer  # noqa: E402
 
-import kernels  # noqa: E402
+from quest_core import kernels  # noqa: E402
 from bench.results import write_section  # noqa: E402
 from quest_core.paged_cache import PagedLayer  # noqa: E402
 

@@ -56,7 +56,7 @@ def generate(args) -> dict:
                             dense_layers=args.dense_layers, group_rule=args.group_rule)
     decoding = Decoding(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty,
                         args.no_repeat_ngram_size, args.seed)
-    backend = make_backend(args.backend, next(model.parameters()).device)
+    backend = make_backend(args.backend, next(model.parameters()).device, model.dtype)
     session = Session(model, tokenizer, config, backend, decoding)
     started = time.perf_counter()
     ingested = session.ingest(document, progress=lambda done, total: log(f"prefill {done}/{total} tokens"))

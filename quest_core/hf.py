@@ -25,8 +25,9 @@ class QuestCache(Cache):
 
     def __init__(self, num_layers: int, config: QuestConfig, backend=None):
         self.backend = backend or TorchBackend()
-        gather_buffer, append_kernels = GatherBuffer(), getattr(self.backend, "kernels", None)
-        super().__init__(layers=[PagedLayer(config.page_size, gather_buffer=gather_buffer, kernels=append_kernels)
+        gather_buffer = GatherBuffer()
+        super().__init__(layers=[PagedLayer(config.page_size, gather_buffer=gather_buffer,
+                                            kernels=self.backend.append_kernels, kv_layout=self.backend.kv_layout)
                                  for _ in range(num_layers)])
         self.config = config
         self.trace = None  # a quest_core.trace.Trace while recording

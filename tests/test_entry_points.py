@@ -4,10 +4,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from launch import warm_up
 from quest_core import __main__ as cli
 from quest_core.backend_torch import TorchBackend
+from quest_core.backends import make_backend
 from quest_core.config import Decoding, QuestConfig
 from quest_core.session import Session
 
@@ -65,3 +67,17 @@ def test_the_warm_up_runs_the_backend_and_settings_the_app_serves_with(default_m
     backend = CountingBackend()
     warm_up(*default_model, backend, log=lambda message: None)
     assert backend.sparse_steps > 0
+
+
+def test_float32_on_a_gpu_falls_back_to_torch_once_with_the_reason():
+    backend = make_backend("auto", "cuda", torch.float32)  # decided before FlashInfer is imported: no GPU needed
+    assert isinstance(backend, TorchBackend) and "not float32" in backend.describe()
+    assert make_backend("auto", "cpu", torch.float32).describe() == "torch"
+
+
+def test_the_name_kernels_is_left_to_pypi():
+    """transformers probes for Hugging Face's `kernels` package: ours must not answer to that name."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or not str(spec.origin).startswith(str(ROOT))

@@ -6,7 +6,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
-import kernels  # noqa: E402
+from quest_core import kernels  # noqa: E402
 from quest_core.backend_flashinfer import FlashInferBackend  # noqa: E402
 from quest_core.backend_torch import TorchBackend  # noqa: E402
 from quest_core.config import QuestConfig  # noqa: E402

@@ -25,6 +25,7 @@ from pypdf import PdfWriter
 import quest_core.session as session_module
 from app.ui import ChatState, backend_notice, build_app
 from quest_core.backend_torch import TorchBackend
+from quest_core.backend_flashinfer import FlashInferBackend
 from quest_core.backends import make_backend
 from quest_core.session import Session
 
@@ -384,6 +385,6 @@ def test_a_backend_fallback_is_shown_in_the_app(default_model, monkeypatch):
     status = next(block.value for block in demo.blocks.values() if getattr(block, "elem_id", None) == "server-status")
     assert "torch (fallback: FlashInfer is not importable" in status
     assert "fallback: the flashinfer backend needs CUDA" in backend_notice(make_backend("flashinfer", "cpu"))
-    no_kernels = types.SimpleNamespace(name="flashinfer", kernels=None)  # what a failed CUDA JIT build leaves
-    assert "without our CUDA kernels" in backend_notice(no_kernels)
+    no_kernels = types.SimpleNamespace(name="flashinfer", append_kernels=None)  # what a failed CUDA JIT build leaves
+    assert "without our CUDA kernels" in FlashInferBackend.describe(no_kernels)
     assert backend_notice(TorchBackend()) == "torch"
