@@ -52,12 +52,14 @@ def test_pages_hold_tokens_in_order_and_unused_pages_stay_empty(kv_layout):
 
 @settings(max_examples=30, deadline=None)
 @given(page_size=st.sampled_from([1, 8, 16]), chunks=st.lists(st.integers(1, 50), min_size=1, max_size=5),
-       cut=st.floats(0, 1), extra=st.integers(1, 40), kv_layout=st.sampled_from(KV_LAYOUTS))
-def test_truncate_then_append_equals_appending_the_kept_tokens(page_size, chunks, cut, extra, kv_layout):
-    layer, keys, values = fill(page_size, chunks, kv_layout=kv_layout)
+       cut=st.floats(0, 1), extra=st.integers(1, 40), kv_layout=st.sampled_from(KV_LAYOUTS),
+       seed=st.integers(0, 10_000))
+def test_truncate_then_append_equals_appending_the_kept_tokens(page_size, chunks, cut, extra, kv_layout, seed):
+    layer, keys, values = fill(page_size, chunks, seed=seed, kv_layout=kv_layout)
     keep = int(cut * keys.shape[1])
     layer.truncate(keep)
-    more_keys, more_values = torch.randn(1, 2, extra, 8), torch.randn(1, 2, extra, 8)
+    generator = torch.Generator().manual_seed(seed + 1)
+    more_keys, more_values = (torch.randn(1, 2, extra, 8, generator=generator) for _ in range(2))
     layer.update(more_keys, more_values)
     expected_keys = torch.cat([keys[:, :keep], more_keys[0]], dim=1)
     expected_max, expected_min = true_bounds(expected_keys, page_size)
