@@ -156,8 +156,8 @@ def main():
             f"{args.new_tokens - 3} steps after the first two, and the last column is what those two steps took."
             "\n\n" + "\n".join(table) +
             "\n\nWhere a decode step's GPU time goes: kernel time per step by kind, from the profiler over 4 graph "
-            "replays after each timed run (Triton matmul: the autotuned Triton kernels holding a matrix product; other: "
-            "copies, memsets, PyTorch's own kernels), and the "
+            "replays after each timed run (Triton matmul: the autotuned Triton kernels holding a matrix product; "
+            "other: copies, memsets, PyTorch's own kernels), and the "
             "step's wall time under the profiler. The step time less the GPU total is time the GPU waits: launch "
             "gaps inside the graph and the host's work between replays.\n\n" + "\n".join(profile))
     if not args.no_write:

@@ -66,7 +66,8 @@ def generate(args) -> dict:
     run = session.last_run
     result = run.summary()
     result.update(group_rule=config.group_rule, repetition_penalty=decoding.repetition_penalty,
-                  ttft_s=ingested.prefill_s + run.ttft_s, document_tokens=ingested.document_tokens, document_prefill_s=ingested.prefill_s, question_ttft_s=run.ttft_s,
+                  ttft_s=ingested.prefill_s + run.ttft_s, document_tokens=ingested.document_tokens,
+                  document_prefill_s=ingested.prefill_s, question_ttft_s=run.ttft_s,
                   model=args.model or "smollm2-135m-instruct (embedded)", dtype=str(model.dtype).removeprefix("torch."),
                   device=str(session.device), backend=backend.name, elapsed_s=time.perf_counter() - started)
     return result

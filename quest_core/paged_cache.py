@@ -22,7 +22,6 @@ import math
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-
 KV_LAYOUTS = ("page-major", "head-major")
 
 
