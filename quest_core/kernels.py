@@ -1,6 +1,6 @@
 """Loaders for our CUDA kernels (kernels/quest_kernels.cu at the repository root), built at first use with
-torch.utils.cpp_extension for the device's compute capability and cached by torch; `load()` returns None, with a log line, when CUDA or
-nvcc is missing or the build fails, and callers fall back to the torch twins in quest_core."""
+torch.utils.cpp_extension for the device's compute capability and cached by torch; `load()` returns None, with a
+log line, when CUDA or nvcc is missing or the build fails, and callers fall back to the torch twins in quest_core."""
 import functools
 import logging
 import os
