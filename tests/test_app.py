@@ -14,6 +14,7 @@ from quest_core.config import default_config
 from quest_core.session import Session
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # each test runs the default model for 30 s to 2 minutes on 2 cores
 QUESTION = "Who is Francisco?"
 MAX_NEW_TOKENS = 24  # conftest.app_url's build_app(max_new_tokens=24)
 
