@@ -1,6 +1,8 @@
 """The app, driven over its API with gradio_client against a server on 127.0.0.1 (see conftest.app_url)."""
+import html
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,8 +10,13 @@ from pathlib import Path
 import pytest
 from gradio_client import Client, handle_file
 
+from quest_core.config import default_config
+from quest_core.session import Session
+
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # each test runs the default model for 30 s to 2 minutes on 2 cores
 QUESTION = "Who is Francisco?"
+MAX_NEW_TOKENS = 24  # conftest.app_url's build_app(max_new_tokens=24)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +45,22 @@ def answer_text(history):
     return content if isinstance(content, str) else "".join(part["text"] for part in content)
 
 
-def test_upload_ask_stream_metrics_heatmap_and_compare(client, short_document):
+def first_divergence(dense_ids, quest_ids):
+    """The index of the first token where two answers differ (the shorter one's length if one is a prefix of the
+    other), or None if they are the same."""
+    first = next((i for i, (a, b) in enumerate(zip(dense_ids, quest_ids)) if a != b), None)
+    if first is None and len(dense_ids) != len(quest_ids):
+        first = min(len(dense_ids), len(quest_ids))
+    return first
+
+
+def shown_text(answer_html):
+    """The text one side of Compare shows: tags and the empty-token mark dropped."""
+    return html.unescape(re.sub(r"<[^>]+>", "", answer_html.replace("<br>", "\n"))).replace("∅", "")
+
+
+def test_upload_ask_stream_metrics_heatmap_and_compare(client, short_document, default_model):
+    model, tokenizer = default_model
     text, info = client.predict(handle_file(str(short_document)), api_name="/read_upload")
     assert text == short_document.read_text() and "tokens" in info
     status, _ = client.predict(text, None, api_name="/load_document")
@@ -58,7 +80,26 @@ def test_upload_ask_stream_metrics_heatmap_and_compare(client, short_document):
 
     dense_html, quest_html, verdict = client.predict(QUESTION, 256, 16, 2, api_name="/compare")
     assert "Dense" in dense_html and "Quest" in quest_html
-    assert "Identical" in verdict or "diverge" in verdict
+    # the oracle: the engine itself, on the same conversation with the same settings, outside the app
+    session = Session(model, tokenizer, default_config(model.config))
+    session.ingest(text)
+    session.configure(mode="quest", budget=256, page_size=16, dense_layers=2)
+    for question in (QUESTION, "And Bernardo?"):
+        session.answer(question, max_new_tokens=MAX_NEW_TOKENS)
+    runs = {}
+    for mode in ("dense", "quest"):
+        session.configure(mode=mode)
+        runs[mode] = session.answer(QUESTION, max_new_tokens=MAX_NEW_TOKENS, keep=False)
+    ids = {mode: [step.token_id for step in run.steps] for mode, run in runs.items()}
+    first = first_divergence(ids["dense"], ids["quest"])
+    if first is None:
+        assert "Identical" in verdict and "diverge" not in verdict, (verdict, ids)
+    else:
+        said = re.search(r"diverge at token (\d+)", verdict)
+        assert said and int(said.group(1)) == first, (verdict, first, ids)
+    for mode, answer_html in (("dense", dense_html), ("quest", quest_html)):
+        answer = "".join(step.text for step in runs[mode].steps)
+        assert answer.strip() and answer in shown_text(answer_html), (mode, answer, answer_html)
 
     trace_path = client.predict(api_name="/export_trace")
     trace = json.loads(Path(trace_path).read_text())
@@ -70,7 +111,8 @@ def test_dense_answer_equals_the_cli(client, short_document):
     client.predict(text, None, api_name="/load_document")
     _, (history, *_rest) = ask(client, QUESTION, mode="dense")
     cli = subprocess.run([sys.executable, "-m", "quest_core", "generate", "--doc", str(short_document),
-                          "--question", QUESTION, "--mode", "dense", "--max-new-tokens", "24", "--json"],
+                          "--question", QUESTION, "--mode", "dense", "--max-new-tokens", str(MAX_NEW_TOKENS),
+                          "--json"],
                          capture_output=True, text=True, cwd=ROOT, check=True, env=dict(os.environ))
     assert answer_text(history) == json.loads(cli.stdout)["text"]
 

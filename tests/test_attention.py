@@ -3,7 +3,7 @@ import torch
 
 from quest_core.backend_torch import TorchBackend
 from quest_core.paged_cache import PagedLayer
-from quest_core.selection import page_attention_mass, streaming_pages
+from quest_core.selection import page_attention_mass
 
 backend = TorchBackend()
 

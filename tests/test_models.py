@@ -76,6 +76,7 @@ def test_default_config_follows_the_head_dim():
     assert default_config(Qwen3Config(hidden_size=1024, num_attention_heads=16, head_dim=128)) == QuestConfig()
 
 
+@pytest.mark.slow  # torch.compile
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
 def test_compiled_layers_decode_like_the_model_as_it_is(name):
     """The decoder layers under torch.compile (what the CUDA-graph step runs on the GPU), teacher-forced over 8 decode

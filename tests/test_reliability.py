@@ -104,6 +104,7 @@ def rss_bytes() -> int:
 
 # ---- Stop ----
 
+@pytest.mark.slow
 def test_stop_halts_the_answer_within_a_second_and_the_conversation_stays_consistent(app, client, hamlet,
                                                                                       default_model):
     demo, _ = app
@@ -142,6 +143,7 @@ def test_stop_halts_the_answer_within_a_second_and_the_conversation_stays_consis
 
 # ---- memory ----
 
+@pytest.mark.slow
 def test_closed_sessions_free_their_kv(default_model, hamlet):
     """20 sessions, each with a ~2K-token document and a short answer, closed the way the app closes them."""
     model, tokenizer = default_model
@@ -171,6 +173,7 @@ def test_closed_sessions_free_their_kv(default_model, hamlet):
         assert torch.cuda.memory_allocated() <= 1.05 * cuda_baseline
 
 
+@pytest.mark.slow
 def test_leaving_frees_the_session_and_its_slot_and_past_the_limit_the_server_is_busy(default_model):
     demo = build_app(*default_model, max_new_tokens=8, max_sessions=2)
     with served(demo) as url:
