@@ -265,7 +265,8 @@ def test_decode_logits_flashinfer_vs_torch_backend(dtype, page_size, group_rule,
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode, page_size, group_rule", [("dense", 16, "sum"), ("quest", 16, "sum"), ("quest", 4, "mass")])
+@pytest.mark.parametrize("mode, page_size, group_rule",
+                         [("dense", 16, "sum"), ("quest", 16, "sum"), ("quest", 4, "mass")])
 @pytest.mark.parametrize("traced", [False, True])
 def test_cuda_graph_decode_equals_eager_decode(dtype, mode, page_size, group_rule, traced):
     """The same backend, decoding with the step replayed as a CUDA graph (the layers not compiled) and eagerly:

@@ -1,7 +1,8 @@
 """The paged cache stores every token where its page says and keeps each page's true key min/max, in both layouts."""
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from quest_core.paged_cache import KV_LAYOUTS, PagedLayer
 
@@ -93,7 +94,8 @@ def test_gather_returns_selected_pages_with_the_partial_current_page_last(kv_lay
 def test_bf16_metadata_is_exact():
     layer, keys, _ = fill(16, [33, 1, 7], dtype=torch.bfloat16)
     expected_max, expected_min = true_bounds(keys, 16)
-    assert torch.equal(layer.page_max[:, :3], expected_max.float()) and torch.equal(layer.page_min[:, :3], expected_min.float())
+    assert torch.equal(layer.page_max[:, :3], expected_max.float())
+    assert torch.equal(layer.page_min[:, :3], expected_min.float())
 
 
 def test_head_major_dense_reads_are_views_of_the_cache():

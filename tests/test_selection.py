@@ -2,7 +2,8 @@
 import math
 
 import torch
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from quest_core.paged_cache import PagedLayer
 from quest_core.selection import page_scores, select_pages
