@@ -28,7 +28,8 @@ from gradio_client import Client, handle_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from app.ui import ChatState, build_app  # noqa: E402
+from app.layout import build_app  # noqa: E402
+from app.sessions import ChatState  # noqa: E402
 from bench.results import write_section  # noqa: E402
 from launch import warm_up  # noqa: E402
 from quest_core.models import load_model  # noqa: E402
