@@ -139,25 +139,23 @@ def selection_over_time(steps, layer: int, head: int, page_size: int, marks: dic
     return _layout(figure, f"Pages read over the answer · layer {layer}, KV head {head}", 340)
 
 
-def kv_read_per_step(steps, num_layers: int, dense_layers: int, budget: int, page_size: int) -> go.Figure:
-    """Dense mode: the KV bytes each step read (every page of every layer) next to what Quest would read at
-    `budget` with pages of `page_size`: the budget's K and V plus every page's bounds (min and max keys), per
-    sparse layer."""
-    context = np.array([step.context_len for step in steps])
-    dense_mib = np.array([step.dense_bytes for step in steps]) / 2**20
-    per_layer = dense_mib / num_layers
-    sparse_share = (np.minimum(budget, context) + np.ceil(context / page_size)) / context
-    quest_mib = per_layer * (dense_layers + (num_layers - dense_layers) * np.minimum(1.0, sparse_share))
+def kv_read_per_step(series: dict) -> go.Figure:
+    """KV bytes read per step against the context, per mode: series[mode] = (context lengths, bytes read), as
+    measured in the traces (dense mode reads every page, so its line grows with the context)."""
     figure = go.Figure()
-    figure.add_trace(go.Scatter(x=context, y=dense_mib, mode="lines", name="dense: every page",
-                                line=dict(color=DENSE_COLOR, width=3)))
-    figure.add_trace(go.Scatter(x=context, y=quest_mib, mode="lines", name=f"Quest at budget {budget} (estimate)",
-                                line=dict(color=BLUE, width=3, dash="dash")))
+    for mode, (contexts, read_bytes) in series.items():
+        figure.add_trace(go.Scatter(x=list(contexts), y=[b / 2**20 for b in read_bytes], mode="lines+markers",
+                                    marker=dict(size=4), name="Quest" if mode == "quest" else mode,
+                                    line=dict(color=BLUE if mode == "quest" else DENSE_COLOR, width=3)))
     figure.update_yaxes(title="KV MiB read per step", rangemode="tozero")
     figure.update_xaxes(title="context, tokens")
-    ratio = dense_mib[-1] / quest_mib[-1]
-    return _layout(figure, f"Dense reads every page: {dense_mib[-1]:.1f} MiB per step, {ratio:.1f}× Quest's "
-                           f"{quest_mib[-1]:.1f} MiB", 300)
+    title = "KV read per step: dense reads every page of every layer"
+    if len(series) == 2:
+        dense, quest = series["dense"][1], series["quest"][1]
+        title += f" ({sum(dense) / len(dense) / 2**20:.1f} MiB), Quest {sum(quest) / len(quest) / 2**20:.1f} MiB"
+    else:
+        title += f"; answer {'with Quest' if 'dense' in series else 'dense'} (or Compare) to draw its line"
+    return _layout(figure, title, 300)
 
 
 def time_per_token(speeds: dict) -> go.Figure:

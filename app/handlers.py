@@ -343,10 +343,15 @@ def compare(server: Server, question: str, budget, page_size, dense_layers, max_
 
 
 def speed(run, source: str) -> views.Speed:
-    traced = [step.trace for step in run.steps if step.trace is not None]
+    traced = traced_steps(run.steps)
     read = sum(trace.read_bytes for trace in traced)
     kv_ratio = sum(trace.dense_bytes for trace in traced) / read if read else 1.0
-    return views.Speed(run.decode_tokens_per_s, run.attention_s, kv_ratio, run.prompt_tokens, source)
+    return views.Speed(run.decode_tokens_per_s, run.attention_s, kv_ratio, run.prompt_tokens, source,
+                       kv_series(traced))
+
+
+def kv_series(traced) -> tuple:
+    return tuple(trace.context_len for trace in traced), tuple(trace.read_bytes for trace in traced)
 
 
 def speed_views(state: ChatState) -> dict:
@@ -392,8 +397,9 @@ def answer_views(state: ChatState, session: Session, layer: int, head: int, mark
     page_size = run.page_size
     step = picked_trace(state) or traced[-1]
     heads = figures.pages_read(step, layer, page_size, page_labels(state.page_texts, page_size), marks)
-    if all(trace.selected_pages is None for trace in traced):
-        over_time = figures.kv_read_per_step(traced, session.num_layers, run.dense_layers, run.budget, page_size)
+    if all(trace.selected_pages is None for trace in traced):  # dense: the bytes it read, beside the other mode's
+        series = {mode: s.kv_steps for mode, s in state.speeds.items() if mode != run.mode and s.kv_steps[0]}
+        over_time = figures.kv_read_per_step({run.mode: kv_series(traced), **series})
     else:
         over_time = figures.selection_over_time(traced, layer, head, page_size, marks)
     return {"heads_plot": gr.update(value=heads, visible=True), "time_plot": gr.update(value=over_time, visible=True),

@@ -196,7 +196,8 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 256, gpu=lam
         answer = ["heads_plot", "time_plot", "tokens", "looked", "looked_note"]
         ask_outputs = ["chat", "question", "metrics", "meter", "headline", "speed_plot", *answer]
         for trigger, visibility in ((send.click, "public"), (c["question"].submit, "private")):
-            on(trigger, handlers.ask, ask_inputs, ask_outputs, concurrency_id=MODEL_WORK, api_visibility=visibility,
+            on(trigger, handlers.ask, ask_inputs, ask_outputs, failure={"metrics": "⚠️ {message}"},
+               concurrency_id=MODEL_WORK, api_visibility=visibility,
                show_progress="minimal", show_progress_on=[c["metrics"]], **({"api_name": "ask"} if visibility ==
                                                                              "public" else {}))
         # Stop ends the answer through the session, not by cancelling the event: the stream then ends with what the

@@ -13,6 +13,7 @@ class Speed:
     kv_ratio: float        # KV bytes a dense step reads / bytes this answer's steps read
     context_tokens: int    # the context the answer was conditioned on
     source: str            # "Compare" or "chat"
+    kv_steps: tuple        # (context lengths, KV bytes read) of its traced steps
 
     @property
     def ms_per_token(self) -> float:
@@ -63,11 +64,12 @@ def meter(usage) -> str:
 
 
 def metrics(mode: str, steps: list, run, recall: float | None = None) -> str:
-    """Live metrics of an answer from its steps so far (engine Steps); `run` is its RunStats (prefill counts)."""
+    """Live metrics of an answer from its steps so far (engine Steps); `run` is its RunStats (prefill counts, and
+    the engine's decode rate once the answer has ended)."""
     if not steps:
         return f"**{mode}** · prefilling the question…"
     decode_s = sum(step.seconds for step in steps[1:])
-    rate = (len(steps) - 1) / decode_s if decode_s > 0 else 0.0
+    rate = run.decode_tokens_per_s if run.new_tokens else (len(steps) - 1) / decode_s if decode_s > 0 else 0.0
     lines = [f"**{mode}** · {len(steps)} tokens · decode **{rate:.1f} tok/s** · TTFT {steps[0].seconds:.2f} s · "
              f"context {steps[-1].context_len:,} tokens · prefilled {run.prefill_tokens:,}, reused {run.reused_tokens:,}"]
     traced = [step.trace for step in steps if step.trace is not None]
