@@ -124,8 +124,9 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 256, gpu=lam
                                                       label="Dense layers",
                                                       info="the first layers always read everything")
                     with gr.Row():
-                        c["max_new_tokens"] = gr.Slider(8, max_new_tokens, min(decoding.max_new_tokens, max_new_tokens),
-                                                        step=8, label="Answer length", elem_id="max-new-tokens",
+                        c["max_new_tokens"] = gr.Slider(1, max(max_new_tokens, 2), min(decoding.max_new_tokens,
+                                                                                       max_new_tokens),
+                                                        step=1, label="Answer length", elem_id="max-new-tokens",
                                                         info="most tokens per answer (also capped by the room left)")
                         c["temperature"] = gr.Slider(0, 1.5, decoding.temperature, step=0.05, label="Temperature",
                                                      info="0: greedy, the same answer every time (Compare is greedy)")

@@ -63,6 +63,9 @@ def meter(usage) -> str:
             f"margin-top:4px'>{bars}</div>")
 
 
+ENDINGS = {"eos": "complete", "max_new_tokens": "cut at {} tokens", "cancelled": "stopped"}  # RunStats.stop_reason
+
+
 def metrics(mode: str, steps: list, run, recall: float | None = None) -> str:
     """Live metrics of an answer from its steps so far (engine Steps); `run` is its RunStats (prefill counts, and
     the engine's decode rate once the answer has ended)."""
@@ -70,8 +73,10 @@ def metrics(mode: str, steps: list, run, recall: float | None = None) -> str:
         return f"**{mode}** · prefilling the question…"
     decode_s = sum(step.seconds for step in steps[1:])
     rate = run.decode_tokens_per_s if run.new_tokens else (len(steps) - 1) / decode_s if decode_s > 0 else 0.0
+    state = ENDINGS.get(run.stop_reason, "{}").format(run.max_new_tokens) if run.new_tokens else "streaming…"
     lines = [f"**{mode}** · {len(steps)} tokens · decode **{rate:.1f} tok/s** · TTFT {steps[0].seconds:.2f} s · "
-             f"context {steps[-1].context_len:,} tokens · prefilled {run.prefill_tokens:,}, reused {run.reused_tokens:,}"]
+             f"context {steps[-1].context_len:,} tokens · prefilled {run.prefill_tokens:,}, reused "
+             f"{run.reused_tokens:,} · {state}"]
     traced = [step.trace for step in steps if step.trace is not None]
     if traced:
         last = traced[-1]
