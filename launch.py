@@ -3,6 +3,7 @@ import argparse
 import logging
 import os
 
+from quest_core.config import Decoding
 from quest_core.models import load_model
 
 
@@ -19,7 +20,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-upload-mb", type=int, default=50, help="largest file accepted")
     parser.add_argument("--max-document-tokens", type=int, default=100_000,
                         help="longer documents are refused (longer than the context: cut to its head or tail)")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer")
+    parser.add_argument("--max-new-tokens", type=int, default=Decoding().max_new_tokens, help="longest answer")
     parser.add_argument("--max-sessions", type=int, default=16,
                         help="browser sessions holding a document's KV at once; past it the server says it is busy")
     return parser.parse_args(argv)
@@ -34,14 +35,18 @@ def spaces_gpu():
     return spaces.GPU
 
 
-def warm_up(model, tokenizer, log):
-    """One short answer, so the first visitor does not pay for kernel set-up."""
+def warm_up(model, tokenizer, backend, log):
+    """Short traced answers in both modes, on the backend and settings the app serves with, so the first visitor
+    pays for no kernel build, plan, compile or graph capture. The document is longer than the Quest budget, so the
+    sparse path runs too."""
     from quest_core.session import Session
 
     log("Warming up...")
-    session = Session(model, tokenizer)
-    session.ingest("Warm-up document. " * 40)
-    session.answer("What is this?", max_new_tokens=4)
+    session = Session(model, tokenizer, backend=backend)
+    session.ingest("Warm-up document. " * (session.config.budget // 2))
+    for mode in ("quest", "dense"):
+        session.configure(mode=mode)
+        session.answer("What is this?", max_new_tokens=4, min_new_tokens=4, trace=True)
     session.reset()
 
 
@@ -58,12 +63,12 @@ def main(argv=None):
     log = logging.getLogger("quest").info
     model, tokenizer = load_model(args.model, args.dtype, args.device, log=log)
     log(f"Model ready: {type(model).__name__}, {model.dtype}, on {next(model.parameters()).device}")
-    warm_up(model, tokenizer, log)
     from app.layout import build_app
     from quest_core.backends import make_backend
 
-    backend = make_backend(args.backend, next(model.parameters()).device)
+    backend = make_backend(args.backend, next(model.parameters()).device, model.dtype)
     log(f"Attention backend: {backend.name}")
+    warm_up(model, tokenizer, backend, log)
     demo = build_app(model, tokenizer, backend, max_new_tokens=args.max_new_tokens, gpu=spaces_gpu(),
                      max_document_tokens=args.max_document_tokens, max_sessions=args.max_sessions)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share,

@@ -28,6 +28,7 @@ REFRESH_S = 1.0         # metrics, context meter and the pages-read plot refresh
 TEXT_REFRESH_S = 0.25   # and the answer's text this often
 CUTS = {"keep the head": "head", "keep the tail": "tail"}
 HIDDEN = gr.update(visible=False)
+PROGRESS = gr.Progress()  # as a default argument, it asks Gradio for a progress tracker
 
 
 class UserError(Exception):
@@ -151,7 +152,7 @@ def describe(server: Server, text: str) -> dict:
 
 
 def load_document(server: Server, text: str, cut: str | None, file, sample: str | None, state: ChatState | None,
-                  request: gr.Request, progress=gr.Progress()) -> dict:
+                  request: gr.Request, progress=PROGRESS) -> dict:
     """Prefill the document (cut to its head or tail if it is longer than the context leaves room for); every view
     of the previous document is cleared."""
     if not text or not text.strip():
@@ -310,7 +311,7 @@ def new_chat(server: Server, state: ChatState | None) -> dict:
 
 
 def compare(server: Server, question: str, budget, page_size, dense_layers, max_new_tokens, repetition_penalty,
-            no_repeat_ngram_size, state: ChatState | None, progress=gr.Progress()) -> dict:
+            no_repeat_ngram_size, state: ChatState | None, progress=PROGRESS) -> dict:
     """The same question (or the last one asked) answered dense and with Quest on the same context, greedily; the
     conversation does not keep either answer."""
     session = loaded_session(state)

@@ -30,14 +30,8 @@ def header(model, backend_text: str, max_context: int, max_new_tokens: int, max_
 
 
 def backend_text(backend) -> str:
-    """Which attention backend runs, and why when it is not the one asked for or runs without our CUDA kernels."""
-    if backend is None:
-        return "torch"
-    if getattr(backend, "fallback_reason", None):
-        return f"torch (fallback: {backend.fallback_reason})"
-    if backend.name == "flashinfer" and getattr(backend, "kernels", None) is None:
-        return "flashinfer, without our CUDA kernels (not built here: their torch twins run)"
-    return backend.name
+    """Which attention backend runs, and why when it is not the one asked for (the backend says)."""
+    return "torch" if backend is None else backend.describe()
 
 
 def document_note(fit, max_context: int) -> str:
@@ -103,10 +97,11 @@ def headline(speeds: dict) -> str:
                 "other on this document.")
     dense, quest = speeds["dense"], speeds["quest"]
     same = dense.source == quest.source == "Compare"
-    where = ("Compare: the same question and context" if same else
-             f"your last answers: dense at {dense.context_tokens:,}, Quest at {quest.context_tokens:,} tokens of context")
-    text = (f"**Quest vs dense on this document** ({where}): whole step **{quest.tokens_per_s / dense.tokens_per_s:.2f}×** "
-            f"({dense.tokens_per_s:.1f} → {quest.tokens_per_s:.1f} tok/s)")
+    where = ("Compare: the same question and context" if same else f"your last answers: dense at "
+             f"{dense.context_tokens:,}, Quest at {quest.context_tokens:,} tokens of context")
+    text = (f"**Quest vs dense on this document** ({where}): whole step "
+            f"**{quest.tokens_per_s / dense.tokens_per_s:.2f}×** ({dense.tokens_per_s:.1f} → {quest.tokens_per_s:.1f} "
+            "tok/s)")
     if dense.attention_s and quest.attention_s:
         text += (f" · attention alone **{dense.attention_s / quest.attention_s:.1f}×** "
                  f"({1000 * dense.attention_s:.1f} → {1000 * quest.attention_s:.1f} ms per step)")

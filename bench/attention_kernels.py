@@ -15,8 +15,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import flashinfer  # noqa: E402
 
-import kernels  # noqa: E402
 from bench.results import write_section  # noqa: E402
+from quest_core import kernels  # noqa: E402
 from quest_core.paged_cache import PagedLayer  # noqa: E402
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
@@ -115,10 +115,10 @@ def measure(context: int, budgets: list[int], module, bandwidth: float) -> list[
         sparse.plan(sparse_indptr.cpu(), rows.view(-1), sparse_last.cpu(), GROUP, 1, HEAD_DIM, PAGE,
                     sm_scale=scaling, q_data_type=DTYPE, kv_data_type=DTYPE)
 
-        def select():
+        def select(k=k, rows=rows):
             scorer(query, layer.page_bounds, num_pages, k, rows)
 
-        def attend():
+        def attend(sparse=sparse):
             sparse.run(query, one_head)
 
         def quest():

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.cpu_decode import Timestamps, tokens_per_s  # noqa: E402
 from bench.results import write_section  # noqa: E402
 from quest_core.backends import make_backend  # noqa: E402
-from quest_core.config import QuestConfig  # noqa: E402
+from quest_core.config import default_config  # noqa: E402
 from quest_core.generation import decode, prefill  # noqa: E402
 from quest_core.hf import QuestCache, use_quest  # noqa: E402
 
@@ -97,8 +97,8 @@ def main():
     args = parser.parse_args()
     inductor_cache = "warm (an earlier run on this machine)" if os.path.isdir(cache_dir()) else "cold"
     model = llama_8b_shaped(max(args.contexts) + args.new_tokens + 16)
-    backend = make_backend("auto", "cuda")
-    quest = QuestConfig(mode="quest", budget=args.budget)
+    backend = make_backend("auto", "cuda", model.dtype)
+    quest = default_config(model.config, budget=args.budget)
     rows = []
     for context in args.contexts:
         prompt = torch.randint(0, model.config.vocab_size, (context,), generator=torch.Generator().manual_seed(0))
@@ -156,8 +156,8 @@ def main():
             f"{args.new_tokens - 3} steps after the first two, and the last column is what those two steps took."
             "\n\n" + "\n".join(table) +
             "\n\nWhere a decode step's GPU time goes: kernel time per step by kind, from the profiler over 4 graph "
-            "replays after each timed run (Triton matmul: the autotuned Triton kernels holding a matrix product; other: "
-            "copies, memsets, PyTorch's own kernels), and the "
+            "replays after each timed run (Triton matmul: the autotuned Triton kernels holding a matrix product; "
+            "other: copies, memsets, PyTorch's own kernels), and the "
             "step's wall time under the profiler. The step time less the GPU total is time the GPU waits: launch "
             "gaps inside the graph and the host's work between replays.\n\n" + "\n".join(profile))
     if not args.no_write:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import kernels  # noqa: E402
+from quest_core import kernels  # noqa: E402
 
 kernels.load = lambda: None  # our own kernels build elsewhere; here only FlashInfer's
 from quest_core.backend_flashinfer import FlashInferBackend  # noqa: E402

@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, flashinfer; print('torch', torch.__version__, 'transformers', transformers.__version__, 'flashinfer', flashinfer.__version__)"
 
 start=$(date +%s)
-python3 -c "import kernels; assert kernels.load() is not None, 'kernel build failed'; print('quest kernels built')" &
+python3 -c "from quest_core import kernels; assert kernels.load() is not None, 'kernel build failed'; print('quest kernels built')" &
 for variant in "bf16 128" "bf16 64" "fp16 128" "fp16 64"; do python3 bench/flashinfer_warmup.py $variant & done
 wait
 echo "builds: $(( $(date +%s) - start )) s"

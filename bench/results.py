@@ -26,8 +26,9 @@ def machine() -> str:
 
 def header() -> str:
     return (f"- machine: {machine()}\n"
-            f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
-            f"- torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}\n"
+            f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC\n"
+            f"- torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"Python {platform.python_version()}\n"
             f"- command: `{shlex.join(['python', *sys.argv])}`\n")
 
 
@@ -35,7 +36,8 @@ def write_section(name: str, title: str, body: str) -> None:
     """Replace (or add) the section `name` of RESULTS.md."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     section = f"{start}\n## {title}\n\n{header()}\n{body.strip()}\n{end}"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nEach section is written by its script.\n"
+    empty = "# Benchmark results\n\nEach section is written by its script.\n"
+    text = RESULTS.read_text() if RESULTS.exists() else empty
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
     RESULTS.write_text(text.rstrip() + "\n")

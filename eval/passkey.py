@@ -5,7 +5,6 @@ method then re-reads only the prompt's last token and decodes the answer, so all
 import random
 import re
 
-
 from quest_core.generation import decode, prefill
 from quest_core.hf import QuestCache
 

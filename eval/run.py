@@ -76,10 +76,11 @@ def write_outputs(results: dict, settings: dict, mode: str, seconds: float, out:
         recall = "" if r["recall"] is None else f"{r['recall']:.3f}"
         ppl.append(f"| {r['method']} | {r['budget'] or ''} | {r['ppl']:.3f} | {100 * (r['ppl'] / dense_ppl - 1):+.2f}% "
                    f"| {recall} |")
+    now = datetime.datetime.now(datetime.UTC)
     text = f"""## {mode.capitalize()} mode
 
 - model: SmolLM2-135M-Instruct (embedded default), greedy, 2 dense layers (page sizes: below)
-- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {seconds / 60:.1f} min on {torch.get_num_threads()} threads
+- date: {now:%Y-%m-%d %H:%M} UTC, {seconds / 60:.1f} min on {torch.get_num_threads()} threads
 - command: `{shlex.join(['python', '-m', 'eval.run', *sys.argv[1:]])}`
 - settings: `{json.dumps(settings)}`
 

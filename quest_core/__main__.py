@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from .backends import make_backend
-from .config import GROUP_RULES, QuestConfig
+from .config import GROUP_RULES, Decoding, default_config
 from .models import load_model
 from .session import Session
 
@@ -24,14 +24,21 @@ def parse_args(argv=None):
     generate.add_argument("--doc", required=True, type=Path, help="a UTF-8 text file")
     generate.add_argument("--question", required=True)
     generate.add_argument("--mode", choices=["dense", "quest"], default="quest")
-    defaults = QuestConfig()
-    generate.add_argument("--budget", type=int, default=defaults.budget, help="tokens of KV read per head and layer")
-    generate.add_argument("--page-size", type=int, default=defaults.page_size)
-    generate.add_argument("--dense-layers", type=int, default=defaults.dense_layers)
-    generate.add_argument("--group-rule", choices=GROUP_RULES, default=defaults.group_rule)
-    generate.add_argument("--max-new-tokens", type=int, default=256)
-    generate.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    generate.add_argument("--top-p", type=float, default=1.0)
+    model_default = "default: the model's (quest_core.config.default_config: 4 for 64-dim heads, else 16)"
+    generate.add_argument("--budget", type=int, help="tokens of KV read per head and layer (default: 1024)")
+    generate.add_argument("--page-size", type=int, help=f"tokens per page ({model_default})")
+    generate.add_argument("--dense-layers", type=int, help="the first layers attend densely (default: 2)")
+    generate.add_argument("--group-rule", choices=GROUP_RULES,
+                          help="how a KV group's query heads combine page scores (default: mass for 64-dim heads, "
+                               "else sum)")
+    decoding = Decoding()
+    generate.add_argument("--max-new-tokens", type=int, default=decoding.max_new_tokens)
+    generate.add_argument("--temperature", type=float, default=decoding.temperature, help="0 is greedy")
+    generate.add_argument("--top-p", type=float, default=decoding.top_p)
+    generate.add_argument("--repetition-penalty", type=float, default=decoding.repetition_penalty,
+                          help="on the answer's own tokens; 1 is off")
+    generate.add_argument("--no-repeat-ngram-size", type=int, default=decoding.no_repeat_ngram_size,
+                          help="no n-gram twice in the answer; 0 is off")
     generate.add_argument("--seed", type=int)
     generate.add_argument("--model", help="HF id or local folder (default: the embedded SmolLM2-135M-Instruct)")
     generate.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
@@ -44,20 +51,22 @@ def parse_args(argv=None):
 
 def generate(args) -> dict:
     document = args.doc.read_text(encoding="utf-8")
-    config = QuestConfig(mode=args.mode, budget=args.budget, page_size=args.page_size,
-                         dense_layers=args.dense_layers, group_rule=args.group_rule)
     model, tokenizer = load_model(args.model, args.dtype, args.device, log=log)
-    backend = make_backend(args.backend, next(model.parameters()).device)
-    session = Session(model, tokenizer, config, backend)
+    config = default_config(model.config, mode=args.mode, budget=args.budget, page_size=args.page_size,
+                            dense_layers=args.dense_layers, group_rule=args.group_rule)
+    decoding = Decoding(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty,
+                        args.no_repeat_ngram_size, args.seed)
+    backend = make_backend(args.backend, next(model.parameters()).device, model.dtype)
+    session = Session(model, tokenizer, config, backend, decoding)
     started = time.perf_counter()
     ingested = session.ingest(document, progress=lambda done, total: log(f"prefill {done}/{total} tokens"))
-    for step in session.ask(args.question, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_p=args.top_p, seed=args.seed):
+    for step in session.ask(args.question):
         if not args.json:
             print(step.text, end="", flush=True)
     run = session.last_run
     result = run.summary()
-    result.update(ttft_s=ingested.prefill_s + run.ttft_s, document_tokens=ingested.document_tokens,
+    result.update(group_rule=config.group_rule, repetition_penalty=decoding.repetition_penalty,
+                  ttft_s=ingested.prefill_s + run.ttft_s, document_tokens=ingested.document_tokens,
                   document_prefill_s=ingested.prefill_s, question_ttft_s=run.ttft_s,
                   model=args.model or "smollm2-135m-instruct (embedded)", dtype=str(model.dtype).removeprefix("torch."),
                   device=str(session.device), backend=backend.name, elapsed_s=time.perf_counter() - started)

@@ -13,32 +13,43 @@ CUDA graph (quest_core/cuda_graph.py): the backend keeps the plan functions of t
 re-runs them on the host before each replay, for the layers' new lengths.
 """
 import weakref
+from dataclasses import dataclass
 
 import torch
 
-import kernels
-
+from . import kernels
 from .backend_torch import TorchBackend
 from .paged_cache import PagedLayer
 
-FLASHINFER_DTYPES = (torch.float16, torch.bfloat16)
+
+@dataclass
+class DecodeWrapper:
+    """A FlashInfer decode wrapper in CUDA-graph mode and the fixed buffers we gave it."""
+    wrapper: object
+    last_page_len: torch.Tensor  # int32 [requests]: what the kernels read as each request's last page length
+    use_tensor_cores: bool
 
 
 class FlashInferBackend:
+    """An `AttentionBackend` (quest_core/backends.py) for float16 and bfloat16 on CUDA; `make_backend` picks the
+    torch backend for other dtypes."""
     name = "flashinfer"
+    kv_layout = "page-major"
+    fallback_reason = None
 
     def __init__(self, device, workspace_bytes: int = 128 << 20):
         import flashinfer
 
         self.device = torch.device(device)
-        self.kernels = kernels.load()
-        self.score_topk = kernels.ScoreTopK(self.kernels) if self.kernels is not None else None
-        self.reference = TorchBackend()  # for what FlashInfer does not run (float32, the "max" group rule)
+        self.append_kernels = kernels.load()
+        self.graph_capturable = self.append_kernels is not None  # the captured append reads the length on the GPU
+        self.score_topk = kernels.ScoreTopK(self.append_kernels) if self.append_kernels is not None else None
+        self.reference = TorchBackend()  # for the selections FlashInfer has no kernel for (rules max and mass)
 
         self.flashinfer = flashinfer
         self.workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=self.device)  # wrappers run in turn
         self.prefill_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, kv_layout="HND")
-        self.decode_wrappers = {}
+        self.decode_wrappers = {}  # (name, group, page-list buffer) -> DecodeWrapper
         self.plans = {}          # id(wrapper) -> the key of its current plan: wrappers plan only on a change
         self.step_plans = {}     # id(wrapper) -> (plan, key) functions of the last step, for `plan_step`
         self.last_written = {}   # id(wrapper) -> the cache length its last_page_len buffer was written for
@@ -46,30 +57,36 @@ class FlashInferBackend:
         self.page_range = torch.arange(1 << 16, dtype=torch.int32, device=self.device)
         self.rows = {}  # (Hkv, k) -> the int32 page-row buffer the scorer writes and the sparse wrapper reads
 
+    def describe(self) -> str:
+        if self.append_kernels is None:
+            return "flashinfer, without our CUDA kernels (not built here: their torch twins run)"
+        return self.name
+
     # ---- planning ----
 
-    def _decode_wrapper(self, name: str, group: int, indptr, indices, last_page_len):
+    def _decode_wrapper(self, name: str, group: int, indptr, indices, num_requests: int) -> DecodeWrapper:
         """A decode wrapper in CUDA-graph mode over fixed buffers, made once per (name, group, buffers).
         FlashInfer's decode kernels take query groups of 1, 2, 3, 4 or 8 heads; other groups (7 in Qwen2-7B) run
         on its tensor-core (prefill) kernels."""
         key = (name, group, indices.data_ptr(), indices.numel())
-        wrapper = self.decode_wrappers.get(key)
-        if wrapper is None:
+        decode = self.decode_wrappers.get(key)
+        if decode is None:
+            last_page_len, use_tensor_cores = self._int32(num_requests), group not in (1, 2, 3, 4, 8)
             wrapper = self.flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                self.workspace, kv_layout="HND", use_cuda_graph=True, use_tensor_cores=group not in (1, 2, 3, 4, 8),
+                self.workspace, kv_layout="HND", use_cuda_graph=True, use_tensor_cores=use_tensor_cores,
                 paged_kv_indptr_buffer=indptr(), paged_kv_indices_buffer=indices,
-                paged_kv_last_page_len_buffer=last_page_len())
-            self.decode_wrappers[key] = wrapper
-        return wrapper
+                paged_kv_last_page_len_buffer=last_page_len)
+            decode = self.decode_wrappers[key] = DecodeWrapper(wrapper, last_page_len, use_tensor_cores)
+        return decode
 
-    def _plan(self, wrapper, layer: PagedLayer, plan, key) -> None:
+    def _plan(self, decode: DecodeWrapper, layer: PagedLayer, plan, key) -> None:
         """Plan `wrapper` when `key()` changed, and keep its last_page_len buffer current.
 
         The CUDA-core decode kernels read the last page's length from that buffer, and their split-KV schedule
         depends only on the page counts, so most steps need no new plan (the tensor-core kernels' keys include
         the length). Inside a capture the graph itself writes the buffer, from the length on the GPU."""
+        wrapper, buffer = decode.wrapper, decode.last_page_len
         self.step_plans[id(wrapper)] = (plan, key)
-        buffer = wrapper._paged_kv_last_page_len_buf
         if self.capturing:
             if self.last_written.get(id(wrapper)) != "graph":
                 buffer.copy_(torch.remainder(layer.device_length - 1, layer.page_size).add_(1).expand_as(buffer))
@@ -114,8 +131,6 @@ class FlashInferBackend:
 
     def prefill(self, query: torch.Tensor, layer: PagedLayer, scaling: float) -> torch.Tensor:
         """query [Hq, T, D] -> [Hq, T, D], causal over the whole cache."""
-        if query.dtype not in FLASHINFER_DTYPES:
-            return self.reference.prefill(query, layer, scaling)
         num_heads, num_new, head_dim = query.shape
         num_pages, last = layer.num_pages, layer.last_page_len
         wrapper = self.prefill_wrapper
@@ -130,12 +145,10 @@ class FlashInferBackend:
 
     def decode_dense(self, query: torch.Tensor, layer: PagedLayer, scaling: float) -> torch.Tensor:
         """query [Hkv, G, D] -> [Hkv, G, D] over every stored token."""
-        if query.dtype not in FLASHINFER_DTYPES:
-            return self.reference.decode_dense(query, layer, scaling)
         num_kv_heads, group, head_dim = query.shape
-        self._all_pages(layer.keys.shape[0])  # the page list holds every page the cache has room for
-        wrapper = self._decode_wrapper("dense", group, lambda: self._int32(2), self.page_range,
-                                       lambda: self._int32(1))
+        self._all_pages(layer.capacity_pages)  # the page list holds every page the cache has room for
+        decode = self._decode_wrapper("dense", group, lambda: self._int32(2), self.page_range, 1)
+        wrapper = decode.wrapper
         layer = weakref.proxy(layer)  # the plan functions outlive the step; they must not keep the cache alive
 
         def plan():
@@ -145,49 +158,40 @@ class FlashInferBackend:
                          q_data_type=query.dtype, kv_data_type=layer.keys.dtype)
 
         def key():
-            last = layer.last_page_len if wrapper.use_tensor_cores else None
+            last = layer.last_page_len if decode.use_tensor_cores else None
             return layer.num_pages, last, num_kv_heads, group, head_dim, layer.page_size, query.dtype, scaling
 
-        self._plan(wrapper, layer, plan, key)
+        self._plan(decode, layer, plan, key)
         out = wrapper.run(query.reshape(1, num_kv_heads * group, head_dim), (layer.keys, layer.values))
         return out.view(num_kv_heads, group, head_dim)
 
     def select(self, query: torch.Tensor, layer: PagedLayer, num_selected: int, group_rule: str) -> torch.Tensor:
-        """query [Hkv, G, D] -> one-head page rows [Hkv, k] int32 (p * Hkv + h), the current page last."""
-        if query.dtype not in FLASHINFER_DTYPES:
-            return self.reference.select(query, layer, num_selected, group_rule)
+        """query [Hkv, G, D] -> one-head page rows [Hkv, k] int32 (`layer.one_head_rows`), the current page last."""
         if self.score_topk is not None and group_rule == "sum" and layer.head_dim % 4 == 0:
             rows = self._rows(layer.num_kv_heads, num_selected)
             if layer.device_length is not None:  # captured: the kernel reads the length on the GPU
-                return self.score_topk(query, layer.page_bounds, layer.keys.shape[0], num_selected, rows,
+                return self.score_topk(query, layer.page_bounds, layer.capacity_pages, num_selected, rows,
                                        layer.device_length, layer.page_size)
             return self.score_topk(query, layer.page_bounds, layer.num_pages, num_selected, rows)
-        return _one_head_rows(self.reference.select(query, layer, num_selected, group_rule), layer)
+        return layer.one_head_rows(self.reference.select(query, layer, num_selected, group_rule)).int()
 
     def select_baseline(self, mode, query, layer, num_selected, scaling):
-        pages = self.reference.select_baseline(mode, query, layer, num_selected, scaling)
-        if query.dtype not in FLASHINFER_DTYPES:
-            return pages
-        return _one_head_rows(pages, layer)
+        return layer.one_head_rows(self.reference.select_baseline(mode, query, layer, num_selected, scaling)).int()
 
     def page_ids(self, selected: torch.Tensor, layer: PagedLayer) -> torch.Tensor:
-        """What `select` returned, as page ids [Hkv, k] (for the trace)."""
-        if selected.dtype != torch.int32:
-            return selected
+        """What `select` returned (one-head rows), as page ids [Hkv, k] (for the trace)."""
         return selected.long().div(layer.num_kv_heads, rounding_mode="floor")
 
     def decode_sparse(self, query: torch.Tensor, layer: PagedLayer, selected: torch.Tensor, scaling: float):
         """query [Hkv, G, D], selected page rows [Hkv, k] -> [Hkv, G, D] over the selected pages only."""
-        if query.dtype not in FLASHINFER_DTYPES:
-            return self.reference.decode_sparse(query, layer, selected, scaling)
         num_kv_heads, group, head_dim = query.shape
         num_selected = selected.shape[1]
         rows = self._rows(num_kv_heads, num_selected)
         if selected.data_ptr() != rows.data_ptr():  # a baseline's or the torch scorer's selection
             rows.copy_(selected)
         indptr = torch.arange(0, num_kv_heads * num_selected + 1, num_selected, dtype=torch.int32)
-        wrapper = self._decode_wrapper("sparse", group, lambda: indptr.to(self.device), rows.view(-1),
-                                       lambda: self._int32(num_kv_heads))
+        decode = self._decode_wrapper("sparse", group, lambda: indptr.to(self.device), rows.view(-1), num_kv_heads)
+        wrapper = decode.wrapper
         layer = weakref.proxy(layer)
 
         def plan():
@@ -196,14 +200,10 @@ class FlashInferBackend:
                          kv_data_type=layer.keys.dtype)
 
         def key():
-            last = layer.last_page_len if wrapper.use_tensor_cores else None
+            last = layer.last_page_len if decode.use_tensor_cores else None
             return last, group, head_dim, layer.page_size, query.dtype, scaling
 
-        self._plan(wrapper, layer, plan, key)
+        self._plan(decode, layer, plan, key)
         one_head_pages = (-1, 1, layer.page_size, head_dim)
         return wrapper.run(query.contiguous(), (layer.keys.view(one_head_pages), layer.values.view(one_head_pages)))
 
-
-def _one_head_rows(pages: torch.Tensor, layer: PagedLayer) -> torch.Tensor:
-    """Page ids [Hkv, k] -> FlashInfer's one-head page rows p * Hkv + h, int32."""
-    return (pages * layer.num_kv_heads + layer.head_rows).int()

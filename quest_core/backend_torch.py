@@ -12,7 +12,21 @@ from .selection import page_attention_mass, page_scores, select_pages, streaming
 
 
 class TorchBackend:
+    """The reference `AttentionBackend` (quest_core/backends.py). Head-major pages: dense attention reads each KV
+    head's tokens in place; Quest gathers the selected pages."""
     name = "torch"
+    kv_layout = "head-major"
+    append_kernels = None
+    graph_capturable = False
+
+    def __init__(self, fallback_reason: str | None = None):
+        self.fallback_reason = fallback_reason
+
+    def describe(self) -> str:
+        return f"torch (fallback: {self.fallback_reason})" if self.fallback_reason else "torch"
+
+    def plan_step(self) -> None:
+        """Nothing to plan: the torch attention reads the lengths as it runs."""
 
     def prefill(self, query: torch.Tensor, layer: PagedLayer, scaling: float) -> torch.Tensor:
         """query [Hq, T, D] for the last T stored tokens -> out [Hq, T, D], causal over the whole cache."""

@@ -1,16 +1,59 @@
-"""Choosing an attention backend: `auto` takes flashinfer (with our CUDA kernels) on CUDA when it imports, else
-torch; a backend that cannot run here falls back to torch with a log line, never silently."""
+"""Attention backends: the contract (`AttentionBackend`) and the choice (`make_backend`). `auto` takes flashinfer
+(with our CUDA kernels) on CUDA for half-precision models when FlashInfer imports, else torch; a backend that cannot
+run here falls back to torch with a log line and a `fallback_reason`, never silently.
+
+Like FlashInfer's wrappers, a backend plans on the host (`plan_step`, once per shape) and runs many times; the
+decode calls of a `graph_capturable` backend can be captured in a CUDA graph and replayed. The quest attention
+(quest_core/hf.py) calls it, layer by layer, as transformers calls an `AttentionInterface` function.
+"""
 import logging
+from typing import Protocol
 
 import torch
 
 from .backend_torch import TorchBackend
+from .paged_cache import PagedLayer
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "torch", "flashinfer")
 
 
-def make_backend(name: str, device) -> object:
+class AttentionBackend(Protocol):
+    name: str
+    kv_layout: str                 # the PagedLayer layout it reads: "page-major" or "head-major"
+    append_kernels: object | None  # our CUDA module whose append_kv the cache uses, or None (torch appends)
+    graph_capturable: bool         # its decode calls can be captured in a CUDA graph (plan_step before a replay)
+    fallback_reason: str | None    # why this backend runs instead of the one asked for
+
+    def describe(self) -> str:
+        """What runs, for people: the name, and the fallback or missing kernels if any."""
+
+    def plan_step(self) -> None:
+        """Before a CUDA-graph replay: re-plan, on the host, what the last step's shapes need."""
+
+    def prefill(self, query: torch.Tensor, layer: PagedLayer, scaling: float) -> torch.Tensor:
+        """query [Hq, T, D] for the last T stored tokens -> out [Hq, T, D], causal over the whole cache."""
+
+    def decode_dense(self, query: torch.Tensor, layer: PagedLayer, scaling: float) -> torch.Tensor:
+        """query [Hkv, G, D] -> out [Hkv, G, D] over every stored token."""
+
+    def select(self, query: torch.Tensor, layer: PagedLayer, num_selected: int, group_rule: str) -> torch.Tensor:
+        """query [Hkv, G, D] -> Quest's selection [Hkv, k] (in the backend's own form), current page last."""
+
+    def select_baseline(self, mode: str, query: torch.Tensor, layer: PagedLayer, num_selected: int,
+                        scaling: float) -> torch.Tensor:
+        """The evaluation's baselines, "streaming" or "oracle", in the form `select` returns."""
+
+    def page_ids(self, selected: torch.Tensor, layer: PagedLayer) -> torch.Tensor:
+        """What `select` returned, as page ids [Hkv, k] (for the trace)."""
+
+    def decode_sparse(self, query: torch.Tensor, layer: PagedLayer, selected: torch.Tensor,
+                      scaling: float) -> torch.Tensor:
+        """query [Hkv, G, D], a selection [Hkv, k] -> out [Hkv, G, D] over the selected pages only."""
+
+
+def make_backend(name: str, device, dtype: torch.dtype = torch.bfloat16) -> AttentionBackend:
+    """The backend `name` for a model of `dtype` on `device`, or torch with its `fallback_reason`."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     device = torch.device(device)
@@ -18,6 +61,8 @@ def make_backend(name: str, device) -> object:
         return TorchBackend()
     if device.type != "cuda":
         return _fallback("the flashinfer backend needs CUDA")
+    if dtype not in (torch.float16, torch.bfloat16):
+        return _fallback(f"FlashInfer runs float16 and bfloat16, not {str(dtype).removeprefix('torch.')}")
     try:
         from .backend_flashinfer import FlashInferBackend
 
@@ -27,8 +72,5 @@ def make_backend(name: str, device) -> object:
 
 
 def _fallback(reason: str) -> TorchBackend:
-    """The torch backend, logged, with `fallback_reason` saying why the one asked for cannot run (the app shows it)."""
     log.warning("%s; using the torch backend", reason)
-    backend = TorchBackend()
-    backend.fallback_reason = reason
-    return backend
+    return TorchBackend(fallback_reason=reason)

@@ -32,11 +32,10 @@ def graph_decoder(model, cache: QuestCache, cache_arg: str):
     backend or no kernels, float32, a trace that inspects recall (a dense pass per layer), the streaming/oracle
     baselines."""
     backend, config, layer = cache.backend, cache.config, cache.layers[0]
-    if not (layer.is_initialized and layer.keys.is_cuda and hasattr(backend, "plan_step")
-            and getattr(backend, "kernels", None) is not None and layer.keys.dtype in (torch.float16, torch.bfloat16)
+    if not (layer.is_initialized and layer.keys.is_cuda and backend.graph_capturable
             and (cache.trace is None or not cache.trace.inspect) and config.mode in ("dense", "quest")):
         return None
-    if getattr(cache, "graph_decoder", None) is None:
+    if cache.graph_decoder is None:
         cache.graph_decoder = GraphDecoder(model, cache, cache_arg)
     return None if cache.graph_decoder.failed else cache.graph_decoder
 
@@ -61,7 +60,7 @@ class GraphDecoder:
     def _shape(self, length: int) -> tuple:
         config, layer = self.cache.config, self.cache.layers[0]
         sparse = config.mode == "quest" and -(-length // layer.page_size) > config.budget_pages
-        return config, layer.keys.shape[0], sparse, self.cache.trace is not None
+        return config, layer.capacity_pages, sparse, self.cache.trace is not None
 
     def step(self, token_id: int) -> torch.Tensor:
         """Append `token_id` and run the model on it; returns the logits [vocab] float32 (the graph's output

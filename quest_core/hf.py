@@ -25,8 +25,9 @@ class QuestCache(Cache):
 
     def __init__(self, num_layers: int, config: QuestConfig, backend=None):
         self.backend = backend or TorchBackend()
-        gather_buffer, append_kernels = GatherBuffer(), getattr(self.backend, "kernels", None)
-        super().__init__(layers=[PagedLayer(config.page_size, gather_buffer=gather_buffer, kernels=append_kernels)
+        gather_buffer = GatherBuffer()
+        super().__init__(layers=[PagedLayer(config.page_size, gather_buffer=gather_buffer,
+                                            kernels=self.backend.append_kernels, kv_layout=self.backend.kv_layout)
                                  for _ in range(num_layers)])
         self.config = config
         self.trace = None  # a quest_core.trace.Trace while recording
@@ -56,10 +57,17 @@ class QuestCache(Cache):
         self.config = config
 
 
+UNSUPPORTED_KWARGS = {"softcap": "attention logit soft-capping", "sliding_window": "sliding-window attention",
+                      "s_aux": "attention sinks"}
+
+
 def quest_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, quest_cache=None, **kwargs):
     """query [1, Hq, T, D] -> (out [1, T, Hq, D], None). `key`/`value` are the layer's pages, already appended."""
     if quest_cache is None:
         raise ValueError("the 'quest' attention needs the model called with quest_cache=<QuestCache>")
+    for name, feature in UNSUPPORTED_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"the quest attention does not implement {feature} ({name}={kwargs[name]!r})")
     layer_idx = module.layer_idx
     layer = quest_cache.layers[layer_idx]
     config, backend, trace = quest_cache.config, quest_cache.backend, quest_cache.trace
@@ -97,8 +105,27 @@ def register() -> None:
     AttentionMaskInterface.register(ATTN_NAME, _no_mask)
 
 
+def unsupported_feature(model) -> str | None:
+    """What of `model`'s attention the quest attention does not implement (it would attend wrongly), or None."""
+    config = model.config
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return UNSUPPORTED_KWARGS["softcap"]
+    if any(name.endswith(".sinks") for name, _ in model.named_parameters()):
+        return UNSUPPORTED_KWARGS["s_aux"]
+    layer_types = getattr(config, "layer_types", None)
+    sliding = ("sliding_attention" in layer_types if layer_types else
+               getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True))
+    if sliding:
+        return UNSUPPORTED_KWARGS["sliding_window"]
+    return None
+
+
 def use_quest(model) -> None:
-    """Switch `model` (any transformers decoder built on the attention registry) to the quest attention."""
+    """Switch `model` (any transformers decoder built on the attention registry) to the quest attention; a model
+    whose attention uses what it does not implement (soft-capping, a sliding window, sinks) is refused."""
+    if feature := unsupported_feature(model):
+        raise ValueError(f"{type(model).__name__} uses {feature}, which the quest attention does not implement: "
+                         "its answers would be wrong. Llama, Qwen2/3 and Mistral without a sliding window work.")
     register()
     model.set_attn_implementation(ATTN_NAME)
 

@@ -1,9 +1,13 @@
 """One attention layer's KV cache in pages of P tokens, with each page's key min/max (Quest's metadata).
 
-Layout (the GPU path views K and V as one-head pages `[pages * Hkv, 1, P, D]`):
-    keys, values   [capacity_pages, Hkv, P, D]
+Layout, one of two, chosen by the attention backend (`kv_layout`):
+    "page-major" (FlashInfer's HND; the GPU path)   keys, values [capacity_pages, Hkv, P, D]
+    "head-major" (the torch backend)                keys, values [Hkv, capacity_pages, P, D]
     page_bounds    [Hkv, capacity_pages, 2 * D]   the page's element-wise key max, then its key min
     page_max, page_min are the two halves of page_bounds (views): [Hkv, capacity_pages, D]
+`key_pages` / `value_pages` view either as [capacity_pages, Hkv, P, D]. Head-major keeps each KV head's tokens in
+order in one stretch of memory, so dense attention reads them in place (`dense()` is a view, no copy). Both are
+also read as one-head pages [capacity_pages * Hkv, P, D], whose row for (page, KV head) is `one_head_rows`.
 
 Keeping max and min side by side makes a page's score one dot product, [relu(q), min(q, 0)] . page_bounds.
 The bounds are exact in any dtype (a max of stored values). On CPU they are kept in float32, so scoring needs no
@@ -17,6 +21,8 @@ import math
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
+
+KV_LAYOUTS = ("page-major", "head-major")
 
 
 class GatherBuffer:
@@ -40,9 +46,15 @@ class PagedLayer(CacheLayerMixin):
     is_sliding = False
 
     def __init__(self, page_size: int = 16, block_pages: int = 64, gather_buffer: GatherBuffer | None = None,
-                 kernels=None):
-        """kernels: the compiled CUDA module (kernels.load()), whose append_kv replaces the torch path on CUDA."""
+                 kernels=None, kv_layout: str = "page-major"):
+        """kernels: the compiled CUDA module (quest_core.kernels.load()), whose append_kv replaces the torch path on
+        CUDA (page-major layout only)."""
         super().__init__()
+        if kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
+        if kernels is not None and kv_layout != "page-major":
+            raise ValueError("our CUDA kernels write the page-major layout")
+        self.page_dim = KV_LAYOUTS.index(kv_layout)  # the storage's page axis: 0 page-major, 1 head-major
         self.page_size = page_size
         self.block_pages = block_pages
         self.gather_buffer = gather_buffer or GatherBuffer()
@@ -60,7 +72,9 @@ class PagedLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def _allocate_empty(self, num_kv_heads, head_dim, dtype, device):
-        self.keys = torch.empty(0, num_kv_heads, self.page_size, head_dim, dtype=dtype, device=device)
+        shape = [num_kv_heads, self.page_size, head_dim]
+        shape.insert(self.page_dim, 0)
+        self.keys = torch.empty(shape, dtype=dtype, device=device)
         self.values = torch.empty_like(self.keys)
         bounds_dtype = torch.float32 if device.type == "cpu" else dtype
         self.page_bounds = torch.empty(num_kv_heads, 0, 2 * head_dim, dtype=bounds_dtype, device=device)
@@ -91,12 +105,31 @@ class PagedLayer(CacheLayerMixin):
     # ---- paging ----
 
     @property
+    def key_pages(self) -> torch.Tensor:
+        """The keys as [capacity_pages, Hkv, P, D], whichever the layout (a view)."""
+        return self.keys.transpose(0, 1) if self.page_dim else self.keys
+
+    @property
+    def value_pages(self) -> torch.Tensor:
+        return self.values.transpose(0, 1) if self.page_dim else self.values
+
+    @property
+    def capacity_pages(self) -> int:
+        return self.keys.shape[self.page_dim]
+
+    @property
     def num_kv_heads(self) -> int:
-        return self.keys.shape[1]
+        return self.keys.shape[1 - self.page_dim]
 
     @property
     def head_dim(self) -> int:
         return self.keys.shape[3]
+
+    def one_head_rows(self, pages: torch.Tensor) -> torch.Tensor:
+        """Page ids [Hkv, k] -> their rows in the one-head view [capacity_pages * Hkv, P, D] (same shape)."""
+        if self.page_dim:
+            return pages + self.head_rows * self.capacity_pages
+        return pages * self.num_kv_heads + self.head_rows
 
     @property
     def page_max(self) -> torch.Tensor:
@@ -118,13 +151,15 @@ class PagedLayer(CacheLayerMixin):
     @torch.inference_mode()
     def reserve(self, num_tokens: int) -> None:
         """Make room for `num_tokens` tokens in total, growing by whole blocks of pages."""
-        have = self.keys.shape[0]
+        have = self.capacity_pages
         need = -(-num_tokens // self.page_size)
         if need <= have:
             return
         grow = math.ceil((need - have) / self.block_pages) * self.block_pages
-        self.keys = torch.cat([self.keys, self.keys.new_empty(grow, *self.keys.shape[1:])])
-        self.values = torch.cat([self.values, self.values.new_empty(grow, *self.values.shape[1:])])
+        more = list(self.keys.shape)
+        more[self.page_dim] = grow
+        self.keys = torch.cat([self.keys, self.keys.new_empty(more)], dim=self.page_dim)
+        self.values = torch.cat([self.values, self.values.new_empty(more)], dim=self.page_dim)
         empty_bounds = self.page_bounds.new_full((self.num_kv_heads, grow, 2, self.head_dim), math.inf)
         empty_bounds[:, :, 0] = -math.inf
         self.page_bounds = torch.cat([self.page_bounds, empty_bounds.flatten(2)], dim=1)
@@ -141,16 +176,16 @@ class PagedLayer(CacheLayerMixin):
             self.kernels.append_kv(keys, values, self.keys, self.values, self.page_bounds, start)
         elif num_new == 1:  # decode: plain indexing, no index tensors
             page, slot = divmod(start, self.page_size)
-            self.keys[page, :, slot] = keys[:, 0]
-            self.values[page, :, slot] = values[:, 0]
+            self.key_pages[page, :, slot] = keys[:, 0]
+            self.value_pages[page, :, slot] = values[:, 0]
             new_keys = keys[:, 0].to(self.page_bounds.dtype)
             torch.maximum(self.page_max[:, page], new_keys, out=self.page_max[:, page])
             torch.minimum(self.page_min[:, page], new_keys, out=self.page_min[:, page])
         else:
             position = torch.arange(start, start + num_new, device=keys.device)
             page, slot = position // self.page_size, position % self.page_size
-            self.keys[page, :, slot] = keys.transpose(0, 1)
-            self.values[page, :, slot] = values.transpose(0, 1)
+            self.key_pages[page, :, slot] = keys.transpose(0, 1)
+            self.value_pages[page, :, slot] = values.transpose(0, 1)
             index = page.view(1, -1, 1).expand_as(keys)
             new_keys = keys.to(self.page_bounds.dtype)
             self.page_max.scatter_reduce_(1, index, new_keys, "amax")
@@ -167,7 +202,7 @@ class PagedLayer(CacheLayerMixin):
         self.page_min[:, first_dropped_page:self.num_pages] = math.inf
         kept = length - first_dropped_page * self.page_size
         if kept:
-            page_keys = self.keys[first_dropped_page, :, :kept]  # [Hkv, kept, D]
+            page_keys = self.key_pages[first_dropped_page, :, :kept]  # [Hkv, kept, D]
             self.page_max[:, first_dropped_page] = page_keys.amax(dim=1)
             self.page_min[:, first_dropped_page] = page_keys.amin(dim=1)
         self.length = length
@@ -189,8 +224,13 @@ class PagedLayer(CacheLayerMixin):
     # ---- reads ----
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All stored tokens in order: keys, values [Hkv, length, D], in the gather buffer."""
-        return self.gather(None)
+        """All stored tokens in order: keys, values [Hkv, length, D]; head-major: views of the cache, page-major:
+        copies in the gather buffer."""
+        if not self.page_dim:
+            return self.gather(None)
+        flat = (self.num_kv_heads, self.num_pages * self.page_size, self.head_dim)
+        return (self.keys[:, :self.num_pages].view(flat)[:, :self.length],
+                self.values[:, :self.num_pages].view(flat)[:, :self.length])
 
     @torch.inference_mode()
     def gather(self, selected_pages: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,10 +240,10 @@ class PagedLayer(CacheLayerMixin):
         shape = (self.num_kv_heads, num_pages, self.page_size, self.head_dim)
         keys, values = self.gather_buffer.get(shape, self.keys)
         if selected_pages is None:
-            keys.copy_(self.keys[:num_pages].transpose(0, 1))
-            values.copy_(self.values[:num_pages].transpose(0, 1))
-        else:  # one-head pages: page p of KV head h is row p * Hkv + h
-            rows = (selected_pages * self.num_kv_heads + self.head_rows).view(-1)
+            keys.copy_(self.key_pages[:num_pages].transpose(0, 1))
+            values.copy_(self.value_pages[:num_pages].transpose(0, 1))
+        else:
+            rows = self.one_head_rows(selected_pages).view(-1)
             one_head_pages = (-1, self.page_size, self.head_dim)
             torch.index_select(self.keys.view(one_head_pages), 0, rows, out=keys.view(one_head_pages))
             torch.index_select(self.values.view(one_head_pages), 0, rows, out=values.view(one_head_pages))

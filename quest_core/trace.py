@@ -68,7 +68,8 @@ class Trace:
             return
         num_selected = selected_pages.shape[1]
         tokens = (num_selected - 1) * layer.page_size + layer.last_page_len
-        bounds_bytes = layer.num_pages * layer.page_bounds.shape[-1] * layer.num_kv_heads * layer.page_bounds.element_size()
+        bounds = layer.page_bounds
+        bounds_bytes = layer.num_pages * bounds.shape[-1] * layer.num_kv_heads * bounds.element_size()
         self._read_bytes += tokens * per_token + bounds_bytes
         self.layer_pages[layer_idx] = selected_pages
         if self.inspect:

@@ -2,6 +2,18 @@ import socket
 
 import pytest
 
+MARKERS = {
+    "slow": "takes more than about 10 s on 2 CPU cores (the quick evaluation, runs of the default model)",
+    "browser": "drives the app in a real browser (Debian's chromium, Playwright)",
+    "gpu": "needs CUDA (our kernels, FlashInfer, CUDA graphs); skipped without it",
+}
+
+
+def pytest_configure(config):
+    """The fast subset for development: python -m pytest -q -m "not slow and not browser and not gpu" tests"""
+    for name, description in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {description}")
+
 
 @pytest.fixture(scope="session")
 def default_model():

@@ -11,6 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from app.documents import sample_text
+from quest_core.config import default_config
+from quest_core.session import Session, cut_document
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if not CHROMIUM and not os.environ.get("CI"):
     pytest.skip("needs Debian's chromium (apt-get install chromium)", allow_module_level=True)
@@ -21,10 +26,15 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
          "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 ERROR_STATE = '[data-testid="status-tracker"] .error'  # Gradio's red "Error" on a component
 WHOLE_PLAY = "Hamlet, the whole play (~53K tokens: longer than the context)"
+MAX_NEW_TOKENS = 24  # conftest.app_url's build_app(max_new_tokens=24)
 
 
 def assert_no_error_state(page):
     assert page.locator(ERROR_STATE).count() == 0, "a component shows Gradio's error state"
+
+
+def question(turn: int) -> str:
+    return f"Question {turn}: what does Horatio say next?"
 
 
 def answer_line(metrics: str) -> str:
@@ -36,6 +46,11 @@ def answer_line(metrics: str) -> str:
 def tokens_in(metrics: str) -> int | None:
     found = re.search(r"· (\d+) tokens · decode", metrics)
     return int(found.group(1)) if found else None
+
+
+def words(text):
+    """The words and numbers of a text: what survives the chat's markdown rendering and its line breaks."""
+    return re.findall(r"[^\W_]+", text)
 
 
 def shades(page) -> list[str]:
@@ -60,9 +75,13 @@ def ask_and_watch(page, question: str) -> set[int]:
     raise TimeoutError(f"no answer to {question!r}")
 
 
-@pytest.mark.browser
-def test_fill_the_context_compare_and_see_where_the_model_looked(app_url, tmp_path):
+def test_fill_the_context_compare_and_see_where_the_model_looked(app_url, tmp_path, default_model):
     assert CHROMIUM, "CI must install Debian's chromium"
+    model, tokenizer = default_model
+    session = Session(model, tokenizer, default_config(model.config))  # the oracle: the app's settings, no app
+    session.ingest(cut_document(tokenizer, model.config, sample_text(WHOLE_PLAY), "head"))
+    first_answer = session.answer(question(0), max_new_tokens=MAX_NEW_TOKENS).text
+    assert words(first_answer), "the engine gave an empty answer: the check below would prove nothing"
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
         page = browser.new_page(viewport={"width": 1440, "height": 1000})
@@ -87,10 +106,13 @@ def test_fill_the_context_compare_and_see_where_the_model_looked(app_url, tmp_pa
 
         live = set()
         for turn in range(30):
-            seen = ask_and_watch(page, f"Question {turn}: what does Horatio say next?")
+            seen = ask_and_watch(page, question(turn))
             final = max(seen)
             live |= {count for count in seen if count < final}
-            expect(page.locator('#chat [data-testid="bot"]').last).to_have_text(re.compile(r"\w"))  # answers keep coming
+            answer = page.locator('#chat [data-testid="bot"]').last
+            expect(answer).to_have_text(re.compile(r"\w"))  # answers keep coming
+            if turn == 0:  # the streamed answer is the engine's, word for word
+                assert words(answer.inner_text()) == words(first_answer)
             assert_no_error_state(page)
             if page.locator("#chat").get_by_text("Context full").count():
                 break
@@ -106,7 +128,7 @@ def test_fill_the_context_compare_and_see_where_the_model_looked(app_url, tmp_pa
         chat, dense, quest = (page.locator(f"#{name}").bounding_box() for name in ("chat", "dense-answer",
                                                                                     "quest-answer"))
         assert abs(dense["y"] - quest["y"]) < 2 and dense["x"] < quest["x"]  # side by side
-        assert chat["x"] <= dense["x"] and quest["x"] + quest["width"] <= chat["x"] + chat["width"] + 1  # the chat's column
+        assert chat["x"] <= dense["x"] and quest["x"] + quest["width"] <= chat["x"] + chat["width"] + 1  # its column
         assert 0 < dense["y"] - (chat["y"] + chat["height"]) < 200 and dense["y"] < 1000  # right below it, on screen
         page.evaluate("window.scrollTo(0, 0)")
         shot = Path(os.environ.get("QUEST_SCREENSHOT", tmp_path / "screenshot.png"))

@@ -9,6 +9,7 @@ from quest_core.config import QuestConfig
 from quest_core.models import load_model
 from quest_core.session import Session
 
+pytestmark = pytest.mark.slow  # the default model in float32 over a 2K-token prompt: minutes on 2 cores
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 

@@ -3,6 +3,8 @@ import pytest
 
 from eval import run as evaluation
 
+pytestmark = pytest.mark.slow  # the quick evaluation runs for minutes
+
 
 @pytest.fixture(scope="module")
 def results(default_model, tmp_path_factory):

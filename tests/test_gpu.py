@@ -1,12 +1,14 @@
-"""GPU path: our CUDA kernels against their torch twins, the flashinfer backend against fp32 attention, and
-greedy tokens of the two backends. Skipped without CUDA (CI has none); run on the H200 with the device tool."""
+"""GPU path: our CUDA kernels against their torch twins, the flashinfer backend against fp32 attention and
+against the torch backend, and the engine's greedy decoding against the float32 model. Skipped without CUDA (CI
+has none); run on the H200 with the device tool."""
 import pytest
 import torch
 
+pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
-import kernels  # noqa: E402
+from quest_core import kernels  # noqa: E402
 from quest_core.backend_flashinfer import FlashInferBackend  # noqa: E402
 from quest_core.backend_torch import TorchBackend  # noqa: E402
 from quest_core.config import QuestConfig  # noqa: E402
@@ -173,8 +175,9 @@ def test_flashinfer_attention_against_fp32(dtype, head_dim):
     assert relative_error(got, expected) <= 1e-2
 
 
-def tiny_llama(dtype):
-    """A random 4-layer GQA Llama (8 q / 2 kv heads, head_dim 64) on the GPU, on the quest attention."""
+def tiny_llama(dtype, initializer_range=0.3, query_key_scale=1.0):
+    """A random 4-layer GQA Llama (8 q / 2 kv heads, head_dim 64) on the GPU, on the quest attention.
+    query_key_scale multiplies the query and key projections, so the attention logits by its square."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from quest_core.hf import use_quest
@@ -182,25 +185,59 @@ def tiny_llama(dtype):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
                          num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
-                         initializer_range=0.3)
-    model = LlamaForCausalLM(config).to("cuda", dtype).eval()
+                         initializer_range=initializer_range)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(query_key_scale)
+            layer.self_attn.k_proj.weight.mul_(query_key_scale)
+    model = model.to("cuda", dtype)
     use_quest(model)
     return model
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_greedy_tokens_flashinfer_vs_torch_backend(dtype, capsys):
-    model = tiny_llama(dtype)
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_greedy_decode_follows_the_fp32_model(dtype, capsys):
+    """The engine's greedy decoding on a GPU (the flashinfer backend, each step replayed as a CUDA graph over the
+    compiled layers and queued ahead of the host), checked token by token against the torch backend in float32 on
+    an upcast copy of the same model, teacher-forced on the tokens it chose (free-running, one near tie would fork
+    the two answers). At each step, how far the chosen token's float32 logit falls short of the float32 best is at
+    most 3x the dtype's rounding there, which is how far the torch backend in the same dtype is from float32 at
+    that step: logits within e of float32's pick a token at most 2e short of its best.
+    The model is tame (transformers' default initializer range, 0.02: at 0.3 bf16 logits are about 15% away from
+    float32's and ties are everywhere) with sharp attention (query and key projections x3; else the attention is
+    near uniform and it hardly matters what it reads). Measured on CPU with the torch backend standing in and the
+    attention in another rounding: a shortfall of 0.44-1.08x over four prompts; a 1.5x softmax scale gave 14.8x,
+    each selected page's neighbour read instead 17.2x, the current page left out 2.7x (not caught: the logits
+    test below is the fine check)."""
+    model = tiny_llama(dtype, initializer_range=0.02, query_key_scale=3.0)
+    upcast = tiny_llama(dtype, initializer_range=0.02, query_key_scale=3.0).float()  # same weights, in float32
     prompt = torch.randint(0, 256, (700,), generator=torch.Generator().manual_seed(1)).tolist()
-    tokens = {}
-    for name, backend in (("torch", TorchBackend()), ("flashinfer", FlashInferBackend("cuda"))):
-        cache = QuestCache(4, QuestConfig(mode="quest", budget=256, page_size=16), backend)
-        tokens[name] = generate_ids(model, cache, prompt, 64, chunk_size=256, min_new_tokens=64)
-    same = sum(a == b for a, b in zip(tokens["torch"], tokens["flashinfer"]))
+    config = QuestConfig(budget=256, page_size=16)  # sparse from the first step
+    cache = QuestCache(4, config, FlashInferBackend("cuda"))
+    tokens = generate_ids(model, cache, prompt, 64, chunk_size=256, min_new_tokens=64)
+    decoder = cache.graph_decoder  # the decode path under test ran: compiled layers in a captured graph
+    assert decoder is not None and decoder.compile_layers and not decoder.failed and decoder.graph is not None
+
+    def teacher_forced(model):
+        """[64, vocab]: the logits each of `tokens` was chosen from, by the torch backend on `model`."""
+        cache = QuestCache(4, config, TorchBackend())
+        steps = [prefill(model, cache, prompt, chunk_size=256)]
+        steps += [prefill(model, cache, [token]) for token in tokens[:-1]]  # one token: a decode step
+        return torch.stack(steps).float()
+
+    float32, rounded = teacher_forced(upcast), teacher_forced(model)
+    chosen = torch.tensor(tokens, device="cuda")
+    shortfall = float32.amax(-1) - float32.gather(1, chosen[:, None])[:, 0]  # 0 where it is float32's argmax
+    rounding = (rounded - float32).abs().amax(-1)
+    ratio = (shortfall / rounding).max().item()
+    agrees = (float32.argmax(-1) == chosen).float().mean().item()
     with capsys.disabled():
-        print(f"\n{dtype}: flashinfer and torch backends agree on {same}/64 greedy tokens")
-    if dtype == torch.float32:
-        assert tokens["torch"] == tokens["flashinfer"]
+        print(f"\n{dtype}: greedy tokens are float32's argmax at {agrees:.0%} of 64 steps; worst shortfall "
+              f"{ratio:.2f}x the step's rounding (at most 3)")
+    assert ratio <= 3, [(step, round(s, 4), round(r, 4)) for step, (s, r)
+                        in enumerate(zip(shortfall.tolist(), rounding.tolist())) if s > 3 * r]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -76,6 +76,7 @@ def test_default_config_follows_the_head_dim():
     assert default_config(Qwen3Config(hidden_size=1024, num_attention_heads=16, head_dim=128)) == QuestConfig()
 
 
+@pytest.mark.slow  # torch.compile
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
 def test_compiled_layers_decode_like_the_model_as_it_is(name):
     """The decoder layers under torch.compile (what the CUDA-graph step runs on the GPU), teacher-forced over 8 decode
@@ -98,3 +99,28 @@ def test_compiled_layers_decode_like_the_model_as_it_is(name):
     hooked.forward = hooked.forward  # a forward set on the object, as accelerate's hooks do: nothing is compiled
     with compiled_layers(model):
         assert [vars(layer).get("forward") for layer in model.model.layers] == [hooked.forward, None, None, None]
+
+
+@pytest.mark.parametrize("name, config_class, model_class, extra, feature", [
+    ("gemma2", "Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8}, "soft-capping"),
+    ("mistral-window", "MistralConfig", "MistralForCausalLM", {"sliding_window": 64}, "sliding-window"),
+    ("gpt-oss", "GptOssConfig", "GptOssForCausalLM", {"head_dim": 8, "num_local_experts": 2, "num_experts_per_tok": 1},
+     "sinks"),
+])
+def test_models_whose_attention_quest_does_not_implement_are_refused(name, config_class, model_class, extra, feature):
+    import transformers
+
+    config = getattr(transformers, config_class)(**SHAPES, **extra)
+    model = getattr(transformers, model_class)(config).eval()
+    with pytest.raises(ValueError, match=feature):
+        use_quest(model)
+
+
+def test_the_attention_refuses_keywords_it_does_not_implement():
+    from quest_core.hf import quest_attention
+
+    model, prompt = tiny_model("llama")
+    cache = QuestCache(model.config.num_hidden_layers, QuestConfig())
+    query = torch.randn(1, 8, 1, 8)
+    with pytest.raises(NotImplementedError, match="soft-capping"):
+        quest_attention(model.model.layers[0].self_attn, query, query, query, None, quest_cache=cache, softcap=30.0)

@@ -1,13 +1,14 @@
-"""The paged cache stores every token where its page says and keeps each page's true key min/max."""
+"""The paged cache stores every token where its page says and keeps each page's true key min/max, in both layouts."""
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from quest_core.paged_cache import PagedLayer
+from quest_core.paged_cache import KV_LAYOUTS, PagedLayer
 
 
-def fill(page_size, chunk_lengths, num_kv_heads=2, head_dim=8, dtype=torch.float32, seed=0):
+def fill(page_size, chunk_lengths, num_kv_heads=2, head_dim=8, dtype=torch.float32, seed=0, kv_layout="page-major"):
     generator = torch.Generator().manual_seed(seed)
-    layer = PagedLayer(page_size, block_pages=3)
+    layer = PagedLayer(page_size, block_pages=3, kv_layout=kv_layout)
     all_keys, all_values = [], []
     for length in chunk_lengths:
         keys = torch.randn(1, num_kv_heads, length, head_dim, generator=generator).to(dtype)
@@ -25,9 +26,10 @@ def true_bounds(keys, page_size):
 
 
 @settings(max_examples=60, deadline=None)
-@given(page_size=st.sampled_from([1, 8, 16, 32]), chunks=st.lists(st.integers(1, 70), min_size=1, max_size=8))
-def test_metadata_equals_true_min_max_after_random_appends(page_size, chunks):
-    layer, keys, values = fill(page_size, chunks)
+@given(page_size=st.sampled_from([1, 8, 16, 32]), chunks=st.lists(st.integers(1, 70), min_size=1, max_size=8),
+       kv_layout=st.sampled_from(KV_LAYOUTS))
+def test_metadata_equals_true_min_max_after_random_appends(page_size, chunks, kv_layout):
+    layer, keys, values = fill(page_size, chunks, kv_layout=kv_layout)
     assert layer.length == keys.shape[1]
     expected_max, expected_min = true_bounds(keys, page_size)
     assert torch.equal(layer.page_max[:, : layer.num_pages], expected_max)
@@ -36,23 +38,28 @@ def test_metadata_equals_true_min_max_after_random_appends(page_size, chunks):
     assert torch.equal(stored_keys, keys) and torch.equal(stored_values, values)
 
 
-def test_pages_hold_tokens_in_order_and_unused_pages_stay_empty():
-    layer, keys, _ = fill(16, [5, 30, 1, 1])  # 37 tokens: 3 pages, the last holds 5
+@pytest.mark.parametrize("kv_layout", KV_LAYOUTS)
+def test_pages_hold_tokens_in_order_and_unused_pages_stay_empty(kv_layout):
+    layer, keys, _ = fill(16, [5, 30, 1, 1], kv_layout=kv_layout)  # 37 tokens: 3 pages, the last holds 5
     assert (layer.num_pages, layer.last_page_len) == (3, 5)
-    assert torch.equal(layer.keys[1, :, 3], keys[:, 19])
-    assert layer.keys.shape[0] % 3 == 0  # grown by whole blocks
+    assert torch.equal(layer.key_pages[1, :, 3], keys[:, 19])
+    page_axis = 0 if kv_layout == "page-major" else 1
+    assert torch.equal(layer.keys.select(page_axis, 1)[:, 3], keys[:, 19])  # the storage is laid out as named
+    assert layer.capacity_pages % 3 == 0  # grown by whole blocks
     assert torch.isinf(layer.page_max[:, 3:]).all() and (layer.page_max[:, 3:] < 0).all()
     assert torch.isinf(layer.page_min[:, 3:]).all() and (layer.page_min[:, 3:] > 0).all()
 
 
 @settings(max_examples=30, deadline=None)
 @given(page_size=st.sampled_from([1, 8, 16]), chunks=st.lists(st.integers(1, 50), min_size=1, max_size=5),
-       cut=st.floats(0, 1), extra=st.integers(1, 40))
-def test_truncate_then_append_equals_appending_the_kept_tokens(page_size, chunks, cut, extra):
-    layer, keys, values = fill(page_size, chunks)
+       cut=st.floats(0, 1), extra=st.integers(1, 40), kv_layout=st.sampled_from(KV_LAYOUTS),
+       seed=st.integers(0, 10_000))
+def test_truncate_then_append_equals_appending_the_kept_tokens(page_size, chunks, cut, extra, kv_layout, seed):
+    layer, keys, values = fill(page_size, chunks, seed=seed, kv_layout=kv_layout)
     keep = int(cut * keys.shape[1])
     layer.truncate(keep)
-    more_keys, more_values = torch.randn(1, 2, extra, 8), torch.randn(1, 2, extra, 8)
+    generator = torch.Generator().manual_seed(seed + 1)
+    more_keys, more_values = (torch.randn(1, 2, extra, 8, generator=generator) for _ in range(2))
     layer.update(more_keys, more_values)
     expected_keys = torch.cat([keys[:, :keep], more_keys[0]], dim=1)
     expected_max, expected_min = true_bounds(expected_keys, page_size)
@@ -62,8 +69,9 @@ def test_truncate_then_append_equals_appending_the_kept_tokens(page_size, chunks
     assert torch.isinf(layer.page_max[:, layer.num_pages:]).all()
 
 
-def test_repage_keeps_tokens_and_rebuilds_metadata():
-    layer, keys, values = fill(16, [40, 1, 1, 9])
+@pytest.mark.parametrize("kv_layout", KV_LAYOUTS)
+def test_repage_keeps_tokens_and_rebuilds_metadata(kv_layout):
+    layer, keys, values = fill(16, [40, 1, 1, 9], kv_layout=kv_layout)
     layer.repage(8)
     expected_max, expected_min = true_bounds(keys, 8)
     assert layer.page_size == 8 and layer.num_pages == 7
@@ -71,8 +79,9 @@ def test_repage_keeps_tokens_and_rebuilds_metadata():
     assert torch.equal(layer.page_max[:, :7], expected_max) and torch.equal(layer.page_min[:, :7], expected_min)
 
 
-def test_gather_returns_selected_pages_with_the_partial_current_page_last():
-    layer, keys, values = fill(8, [29])  # pages 0..3, the last holds 5 tokens
+@pytest.mark.parametrize("kv_layout", KV_LAYOUTS)
+def test_gather_returns_selected_pages_with_the_partial_current_page_last(kv_layout):
+    layer, keys, values = fill(8, [29], kv_layout=kv_layout)  # pages 0..3, the last holds 5 tokens
     selected = torch.tensor([[2, 0, 3], [1, 2, 3]])
     got_keys, got_values = layer.gather(selected)
     for head, pages in enumerate(selected.tolist()):
@@ -85,3 +94,12 @@ def test_bf16_metadata_is_exact():
     layer, keys, _ = fill(16, [33, 1, 7], dtype=torch.bfloat16)
     expected_max, expected_min = true_bounds(keys, 16)
     assert torch.equal(layer.page_max[:, :3], expected_max.float()) and torch.equal(layer.page_min[:, :3], expected_min.float())
+
+
+def test_head_major_dense_reads_are_views_of_the_cache():
+    """The torch backend's dense decode reads the head-major cache in place: no per-step copy of the KV."""
+    layer, keys, values = fill(8, [29, 1], kv_layout="head-major")
+    dense_keys, dense_values = layer.dense()
+    assert torch.equal(dense_keys, keys) and torch.equal(dense_values, values)
+    assert dense_keys.untyped_storage().data_ptr() == layer.keys.untyped_storage().data_ptr()
+    assert dense_values.untyped_storage().data_ptr() == layer.values.untyped_storage().data_ptr()

@@ -26,6 +26,7 @@ import quest_core.session as session_module
 from app.layout import build_app
 from app.sessions import ChatState
 from app.views import backend_text
+from quest_core.backend_flashinfer import FlashInferBackend
 from quest_core.backend_torch import TorchBackend
 from quest_core.backends import make_backend
 from quest_core.config import Decoding
@@ -118,6 +119,7 @@ def rss_bytes() -> int:
 
 # ---- Stop ----
 
+@pytest.mark.slow
 def test_stop_halts_the_answer_within_a_second_and_the_conversation_stays_consistent(app, client, hamlet,
                                                                                       default_model):
     demo, _ = app
@@ -157,6 +159,7 @@ def test_stop_halts_the_answer_within_a_second_and_the_conversation_stays_consis
 
 # ---- memory ----
 
+@pytest.mark.slow
 def test_closed_sessions_free_their_kv(default_model, hamlet):
     """20 sessions, each with a ~2K-token document and a short answer, closed the way the app closes them."""
     model, tokenizer = default_model
@@ -186,6 +189,7 @@ def test_closed_sessions_free_their_kv(default_model, hamlet):
         assert torch.cuda.memory_allocated() <= 1.05 * cuda_baseline
 
 
+@pytest.mark.slow
 def test_leaving_frees_the_session_and_its_slot_and_past_the_limit_the_server_is_busy(default_model):
     demo = build_app(*default_model, max_new_tokens=8, max_sessions=2)
     with served(demo) as url:
@@ -391,6 +395,6 @@ def test_a_backend_fallback_is_shown_in_the_app(default_model, monkeypatch):
     status = next(block.value for block in demo.blocks.values() if getattr(block, "elem_id", None) == "server-status")
     assert "torch (fallback: FlashInfer is not importable" in status
     assert "fallback: the flashinfer backend needs CUDA" in backend_text(make_backend("flashinfer", "cpu"))
-    no_kernels = types.SimpleNamespace(name="flashinfer", kernels=None)  # what a failed CUDA JIT build leaves
-    assert "without our CUDA kernels" in backend_text(no_kernels)
+    no_kernels = types.SimpleNamespace(name="flashinfer", append_kernels=None)  # what a failed CUDA JIT build leaves
+    assert "without our CUDA kernels" in FlashInferBackend.describe(no_kernels)
     assert backend_text(TorchBackend()) == "torch"

@@ -1,6 +1,6 @@
-"""Loaders for our CUDA kernels (kernels/quest_kernels.cu), built at first use with torch.utils.cpp_extension
-for the device's compute capability and cached by torch; `load()` returns None, with a log line, when CUDA or
-nvcc is missing or the build fails, and callers fall back to the torch twins in quest_core."""
+"""Loaders for our CUDA kernels (kernels/quest_kernels.cu at the repository root), built at first use with
+torch.utils.cpp_extension for the device's compute capability and cached by torch; `load()` returns None, with a
+log line, when CUDA or nvcc is missing or the build fails, and callers fall back to the torch twins in quest_core."""
 import functools
 import logging
 import os
@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("quest_kernels.cu")
+SOURCE = Path(__file__).resolve().parent.parent / "kernels" / "quest_kernels.cu"
 
 
 @functools.cache

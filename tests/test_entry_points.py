@@ -1,0 +1,83 @@
+"""Every entry point starts from the model's own settings (quest_core.config.default_config) unless told otherwise,
+the warm-up runs the backend the app serves with, and settings that cannot run are refused with a message."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch import warm_up
+from quest_core import __main__ as cli
+from quest_core.backend_torch import TorchBackend
+from quest_core.backends import make_backend
+from quest_core.config import Decoding, QuestConfig
+from quest_core.session import Session
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def short_doc(tmp_path_factory):
+    path = tmp_path_factory.mktemp("docs") / "doc.txt"
+    path.write_text(ROOT.joinpath("assets", "hamlet_opening.txt").read_text()[:3000])
+    return path
+
+
+def run_cli(capsys, *argv):
+    code = cli.main(["generate", *argv, "--max-new-tokens", "4", "--json"])
+    out = capsys.readouterr()
+    return code, (json.loads(out.out) if code == 0 else out.err)
+
+
+def test_the_cli_uses_the_models_settings_unless_flags_say_otherwise(capsys, short_doc):
+    code, result = run_cli(capsys, "--doc", str(short_doc), "--question", "Who?")
+    assert code == 0 and (result["page_size"], result["group_rule"]) == (4, "mass")  # 64-dim heads
+    assert result["repetition_penalty"] == Decoding().repetition_penalty
+    code, result = run_cli(capsys, "--doc", str(short_doc), "--question", "Who?", "--page-size", "16",
+                           "--group-rule", "sum")
+    assert code == 0 and (result["page_size"], result["group_rule"]) == (16, "sum")
+
+
+def test_a_budget_of_one_page_is_refused_with_a_message(capsys, short_doc):
+    code, err = run_cli(capsys, "--doc", str(short_doc), "--question", "Who?", "--budget", "16", "--page-size", "16")
+    assert code == 2 and "at least two pages" in err
+    with pytest.raises(ValueError, match="at least two pages"):
+        QuestConfig(budget=16, page_size=16)
+    assert QuestConfig(budget=17, page_size=16).budget_pages == 2
+
+
+def test_a_session_starts_from_the_models_settings(default_model):
+    session = Session(*default_model)
+    assert (session.config.page_size, session.config.group_rule) == (4, "mass")
+    assert session.decoding == Decoding()
+
+
+class CountingBackend(TorchBackend):
+    """The torch backend, counting the sparse steps it runs."""
+
+    def __init__(self):
+        self.sparse_steps = 0
+
+    def decode_sparse(self, *args):
+        self.sparse_steps += 1
+        return super().decode_sparse(*args)
+
+
+def test_the_warm_up_runs_the_backend_and_settings_the_app_serves_with(default_model):
+    backend = CountingBackend()
+    warm_up(*default_model, backend, log=lambda message: None)
+    assert backend.sparse_steps > 0
+
+
+def test_float32_on_a_gpu_falls_back_to_torch_once_with_the_reason():
+    backend = make_backend("auto", "cuda", torch.float32)  # decided before FlashInfer is imported: no GPU needed
+    assert isinstance(backend, TorchBackend) and "not float32" in backend.describe()
+    assert make_backend("auto", "cpu", torch.float32).describe() == "torch"
+
+
+def test_the_name_kernels_is_left_to_pypi():
+    """transformers probes for Hugging Face's `kernels` package: ours must not answer to that name."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or not str(spec.origin).startswith(str(ROOT))
