@@ -50,14 +50,20 @@ def warm_up(model, tokenizer, backend, log):
     session.reset()
 
 
+def quiet_logging() -> None:
+    """Our log lines and warnings only: no line per HTTP request (httpx logs each at INFO)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("httpx", "httpcore", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_logging()
     log = logging.getLogger("quest").info
     model, tokenizer = load_model(args.model, args.dtype, args.device, log=log)
     log(f"Model ready: {type(model).__name__}, {model.dtype}, on {next(model.parameters()).device}")
-    from app.ui import build_app
-
+    from app.layout import build_app
     from quest_core.backends import make_backend
 
     backend = make_backend(args.backend, next(model.parameters()).device, model.dtype)

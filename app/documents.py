@@ -1,14 +1,47 @@
-"""Turning an uploaded file into plain text, with a clear `DocumentError` for anything we cannot read.
+"""Documents for the app: an uploaded file turned into plain text (with a clear `DocumentError` for anything we
+cannot read), and the samples (public-domain texts in assets/, a needle-in-a-haystack passkey).
 
 .txt/.md (UTF-8, UTF-16 with or without a BOM, else Windows-1252 or Latin-1), .pdf (pypdf), .docx (python-docx),
 .html/.htm (text only)."""
 import html.parser
+import re
 import unicodedata
 import zipfile
 from pathlib import Path
 
 MAX_DOCX_UNPACKED = 200 * 1024 * 1024  # a .docx that unpacks to more than this is refused (zip bombs)
 SUFFIXES = (".txt", ".md", ".pdf", ".docx", ".html", ".htm")
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+SAMPLES = {
+    "Hamlet, the opening (~6K tokens)": "hamlet_opening.txt",
+    "Hamlet, the whole play (~53K tokens: longer than the context)": "hamlet.txt",
+    "Milton, Areopagitica (~24K tokens: longer than the context)": "areopagitica.txt",
+}
+NEEDLE = "Needle in a haystack (passkey at a chosen depth)"
+NEEDLE_PATTERN = re.compile(r"The pass key is (\d+)\. Remember it\. \1 is the pass key\.")
+
+
+def sample_text(name: str, depth_percent: float = 50) -> str:
+    """The text of the sample called `name` (a key of SAMPLES, or NEEDLE with its depth)."""
+    if name == NEEDLE:
+        return needle_document(depth_percent)[0]
+    return ASSETS.joinpath(SAMPLES[name]).read_text()
+
+
+def needle_document(depth_percent: float, filler_chars: int = 20_000) -> tuple[str, str]:
+    """A passkey hidden at `depth_percent` of a public-domain filler (Areopagitica); returns (document, passkey)."""
+    filler = ASSETS.joinpath("areopagitica.txt").read_text()[:filler_chars]
+    passkey = str(10000 + (hash(round(depth_percent, 2)) % 90000))
+    cut = int(len(filler) * depth_percent / 100)
+    cut = filler.rfind("\n", 0, cut) + 1 if cut else 0
+    needle = f"\nThe pass key is {passkey}. Remember it. {passkey} is the pass key.\n"
+    return filler[:cut] + needle + filler[cut:], passkey
+
+
+def find_needle(text: str) -> str | None:
+    """The needle sentence of a needle-in-a-haystack document, or None."""
+    found = NEEDLE_PATTERN.search(text)
+    return found.group(0) if found else None
 
 
 class DocumentError(ValueError):

@@ -28,9 +28,11 @@ from gradio_client import Client, handle_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from app.ui import ChatState, build_app  # noqa: E402
+from app.layout import build_app  # noqa: E402
+from app.sessions import ChatState  # noqa: E402
 from bench.results import write_section  # noqa: E402
 from launch import warm_up  # noqa: E402
+from quest_core.config import Decoding  # noqa: E402
 from quest_core.models import load_model  # noqa: E402
 
 FIRST_NAMES = ["Orla", "Tobiah", "Mirren", "Castor", "Ysolde", "Bram", "Elowen", "Quill", "Senna", "Idris",
@@ -83,10 +85,14 @@ def one_user(url: str, doc: dict, folder: Path, start: threading.Barrier, args, 
     path.write_text(doc["text"])
     start.wait()
     began = time.perf_counter()
-    text, info = client.predict(handle_file(str(path)), api_name="/read_upload")
-    status = client.submit(text, None, api_name="/load_document").result(timeout=deadline - time.monotonic())[0]
+    _, _, text, info, _ = client.predict(handle_file(str(path)), api_name="/read_upload")
+    status = client.submit(text, None, None, None, api_name="/load_document").result(
+        timeout=deadline - time.monotonic())[0]
     submitted = time.perf_counter()
-    job = client.submit(doc["question"], [], args.mode, args.budget, 16, 2, False, 2, 0, api_name="/ask")
+    decoding = Decoding()
+    job = client.submit(doc["question"], args.mode, args.budget, 16, 2, False, args.max_new_tokens,
+                        decoding.temperature, decoding.repetition_penalty, decoding.no_repeat_ngram_size, 2, 0,
+                        api_name="/ask")
     first_update = first_text = None
     for history, *_ in job:
         now = time.perf_counter()
@@ -96,14 +102,14 @@ def one_user(url: str, doc: dict, folder: Path, start: threading.Barrier, args, 
         if time.monotonic() > deadline:
             job.cancel()
             raise TimeoutError("the load test ran past --timeout")
-    history, metrics, *_ = job.result(timeout=max(deadline - time.monotonic(), 1))
-    engine = re.search(r"TTFT ([\d.]+) s · decode ([\d.]+) tok/s · (\d+) tokens", metrics)
+    history, _, metrics, *_ = job.result(timeout=max(deadline - time.monotonic(), 1))
+    engine = re.search(r"(\d+) tokens · decode \*\*([\d.]+) tok/s\*\* · TTFT ([\d.]+) s", metrics)
     return {"client": client, "name": doc["name"], "code": doc["code"], "load_status": status,
             "document_tokens": int(re.match(r"([\d,]+) tokens", info).group(1).replace(",", "")),
             "load_s": submitted - began, "queue_wait_s": first_update - submitted,
             "ttft_s": first_text - submitted if first_text else None, "answer": answer_text(history),
-            "engine_ttft_s": float(engine.group(1)), "decode_tokens_per_s": float(engine.group(2)),
-            "new_tokens": int(engine.group(3)), "total_s": time.perf_counter() - submitted}
+            "engine_ttft_s": float(engine.group(3)), "decode_tokens_per_s": float(engine.group(2)),
+            "new_tokens": int(engine.group(1)), "total_s": time.perf_counter() - submitted}
 
 
 def rss_mib() -> float:
@@ -159,7 +165,7 @@ def main(argv=None):
     leaks = sum(len(user["leaked"]) for user in users)
     summary = {
         "clients": args.clients, "mode": args.mode, "budget": args.budget, "max_new_tokens": args.max_new_tokens,
-        "completed": sum(user["load_status"].startswith("Loaded") and bool(user["answer"].strip()) for user in users),
+        "completed": sum("Loaded" in user["load_status"] and bool(user["answer"].strip()) for user in users),
         "correct": sum(user["correct"] for user in users), "leaks": leaks, "wall_s": round(wall_s, 1),
         "rss_mib": {"before": round(rss_before), "sessions_open": round(rss_open), "after_leaving": round(rss_after)},
         "sessions_open": sessions_open, "sessions_open_after_leaving": sessions_left,

@@ -25,7 +25,7 @@ def default_model():
 @pytest.fixture(scope="session")
 def app_url(default_model):
     """The app on the default model, served on a free loopback port for the whole test session."""
-    from app.ui import build_app
+    from app.layout import build_app
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -1,4 +1,5 @@
-"""The app, driven over its API with gradio_client against a server on 127.0.0.1 (see conftest.app_url)."""
+"""The app, driven over its API with gradio_client against a server on 127.0.0.1 (see conftest.app_url); the
+server's own session is read from `demo.state_holder` where a check needs the engine's numbers."""
 import html
 import json
 import os
@@ -7,16 +8,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gradio as gr
 import pytest
 from gradio_client import Client, handle_file
 
-from quest_core.config import default_config
+from app.sessions import ChatState
+from quest_core.config import Decoding, default_config
 from quest_core.session import Session
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow  # each test runs the default model for 30 s to 2 minutes on 2 cores
 QUESTION = "Who is Francisco?"
 MAX_NEW_TOKENS = 24  # conftest.app_url's build_app(max_new_tokens=24)
+UPLOAD = ["upload", "sample", "pasted", "doc_info", "cut"]
+LOAD = ["doc_info", "cut", "chat", "meter", "metrics", "headline", "speed_plot", "heads_plot", "time_plot", "tokens",
+        "looked", "looked_note", "dense_answer", "quest_answer", "verdict", "page_text", "trace_file"]
+ASK = ["chat", "question", "metrics", "meter", "headline", "speed_plot", "heads_plot", "time_plot", "tokens", "looked",
+       "looked_note"]
+COMPARE = ["dense_answer", "quest_answer", "verdict", "headline", "speed_plot"]
+DECODING = Decoding()
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +44,39 @@ def short_document(tmp_path_factory, default_model):
     return path
 
 
-def ask(client, question, mode="quest", budget=256, inspect=False, history=()):
-    job = client.submit(question, list(history), mode, budget, 16, 2, inspect, 2, 0, api_name="/ask")
+def upload(client, path) -> dict:
+    return dict(zip(UPLOAD, client.predict(handle_file(str(path)), api_name="/read_upload")))
+
+
+def load(client, text, cut=None, sample=None) -> dict:
+    return dict(zip(LOAD, client.predict(text, cut, None, sample, api_name="/load_document")))
+
+
+def ask(client, question, mode="quest", budget=256, page_size=16, inspect=False, max_new_tokens=MAX_NEW_TOKENS):
+    job = client.submit(question, mode, budget, page_size, 2, inspect, max_new_tokens, DECODING.temperature,
+                        DECODING.repetition_penalty, DECODING.no_repeat_ngram_size, 2, 0, api_name="/ask")
     updates = list(job)
-    return updates, job.result()
+    return updates, dict(zip(ASK, job.result()))
 
 
-def answer_text(history):
-    content = history[-1]["content"]
+def value(update):
+    """A component's value from an output that may be a gr.update (a dict with "visible")."""
+    return update["value"] if isinstance(update, dict) and "visible" in update else update
+
+
+def text_of(message) -> str:
+    content = message["content"]
     return content if isinstance(content, str) else "".join(part["text"] for part in content)
+
+
+def server_state(client) -> ChatState:
+    """The ChatState the server holds for `client`'s session."""
+    for blocks in gr.Blocks.get_instances():
+        held = getattr(blocks, "state_holder", None)
+        if held is not None and client.session_hash in held.session_data:
+            return next(value for value in held.session_data[client.session_hash].state_data.values()
+                        if isinstance(value, ChatState))
+    raise LookupError("no server holds this client's session")
 
 
 def first_divergence(dense_ids, quest_ids):
@@ -59,69 +93,127 @@ def shown_text(answer_html):
     return html.unescape(re.sub(r"<[^>]+>", "", answer_html.replace("<br>", "\n"))).replace("∅", "")
 
 
-def test_upload_ask_stream_metrics_heatmap_and_compare(client, short_document, default_model):
-    model, tokenizer = default_model
-    text, info = client.predict(handle_file(str(short_document)), api_name="/read_upload")
-    assert text == short_document.read_text() and "tokens" in info
-    status, _ = client.predict(text, None, api_name="/load_document")
-    assert status.startswith("Loaded")
+def test_upload_ask_stream_metrics_plots_looked_and_compare(client, short_document, default_model):
+    uploaded = upload(client, short_document)
+    assert uploaded["pasted"] == short_document.read_text() and "tokens" in uploaded["doc_info"]
+    assert "Loaded" in load(client, uploaded["pasted"])["doc_info"]
+    session = server_state(client).session
 
-    updates, (history, metrics, times_plot, heads_plot, steps_plot, _) = ask(client, QUESTION, inspect=True)
+    updates, shown = ask(client, QUESTION, inspect=True)
     assert len(updates) >= 2  # streamed, not one final message
-    assert answer_text(history).strip()
-    assert "tok/s" in metrics and "KV read per step" in metrics and "recall" in metrics
-    heatmap = json.loads(heads_plot["plot"])
-    assert heatmap["data"][0]["type"] == "heatmap"
-    assert json.loads(steps_plot["plot"])["data"][0]["type"] == "heatmap"
-    assert json.loads(times_plot["plot"])["data"]
+    run = session.last_run
+    assert text_of(shown["chat"][-1]) == run.text and run.text.strip()
+    assert f"{run.new_tokens} tokens · decode **{run.decode_tokens_per_s:.1f} tok/s**" in shown["metrics"]
+    assert "KV read per step" in shown["metrics"] and "recall" in shown["metrics"]
+    assert json.loads(value(shown["heads_plot"])["plot"])["data"][0]["type"] == "heatmap"
+    assert json.loads(value(shown["time_plot"])["plot"])["data"][0]["type"] == "heatmap"
+    usage = session.context_usage()
+    assert f"document <b>{usage.document_tokens:,}</b>" in shown["meter"]
+    assert f"room left <b>{usage.room_tokens:,}</b>" in shown["meter"]
+    # where the model looked: the passages are the cache's text, in order, and the answer's tokens are its steps
+    assert "".join(part["token"] for part in value(shown["looked"])) == "".join(session.page_texts())
+    assert any(part["class_or_confidence"] for part in value(shown["looked"]))
+    assert [part["token"] for part in value(shown["tokens"])] == [step.text for step in run.steps]
 
-    follow_up, (history, metrics, *_rest) = ask(client, "And Bernardo?", history=history)
-    assert "reused" in metrics and len(history) == 4
+    cached = len(session.token_ids)
+    _, follow_up = ask(client, "And Bernardo?")
+    assert f"reused {cached:,}" in follow_up["metrics"] and len(follow_up["chat"]) == 4
 
-    dense_html, quest_html, verdict = client.predict(QUESTION, 256, 16, 2, api_name="/compare")
-    assert "Dense" in dense_html and "Quest" in quest_html
+    compared = dict(zip(COMPARE, client.predict(QUESTION, 256, 16, 2, MAX_NEW_TOKENS, DECODING.repetition_penalty,
+                                                DECODING.no_repeat_ngram_size, api_name="/compare")))
     # the oracle: the engine itself, on the same conversation with the same settings, outside the app
-    session = Session(model, tokenizer, default_config(model.config))
-    session.ingest(text)
-    session.configure(mode="quest", budget=256, page_size=16, dense_layers=2)
+    model, tokenizer = default_model
+    replay = Session(model, tokenizer, default_config(model.config))
+    replay.ingest(uploaded["pasted"])
+    replay.configure(mode="quest", budget=256, page_size=16, dense_layers=2)
     for question in (QUESTION, "And Bernardo?"):
-        session.answer(question, max_new_tokens=MAX_NEW_TOKENS)
+        replay.answer(question, max_new_tokens=MAX_NEW_TOKENS)
     runs = {}
     for mode in ("dense", "quest"):
-        session.configure(mode=mode)
-        runs[mode] = session.answer(QUESTION, max_new_tokens=MAX_NEW_TOKENS, keep=False)
-    ids = {mode: [step.token_id for step in run.steps] for mode, run in runs.items()}
-    first = first_divergence(ids["dense"], ids["quest"])
+        replay.configure(mode=mode)
+        runs[mode] = replay.answer(QUESTION, max_new_tokens=MAX_NEW_TOKENS, keep=False)
+    first = first_divergence(*([step.token_id for step in runs[mode].steps] for mode in ("dense", "quest")))
     if first is None:
-        assert "Identical" in verdict and "diverge" not in verdict, (verdict, ids)
+        assert "Identical" in compared["verdict"] and "differ" not in compared["verdict"]
     else:
-        said = re.search(r"diverge at token (\d+)", verdict)
-        assert said and int(said.group(1)) == first, (verdict, first, ids)
-    for mode, answer_html in (("dense", dense_html), ("quest", quest_html)):
+        assert f"differ from token {first} on" in compared["verdict"], (compared["verdict"], first)
+    for mode in ("dense", "quest"):
         answer = "".join(step.text for step in runs[mode].steps)
-        assert answer.strip() and answer in shown_text(answer_html), (mode, answer, answer_html)
+        assert answer.strip() and answer in shown_text(compared[f"{mode}_answer"]), (mode, answer)
+    speeds = server_state(client).speeds  # the two Compare runs, as the engine measured them
+    assert f"{speeds['dense'].tokens_per_s:.1f} tok/s" in compared["dense_answer"]
+    assert f"{speeds['quest'].tokens_per_s:.1f} tok/s" in compared["quest_answer"]
+    ratio = speeds["quest"].tokens_per_s / speeds["dense"].tokens_per_s
+    assert f"whole step **{ratio:.2f}×**" in compared["headline"]
+    attention = speeds["dense"].attention_s / speeds["quest"].attention_s
+    assert f"attention alone **{attention:.1f}×**" in compared["headline"]
+    assert "Compare: the same question and context" in compared["headline"]
+    assert len(session.messages) == 4  # Compare keeps neither answer
 
-    trace_path = client.predict(api_name="/export_trace")
-    trace = json.loads(Path(trace_path).read_text())
+    trace = json.loads(Path(client.predict(api_name="/export_trace")).read_text())
     assert trace["steps"] and trace["steps"][-1]["selected_pages"]
 
 
-def test_dense_answer_equals_the_cli(client, short_document):
-    text, _ = client.predict(handle_file(str(short_document)), api_name="/read_upload")
-    client.predict(text, None, api_name="/load_document")
-    _, (history, *_rest) = ask(client, QUESTION, mode="dense")
+def test_dense_answers_equal_the_cli_in_the_chat_and_in_compare(client, short_document):
+    assert "Loaded" in load(client, short_document.read_text())["doc_info"]
+    _, shown = ask(client, QUESTION, mode="dense")
+    client.predict(api_name="/new_chat")
+    compared = client.predict(QUESTION, 256, 16, 2, MAX_NEW_TOKENS, DECODING.repetition_penalty,
+                              DECODING.no_repeat_ngram_size, api_name="/compare")
     cli = subprocess.run([sys.executable, "-m", "quest_core", "generate", "--doc", str(short_document),
                           "--question", QUESTION, "--mode", "dense", "--max-new-tokens", str(MAX_NEW_TOKENS),
                           "--json"],
                          capture_output=True, text=True, cwd=ROOT, check=True, env=dict(os.environ))
-    assert answer_text(history) == json.loads(cli.stdout)["text"]
+    expected = json.loads(cli.stdout)["text"]
+    assert text_of(shown["chat"][-1]) == expected
+    assert server_state(client).speeds["dense"].source == "Compare"
+    assert expected.strip() and expected in shown_text(compared[0])
 
 
-def test_a_document_longer_than_the_context_needs_an_explicit_cut(client):
-    text, info = client.predict("Hamlet, the whole play (~53K tokens: longer than the context)", 50,
-                                api_name="/pick_sample")
-    assert "Longer than the model" in info
-    with pytest.raises(Exception, match="keep the head or keep the tail"):
-        client.predict(text, None, api_name="/load_document")
-    status, _ = client.predict(text, "keep the tail", api_name="/load_document")
-    assert status.startswith("Loaded")
+def test_the_context_never_overflows_and_new_chat_keeps_the_document(client):
+    """A document that fills all but the conversation's room, then questions until old turns must go."""
+    _, text, info, _ = client.predict("Hamlet, the whole play (~53K tokens: longer than the context)", 50,
+                                      api_name="/pick_sample")
+    assert "longer than the context" in info
+    assert "keep the head or keep the tail" in load(client, text)["doc_info"]  # refused, with what to do
+    assert "Loaded" in load(client, text, "keep the head")["doc_info"]
+    session = server_state(client).session
+    notices = 0
+    for turn in range(30):
+        _, shown = ask(client, f"Question {turn}: what does Horatio say next?")
+        run = session.last_run
+        assert run.new_tokens > 0 and text_of(shown["chat"][-1]) == run.text
+        assert len(session.token_ids) <= session.max_context
+        dropped = [m for m in shown["chat"] if (m.get("metadata") or {}).get("title", "").startswith("⚠️ Context full")]
+        assert len(dropped) == notices + (run.dropped_turns > 0)
+        notices = len(dropped)
+        if notices >= 2:
+            break
+    assert notices >= 2, "30 questions never filled the context"
+    document_tokens = session.document_tokens
+    chat, meter = client.predict(api_name="/new_chat")
+    assert chat == [] and "conversation <b>0</b>" in meter and session.messages == []
+    _, shown = ask(client, "Who is Horatio?")
+    assert f"reused {document_tokens - 1:,}" in shown["metrics"] or f"reused {document_tokens:,}" in shown["metrics"]
+
+
+def test_refusals_are_messages_that_change_nothing_and_a_new_document_clears_the_old_results(client, tmp_path,
+                                                                                             short_document):
+    assert "Loaded" in load(client, short_document.read_text())["doc_info"]
+    ask(client, QUESTION)
+    client.predict(QUESTION, 256, 16, 2, MAX_NEW_TOKENS, DECODING.repetition_penalty, DECODING.no_repeat_ngram_size,
+                   api_name="/compare")
+    assert client.predict(3, api_name="/page_text").startswith("Page 3")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    refused = upload(client, empty)
+    assert refused["upload"] is None and refused["pasted"] == "" and "empty.txt is empty" in refused["doc_info"]
+    assert "Still loaded: pasted text" in refused["doc_info"]
+    assert "Nothing to load" in load(client, "")["doc_info"]
+    assert "outside the context" in client.predict(10**6, api_name="/page_text")
+    assert server_state(client).session.messages  # the conversation is still there
+
+    loaded = load(client, "Marcellus keeps the watch. Bernardo relieves Francisco at midnight.")
+    assert "Loaded" in loaded["doc_info"] and loaded["chat"] == []
+    assert loaded["dense_answer"] == loaded["quest_answer"] == loaded["page_text"] == loaded["headline"] == ""
+    assert server_state(client).speeds == {}

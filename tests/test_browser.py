@@ -1,6 +1,8 @@
-"""A person's path through the app in a real browser (Debian's Chromium, headless, driven by Playwright):
-upload -> load -> ask -> streamed tokens -> heatmap -> toggle mode -> Compare. Saves a screenshot
-(to $QUEST_SCREENSHOT if set, which is how assets/screenshot.png is made)."""
+"""A person's path through the app in a real browser (Debian's Chromium, headless, driven by Playwright, 1440x1000):
+a refused upload, a document that fills the context, questions until old turns must go, live metrics, the
+heatmap's legend, Compare beside the chat, "where the model looked", and the chat's trash icon. No element may show
+Gradio's error state at any point. Saves a screenshot of the two-column app after Compare (to $QUEST_SCREENSHOT if
+set, which is how assets/screenshot.png is made)."""
 import os
 import re
 import shutil
@@ -9,20 +11,41 @@ from pathlib import Path
 
 import pytest
 
+from app.documents import sample_text
 from quest_core.config import default_config
-from quest_core.session import Session
+from quest_core.session import Session, cut_document
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if not CHROMIUM and not os.environ.get("CI"):
     pytest.skip("needs Debian's chromium (apt-get install chromium)", allow_module_level=True)
 playwright = pytest.importorskip("playwright.sync_api")
+expect = playwright.expect
 
-ROOT = Path(__file__).resolve().parent.parent
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
-QUESTION = "Who is Francisco?"
+ERROR_STATE = '[data-testid="status-tracker"] .error'  # Gradio's red "Error" on a component
+WHOLE_PLAY = "Hamlet, the whole play (~53K tokens: longer than the context)"
 MAX_NEW_TOKENS = 24  # conftest.app_url's build_app(max_new_tokens=24)
+
+
+def assert_no_error_state(page):
+    assert page.locator(ERROR_STATE).count() == 0, "a component shows Gradio's error state"
+
+
+def question(turn: int) -> str:
+    return f"Question {turn}: what does Horatio say next?"
+
+
+def answer_line(metrics: str) -> str:
+    """The metrics' first line ("quest · 24 tokens · decode ..."), without the progress timer shown over it."""
+    found = re.search(r"(quest|dense) · .*", metrics)
+    return found.group(0) if found else ""
+
+
+def tokens_in(metrics: str) -> int | None:
+    found = re.search(r"· (\d+) tokens · decode", metrics)
+    return int(found.group(1)) if found else None
 
 
 def words(text):
@@ -30,50 +53,98 @@ def words(text):
     return re.findall(r"[^\W_]+", text)
 
 
-def last_answer_shown(page, expected, timeout_s=120):
-    """The text of the chat's last assistant message, once it is `expected` (read again until then: it streams)
-    or `timeout_s` has passed."""
-    message = page.locator("#chat [data-testid=bot]").last
-    deadline = time.monotonic() + timeout_s
-    while True:
-        shown = message.inner_text() if message.count() else ""
-        if words(shown) == words(expected) or time.monotonic() > deadline:
-            return shown
-        time.sleep(0.5)
+def shades(page) -> list[str]:
+    """The background of every passage of "where the model looked"."""
+    return page.locator("#looked .token").evaluate_all("nodes => nodes.map(n => n.style.backgroundColor)")
 
 
-def test_upload_ask_heatmap_toggle_compare(app_url, tmp_path, default_model):
+def ask_and_watch(page, question: str) -> set[int]:
+    """Send `question` and wait for its answer to end (the metrics say how it ended); returns the token counts the
+    metrics showed on the way."""
+    before = answer_line(page.locator("#metrics").inner_text())  # the last answer's: its context is shorter
+    page.locator("#question textarea").fill(question)
+    page.get_by_role("button", name="Send", exact=True).click()
+    seen, deadline = set(), time.monotonic() + 300
+    while time.monotonic() < deadline:
+        line = answer_line(page.locator("#metrics").inner_text())
+        if line != before and (count := tokens_in(line)) is not None:
+            seen.add(count)
+            if re.search(r"· (complete|cut at \d+ tokens|stopped)$", line):
+                return seen
+        time.sleep(0.1)
+    raise TimeoutError(f"no answer to {question!r}")
+
+
+def test_fill_the_context_compare_and_see_where_the_model_looked(app_url, tmp_path, default_model):
     assert CHROMIUM, "CI must install Debian's chromium"
     model, tokenizer = default_model
-    ids = tokenizer(ROOT.joinpath("assets", "hamlet.txt").read_text(), add_special_tokens=False)["input_ids"]
-    document = tmp_path / "hamlet_start.txt"
-    document.write_text(tokenizer.decode(ids[:1500]))
     session = Session(model, tokenizer, default_config(model.config))  # the oracle: the app's settings, no app
-    session.ingest(document.read_text())
-    expected = session.answer(QUESTION, max_new_tokens=MAX_NEW_TOKENS).text
-    assert words(expected), "the engine gave an empty answer: the check below would prove nothing"
+    session.ingest(cut_document(tokenizer, model.config, sample_text(WHOLE_PLAY), "head"))
+    first_answer = session.answer(question(0), max_new_tokens=MAX_NEW_TOKENS).text
+    assert words(first_answer), "the engine gave an empty answer: the check below would prove nothing"
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1800})
+        page = browser.new_page(viewport={"width": 1440, "height": 1000})
         page.goto(app_url)
-        page.locator("input[type=file]").set_input_files(str(document))
-        page.locator("#doc-info").get_by_text("tokens, ", exact=False).wait_for(timeout=30_000)
+
+        empty = tmp_path / "empty.txt"
+        empty.write_text("")
+        page.locator("input[type=file]").set_input_files(str(empty))
+        page.locator("#doc-info").get_by_text("Not loaded").wait_for(timeout=30_000)
+        page.locator('[data-testid="toast-text"]').get_by_text("empty.txt is empty").wait_for(timeout=10_000)
+        assert page.get_by_text("empty.txt", exact=True).count() == 0  # the file box let go of the refused file
+        assert_no_error_state(page)
+
+        page.get_by_role("tab", name="Sample").click()
+        page.get_by_label("Sample").click()
+        page.get_by_role("option", name=WHOLE_PLAY).click()
+        page.locator("#doc-info").get_by_text("longer than the context", exact=False).wait_for(timeout=60_000)
+        page.get_by_label("keep the head").check()
         page.get_by_role("button", name="Load document").click()
-        page.locator("#load-status").get_by_text("Loaded").wait_for(timeout=120_000)
+        page.locator("#document").get_by_text("Document · ").wait_for(timeout=300_000)  # loaded: the box folds
+        assert_no_error_state(page)
 
-        page.get_by_placeholder("Ask about the document").fill(QUESTION)
-        page.get_by_role("button", name="Send").click()
-        shown = last_answer_shown(page, expected)
-        assert words(shown) == words(expected), (shown, expected)  # the streamed answer is the engine's
-        page.locator("#metrics").get_by_text("tok/s").wait_for(timeout=120_000)
-        page.locator("#heads-plot .js-plotly-plot").wait_for(timeout=60_000)
-        assert page.locator("#heads-plot .heatmaplayer, #heads-plot .hm, #heads-plot image").count() > 0
+        live = set()
+        for turn in range(30):
+            seen = ask_and_watch(page, question(turn))
+            final = max(seen)
+            live |= {count for count in seen if count < final}
+            answer = page.locator('#chat [data-testid="bot"]').last
+            expect(answer).to_have_text(re.compile(r"\w"))  # answers keep coming
+            if turn == 0:  # the streamed answer is the engine's, word for word
+                assert words(answer.inner_text()) == words(first_answer)
+            assert_no_error_state(page)
+            if page.locator("#chat").get_by_text("Context full").count():
+                break
+        assert page.locator("#chat").get_by_text("Context full").count(), "the context never filled"
+        assert live, "the metrics did not change while an answer streamed"
 
-        page.locator("#mode").get_by_text("dense").click()
+        legend = page.locator("#heads-plot .legend").text_content()
+        assert all(name in legend for name in ("read", "not read", "current page", "question's pages"))
+
         page.get_by_role("button", name="Compare dense vs Quest").click()
-        page.locator("#verdict").get_by_text("answers", exact=False).or_(
-            page.locator("#verdict").get_by_text("diverge", exact=False)).first.wait_for(timeout=180_000)
+        page.locator("#verdict").get_by_text("Question:", exact=False).wait_for(timeout=600_000)
+        assert_no_error_state(page)
+        chat, dense, quest = (page.locator(f"#{name}").bounding_box() for name in ("chat", "dense-answer",
+                                                                                    "quest-answer"))
+        assert abs(dense["y"] - quest["y"]) < 2 and dense["x"] < quest["x"]  # side by side
+        assert chat["x"] <= dense["x"] and quest["x"] + quest["width"] <= chat["x"] + chat["width"] + 1  # its column
+        assert 0 < dense["y"] - (chat["y"] + chat["height"]) < 200 and dense["y"] < 1000  # right below it, on screen
+        page.evaluate("window.scrollTo(0, 0)")
         shot = Path(os.environ.get("QUEST_SCREENSHOT", tmp_path / "screenshot.png"))
-        page.screenshot(path=str(shot), full_page=True)
+        page.screenshot(path=str(shot))
+
+        page.get_by_role("tab", name="Where the model looked").click()
+        page.locator("#looked .token").first.wait_for(timeout=10_000)
+        whole_answer = shades(page)
+        assert sum(shade not in ("", "transparent", "rgba(0, 0, 0, 0)") for shade in whole_answer) >= 3
+        page.locator("#answer-tokens .token").nth(2).click()
+        page.locator("#looked-note").get_by_text("picked token", exact=False).wait_for(timeout=30_000)
+        assert shades(page) != whole_answer  # one step's reads, not the whole answer's
+        assert_no_error_state(page)
+
+        page.locator("#chat").get_by_role("button", name="Clear").click()
+        page.locator("#meter").get_by_text("conversation 0", exact=False).wait_for(timeout=60_000)
+        assert_no_error_state(page)
         browser.close()
     assert shot.stat().st_size > 10_000

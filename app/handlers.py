@@ -1,0 +1,489 @@
+"""What the app does, as plain functions over one browser session's `ChatState`: read an upload, pick a sample, load
+a document, ask (streaming), stop, start a new chat, compare dense and Quest, and the views of the last answer (pages
+read, where the model looked, page text, trace export). Token counts, context room, page texts and timings come from
+the engine (`quest_core.session`); nothing here tokenizes or touches tensors.
+
+Every handler takes the `Server` first and returns (or, streaming, yields) a dict of views keyed by name (see
+`layout.py`, which turns them into component updates; a view left out stays as it is). A `UserError` is a refusal
+the user can act on: it becomes a warning toast and one log line, and nothing else changes.
+"""
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from quest_core.session import ContextFullError, Session, cut_document, measure_document
+
+from . import figures, looked, views
+from .documents import NEEDLE, DocumentError, find_needle, needle_document, read_document, sample_text
+from .sessions import ChatState, OpenSessions, free_memory, is_out_of_memory
+
+log = logging.getLogger("quest.app")
+CHARS_PER_TOKEN = 8     # a generous bound: texts with more characters than 8 x the token limit are refused untokenized
+REFRESH_S = 1.0         # metrics, context meter and the pages-read plot refresh this often while an answer streams
+TEXT_REFRESH_S = 0.25   # and the answer's text this often
+CUTS = {"keep the head": "head", "keep the tail": "tail"}
+HIDDEN = gr.update(visible=False)
+PROGRESS = gr.Progress()  # as a default argument, it asks Gradio for a progress tracker
+
+
+class UserError(Exception):
+    """A request the app refuses; the message says what happened and what to do."""
+
+
+@dataclass
+class Server:
+    """What every handler shares: the model and its limits, and the open sessions."""
+    model: object
+    tokenizer: object
+    backend: object
+    sessions: OpenSessions
+    max_new_tokens: int = 256
+    max_document_tokens: int = 100_000
+
+    @property
+    def max_context(self) -> int:
+        return getattr(self.model.config, "max_position_embeddings", None) or 8192
+
+    def new_session(self) -> Session:
+        return Session(self.model, self.tokenizer, backend=self.backend)
+
+
+def notify(message: str) -> str:
+    """A refusal or failure the user should read: a warning toast, and one log line."""
+    log.info("user error: %s", message)
+    gr.Warning(message)
+    return message
+
+
+def failed(error: Exception) -> str:
+    """Any exception a handler lets out becomes a readable warning (its message, returned); a bug also logs its
+    traceback."""
+    if isinstance(error, UserError):
+        return notify(str(error))
+    if is_out_of_memory(error):
+        error.__traceback__ = None  # its frames hold the failed call's tensors
+        free_memory()
+        return notify("Out of memory: the document stays loaded; ask for a shorter answer or load a shorter document.")
+    log.exception("unexpected error")
+    return notify(f"Something went wrong ({type(error).__name__}: {error}). The document stays loaded: try again, or "
+                  "load it again.")
+
+
+def loaded_session(state: ChatState | None) -> Session:
+    if state is None or state.session is None or not state.document_name:
+        raise UserError("Load a document first: upload a file, paste text or pick a sample, then press Load.")
+    return state.session
+
+
+def configure(session: Session, mode=None, budget=None, page_size=None, dense_layers=None) -> None:
+    try:
+        session.configure(mode=mode, budget=None if budget is None else int(budget),
+                          page_size=None if page_size is None else int(page_size),
+                          dense_layers=None if dense_layers is None else int(dense_layers))
+    except ValueError as error:
+        raise UserError(f"These settings do not work together: {error}.") from None
+
+
+# ---- the document ----
+
+def measure(server: Server, text: str):
+    """The document's DocumentFit; a UserError past the server's limits (characters are counted first: 50 MB of
+    text takes minutes to tokenize)."""
+    max_chars = CHARS_PER_TOKEN * server.max_document_tokens
+    if len(text) > max_chars:
+        raise UserError(f"The document has {len(text):,} characters; this server takes up to {max_chars:,}. "
+                        "Use a shorter part of it.")
+    fit = measure_document(server.tokenizer, server.model.config, text)
+    if fit.tokens > server.max_document_tokens:
+        raise UserError(f"The document has {fit.tokens:,} tokens; this server takes up to "
+                        f"{server.max_document_tokens:,}. Use a shorter part of it.")
+    return fit
+
+
+def candidate(server: Server, text: str, note: str = "") -> dict:
+    """The views for a document about to be loaded: its text, what loading it would do, the cut choice if needed."""
+    fit = measure(server, text)
+    return {"pasted": text, "doc_info": views.document_note(fit, server.max_context) + note,
+            "cut": gr.update(visible=not fit.fits, value=None)}
+
+
+def still_loaded(state: ChatState | None) -> str:
+    return f" Still loaded: {state.document_name}." if state is not None and state.document_name else ""
+
+
+def read_upload(server: Server, file, state: ChatState | None) -> dict:
+    """An uploaded file becomes the document to load; a refused one is cleared from the file box."""
+    if file is None:
+        return {}
+    try:
+        return candidate(server, read_document(file, Path(file).name)) | {"sample": None}
+    except (DocumentError, UserError) as error:
+        notify(str(error))
+        return {"upload": None, "pasted": "", "sample": None, "cut": HIDDEN,
+                "doc_info": f"**Not loaded:** {error}.{still_loaded(state)}"}
+
+
+def pick_sample(server: Server, name: str | None, depth: float) -> dict:
+    if not name:
+        return {}
+    note = ""
+    if name == NEEDLE:
+        note = f" The passkey is **{needle_document(depth)[1]}**: ask *What is the pass key?*"
+    return candidate(server, sample_text(name, depth), note) | {"upload": None}
+
+
+def edited(server: Server, text: str) -> dict:
+    """The paste box was edited: it no longer holds the upload or the sample."""
+    return {"upload": None, "sample": None}
+
+
+def describe(server: Server, text: str) -> dict:
+    if not text or not text.strip():
+        return {"doc_info": "No document yet: upload a file, pick a sample or paste text.", "cut": HIDDEN}
+    try:
+        return candidate(server, text)
+    except UserError as error:
+        return {"doc_info": f"**Too long:** {error}", "cut": HIDDEN}
+
+
+def load_document(server: Server, text: str, cut: str | None, file, sample: str | None, state: ChatState | None,
+                  request: gr.Request, progress=PROGRESS) -> dict:
+    """Prefill the document (cut to its head or tail if it is longer than the context leaves room for); every view
+    of the previous document is cleared."""
+    if not text or not text.strip():
+        raise UserError("Nothing to load: upload a file, pick a sample or paste text first.")
+    fit = measure(server, text)
+    if not fit.fits:
+        if cut not in CUTS:
+            raise UserError(f"The document has {fit.tokens:,} tokens; at most {fit.max_tokens:,} leave room for "
+                            "questions and answers: choose keep the head or keep the tail, then load again.")
+        text = cut_document(server.tokenizer, server.model.config, text, CUTS[cut])
+    if state is None or state.session is None:
+        state = server.sessions.open(request.session_hash, server.new_session)
+        if state is None:
+            raise UserError(f"The server is busy ({server.sessions.limit} sessions are open): try again shortly.")
+    state.forget_document()
+    cleared = {"state": state, "cut": HIDDEN, "chat": [], "metrics": "", "headline": "", "speed_plot": HIDDEN,
+               "heads_plot": HIDDEN, "time_plot": HIDDEN, "tokens": HIDDEN, "looked": HIDDEN, "looked_note": NO_ANSWER,
+               "compare_box": HIDDEN, "dense_answer": "", "quest_answer": "", "verdict": "", "page_text": "",
+               "trace_file": None}
+    started = time.perf_counter()
+    progress(0, desc="Prefilling the document")
+    try:
+        ingested = state.session.ingest(text, progress=lambda done, total: progress(done / total, desc="Prefill"))
+    except Exception as error:
+        state.session.reset()  # no half-loaded document: the partial KV is freed
+        if not is_out_of_memory(error):
+            raise
+        error.__traceback__ = None
+        free_memory()
+        message = (f"Out of memory while prefilling {fit.tokens:,} tokens: load a shorter document, or keep only "
+                   "its head or its tail.")
+        notify(message)
+        return cleared | {"document": gr.update(label="Document"), "doc_info": f"**Not loaded:** {message}",
+                          "meter": ""}
+    name = sample or (Path(file).name if file else "pasted text")
+    state.document_name = f"{name}{f' ({cut})' if not fit.fits else ''}"
+    state.needle = find_needle(text)
+    loaded = (f"{state.document_name}: {ingested.document_tokens:,} tokens, prefilled in "
+              f"{time.perf_counter() - started:.1f} s")
+    return cleared | {"document": gr.update(label=f"Document · {loaded}", open=False),
+                      "doc_info": f"**Loaded** {loaded}. Ask away: follow-up questions reuse the document's KV.",
+                      "meter": views.meter(state.session.context_usage())}
+
+
+NO_ANSWER = "Ask a question: this view then shades the passages the model read while answering."
+
+
+# ---- answering ----
+
+def ask(server: Server, question: str, mode: str, budget, page_size, dense_layers, inspect: bool, max_new_tokens,
+        temperature, repetition_penalty, no_repeat_ngram_size, layer, head, state: ChatState | None):
+    """Stream the answer to `question`: the chat every TEXT_REFRESH_S, the metrics, context meter and pages-read
+    plot every REFRESH_S, everything at the end."""
+    session = loaded_session(state)
+    question = (question or "").strip()
+    if not question:
+        raise UserError("Type a question first.")
+    configure(session, mode, budget, page_size, dense_layers)
+    decoding = dict(max_new_tokens=min(int(max_new_tokens), server.max_new_tokens), temperature=float(temperature),
+                    repetition_penalty=float(repetition_penalty), no_repeat_ngram_size=int(no_repeat_ngram_size))
+    before = list(state.chat)
+    user = {"role": "user", "content": question}
+    yield {"chat": before + [user, {"role": "assistant", "content": ""}], "question": "",
+           "metrics": views.metrics(mode, [], None)}
+    stream = session.ask(question, trace=True, inspect=bool(inspect), **decoding)
+    notes, marks, text, shown_text, shown_all = [], {}, "", 0.0, 0.0
+    try:
+        for step in stream:
+            run = session.last_run
+            if step.index == 0:
+                notes = turn_notices(run, decoding["max_new_tokens"])
+                marks = page_marks(session, question, state.needle)
+            text += step.text
+            chat = before + notes + [user, {"role": "assistant", "content": text}]
+            now = time.perf_counter()
+            if now - shown_all >= REFRESH_S:
+                shown_all = shown_text = now
+                yield {"chat": chat, "metrics": views.metrics(mode, run.steps, run),
+                       "meter": views.meter(session.context_usage()),
+                       "heads_plot": live_pages_plot(run.steps, run.page_size, int(layer), marks)}
+            elif now - shown_text >= TEXT_REFRESH_S:
+                shown_text = now
+                yield {"chat": chat}
+    except ContextFullError as error:
+        notify(str(error))
+        state.chat = before + [notice("The question does not fit", f"{error}")]
+        yield {"chat": state.chat, "question": question, "metrics": "",
+               "meter": views.meter(session.context_usage())}
+        return
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        error.__traceback__ = None
+        free_memory()
+        message = "Out of memory while answering: the document stays loaded; ask for a shorter answer."
+        notify(message)
+        state.chat = before + [notice("Out of memory", message)]
+        yield {"chat": state.chat, "question": question, "meter": views.meter(session.context_usage())}
+        return
+    finally:
+        stream.close()
+    run = session.last_run
+    stopped = " (stopped)" if run.stop_reason == "cancelled" else ""
+    state.chat = before + notes + [user, {"role": "assistant", "content": run.text + stopped}]
+    state.answer, state.question, state.picked_step = run, question, None
+    state.page_texts = session.page_texts()
+    if run.new_tokens > 1:
+        state.speeds[mode] = speed(run, "chat")
+    yield {"chat": state.chat, "metrics": views.metrics(mode, run.steps, run, mean_recall(run)),
+           "meter": views.meter(session.context_usage()), **speed_views(state),
+           **answer_views(state, session, int(layer), int(head), marks)}
+
+
+def notice(title: str, text: str) -> dict:
+    """A chat message that is not part of the conversation: a titled note."""
+    return {"role": "assistant", "content": text, "metadata": {"title": f"⚠️ {title}", "status": "done"}}
+
+
+def turn_notices(run, asked_tokens: int) -> list[dict]:
+    """Notes for the chat: turns the engine dropped to make room, and an answer capped by the room left."""
+    notes = []
+    if run.dropped_turns:
+        turns = "turn" if run.dropped_turns == 1 else f"{run.dropped_turns} turns"
+        notes.append(notice(f"Context full: the oldest {turns} dropped",
+                            f"To make room for this answer, the oldest question/answer {turns} left the model's "
+                            "context (they stay shown above; the model no longer sees them). The document stays. "
+                            "**New chat** frees the whole conversation."))
+    if run.max_new_tokens < asked_tokens:
+        notes.append(notice(f"Answer capped at {run.max_new_tokens} tokens",
+                            f"Only {run.max_new_tokens} tokens of room are left beside the document and this "
+                            "question; **New chat** frees the conversation's room."))
+    return notes
+
+
+def page_marks(session: Session, question: str, needle: str | None) -> dict:
+    marks = {"question": session.pages_of(question)}
+    if needle:
+        marks["needle"] = session.pages_of(needle)
+    return marks
+
+
+def stop(server: Server, state: ChatState | None) -> dict:
+    """End the answer being generated after its current token; `ask` then shows it marked stopped."""
+    if state is not None and state.session is not None:
+        state.session.cancel()
+    return {}
+
+
+def new_chat(server: Server, state: ChatState | None) -> dict:
+    """Forget the questions and answers, keep the document and its KV."""
+    if state is None or state.session is None or not state.document_name:
+        return {"chat": []}
+    state.session.new_chat()
+    state.chat = []
+    return {"chat": [], "meter": views.meter(state.session.context_usage())}
+
+
+def compare(server: Server, question: str, budget, page_size, dense_layers, max_new_tokens, repetition_penalty,
+            no_repeat_ngram_size, state: ChatState | None, progress=PROGRESS) -> dict:
+    """The same question (or the last one asked) answered dense and with Quest on the same context, greedily; the
+    conversation does not keep either answer."""
+    session = loaded_session(state)
+    question = (question or "").strip() or state.question
+    if not question:
+        raise UserError("Type a question first: Compare answers it once dense and once with Quest.")
+    decoding = dict(max_new_tokens=min(int(max_new_tokens), server.max_new_tokens), temperature=0.0,
+                    repetition_penalty=float(repetition_penalty), no_repeat_ngram_size=int(no_repeat_ngram_size))
+    runs, shown = {}, 0.0
+    for done, mode in enumerate(("dense", "quest")):
+        configure(session, mode, budget, page_size, dense_layers)
+        label = "Quest" if mode == "quest" else "dense"
+        progress(done / 2, desc=f"{label}: prefilling")
+        try:
+            for step in session.ask(question, keep=False, trace=True, **decoding):
+                if time.perf_counter() - shown > 0.5:
+                    shown = time.perf_counter()
+                    progress((done + step.index / decoding["max_new_tokens"]) / 2, desc=f"{label}: token {step.index}")
+        except ContextFullError as error:
+            raise UserError(str(error)) from None
+        runs[mode] = session.last_run
+        state.speeds[mode] = speed(runs[mode], "Compare")
+    first = views.first_difference(runs["dense"], runs["quest"])
+    verdict = ("**Identical answers.**" if first is None else
+               f"**The answers differ from token {first} on** (marked).")
+    return {"dense_answer": views.compare_pane(runs["dense"], "Dense", first),
+            "quest_answer": views.compare_pane(runs["quest"], f"Quest (budget {runs['quest'].budget})", first),
+            "verdict": f"{verdict} Question: *{question}*", "compare_box": gr.update(visible=True),
+            **speed_views(state)}
+
+
+def speed(run, source: str) -> views.Speed:
+    traced = traced_steps(run.steps)
+    read = sum(trace.read_bytes for trace in traced)
+    kv_ratio = sum(trace.dense_bytes for trace in traced) / read if read else 1.0
+    return views.Speed(run.decode_tokens_per_s, run.attention_s, kv_ratio, run.prompt_tokens, source,
+                       kv_series(traced))
+
+
+def kv_series(traced) -> tuple:
+    return tuple(trace.context_len for trace in traced), tuple(trace.read_bytes for trace in traced)
+
+
+def speed_views(state: ChatState) -> dict:
+    speeds = {mode: (s.ms_per_token, None if s.attention_s is None else 1000 * s.attention_s)
+              for mode, s in state.speeds.items()}
+    return {"headline": views.headline(state.speeds),
+            "speed_plot": gr.update(value=figures.time_per_token(speeds), visible=True) if speeds else HIDDEN}
+
+
+def mean_recall(run) -> float | None:
+    values = [value for step in run.steps if step.trace is not None and step.trace.recall is not None
+              for value in step.trace.recall.flatten().tolist() if value == value]  # NaN: dense layers
+    return sum(values) / len(values) if values else None
+
+
+# ---- the views of the last answer ----
+
+def traced_steps(steps) -> list:
+    return [step.trace for step in steps if step.trace is not None]
+
+
+def page_labels(page_texts: list[str], page_size: int) -> list[str]:
+    return [f"page {page}: tokens {page * page_size}-{(page + 1) * page_size - 1}<br>"
+            f"{text[:60].replace(chr(10), ' ').replace('<', '&lt;')}" for page, text in enumerate(page_texts)]
+
+
+def live_pages_plot(steps, page_size: int, layer: int, marks: dict):
+    """The pages read at the latest step, without hover texts (the final plot has them)."""
+    traced = traced_steps(steps)
+    if not traced:
+        return gr.skip()
+    return gr.update(value=figures.pages_read(traced[-1], layer, page_size, [], marks), visible=True)
+
+
+def answer_views(state: ChatState, session: Session, layer: int, head: int, marks: dict | None = None) -> dict:
+    """Pages read (at the picked token or the last), over time, and where the model looked."""
+    run = state.answer
+    traced = traced_steps(run.steps)
+    if marks is None:
+        marks = page_marks(session, state.question, state.needle)
+    if not traced:
+        return {"heads_plot": HIDDEN, "time_plot": HIDDEN, **looked_views(state, session)}
+    page_size = run.page_size
+    step = picked_trace(state) or traced[-1]
+    heads = figures.pages_read(step, layer, page_size, page_labels(state.page_texts, page_size), marks)
+    if all(trace.selected_pages is None for trace in traced):  # dense: the bytes it read, beside the other mode's
+        series = {mode: s.kv_steps for mode, s in state.speeds.items() if mode != run.mode and s.kv_steps[0]}
+        over_time = figures.kv_read_per_step({run.mode: kv_series(traced), **series})
+    else:
+        over_time = figures.selection_over_time(traced, layer, head, page_size, marks)
+    return {"heads_plot": gr.update(value=heads, visible=True), "time_plot": gr.update(value=over_time, visible=True),
+            **looked_views(state, session)}
+
+
+def picked_trace(state: ChatState):
+    if state.picked_step is None or state.picked_step >= len(state.answer.steps):
+        return None
+    return state.answer.steps[state.picked_step].trace
+
+
+def looked_views(state: ChatState, session: Session) -> dict:
+    """The answer's tokens (one picked) and the text the model saw, each passage shaded by how often it was read
+    during the whole answer or, with a token picked, at that token's step."""
+    run = state.answer
+    groups = looked.passages(state.page_texts, breaks=(session.document_pages().stop,))
+    tokens = [(step.text, "picked" if index == state.picked_step else None) for index, step in enumerate(run.steps)]
+    if state.picked_step is None:
+        shares = looked.page_shares(traced_steps(run.steps), len(state.page_texts))
+        scope = "during the whole answer"
+    else:
+        step = run.steps[state.picked_step]
+        shares = looked.page_shares([step.trace], len(state.page_texts))
+        scope = f"to produce the picked token {step.text!r} (step {state.picked_step})"
+    if shares is None:
+        why = ("the first token comes from the prefill, which reads every page"
+               if state.picked_step == 0 else "every page was read: dense mode, or a context within the budget")
+        note = f"Nothing to shade {scope}: {why}. Ask with Quest to see where it looked."
+    else:
+        top = looked.top_passages(groups, shares)
+        quotes = " · ".join(f"“{' '.join(p.text.split())[:70]}…”" for p in top)
+        note = (f"Passages shaded by how often their pages were read {scope}, over the sparse layers and KV heads. "
+                f"Most read: {quotes}. Click a token of the answer for its step; click it again for the whole answer.")
+    return {"tokens": gr.update(value=tokens, visible=True),
+            "looked": gr.update(value=looked.shaded(state.page_texts, groups, shares), visible=True),
+            "looked_note": note}
+
+
+def show_plots(server: Server, layer, head, state: ChatState | None) -> dict:
+    """The layer or KV head picker moved."""
+    if state is None or state.answer is None:
+        return {}
+    return answer_views(state, state.session, int(layer), int(head))
+
+
+def pick_token(server: Server, layer, head, state: ChatState | None, event: gr.SelectData) -> dict:
+    """A token of the answer was clicked: show what its step read (a second click on it: the whole answer)."""
+    if state is None or state.answer is None:
+        return {}
+    index = event.index if isinstance(event.index, int) else event.index[0]
+    state.picked_step = None if index == state.picked_step else index
+    return answer_views(state, state.session, int(layer), int(head))
+
+
+def page_text(server: Server, page, state: ChatState | None) -> dict:
+    if state is None or state.session is None or not state.document_name:
+        raise UserError("Load a document first.")
+    texts = state.session.page_texts()
+    page_size = state.session.config.page_size
+    page = int(page or 0)
+    if not 0 <= page < len(texts):
+        raise UserError(f"Page {page} is outside the context: it has pages 0 to {len(texts) - 1}.")
+    return {"page_text": f"Page {page}: tokens {page * page_size}-{page * page_size + page_size - 1}\n\n{texts[page]}"}
+
+
+def export_trace(server: Server, state: ChatState | None) -> dict:
+    run = state.answer if state is not None else None
+    if run is None or not traced_steps(run.steps):
+        raise UserError("No trace yet: ask a question first.")
+    data = {"run": run.summary(), "question": state.question,
+            "steps": [{"token": step.text, "context_len": trace.context_len, "seconds": trace.seconds,
+                       "attention_s": trace.attention_s, "dense_bytes": trace.dense_bytes,
+                       "read_bytes": trace.read_bytes,
+                       "selected_pages": None if trace.selected_pages is None else trace.selected_pages.tolist(),
+                       "recall": None if trace.recall is None else [[None if r != r else r for r in row]
+                                                                    for row in trace.recall.tolist()]}
+                      for step in run.steps if (trace := step.trace) is not None]}
+    path = Path(tempfile.mkdtemp(prefix="quest-trace-")) / "trace.json"
+    path.write_text(json.dumps(data))
+    return {"trace_file": str(path)}
+
+
+def release(server: Server, request: gr.Request) -> None:
+    """The browser left: free its KV now (Gradio keeps a closed session's state for an hour)."""
+    server.sessions.close_owner(request.session_hash)

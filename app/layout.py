@@ -1,0 +1,227 @@
+"""The Gradio app's layout and wiring: `build_app(model, tokenizer)` returns the Blocks. What each event does is in
+`app/handlers.py`; this file places the components and connects them.
+
+Two columns from 1200 px: the document, the chat, the question, Compare and the settings on the left; the context
+meter, live metrics, the Quest-vs-dense headline, the pages-read plots and "where the model looked" on the right.
+Per-user state lives in `gr.State` (a ChatState, whose KV is freed as soon as the browser leaves); the model is
+shared and all model work is queued under one concurrency id, so it runs one request at a time.
+"""
+import functools
+import inspect
+
+import gradio as gr
+
+from quest_core.config import Decoding, default_config
+
+from . import handlers, views
+from .documents import NEEDLE, SAMPLES, SUFFIXES
+from .sessions import OpenSessions
+
+MODEL_WORK = "model"  # the queue's concurrency id for everything that runs the model
+
+
+def event(server, handler, outputs: list[str], failure: dict | None = None, gpu=lambda fn: fn):
+    """`handler(server, ...)` as a Gradio event function with `outputs` (view names): the dict it returns (or yields)
+    becomes updates of those components, a view it leaves out is skipped, and an exception it lets out becomes a
+    readable warning (handlers.failed) and the views in `failure` (a string there gets the message in place of
+    "{message}"), instead of Gradio's error state."""
+    bound = gpu(functools.partial(handler, server))
+
+    def updates(view: dict | None) -> tuple:
+        view = view or {}
+        unknown = set(view) - set(outputs)
+        assert not unknown, f"{handler.__name__} returned views it does not output: {unknown}"
+        values = tuple(view.get(name, gr.skip()) for name in outputs)
+        return values[0] if len(values) == 1 else values or None
+
+    def failed(error: Exception) -> dict:
+        message = handlers.failed(error)
+        return {name: value.replace("{message}", message) if isinstance(value, str) else value
+                for name, value in (failure or {}).items()}
+
+    if inspect.isgeneratorfunction(handler):
+        def run(*args):
+            try:
+                for view in bound(*args):
+                    yield updates(view)
+            except Exception as error:
+                yield updates(failed(error))
+    else:
+        def run(*args):
+            try:
+                return updates(bound(*args))
+            except Exception as error:
+                return updates(failed(error))
+    run.__name__, run.__annotations__ = handler.__name__, handler.__annotations__  # Gradio reads the annotations
+    run.__signature__ = inspect.signature(functools.partial(handler, server))
+    return run
+
+
+def build_app(model, tokenizer, backend=None, max_new_tokens: int = 256, gpu=lambda fn: fn,
+              max_document_tokens: int = 100_000, max_sessions: int = 16) -> gr.Blocks:
+    """`gpu` wraps the functions that run the model (Hugging Face Spaces' `spaces.GPU`, or nothing). Longer
+    documents are refused; a document longer than the context is cut to its head or tail on request. Each browser
+    session with a loaded document holds its KV until it leaves; past `max_sessions` the server is busy."""
+    sessions = OpenSessions(max_sessions)
+    server = handlers.Server(model, tokenizer, backend, sessions, max_new_tokens, max_document_tokens)
+    quest = default_config(model.config)
+    decoding = Decoding()
+    num_layers = model.config.num_hidden_layers
+    num_kv_heads = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
+
+    with gr.Blocks(title="Quest: query-aware sparse attention", fill_width=True) as demo:
+        c = {"state": gr.State(None, delete_callback=sessions.close)}
+        gr.Markdown("## Quest: query-aware sparse attention\nChat with a long document, with dense attention or with "
+                    "Quest, which reads only the KV pages each head needs, and see which pages it read.")
+        gr.Markdown(views.header(model, views.backend_text(backend), server.max_context, max_new_tokens,
+                                 max_sessions), elem_id="server-status")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=11, min_width=560):
+                with gr.Accordion("Document", open=True, elem_id="document") as c["document"]:
+                    with gr.Tabs():
+                        with gr.Tab("Upload"):
+                            c["upload"] = gr.File(label=f"A file ({' '.join(SUFFIXES)})", file_types=list(SUFFIXES),
+                                                  type="filepath", height=110)
+                        with gr.Tab("Sample"):
+                            with gr.Row():
+                                c["sample"] = gr.Dropdown([*SAMPLES, NEEDLE], value=None, label="Sample", scale=3)
+                                c["depth"] = gr.Slider(0, 100, 50, step=5, label="Needle depth, %", scale=2,
+                                                       info="where the passkey sits in the haystack")
+                        with gr.Tab("Paste"):
+                            c["pasted"] = gr.Textbox(label="Text", lines=4, max_lines=8, elem_id="pasted",
+                                                     placeholder="Paste a document here")
+                    c["doc_info"] = gr.Markdown("No document yet: upload a file, pick a sample or paste text.",
+                                                elem_id="doc-info")
+                    with gr.Row():
+                        c["cut"] = gr.Radio(list(handlers.CUTS), label="Too long", visible=False, scale=3,
+                                            info="which end to keep of a document longer than the context")
+                        load = gr.Button("Load document", variant="primary", scale=1)
+                c["chat"] = gr.Chatbot(label="Chat", height=380, elem_id="chat", buttons=["copy"],
+                                       placeholder="Load a document, then ask about it.")
+                with gr.Row():
+                    c["question"] = gr.Textbox(placeholder="Ask about the document", show_label=False, scale=4,
+                                               elem_id="question", container=False)
+                    send = gr.Button("Send", variant="primary", scale=1, min_width=80)
+                with gr.Row():
+                    stop = gr.Button("Stop", size="md", min_width=80)
+                    new_chat = gr.Button("New chat", size="md", min_width=80)
+                    compare = gr.Button("Compare dense vs Quest", size="md", scale=2, elem_id="compare-button")
+                with gr.Group(visible=False, elem_id="compare-box") as c["compare_box"]:
+                    c["verdict"] = gr.Markdown(elem_id="verdict", container=True)
+                    with gr.Row():
+                        c["dense_answer"] = gr.HTML(elem_id="dense-answer", container=True, padding=True)
+                        c["quest_answer"] = gr.HTML(elem_id="quest-answer", container=True, padding=True)
+                with gr.Accordion("Settings: attention and decoding", open=False, elem_id="settings"):
+                    with gr.Row():
+                        c["mode"] = gr.Radio(["quest", "dense"], value="quest", label="Attention", elem_id="mode",
+                                             info="dense reads every KV page; Quest only the top pages per head")
+                        c["budget"] = gr.Slider(64, 4096, quest.budget, step=64, label="Token budget",
+                                                info="KV tokens Quest reads per layer and KV head at each step")
+                    with gr.Row():
+                        c["page_size"] = gr.Dropdown([4, 8, 16, 32], value=quest.page_size, label="Page size",
+                                                     info="tokens per page: Quest scores and reads whole pages")
+                        c["dense_layers"] = gr.Slider(0, num_layers, quest.dense_layers, step=1,
+                                                      label="Dense layers",
+                                                      info="the first layers always read everything")
+                    with gr.Row():
+                        c["max_new_tokens"] = gr.Slider(1, max(max_new_tokens, 2), min(decoding.max_new_tokens,
+                                                                                       max_new_tokens),
+                                                        step=1, label="Answer length", elem_id="max-new-tokens",
+                                                        info="most tokens per answer (also capped by the room left)")
+                        c["temperature"] = gr.Slider(0, 1.5, decoding.temperature, step=0.05, label="Temperature",
+                                                     info="0: greedy, the same answer every time (Compare is greedy)")
+                    with gr.Row():
+                        c["repetition_penalty"] = gr.Slider(1.0, 2.0, decoding.repetition_penalty, step=0.05,
+                                                            label="Repetition penalty",
+                                                            info="above 1, tokens already in the answer or the "
+                                                                 "context are less likely again")
+                        c["no_repeat_ngram_size"] = gr.Slider(0, 10, decoding.no_repeat_ngram_size, step=1,
+                                                              label="No repeat n-gram",
+                                                              info="never repeat a run of this many tokens (0: off)")
+                    c["inspect"] = gr.Checkbox(label="Inspect: measure selection recall (slower)",
+                                               info="a dense pass per layer: the share of attention on the pages "
+                                                    "Quest read")
+            with gr.Column(scale=10, min_width=560):
+                c["meter"] = gr.HTML(elem_id="meter")
+                c["metrics"] = gr.Markdown(elem_id="metrics")
+                c["headline"] = gr.Markdown(elem_id="headline")
+                c["speed_plot"] = gr.Plot(visible=False, show_label=False, elem_id="speed-plot")
+                with gr.Tabs():
+                    with gr.Tab("Pages read"):
+                        with gr.Row():
+                            c["layer"] = gr.Slider(0, num_layers - 1, quest.dense_layers, step=1, label="Layer",
+                                                   info="the plots show this layer")
+                            c["head"] = gr.Slider(0, num_kv_heads - 1, 0, step=1, label="KV head",
+                                                  info="the plot over the answer shows this head")
+                        c["heads_plot"] = gr.Plot(visible=False, show_label=False, elem_id="heads-plot")
+                        c["time_plot"] = gr.Plot(visible=False, show_label=False, elem_id="time-plot")
+                    with gr.Tab("Where the model looked", elem_id="looked-tab"):
+                        c["looked_note"] = gr.Markdown(handlers.NO_ANSWER, elem_id="looked-note")
+                        c["tokens"] = gr.HighlightedText(visible=False, label="The answer: click a token",
+                                                         elem_id="answer-tokens", show_inline_category=False,
+                                                         color_map={"picked": "#f97316"})
+                        with gr.Row(max_height=440):  # scrolls: an 8K-token document is long
+                            c["looked"] = gr.HighlightedText(visible=False, label="What the model saw",
+                                                             elem_id="looked")
+                    with gr.Tab("Page text and trace"):
+                        with gr.Row():
+                            c["page"] = gr.Number(0, label="Page", precision=0, info="press Enter to show its text")
+                            export = gr.Button("Export trace JSON")
+                        c["page_text"] = gr.Textbox(label="Page text", lines=3, elem_id="page-text")
+                        c["trace_file"] = gr.File(label="Trace")
+
+        def on(trigger, handler, inputs, outputs, failure=None, **kwargs):
+            runs_model = kwargs.get("concurrency_id") == MODEL_WORK
+            fn = event(server, handler, outputs, failure, gpu if runs_model else lambda f: f)
+            return trigger(fn, [c[name] for name in inputs], [c[name] for name in outputs], **kwargs)
+
+        document = ["pasted", "doc_info", "cut"]
+        on(c["upload"].upload, handlers.read_upload, ["upload", "state"], ["upload", "sample", *document],
+           api_name="read_upload")
+        on(c["sample"].input, handlers.pick_sample, ["sample", "depth"], ["upload", *document],
+           api_name="pick_sample")
+        on(c["depth"].release, handlers.pick_sample, ["sample", "depth"], ["upload", *document],
+           api_visibility="private")
+        on(c["pasted"].input, handlers.edited, ["pasted"], ["upload", "sample"], api_visibility="private",
+           queue=False)
+        on(c["pasted"].blur, handlers.describe, ["pasted"], ["doc_info", "cut"], api_visibility="private")
+        cleared = ["chat", "meter", "metrics", "headline", "speed_plot", "heads_plot", "time_plot", "tokens",
+                   "looked", "looked_note", "compare_box", "dense_answer", "quest_answer", "verdict", "page_text",
+                   "trace_file"]
+        on(load.click, handlers.load_document, ["pasted", "cut", "upload", "sample", "state"],
+           ["state", "document", "doc_info", "cut", *cleared], failure={"doc_info": "**Not loaded:** {message}"},
+           concurrency_id=MODEL_WORK, api_name="load_document", show_progress_on=[c["doc_info"]])
+
+        ask_inputs = ["question", "mode", "budget", "page_size", "dense_layers", "inspect", "max_new_tokens",
+                      "temperature", "repetition_penalty", "no_repeat_ngram_size", "layer", "head", "state"]
+        answer = ["heads_plot", "time_plot", "tokens", "looked", "looked_note"]
+        ask_outputs = ["chat", "question", "metrics", "meter", "headline", "speed_plot", *answer]
+        for trigger, visibility in ((send.click, "public"), (c["question"].submit, "private")):
+            on(trigger, handlers.ask, ask_inputs, ask_outputs, failure={"metrics": "⚠️ {message}"},
+               concurrency_id=MODEL_WORK, api_visibility=visibility,
+               show_progress="minimal", show_progress_on=[c["metrics"]], **({"api_name": "ask"} if visibility ==
+                                                                             "public" else {}))
+        # Stop ends the answer through the session, not by cancelling the event: the stream then ends with what the
+        # conversation keeps, marked stopped.
+        on(stop.click, handlers.stop, ["state"], [], queue=False, api_name="stop")
+        for trigger, api in ((new_chat.click, {"api_name": "new_chat"}), (c["chat"].clear,
+                                                                            {"api_visibility": "private"})):
+            stopped = on(trigger, handlers.stop, ["state"], [], queue=False, api_visibility="private")
+            on(stopped.then, handlers.new_chat, ["state"], ["chat", "meter"], concurrency_id=MODEL_WORK, **api)
+        comparing = compare.click(lambda: (gr.update(visible=True), "Comparing: dense first, then Quest…"), None,
+                                  [c["compare_box"], c["verdict"]], queue=False, api_visibility="private")
+        on(comparing.then, handlers.compare, ["question", "budget", "page_size", "dense_layers", "max_new_tokens",
+                                              "repetition_penalty", "no_repeat_ngram_size", "state"],
+           ["dense_answer", "quest_answer", "verdict", "compare_box", "headline", "speed_plot"],
+           failure={"compare_box": handlers.HIDDEN, "verdict": "**Not compared:** {message}"},
+           concurrency_id=MODEL_WORK, api_name="compare",
+           show_progress_on=[c["verdict"]])
+        for picker in ("layer", "head"):
+            on(c[picker].release, handlers.show_plots, ["layer", "head", "state"], answer, api_visibility="private")
+        on(c["tokens"].select, handlers.pick_token, ["layer", "head", "state"], answer, api_visibility="private")
+        on(c["page"].submit, handlers.page_text, ["page", "state"], ["page_text"], failure={"page_text": "{message}"},
+           api_name="page_text")
+        on(export.click, handlers.export_trace, ["state"], ["trace_file"], api_name="export_trace")
+        demo.unload(event(server, handlers.release, []))
+    demo.queue(default_concurrency_limit=1)
+    return demo

@@ -1,0 +1,133 @@
+"""The app's texts: header, document notes, context meter, live metrics, the Quest-vs-dense headline and the Compare
+panes. Plain strings (Markdown or HTML) from what the engine reports; no Gradio here."""
+import html
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Speed:
+    """One answer's speed, for the headline."""
+    tokens_per_s: float
+    attention_s: float | None  # mean seconds per step in attention (all layers); None where not measured
+    kv_ratio: float        # KV bytes a dense step reads / bytes this answer's steps read
+    context_tokens: int    # the context the answer was conditioned on
+    source: str            # "Compare" or "chat"
+    kv_steps: tuple        # (context lengths, KV bytes read) of its traced steps
+
+    @property
+    def ms_per_token(self) -> float:
+        return 1000 / self.tokens_per_s
+
+
+def header(model, backend_text: str, max_context: int, max_new_tokens: int, max_sessions: int) -> str:
+    name = Path(getattr(model.config, "_name_or_path", "") or type(model).__name__).name
+    dtype = str(model.dtype).removeprefix("torch.")
+    device = next(model.parameters()).device
+    return (f"Model **{name}** · {dtype} · {device} · attention backend **{backend_text}** · "
+            f"context {max_context:,} tokens · answers up to {max_new_tokens:,} tokens · "
+            f"{max_sessions} sessions at once")
+
+
+def backend_text(backend) -> str:
+    """Which attention backend runs, and why when it is not the one asked for (the backend says)."""
+    return "torch" if backend is None else backend.describe()
+
+
+def document_note(fit, max_context: int) -> str:
+    """What loading a document of `fit` (a DocumentFit) would do."""
+    share = 100 * fit.tokens / max_context
+    if fit.fits:
+        return (f"{fit.tokens:,} tokens, {share:.0f}% of the {max_context:,}-token context; "
+                f"press **Load document**.")
+    return (f"{fit.tokens:,} tokens: **longer than the context leaves room for** (at most {fit.max_tokens:,} tokens, "
+            "so that questions and answers fit). Choose *keep the head* or *keep the tail*, then **Load document**.")
+
+
+def meter(usage) -> str:
+    """The context as a bar: document, conversation, room left (a ContextUsage)."""
+    parts = [("document", usage.document_tokens, "#1d4ed8"), ("conversation", usage.conversation_tokens, "#a78bfa"),
+             ("room left", usage.room_tokens, "#e5e7eb")]
+    bars = "".join(f"<div title='{name}: {tokens:,} tokens' style='width:{100 * tokens / usage.max_context:.2f}%;"
+                   f"background:{color}'></div>" for name, tokens, color in parts if tokens > 0)
+    keys = " · ".join(f"<span style='color:{color if name != 'room left' else '#9ca3af'}'>■</span> {name} "
+                      f"<b>{tokens:,}</b>" for name, tokens, color in parts)
+    return (f"<div style='font-size:0.9em'>Context of {usage.max_context:,} tokens: {keys}</div>"
+            "<div style='display:flex;height:12px;border-radius:4px;overflow:hidden;border:1px solid #d1d5db;"
+            f"margin-top:4px'>{bars}</div>")
+
+
+ENDINGS = {"eos": "complete", "max_new_tokens": "cut at {} tokens", "cancelled": "stopped"}  # RunStats.stop_reason
+
+
+def metrics(mode: str, steps: list, run, recall: float | None = None) -> str:
+    """Live metrics of an answer from its steps so far (engine Steps); `run` is its RunStats (prefill counts, and
+    the engine's decode rate once the answer has ended)."""
+    if not steps:
+        return f"**{mode}** · prefilling the question…"
+    decode_s = sum(step.seconds for step in steps[1:])
+    rate = run.decode_tokens_per_s if run.new_tokens else (len(steps) - 1) / decode_s if decode_s > 0 else 0.0
+    state = ENDINGS.get(run.stop_reason, "{}").format(run.max_new_tokens) if run.new_tokens else "streaming…"
+    lines = [f"**{mode}** · {len(steps)} tokens · decode **{rate:.1f} tok/s** · TTFT {steps[0].seconds:.2f} s · "
+             f"context {steps[-1].context_len:,} tokens · prefilled {run.prefill_tokens:,}, reused "
+             f"{run.reused_tokens:,} · {state}"]
+    traced = [step.trace for step in steps if step.trace is not None]
+    if traced:
+        last = traced[-1]
+        line = (f"KV read per step: {last.read_bytes / 2**20:.2f} of {last.dense_bytes / 2**20:.2f} MiB "
+                f"(dense reads {last.dense_bytes / max(last.read_bytes, 1):.1f}×)")
+        timed = [trace.attention_s for trace in traced if trace.attention_s is not None]
+        if timed:
+            line += f" · attention {1000 * sum(timed) / len(timed):.1f} ms per step"
+        lines.append(line)
+    if recall is not None:
+        lines.append(f"Selection recall (dense attention mass on the selected pages): {recall:.3f}")
+    return "  \n".join(lines)
+
+
+def headline(speeds: dict) -> str:
+    """Quest vs dense on the loaded document, from `speeds` (mode -> Speed)."""
+    if not speeds:
+        return ""
+    if len(speeds) == 1:
+        (mode, speed), = speeds.items()
+        other = "dense" if mode == "quest" else "Quest"
+        return (f"**Quest vs dense on this document:** {'Quest' if mode == 'quest' else 'dense'} "
+                f"{speed.tokens_per_s:.1f} tok/s so far. Answer with {other}, or press **Compare**, to measure the "
+                "other on this document.")
+    dense, quest = speeds["dense"], speeds["quest"]
+    same = dense.source == quest.source == "Compare"
+    where = ("Compare: the same question and context" if same else f"your last answers: dense at "
+             f"{dense.context_tokens:,}, Quest at {quest.context_tokens:,} tokens of context")
+    text = (f"**Quest vs dense on this document** ({where}): whole step "
+            f"**{quest.tokens_per_s / dense.tokens_per_s:.2f}×** ({dense.tokens_per_s:.1f} → {quest.tokens_per_s:.1f} "
+            "tok/s)")
+    if dense.attention_s and quest.attention_s:
+        text += (f" · attention alone **{dense.attention_s / quest.attention_s:.1f}×** "
+                 f"({1000 * dense.attention_s:.1f} → {1000 * quest.attention_s:.1f} ms per step)")
+    text += f" · KV bytes read **{quest.kv_ratio:.1f}× fewer** (the theoretical attention speedup)."
+    if dense.attention_s and quest.attention_s:
+        share = dense.attention_s / (dense.ms_per_token / 1000)
+        text += (f"  \nAttention is {100 * share:.0f}% of a dense step here; the rest (MLPs, projections, the "
+                 "vocabulary) costs the same in both modes, so the step gains less than the attention.")
+    return text
+
+
+def compare_pane(run, label: str, first_difference: int | None) -> str:
+    """One Compare answer as HTML, the first token that differs from the other answer marked."""
+    pieces = [html.escape(step.text) for step in run.steps]
+    if first_difference is not None and first_difference < len(pieces):
+        pieces[first_difference] = f"<mark title='first token that differs'>{pieces[first_difference] or '∅'}</mark>"
+    body = "".join(pieces).replace("\n", "<br>")
+    return (f"<b>{label}</b> · {run.decode_tokens_per_s:.1f} tok/s · TTFT {run.ttft_s:.2f} s"
+            f"<div class='answer'>{body}</div>")
+
+
+def first_difference(dense, quest) -> int | None:
+    """The first token where two runs differ (or where the shorter one ends); None if identical."""
+    dense_ids = [step.token_id for step in dense.steps]
+    quest_ids = [step.token_id for step in quest.steps]
+    first = next((i for i, (a, b) in enumerate(zip(dense_ids, quest_ids)) if a != b), None)
+    if first is None and len(dense_ids) != len(quest_ids):
+        first = min(len(dense_ids), len(quest_ids))
+    return first
