@@ -11,6 +11,7 @@ decode tok/s = (tokens - 1) / (time of last token - time of first token); the ta
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import time
@@ -86,6 +87,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    load_before = os.getloadavg()[0]
     model, tokenizer = load_model(dtype=args.dtype, device="cpu")
     document = (Path(__file__).resolve().parent.parent / "assets" / "hamlet.txt").read_text()
     document_ids = tokenizer(document, add_special_tokens=False)["input_ids"]
@@ -123,7 +125,10 @@ def main():
             f"median of {args.runs} runs after a warm-up; Quest budget {args.budget}, dense layers "
             f"{quest.dense_layers}, pages of {args.page_size} with group rule sum (the engine's default), and pages "
             f"of {quest_app.page_size} with rule {quest_app.group_rule} (the app's default for this model). Prompt: "
-            "the first N tokens of assets/hamlet.txt.\n\n"
+            f"the first N tokens of assets/hamlet.txt. The torch backend's dense decode reads the head-major cache in "
+            f"place (no per-step copy). Load average (1 min) at the start and end: {load_before:.1f}, "
+            f"{os.getloadavg()[0]:.1f} (over the core count, other work shared the cores: the engines ran side by side "
+            "under it).\n\n"
             + "\n".join(table))
     if not args.no_write:
         write_section("cpu_decode", "CPU decode: HF generate vs ours dense vs ours Quest", body)
