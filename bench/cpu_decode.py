@@ -127,8 +127,9 @@ def main():
             f"of {quest_app.page_size} with rule {quest_app.group_rule} (the app's default for this model). Prompt: "
             f"the first N tokens of assets/hamlet.txt. The torch backend's dense decode reads the head-major cache in "
             f"place (no per-step copy). Load average (1 min) at the start and end: {load_before:.1f}, "
-            f"{os.getloadavg()[0]:.1f} (over the core count, other work shared the cores: the engines ran side by side "
-            "under it).\n\n"
+            f"{os.getloadavg()[0]:.1f} (the end figure counts this run's own "
+            f"{torch.get_num_threads()} threads; a start figure near the core count would mean other work shared "
+            "the cores).\n\n"
             + "\n".join(table))
     if not args.no_write:
         write_section("cpu_decode", "CPU decode: HF generate vs ours dense vs ours Quest", body)
