@@ -26,7 +26,7 @@ from .sessions import ChatState, OpenSessions, free_memory, is_out_of_memory
 log = logging.getLogger("quest.app")
 CHARS_PER_TOKEN = 8     # a generous bound: texts with more characters than 8 x the token limit are refused untokenized
 REFRESH_S = 1.0         # metrics, context meter and the pages-read plot refresh this often while an answer streams
-TEXT_REFRESH_S = 0.25   # and the answer's text this often
+TEXT_REFRESH_S = 0.5    # and the answer's text this often
 STOP_WAIT_S = 30        # the longest wait for an abandoned answer's current token
 CUTS = {"keep the head": "head", "keep the tail": "tail"}
 HIDDEN = gr.update(visible=False)
