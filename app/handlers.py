@@ -10,6 +10,7 @@ the user can act on: it becomes a warning toast and one log line, and nothing el
 import json
 import logging
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,8 @@ from .sessions import ChatState, OpenSessions, free_memory, is_out_of_memory
 log = logging.getLogger("quest.app")
 CHARS_PER_TOKEN = 8     # a generous bound: texts with more characters than 8 x the token limit are refused untokenized
 REFRESH_S = 1.0         # metrics, context meter and the pages-read plot refresh this often while an answer streams
-TEXT_REFRESH_S = 0.25   # and the answer's text this often
+TEXT_REFRESH_S = 0.5    # and the answer's text this often
+STOP_WAIT_S = 30        # the longest wait for an abandoned answer's current token
 CUTS = {"keep the head": "head", "keep the tail": "tail"}
 HIDDEN = gr.update(visible=False)
 PROGRESS = gr.Progress()  # as a default argument, it asks Gradio for a progress tracker
@@ -217,25 +219,26 @@ def ask(server: Server, question: str, mode: str, budget, page_size, dense_layer
     user = {"role": "user", "content": question}
     yield {"chat": before + [user, {"role": "assistant", "content": ""}], "question": "",
            "metrics": views.metrics(mode, [], None)}
-    stream = session.ask(question, trace=True, inspect=bool(inspect), **decoding)
-    notes, marks, text, shown_text, shown_all = [], {}, "", 0.0, 0.0
+    answer = Streaming(session.ask(question, trace=True, inspect=bool(inspect), **decoding), session.cancel)
+    notes, marks, shown, shown_all = None, {}, 0, 0.0
     try:
-        for step in stream:
-            run = session.last_run
-            if step.index == 0:
+        while not answer.done.wait(TEXT_REFRESH_S):
+            steps = list(answer.steps)
+            if len(steps) == shown:
+                continue
+            shown, run = len(steps), session.last_run
+            if notes is None:
                 notes = turn_notices(run, decoding["max_new_tokens"])
                 marks = page_marks(session, question, state.needle)
-            text += step.text
-            chat = before + notes + [user, {"role": "assistant", "content": text}]
-            now = time.perf_counter()
-            if now - shown_all >= REFRESH_S:
-                shown_all = shown_text = now
-                yield {"chat": chat, "metrics": views.metrics(mode, run.steps, run),
-                       "meter": views.meter(session.context_usage()),
-                       "heads_plot": live_pages_plot(run.steps, run.page_size, int(layer), marks)}
-            elif now - shown_text >= TEXT_REFRESH_S:
-                shown_text = now
+            chat = before + notes + [user, {"role": "assistant", "content": "".join(s.text for s in steps)}]
+            if time.perf_counter() - shown_all < REFRESH_S:
                 yield {"chat": chat}
+                continue
+            shown_all = time.perf_counter()
+            yield {"chat": chat, "metrics": views.metrics(mode, steps, run),
+                   "meter": views.meter(session.context_usage()),
+                   "heads_plot": live_pages_plot(steps, run.page_size, int(layer), marks)}
+        answer.raise_error()
     except ContextFullError as error:
         notify(str(error))
         state.chat = before + [notice("The question does not fit", f"{error}")]
@@ -253,7 +256,10 @@ def ask(server: Server, question: str, mode: str, budget, page_size, dense_layer
         yield {"chat": state.chat, "question": question, "meter": views.meter(session.context_usage())}
         return
     finally:
-        stream.close()
+        answer.stop()
+    if notes is None:  # no step was shown while streaming
+        notes, marks = turn_notices(session.last_run, decoding["max_new_tokens"]), page_marks(session, question,
+                                                                                               state.needle)
     run = session.last_run
     stopped = " (stopped)" if run.stop_reason == "cancelled" else ""
     state.chat = before + notes + [user, {"role": "assistant", "content": run.text + stopped}]
@@ -264,6 +270,37 @@ def ask(server: Server, question: str, mode: str, budget, page_size, dense_layer
     yield {"chat": state.chat, "metrics": views.metrics(mode, run.steps, run, mean_recall(run)),
            "meter": views.meter(session.context_usage()), **speed_views(state),
            **answer_views(state, session, int(layer), int(head), marks)}
+
+
+class Streaming:
+    """An answer's stream of engine Steps, read on a thread of its own: the model never waits while the page is
+    updated (Gradio sends each update before it asks a generator for the next)."""
+
+    def __init__(self, stream, cancel):
+        self.stream, self.cancel, self.steps, self.error = stream, cancel, [], None
+        self.done = threading.Event()
+        threading.Thread(target=self._read, daemon=True, name="answer").start()
+
+    def _read(self):
+        try:
+            for step in self.stream:
+                self.steps.append(step)
+        except Exception as error:
+            self.error = error
+        finally:
+            self.stream.close()
+            self.done.set()
+
+    def raise_error(self):
+        if self.error is not None:
+            raise self.error
+
+    def stop(self):
+        """If the answer is still running (the page went away), end it after its current token and wait for that,
+        so the next request in the queue finds the model free."""
+        if not self.done.is_set():
+            self.cancel()
+            self.done.wait(STOP_WAIT_S)
 
 
 def notice(title: str, text: str) -> dict:

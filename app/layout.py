@@ -18,6 +18,8 @@ from .documents import NEEDLE, SAMPLES, SUFFIXES
 from .sessions import OpenSessions
 
 MODEL_WORK = "model"  # the queue's concurrency id for everything that runs the model
+QUEUE_POLL_S = 0.02  # how often Gradio's queue looks for a job to start when it has none running
+QUEUE_PROGRESS_S = 0.1  # and for progress to send
 
 
 def event(server, handler, outputs: list[str], failure: dict | None = None, gpu=lambda fn: fn):
@@ -224,4 +226,9 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 256, gpu=lam
         on(export.click, handlers.export_trace, ["state"], ["trace_file"], api_name="export_trace")
         demo.unload(event(server, handlers.release, []))
     demo.queue(default_concurrency_limit=1)
+    # Gradio's queue polls for work every millisecond on Linux (every 50 ms on Windows): an idle server then wakes
+    # its event loop 1,000 times a second, and on 2 cores the decoding thread ran a quarter slower beside it
+    # (bench/RESULTS.md, app_speed). A job now waits up to QUEUE_POLL_S to start.
+    demo._queue.sleep_when_free = QUEUE_POLL_S
+    demo._queue.progress_update_sleep_when_free = QUEUE_PROGRESS_S
     return demo
