@@ -25,8 +25,8 @@ from .sessions import ChatState, OpenSessions, free_memory, is_out_of_memory
 
 log = logging.getLogger("quest.app")
 CHARS_PER_TOKEN = 8     # a generous bound: texts with more characters than 8 x the token limit are refused untokenized
-REFRESH_S = 1.0         # metrics, context meter and the pages-read plot refresh this often while an answer streams
-TEXT_REFRESH_S = 0.5    # and the answer's text this often
+REFRESH_S = 1.0         # the answer's text, metrics and context meter refresh this often while it streams; the plots
+                        # come at its end (each refresh costs the decoding thread time on 2 cores: bench/app_speed.py)
 STOP_WAIT_S = 30        # the longest wait for an abandoned answer's current token
 CUTS = {"keep the head": "head", "keep the tail": "tail"}
 HIDDEN = gr.update(visible=False)
@@ -206,8 +206,7 @@ NO_ANSWER = "Ask a question: this view then shades the passages the model read w
 
 def ask(server: Server, question: str, mode: str, budget, page_size, dense_layers, inspect: bool, max_new_tokens,
         temperature, repetition_penalty, no_repeat_ngram_size, layer, head, state: ChatState | None):
-    """Stream the answer to `question`: the chat every TEXT_REFRESH_S, the metrics, context meter and pages-read
-    plot every REFRESH_S, everything at the end."""
+    """Stream the answer to `question`: the chat, metrics and context meter every REFRESH_S, everything at the end."""
     session = loaded_session(state)
     question = (question or "").strip()
     if not question:
@@ -220,9 +219,9 @@ def ask(server: Server, question: str, mode: str, budget, page_size, dense_layer
     yield {"chat": before + [user, {"role": "assistant", "content": ""}], "question": "",
            "metrics": views.metrics(mode, [], None)}
     answer = Streaming(session.ask(question, trace=True, inspect=bool(inspect), **decoding), session.cancel)
-    notes, marks, shown, shown_all = None, {}, 0, 0.0
+    notes, marks, shown = None, {}, 0
     try:
-        while not answer.done.wait(TEXT_REFRESH_S):
+        while not answer.done.wait(REFRESH_S):
             steps = list(answer.steps)
             if len(steps) == shown:
                 continue
@@ -231,13 +230,8 @@ def ask(server: Server, question: str, mode: str, budget, page_size, dense_layer
                 notes = turn_notices(run, decoding["max_new_tokens"])
                 marks = page_marks(session, question, state.needle)
             chat = before + notes + [user, {"role": "assistant", "content": "".join(s.text for s in steps)}]
-            if time.perf_counter() - shown_all < REFRESH_S:
-                yield {"chat": chat}
-                continue
-            shown_all = time.perf_counter()
             yield {"chat": chat, "metrics": views.metrics(mode, steps, run),
-                   "meter": views.meter(session.context_usage()),
-                   "heads_plot": live_pages_plot(steps, run.page_size, int(layer), marks)}
+                   "meter": views.meter(session.context_usage())}
         answer.raise_error()
     except ContextFullError as error:
         notify(str(error))
@@ -414,14 +408,6 @@ def traced_steps(steps) -> list:
 def page_labels(page_texts: list[str], page_size: int) -> list[str]:
     return [f"page {page}: tokens {page * page_size}-{(page + 1) * page_size - 1}<br>"
             f"{text[:60].replace(chr(10), ' ').replace('<', '&lt;')}" for page, text in enumerate(page_texts)]
-
-
-def live_pages_plot(steps, page_size: int, layer: int, marks: dict):
-    """The pages read at the latest step, without hover texts (the final plot has them)."""
-    traced = traced_steps(steps)
-    if not traced:
-        return gr.skip()
-    return gr.update(value=figures.pages_read(traced[-1], layer, page_size, [], marks), visible=True)
 
 
 def answer_views(state: ChatState, session: Session, layer: int, head: int, marks: dict | None = None) -> dict:
