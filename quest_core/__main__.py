@@ -33,8 +33,8 @@ def parse_args(argv=None):
                                "else sum)")
     generate.add_argument("--page-top-p", type=float, metavar="P",
                           help="an adaptive budget: each KV head reads pages until they hold an estimated share P of "
-                               "its attention, from --min-budget up to --budget tokens (default: off, a fixed budget; "
-                               "the torch backend only)")
+                               "its attention, from --min-budget up to --budget tokens; --json reports mean_pages_read "
+                               "(default: off, a fixed budget; the torch backend only)")
     generate.add_argument("--min-budget", type=int,
                           help="with --page-top-p: the fewest tokens a head reads (default: 64)")
     decoding = Decoding()
@@ -67,7 +67,7 @@ def generate(args) -> dict:
     session = Session(model, tokenizer, config, backend, decoding)
     started = time.perf_counter()
     ingested = session.ingest(document, progress=lambda done, total: log(f"prefill {done}/{total} tokens"))
-    for step in session.ask(args.question):
+    for step in session.ask(args.question, trace=config.top_p is not None):  # the trace counts the pages read
         if not args.json:
             print(step.text, end="", flush=True)
     run = session.last_run
