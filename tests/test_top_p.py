@@ -9,6 +9,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from app import handlers
+from app.sessions import ChatState, OpenSessions
 from quest_core.backend_torch import TorchBackend
 from quest_core.config import QuestConfig
 from quest_core.hf import QuestCache
@@ -164,16 +166,22 @@ def tokenizer():
     return load_model(dtype="fp32", device="cpu")[1]
 
 
-def test_a_decode_with_top_p_reads_between_min_and_max_pages_per_head(tokenizer):
+def small_session(tokenizer, config: QuestConfig) -> Session:
+    """A random 3-layer Llama (2 KV heads of 16 dims, fp32) with 300 tokens of Hamlet ingested."""
     torch.manual_seed(0)
     model_config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                                initializer_range=0.2)  # sharper attention than the default 0.02's, nearly uniform
-    config = QuestConfig(budget=128, page_size=4, dense_layers=1, top_p=0.5, min_budget=16)  # 4 to 32 pages
     session = Session(LlamaForCausalLM(model_config).eval(), tokenizer, config)
     hamlet = tokenizer(HAMLET.read_text(), add_special_tokens=False)["input_ids"]
     session.ingest(tokenizer.decode(hamlet[:300]))
-    run = session.answer("Who is there?", max_new_tokens=6, min_new_tokens=6, trace=True)
+    return session
+
+
+def test_a_decode_with_top_p_reads_between_min_and_max_pages_per_head(tokenizer):
+    config = QuestConfig(budget=128, page_size=4, dense_layers=1, top_p=0.5, min_budget=16)  # 4 to 32 pages
+    session = small_session(tokenizer, config)
+    run = session.answer("Who is there?", max_new_tokens=6, min_new_tokens=6, inspect=True)
     traced = [step.trace for step in run.steps if step.trace is not None]
     assert len(traced) == 5 and run.top_p == 0.5
     for trace in traced:
@@ -184,6 +192,7 @@ def test_a_decode_with_top_p_reads_between_min_and_max_pages_per_head(tokenizer)
         read = trace.selected_pages[1:]
         assert ((read >= 0).sum(-1) == sparse).all()  # the trace's pages are the pages read, -1 elsewhere
         assert (read[..., -1] == num_pages - 1).all()
+        assert ((0 < trace.recall[1:]) & (trace.recall[1:] <= 1 + 1e-6)).all()  # dense mass on the pages read
         last_page_len = trace.context_len - (num_pages - 1) * 4
         head_token_bytes = 2 * 16 * 4  # K and V, 16 dims, float32
         page_bytes = ((sparse - 1) * 4 + last_page_len).sum().item() * head_token_bytes
@@ -193,3 +202,18 @@ def test_a_decode_with_top_p_reads_between_min_and_max_pages_per_head(tokenizer)
     assert len(counts.unique()) > 1  # the budget adapts, per head and step
     assert run.mean_pages_read == pytest.approx(counts.float().mean().item())
     assert run.mean_pages_read == pytest.approx(mean_pages_read(traced))
+
+
+def test_the_apps_top_p_slider_sets_the_adaptive_budget_and_0_clears_it(tokenizer):
+    state = ChatState(session=small_session(tokenizer, QuestConfig(page_size=4, dense_layers=1)), document_name="doc")
+    server = handlers.Server(state.session.model, tokenizer, None, OpenSessions(1))
+
+    def ask(top_p) -> str:
+        *_, last = handlers.ask(server, "Who is there?", "quest", 128, 4, 1, False, 4, 0.0, 1.2, 0, 1, 0, top_p, state)
+        return last["metrics"]
+
+    metrics = ask(0.5)
+    assert state.session.config.top_p == 0.5 and state.answer.top_p == 0.5
+    assert f"top-p 0.5, up to 32 pages of 4: {state.answer.mean_pages_read:.1f} pages per head" in metrics
+    metrics = ask(0)
+    assert state.session.config.top_p is None and state.answer.top_p is None and "top-p" not in metrics
