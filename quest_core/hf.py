@@ -101,7 +101,7 @@ def quest_attention(module, query, key, value, attention_mask, scaling=None, dro
 def _decode_sparse(config: QuestConfig, backend, query: torch.Tensor, layer: PagedLayer, scaling: float):
     """query [Hkv, G, D] -> (out [Hkv, G, D], the selection [Hkv, k], page_counts [Hkv] with top_p, else None)."""
     num_selected = config.budget_pages
-    if config.mode == "quest" and config.top_p is not None:
+    if config.top_p is not None:  # mode "quest" (QuestConfig refuses top_p with the baselines)
         selected, page_counts = backend.select_top_p(query, layer, config.top_p, config.min_budget_pages,
                                                      num_selected)
         return backend.decode_sparse(query, layer, selected, scaling, page_counts), selected, page_counts

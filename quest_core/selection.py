@@ -77,7 +77,8 @@ def select_top_p(shares: torch.Tensor, top_p: float, min_pages: int, max_pages: 
     in_use = capacity if num_pages is None else num_pages
     full_pages = shares.masked_fill(_page_index(shares) >= in_use - 1, -torch.inf)
     top_shares, top_pages = torch.topk(full_pages, max_pages - 1, dim=1)  # [Hkv, max_pages - 1], decreasing
-    current = torch.as_tensor(in_use - 1, device=shares.device).view(1, 1).expand(num_kv_heads, 1)
+    current = (torch.full((num_kv_heads, 1), capacity - 1, device=shares.device) if num_pages is None
+               else (num_pages - 1).view(1, 1).expand(num_kv_heads, 1))  # [Hkv, 1]
     selected = torch.cat([top_pages, current], dim=1)
     if top_p >= 1:
         return selected, torch.full((num_kv_heads,), max_pages, device=shares.device)
