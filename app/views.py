@@ -81,8 +81,7 @@ def metrics(mode: str, steps: list, run, recall: float | None = None) -> str:
         timed = [trace.attention_s for trace in traced if trace.attention_s is not None]
         if timed:
             line += f" · attention {1000 * sum(timed) / len(timed):.1f} ms per step"
-        pages = mean_pages_read(traced)
-        if run.top_p is not None and pages is not None:
+        if run.top_p is not None and (pages := mean_pages_read(traced)) is not None:
             line += f" · {budget_text(run)}: {pages:.1f} pages per head on average"
         lines.append(line)
     if recall is not None:
