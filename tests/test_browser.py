@@ -101,7 +101,9 @@ def test_fill_the_context_compare_and_see_where_the_model_looked(app_url, tmp_pa
         page.locator("#doc-info").get_by_text("longer than the context", exact=False).wait_for(timeout=60_000)
         page.get_by_label("keep the head").check()
         page.get_by_role("button", name="Load document").click()
-        page.locator("#document").get_by_text("Document · ").wait_for(timeout=300_000)  # loaded: the box folds
+        loaded = page.locator("#document").get_by_text("Document · ")  # loaded: the box folds and says so
+        loaded.or_(page.locator("#doc-info").get_by_text("Not loaded")).wait_for(timeout=600_000)
+        assert loaded.count(), page.locator("#doc-info").inner_text()  # a refusal says why
         assert_no_error_state(page)
 
         live = set()

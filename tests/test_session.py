@@ -49,6 +49,26 @@ def test_old_turns_make_room_and_the_document_stays(tokenizer):
     assert usage.document_tokens == len(prefix) and usage.room_tokens == 512 - len(session.token_ids)
 
 
+@pytest.mark.slow
+def test_a_long_document_and_long_answers_on_the_default_model(default_model):
+    """The app's case at full size: a ~7.4K-token document in an 8K context and four answers of 200+ tokens."""
+    model, tokenizer = default_model
+    session = Session(model, tokenizer)
+    session.ingest(document_of(tokenizer, 7400))
+    prefix = session.token_ids[: session.document_tokens]
+    assert len(prefix) >= 7300
+    runs = [session.answer(f"Question {i}: retell the scene, speaker by speaker.", min_new_tokens=200)
+            for i in range(4)]
+    assert all(run.new_tokens >= 200 for run in runs), [run.new_tokens for run in runs]
+    assert sum(run.dropped_turns for run in runs) >= 1
+    for run in runs:
+        assert run.prompt_tokens + run.new_tokens <= model.config.max_position_embeddings
+        assert all(step.context_len <= model.config.max_position_embeddings for step in run.steps)
+    assert session.cache.length <= model.config.max_position_embeddings
+    assert session.document_tokens == len(prefix)
+    assert session.token_ids[: len(prefix) - 1] == prefix[:-1]  # the last one may merge with the question's
+
+
 def test_the_answer_is_capped_to_the_room_and_a_question_too_long_is_refused(tokenizer):
     session = tiny_session(tokenizer)
     session.ingest(document_of(tokenizer, 380))
