@@ -29,8 +29,11 @@ def passkey_prompt(tokenizer, filler: str, context: int, depth: float, passkey: 
     return head + filler_ids[:cut] + needle + filler_ids[cut:] + tail
 
 
-def run(model, tokenizer, fillers: dict, contexts, depths, method_rows, seed=0, new_tokens=8, log=print):
-    """Rows of (filler, context, depth, method, budget, passkey, answer, correct)."""
+def run(model, tokenizer, fillers: dict, contexts, depths, method_rows, seed=0, new_tokens=8, log=print,
+        skip_unsolved=False):
+    """Rows of (filler, context, depth, method, budget, passkey, answer, correct). skip_unsolved: where dense
+    attention (method_rows[0]) misses the passkey, the other methods are not run (accuracy over the prompts dense
+    solves needs none of them)."""
     rng = random.Random(seed)
     cache = QuestCache(model.config.num_hidden_layers, method_rows[0][2])
     rows, cached = [], []
@@ -56,6 +59,8 @@ def run(model, tokenizer, fillers: dict, contexts, depths, method_rows, seed=0, 
                     rows.append(dict(filler=filler_name, context=context, depth=depth, method=name, budget=budget,
                                      passkey=passkey, answer=answer.strip(), correct=bool(found and
                                                                                          found.group() == passkey)))
+                    if skip_unsolved and name == method_rows[0][0] and not rows[-1]["correct"]:
+                        break
                 log(f"passkey {filler_name} {context} depth {depth:.2f}: " + " ".join(
                     f"{r['method']}@{r['budget']}={int(r['correct'])}" for r in rows
                     if (r["filler"], r["context"], r["depth"]) == (filler_name, context, depth)))
