@@ -77,9 +77,11 @@ def document_text(session: Session, name: str) -> str:
     return text
 
 
-def run(model, tokenizer, method_rows, max_new_tokens: int = 48, questions=None, log=print) -> list[dict]:
+def run(model, tokenizer, method_rows, max_new_tokens: int = 48, questions=None, log=print,
+        on_question=lambda rows: None) -> list[dict]:
     """Rows of (document, question, method, budget, answer, ids): each document ingested once, each question
-    answered by every method (dense first) with `Session`'s decoding defaults, none kept in the conversation."""
+    answered by every method (dense first) with `Session`'s decoding defaults, none kept in the conversation.
+    on_question(rows so far) is called after each question (to save them as they come)."""
     session = Session(model, tokenizer, config=method_rows[0][2])
     rows = []
     for document, asked in (questions or QUESTIONS).items():
@@ -91,6 +93,7 @@ def run(model, tokenizer, method_rows, max_new_tokens: int = 48, questions=None,
                 rows.append(dict(document=document, question=question, method=name, budget=budget,
                                  answer=answer.text, ids=[step.token_id for step in answer.steps]))
             log(f"agreement {document}: {question} dense={rows[-len(method_rows)]['answer']!r}")
+            on_question(rows)
     return rows
 
 

@@ -94,12 +94,13 @@ def run_part(part: str, settings: dict, shard: tuple[int, int] = (0, 1), fillers
         rows = perplexity.run_windows(model, ids, {name: window_starts(len(v), settings) for name, v in ids.items()},
                                       settings["ppl_scored"],
                                       methods(settings["ppl_budgets"], settings["methods"], model.config), log=log)
-    else:
+    else:  # the documents' shard, saved after every question
+        part = f"agreement-{shard[0]}"
+        documents = list(agreement.QUESTIONS)[shard[0]::shard[1]]
         rows = agreement.run(model, tokenizer, methods(settings["qa_budgets"], settings["qa_methods"], model.config),
-                             settings["qa_max_new_tokens"], log=log)
-    if part == "agreement":
-        (OUT / "agreement.json").write_text(json.dumps(rows, indent=1))
-    else:
+                             settings["qa_max_new_tokens"], {d: agreement.QUESTIONS[d] for d in documents}, log=log,
+                             on_question=lambda rows: (OUT / f"{part}.json").write_text(json.dumps(rows, indent=1)))
+    if not part.startswith("agreement"):
         with open(OUT / f"{part}.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
@@ -198,12 +199,14 @@ def agreement_table(rows: list[dict]) -> str:
 
 
 def write(out: Path = HERE) -> None:
-    metas = sorted(OUT.glob("passkey-*.meta.json")) + [OUT / "perplexity.meta.json", OUT / "agreement.meta.json"]
+    metas = (sorted(OUT.glob("passkey-*.meta.json")) + [OUT / "perplexity.meta.json"]
+             + sorted(OUT.glob("agreement-*.meta.json")))
     meta = {path.name.removesuffix(".meta.json"): json.loads(path.read_text()) for path in metas}
     settings = meta["perplexity"]["settings"]
     key_rows = [row for path in sorted(OUT.glob("passkey-*.csv")) for row in read_csv(path)]
     ppl_rows = read_csv(OUT / "perplexity.csv")
-    qa_rows = json.loads((OUT / "agreement.json").read_text())
+    qa_rows = [row for path in sorted(OUT.glob("agreement-*.json")) if not path.name.endswith(".meta.json")
+               for row in json.loads(path.read_text())]
     fillers = list(dict.fromkeys(r["filler"] for r in key_rows))
     headline, cells = passkey_tables(key_rows, settings)
     runs = "\n".join(f"- {part}: `{m['command']}`, {m['date']}, {m['seconds'] / 60:.1f} min on {m['threads']} thread "
@@ -266,7 +269,7 @@ def main():
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--part", choices=["passkey", "perplexity", "agreement"])
     action.add_argument("--write", action="store_true", help="write the report section of eval/RESULTS.md")
-    parser.add_argument("--shard", default="0/1", help="i/n: the passkey part's i-th of n shards")
+    parser.add_argument("--shard", default="0/1", help="i/n: the passkey or agreement part's i-th of n shards")
     parser.add_argument("--fillers", help="comma-separated report texts for the passkey part (default: "
                         "SETTINGS['fillers'])")
     parser.add_argument("--threads", type=int, default=1)
