@@ -42,7 +42,7 @@ OUT = HERE / "results" / "report"
 # sum, and StreamingLLM. An adaptive-budget method (issue 15, item 4: "quest-topp", QuestConfig.top_p) joins this
 # list, and eval/methods.py, once the config has it.
 METHODS = ["quest-default", "quest", "streaming"]
-SETTINGS = dict(fillers=["macbeth", "julius_caesar", "paradise_lost"], contexts=[2048, 4096, 7500],
+SETTINGS = dict(fillers=list(REPORT_TEXTS), prompt="chat", contexts=[2048, 4096, 7500],
                 depths=[0.1, 0.3, 0.5, 0.7, 0.9], budgets=[128, 256, 1024], new_tokens=6, methods=METHODS,
                 ppl_texts=["macbeth", "julius_caesar", "paradise_lost"], ppl_windows_per_text=7, ppl_first=2048,
                 ppl_last=8000, ppl_scored=16, ppl_budgets=[256, 1024],
@@ -81,12 +81,14 @@ def run_part(part: str, settings: dict, shard: tuple[int, int] = (0, 1), fillers
     if part == "passkey":
         pairs = [(f, c) for f in REPORT_TEXTS for c in settings["contexts"]]
         chosen = [i for i, (f, _) in enumerate(pairs) if f in (fillers or settings["fillers"])]
+        prompt_of = dict(chat=passkey.chat_prompt, plain=passkey.passkey_prompt)[settings["prompt"]]
         rows = []
         for index in chosen[shard[0]::shard[1]]:
             filler, context = pairs[index]
             rows += passkey.run(model, tokenizer, {filler: report_texts()[filler]}, [context], settings["depths"],
                                 methods(settings["budgets"], settings["methods"], model.config), seed=index,
-                                new_tokens=settings["new_tokens"], log=log, skip_unsolved=True)
+                                new_tokens=settings["new_tokens"], log=log, skip_unsolved=True,
+                                prompt_of=prompt_of)
         part = f"passkey-{'+'.join(fillers) + '-' if fillers else ''}{shard[0]}"
     elif part == "perplexity":
         ids = {name: tokenizer(text, add_special_tokens=False)["input_ids"] for name, text in report_texts().items()
