@@ -217,20 +217,24 @@ def write(out: Path = HERE) -> None:
     documents = list(dict.fromkeys(r["document"] for r in qa_rows))
     scored = settings["ppl_scored"]
     windows = len({(r["text"], r["start"]) for r in ppl_rows})
-    text = f"""## Report split (held-out texts: *Macbeth*, *Julius Caesar*, *Paradise Lost* Book I)
+    text = f"""## Report split: held-out texts
+
+*Macbeth*, *Julius Caesar*, *Paradise Lost* Book I and the 1911 Britannica's article *Shakespeare*.
 
 No setting was chosen on these texts (eval/texts/SOURCES.md; `tests/test_eval_report.py` checks that they share
 no passage with the tuning texts). Written by `python -m eval.report --write` (eval/report.py) from the three
-parts below, which ran side by side.
+parts below, which ran side by side (each process on one thread).
 
 - model: SmolLM2-135M-Instruct (embedded default), float32 on CPU, 2 dense layers
 - machine: {meta['perplexity']['machine']}, {meta['perplexity']['cpus']} cores shared with other work
 {runs}
 - settings: `{json.dumps(settings)}`
 
-### Passkey retrieval on prose fillers
+### Passkey retrieval on held-out fillers
 
-A 5-digit key at a depth of a report text's opening (the prompt of eval/passkey.py), greedy, exact match. Each cell:
+A 5-digit key at a depth of a report text's opening, in the prompt as the app puts it (`passkey.chat_prompt`: the
+chat template, the key's sentence on a line of its own, the answer begun with "The pass key is"), greedy, 6 new
+tokens, exact match. Each cell:
 passkeys found / prompts whose passkey dense attention finds (n), over {len(settings['contexts'])} contexts ×
 {len(settings['depths'])} depths × {len(fillers)} fillers; the dense row: found / all prompts.
 
@@ -257,11 +261,12 @@ the app, so of the tuning split; each as the app loads it, its head where it is 
 with the chat decoding defaults (`Decoding()`: greedy, repetition penalty 1.2) through `Session`, at most
 {settings['qa_max_new_tokens']} new tokens, by dense attention and by Quest with the model's default settings.
 First divergent token: 0-based position of the first token where the answer differs from dense's. ROUGE-L:
-F-measure of the longest common subsequence of lowercased words. Questions and answers: `results/report/agreement.json`.
+F-measure of the longest common subsequence of lowercased words. Questions and answers:
+`results/report/agreement-*.json`.
 
 {agreement_table(qa_rows)}
 
-CSV: `results/report/passkey.csv`, `results/report/perplexity.csv`.
+CSV: `results/report/passkey-*.csv` (every prompt's answer), `results/report/perplexity.csv` (every window).
 """
     write_section(out / "RESULTS.md", "report", text)
 

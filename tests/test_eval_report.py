@@ -88,3 +88,18 @@ def test_agreement_summary():
     cell = agreement.summary(rows)[("quest", 128)]
     assert (cell["n"], cell["identical"], cell["divergences"]) == (2, 1, [1])
     assert cell["rouge"] == pytest.approx([1.0, 0.8])
+
+
+@pytest.mark.parametrize("context, depth", [(2048, 0.1), (2048, 0.5), (7500, 0.9)])
+def test_chat_prompt_holds_the_key_on_its_own_line_at_its_depth(default_model, context, depth):
+    from eval import passkey
+
+    tokenizer = default_model[1]
+    ids = passkey.chat_prompt(tokenizer, report.report_texts()["macbeth"], context, depth, "12345")
+    assert abs(len(ids) - context) <= 8
+    text = tokenizer.decode(ids)
+    assert text.endswith("What is the pass key?<|im_end|>\n<|im_start|>assistant\nThe pass key is")
+    needle = "\nThe pass key is 12345. Remember it. 12345 is the pass key.\n"
+    assert text.count(needle) == 1 and "\n" + needle in text  # after a line break of the text
+    document = text[text.index("<|im_start|>user\n"):text.index("\n\nWhat is the pass key?")]
+    assert abs(document.index(needle) / len(document) - depth) < 0.05
