@@ -89,7 +89,8 @@ def run_part(part: str, settings: dict, shard: tuple[int, int] = (0, 1), fillers
                                 methods(settings["budgets"], settings["methods"], model.config), seed=index,
                                 new_tokens=settings["new_tokens"], log=log, skip_unsolved=True,
                                 prompt_of=prompt_of)
-        part = f"passkey-{'+'.join(fillers) + '-' if fillers else ''}{shard[0]}"
+        extra = "depths-" if settings["depths"] != SETTINGS["depths"] else ""
+        part = f"passkey-{'+'.join(fillers) + '-' if fillers else ''}{extra}{shard[0]}"
     elif part == "perplexity":
         ids = {name: tokenizer(text, add_special_tokens=False)["input_ids"] for name, text in report_texts().items()
                if name in settings["ppl_texts"]}
@@ -148,7 +149,7 @@ def fraction(k: int, n: int) -> str:
     return f"{k}/{n} ({k / n:.0%})" if n else "–"
 
 
-def passkey_tables(rows: list[dict], settings: dict) -> str:
+def passkey_tables(rows: list[dict], settings: dict) -> tuple[str, str]:
     columns = [(m, b) for b in settings["budgets"] for m in settings["methods"]]
     total = passkey_counts(rows)
     head = ["| method | " + " | ".join(f"budget {b}" for b in settings["budgets"]) + " |",
@@ -210,6 +211,9 @@ def write(out: Path = HERE) -> None:
     qa_rows = [row for path in sorted(OUT.glob("agreement-*.json")) if not path.name.endswith(".meta.json")
                for row in json.loads(path.read_text())]
     fillers = list(dict.fromkeys(r["filler"] for r in key_rows))
+    contexts = sorted({r["context"] for r in key_rows})
+    depths = sorted({r["depth"] for r in key_rows})
+    prompts = len({(r["filler"], r["context"], r["depth"]) for r in key_rows})
     headline, cells = passkey_tables(key_rows, settings)
     runs = "\n".join(f"- {part}: `{m['command']}`, {m['date']}, {m['seconds'] / 60:.1f} min on {m['threads']} thread "
                      f"(load average {m['load_at_start']:.1f} at its start)" for part, m in meta.items())
@@ -235,8 +239,9 @@ parts below, which ran side by side (each process on one thread).
 A 5-digit key at a depth of a report text's opening, in the prompt as the app puts it (`passkey.chat_prompt`: the
 chat template, the key's sentence on a line of its own, the answer begun with "The pass key is"), greedy, 6 new
 tokens, exact match. Each cell:
-passkeys found / prompts whose passkey dense attention finds (n), over {len(settings['contexts'])} contexts ×
-{len(settings['depths'])} depths × {len(fillers)} fillers; the dense row: found / all prompts.
+passkeys found / prompts whose passkey dense attention finds (n), over {prompts} prompts ({len(fillers)} fillers ×
+contexts {', '.join(map(str, contexts))} × depths {', '.join(map(str, depths))}: see the runs above); the dense row:
+found / all prompts.
 
 {headline}
 
@@ -279,6 +284,7 @@ def main():
     parser.add_argument("--shard", default="0/1", help="i/n: the passkey or agreement part's i-th of n shards")
     parser.add_argument("--fillers", help="comma-separated report texts for the passkey part (default: "
                         "SETTINGS['fillers'])")
+    parser.add_argument("--depths", help="comma-separated depths for the passkey part (default: SETTINGS['depths'])")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     if args.write:
@@ -287,7 +293,8 @@ def main():
     torch.set_num_threads(args.threads)
     shard = tuple(int(x) for x in args.shard.split("/"))
     fillers = args.fillers.split(",") if args.fillers else None
-    run_part(args.part, SETTINGS, shard, fillers,
+    settings = dict(SETTINGS, depths=[float(d) for d in args.depths.split(",")]) if args.depths else SETTINGS
+    run_part(args.part, settings, shard, fillers,
              log=lambda message: print(time.strftime("%H:%M:%S"), message, flush=True))
 
 
