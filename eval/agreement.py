@@ -98,8 +98,8 @@ def run(model, tokenizer, method_rows, max_new_tokens: int = 48, questions=None,
 
 
 def summary(rows: list[dict]) -> dict:
-    """(method, budget) -> n, identical (count), mean first divergent position over the answers that differ (and
-    their count), mean ROUGE-L against dense's answer."""
+    """Over the rows of one run (one dense answer per question): (method, budget) -> n, identical (count), the
+    first divergent positions of the answers that differ, and each answer's ROUGE-L against dense's."""
     dense = {(r["document"], r["question"]): r for r in rows if r["method"] == "dense"}
     table = {}
     for r in rows:
@@ -114,4 +114,17 @@ def summary(rows: list[dict]) -> dict:
         else:
             cell["divergences"].append(position)
         cell["rouge"].append(rouge_l(r["answer"], reference["answer"]))
-    return table
+    return dict(sorted(table.items(), key=lambda item: (item[0][1], item[0][0])))
+
+
+def merge(tables: list[dict]) -> dict:
+    """The summaries of several runs as one (each run against its own dense answers)."""
+    merged = {}
+    for table in tables:
+        for key, cell in table.items():
+            into = merged.setdefault(key, dict(n=0, identical=0, divergences=[], rouge=[]))
+            into["n"] += cell["n"]
+            into["identical"] += cell["identical"]
+            into["divergences"] += cell["divergences"]
+            into["rouge"] += cell["rouge"]
+    return dict(sorted(merged.items(), key=lambda item: (item[0][1], item[0][0])))

@@ -98,7 +98,8 @@ def run_part(part: str, settings: dict, shard: tuple[int, int] = (0, 1), fillers
                                       settings["ppl_scored"],
                                       methods(settings["ppl_budgets"], settings["methods"], model.config), log=log)
     else:  # the documents' shard, saved after every question
-        part = f"agreement-{shard[0]}"
+        extra = "budgets-" if settings["qa_budgets"] != SETTINGS["qa_budgets"] else ""
+        part = f"agreement-{extra}{shard[0]}"
         documents = list(agreement.QUESTIONS)[shard[0]::shard[1]]
         rows = agreement.run(model, tokenizer, methods(settings["qa_budgets"], settings["qa_methods"], model.config),
                              settings["qa_max_new_tokens"], {d: agreement.QUESTIONS[d] for d in documents}, log=log,
@@ -189,10 +190,10 @@ def perplexity_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def agreement_table(rows: list[dict]) -> str:
+def agreement_table(runs: list[list[dict]]) -> str:
     lines = ["| method | budget | questions | identical to dense | first divergent token, mean (answers that differ) "
              "| ROUGE-L vs dense, mean ± SE |", "|---|---:|---:|---:|---:|---:|"]
-    for (method, budget), cell in agreement.summary(rows).items():
+    for (method, budget), cell in agreement.merge([agreement.summary(rows) for rows in runs]).items():
         divergence = (f"{statistics.fmean(cell['divergences']):.1f} (n={len(cell['divergences'])})"
                       if cell["divergences"] else "–")
         rouge, se = mean_se(cell["rouge"])
@@ -208,8 +209,9 @@ def write(out: Path = HERE) -> None:
     settings = meta["perplexity"]["settings"]
     key_rows = [row for path in sorted(OUT.glob("passkey-*.csv")) for row in read_csv(path)]
     ppl_rows = read_csv(OUT / "perplexity.csv")
-    qa_rows = [row for path in sorted(OUT.glob("agreement-*.json")) if not path.name.endswith(".meta.json")
-               for row in json.loads(path.read_text())]
+    qa_runs = [json.loads(path.read_text()) for path in sorted(OUT.glob("agreement-*.json"))
+               if not path.name.endswith(".meta.json")]
+    qa_rows = [row for rows in qa_runs for row in rows]
     fillers = list(dict.fromkeys(r["filler"] for r in key_rows))
     contexts = sorted({r["context"] for r in key_rows})
     depths = sorted({r["depth"] for r in key_rows})
@@ -269,7 +271,7 @@ First divergent token: 0-based position of the first token where the answer diff
 F-measure of the longest common subsequence of lowercased words. Questions and answers:
 `results/report/agreement-*.json`.
 
-{agreement_table(qa_rows)}
+{agreement_table(qa_runs)}
 
 CSV: `results/report/passkey-*.csv` (every prompt's answer), `results/report/perplexity.csv` (every window).
 """
@@ -285,6 +287,8 @@ def main():
     parser.add_argument("--fillers", help="comma-separated report texts for the passkey part (default: "
                         "SETTINGS['fillers'])")
     parser.add_argument("--depths", help="comma-separated depths for the passkey part (default: SETTINGS['depths'])")
+    parser.add_argument("--qa-budgets", help="comma-separated budgets for the agreement part (default: "
+                        "SETTINGS['qa_budgets'])")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     if args.write:
@@ -294,6 +298,8 @@ def main():
     shard = tuple(int(x) for x in args.shard.split("/"))
     fillers = args.fillers.split(",") if args.fillers else None
     settings = dict(SETTINGS, depths=[float(d) for d in args.depths.split(",")]) if args.depths else SETTINGS
+    if args.qa_budgets:
+        settings = dict(settings, qa_budgets=[int(b) for b in args.qa_budgets.split(",")])
     run_part(args.part, settings, shard, fillers,
              log=lambda message: print(time.strftime("%H:%M:%S"), message, flush=True))
 
