@@ -206,7 +206,7 @@ def write(out: Path = HERE) -> None:
     metas = (sorted(OUT.glob("passkey-*.meta.json")) + [OUT / "perplexity.meta.json"]
              + sorted(OUT.glob("agreement-*.meta.json")))
     meta = {path.name.removesuffix(".meta.json"): json.loads(path.read_text()) for path in metas}
-    settings = meta["perplexity"]["settings"]
+    settings = meta["passkey-0"]["settings"]
     key_rows = [row for path in sorted(OUT.glob("passkey-*.csv")) for row in read_csv(path)]
     ppl_rows = read_csv(OUT / "perplexity.csv")
     qa_runs = [json.loads(path.read_text()) for path in sorted(OUT.glob("agreement-*.json"))
@@ -220,7 +220,7 @@ def write(out: Path = HERE) -> None:
     runs = "\n".join(f"- {part}: `{m['command']}`, {m['date']}, {m['seconds'] / 60:.1f} min on {m['threads']} thread "
                      f"(load average {m['load_at_start']:.1f} at its start)" for part, m in meta.items())
     questions = len({(r["document"], r["question"]) for r in qa_rows})
-    documents = list(dict.fromkeys(r["document"] for r in qa_rows))
+    documents = [d for d in agreement.QUESTIONS if any(r["document"] == d for r in qa_rows)]
     scored = settings["ppl_scored"]
     windows = len({(r["text"], r["start"]) for r in ppl_rows})
     text = f"""## Report split: held-out texts
@@ -228,8 +228,9 @@ def write(out: Path = HERE) -> None:
 *Macbeth*, *Julius Caesar*, *Paradise Lost* Book I and the 1911 Britannica's article *Shakespeare*.
 
 No setting was chosen on these texts (eval/texts/SOURCES.md; `tests/test_eval_report.py` checks that they share
-no passage with the tuning texts). Written by `python -m eval.report --write` (eval/report.py) from the three
-parts below, which ran side by side (each process on one thread).
+no passage with the tuning texts). Written by `python -m eval.report --write` (eval/report.py) from the runs
+below, up to six side by side, each process on one thread (one thread per process ran several times faster than
+two on these shared cores); the settings are those of the passkey runs, with the changes their commands name.
 
 - model: SmolLM2-135M-Instruct (embedded default), float32 on CPU, 2 dense layers
 - machine: {meta['perplexity']['machine']}, {meta['perplexity']['cpus']} cores shared with other work
@@ -263,8 +264,8 @@ mean of each window's ratio to dense's perplexity on the same window, ± its sta
 
 ### Do Quest's answers match dense's?
 
-{questions} questions over {len(documents)} documents ({', '.join(documents)}: the first two bundled with
-the app, so of the tuning split; each as the app loads it, its head where it is longer than the context), answered
+{questions} questions over {len(documents)} documents ({', '.join(documents)}: the first two are the app's
+samples, of the tuning split; each as the app loads it, its head where it is longer than the context), answered
 with the chat decoding defaults (`Decoding()`: greedy, repetition penalty 1.2) through `Session`, at most
 {settings['qa_max_new_tokens']} new tokens, by dense attention and by Quest with the model's default settings.
 First divergent token: 0-based position of the first token where the answer differs from dense's. ROUGE-L:
