@@ -1,5 +1,5 @@
 """The attention methods compared by the evaluation, each a QuestConfig at a budget."""
-from quest_core.config import QuestConfig
+from quest_core.config import QuestConfig, default_config
 
 DENSE = ("dense", QuestConfig(mode="dense"))
 
@@ -7,10 +7,11 @@ DENSE = ("dense", QuestConfig(mode="dense"))
 NAMES = ("quest", "quest-max", "quest-mass", "quest-p8", "quest-p4", "quest-p4-mass", "streaming", "oracle")
 
 
-def methods(budgets: list[int], names=NAMES) -> list[tuple[str, int, QuestConfig]]:
+def methods(budgets: list[int], names=NAMES, model_config=None) -> list[tuple[str, int, QuestConfig]]:
     """(name, budget, config), dense first, then for each budget those of `names`: Quest (GQA group rule sum, the
     engine's default, max and mass; pages of 16 tokens, and of 8 and 4, whose key bounds are tighter), StreamingLLM
-    and the oracle."""
+    and the oracle; "quest-default" is the model's own settings (`default_config` of `model_config`), what the app
+    runs."""
     configs = {"quest": dict(mode="quest"), "quest-max": dict(mode="quest", group_rule="max"),
                "quest-mass": dict(mode="quest", group_rule="mass"), "quest-p8": dict(mode="quest", page_size=8),
                "quest-p4": dict(mode="quest", page_size=4),
@@ -19,5 +20,6 @@ def methods(budgets: list[int], names=NAMES) -> list[tuple[str, int, QuestConfig
                "oracle": dict(mode="oracle")}
     rows = [("dense", 0, DENSE[1])]
     for budget in budgets:
-        rows += [(name, budget, QuestConfig(budget=budget, **configs[name])) for name in names]
+        rows += [(name, budget, default_config(model_config, budget=budget) if name == "quest-default"
+                  else QuestConfig(budget=budget, **configs[name])) for name in names]
     return rows

@@ -12,6 +12,8 @@ INTRO = ("There is an important piece of information hidden inside a lot of irre
          "it. I will quiz you about it.\n\n")
 REPETITIVE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 QUESTION = "\n\nWhat is the pass key? The pass key is"
+CHAT_QUESTION = "\n\nWhat is the pass key?"
+CHAT_ANSWER = "The pass key is"
 
 
 def passkey_prompt(tokenizer, filler: str, context: int, depth: float, passkey: str) -> list[int]:
@@ -29,8 +31,33 @@ def passkey_prompt(tokenizer, filler: str, context: int, depth: float, passkey: 
     return head + filler_ids[:cut] + needle + filler_ids[cut:] + tail
 
 
-def run(model, tokenizer, fillers: dict, contexts, depths, method_rows, seed=0, new_tokens=8, log=print):
-    """Rows of (filler, context, depth, method, budget, passkey, answer, correct)."""
+def chat_prompt(tokenizer, filler: str, context: int, depth: float, passkey: str) -> list[int]:
+    """The prompt as the app puts it (app/documents.py, quest_core/session.py): the chat template with its system
+    prompt, a document of about `context` tokens holding the passkey sentence on a line of its own at `depth` (at a
+    line break), the question, and the answer begun with "The pass key is"."""
+    from quest_core.session import DEFAULT_SYSTEM
+
+    def render(document: str) -> list[int]:
+        messages = [{"role": "system", "content": DEFAULT_SYSTEM},
+                    {"role": "user", "content": document + CHAT_QUESTION}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + CHAT_ANSWER
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    needle = f"\nThe pass key is {passkey}. Remember it. {passkey} is the pass key.\n"
+    filler_ids = tokenizer(filler, add_special_tokens=False)["input_ids"]
+    room = context - len(render(needle))
+    while len(filler_ids) < room:
+        filler_ids = filler_ids + filler_ids
+    text = tokenizer.decode(filler_ids[:room])
+    cut = text.rfind("\n", 0, int(len(text) * depth)) + 1
+    return render(text[:cut] + needle + text[cut:])
+
+
+def run(model, tokenizer, fillers: dict, contexts, depths, method_rows, seed=0, new_tokens=8, log=print,
+        skip_unsolved=False, prompt_of=passkey_prompt):
+    """Rows of (filler, context, depth, method, budget, passkey, answer, correct). skip_unsolved: where dense
+    attention (method_rows[0]) misses the passkey, the other methods are not run (accuracy over the prompts dense
+    solves needs none of them). prompt_of: passkey_prompt (a plain text to continue) or chat_prompt."""
     rng = random.Random(seed)
     cache = QuestCache(model.config.num_hidden_layers, method_rows[0][2])
     rows, cached = [], []
@@ -38,7 +65,7 @@ def run(model, tokenizer, fillers: dict, contexts, depths, method_rows, seed=0, 
         for context in contexts:
             for depth in sorted(depths):  # prompts of rising depth share the text before the earlier needle
                 passkey = str(rng.randint(10000, 99999))
-                prompt = passkey_prompt(tokenizer, filler, context, depth, passkey)
+                prompt = prompt_of(tokenizer, filler, context, depth, passkey)
                 common = next((i for i, (a, b) in enumerate(zip(cached, prompt[:-1])) if a != b),
                               min(len(cached), len(prompt) - 1))
                 cache.truncate(common)
@@ -56,6 +83,8 @@ def run(model, tokenizer, fillers: dict, contexts, depths, method_rows, seed=0, 
                     rows.append(dict(filler=filler_name, context=context, depth=depth, method=name, budget=budget,
                                      passkey=passkey, answer=answer.strip(), correct=bool(found and
                                                                                          found.group() == passkey)))
+                    if skip_unsolved and name == method_rows[0][0] and not rows[-1]["correct"]:
+                        break
                 log(f"passkey {filler_name} {context} depth {depth:.2f}: " + " ".join(
                     f"{r['method']}@{r['budget']}={int(r['correct'])}" for r in rows
                     if (r["filler"], r["context"], r["depth"]) == (filler_name, context, depth)))

@@ -5,7 +5,10 @@
                                    # (about 40 minutes on 2 cores; quick mode compares every group rule
                                    # and page size)
 
-Writes eval/results/<mode>/{passkey,perplexity}.csv and *.png, and the <mode> section of eval/RESULTS.md."""
+Writes eval/results/<mode>/{passkey,perplexity}.csv and *.png, and the <mode> section of eval/RESULTS.md.
+
+These texts (Hamlet, Areopagitica, the repetitive filler) are the tuning split: the app default (pages of 4, rule
+mass) was chosen on them. eval/report.py reports on texts no setting was chosen on."""
 import argparse
 import csv
 import datetime
@@ -77,7 +80,7 @@ def write_outputs(results: dict, settings: dict, mode: str, seconds: float, out:
         ppl.append(f"| {r['method']} | {r['budget'] or ''} | {r['ppl']:.3f} | {100 * (r['ppl'] / dense_ppl - 1):+.2f}% "
                    f"| {recall} |")
     now = datetime.datetime.now(datetime.UTC)
-    text = f"""## {mode.capitalize()} mode
+    text = f"""## Tuning split: {mode} mode
 
 - model: SmolLM2-135M-Instruct (embedded default), greedy, 2 dense layers (page sizes: below)
 - date: {now:%Y-%m-%d %H:%M} UTC, {seconds / 60:.1f} min on {torch.get_num_threads()} threads

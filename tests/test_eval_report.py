@@ -1,0 +1,105 @@
+"""The report split's pieces against oracles: ROUGE-L on strings checked by hand, the standard error against its
+definition, the counting of passkey cells, and a report split that shares no text with the tuning split."""
+import math
+import random
+
+import pytest
+
+from eval import agreement, report
+from eval.passkey import REPETITIVE
+
+
+@pytest.mark.parametrize("candidate, reference, expected", [
+    ("the cat sat on the mat", "the cat lay on the mat", 5 / 6),  # LCS: the cat on the mat
+    ("a b c d", "a c", 2 / 3),                                    # P = 2/4, R = 2/2: 2PR/(P+R) = 2/3
+    ("a c", "a b c d", 2 / 3),
+    ("The Cat, sat!", "the cat sat", 1.0),                        # lowercased words, punctuation dropped
+    ("x y z", "a b c", 0.0),
+    ("", "", 1.0),
+    ("", "a", 0.0),
+    ("b a", "a b", 0.5),                                          # order matters: LCS 1 of 2
+])
+def test_rouge_l(candidate, reference, expected):
+    assert agreement.rouge_l(candidate, reference) == pytest.approx(expected)
+
+
+def test_first_divergence():
+    assert agreement.first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert agreement.first_divergence([1, 2, 3], [1, 2, 4]) == 2
+    assert agreement.first_divergence([5], [6]) == 0
+    assert agreement.first_divergence([1, 2], [1, 2, 3]) == 2
+
+
+def test_mean_and_standard_error():
+    mean, se = report.mean_se([1, 2, 3, 4])
+    assert mean == 2.5
+    assert se == pytest.approx(math.sqrt(5 / 3) / 2)  # sample variance 5/3 (n - 1 = 3), over sqrt(4)
+    rng = random.Random(0)
+    values = [rng.gauss(10, 2) for _ in range(400)]
+    assert report.mean_se(values)[1] == pytest.approx(2 / 20, rel=0.15)
+    assert math.isnan(report.mean_se([3.0])[1])
+
+
+def test_report_split_shares_no_text_with_the_tuning_split():
+    assert set(report.REPORT_TEXTS).isdisjoint(path.stem for path in report.TUNING_TEXTS)
+    tuning = [path.read_text() for path in report.TUNING_TEXTS] + [REPETITIVE]
+    for name, text in report.report_texts().items():
+        assert len(text) > 3 * 8192, f"{name} cannot fill the largest passkey context without repeating"
+        lines = [line for line in text.splitlines() if len(line) >= 40]
+        for line in random.Random(name).sample(lines, 40):
+            assert all(line not in other for other in tuning), f"{name}: {line!r} is in a tuning text"
+        for other in tuning:
+            other_lines = [line for line in other.splitlines() if len(line) >= 40] or [other]
+            for line in random.Random(0).sample(other_lines, min(40, len(other_lines))):
+                assert line not in text
+    assert set(report.SETTINGS["fillers"]) | set(report.SETTINGS["ppl_texts"]) <= set(report.REPORT_TEXTS)
+    assert {"macbeth", "julius_caesar", "paradise_lost"} <= set(agreement.DOCUMENTS)
+
+
+def test_passkey_cells_count_only_prompts_dense_solves():
+    rows = [dict(filler="f", context=2048, depth=d, method=m, budget=b, correct=c)
+            for d, m, b, c in [(0.1, "dense", 0, True), (0.1, "quest", 128, True), (0.1, "streaming", 128, False),
+                               (0.5, "dense", 0, False), (0.5, "quest", 128, True), (0.5, "streaming", 128, True),
+                               (0.9, "dense", 0, True), (0.9, "quest", 128, False), (0.9, "streaming", 128, True)]]
+    counts = report.passkey_counts(rows)
+    assert counts[("all", "dense", 0)] == (2, 3)
+    assert counts[("all", "quest", 128)] == (1, 2)
+    assert counts[("all", "streaming", 128)] == (1, 2)
+    assert report.fraction(1, 2) == "1/2 (50%)"
+    settings = dict(budgets=[128], methods=["quest", "streaming"], contexts=[2048])
+    headline, cells = report.passkey_tables(rows, settings)
+    assert "1/2 (50%)" in headline and "2/3 (67%)" in headline
+    assert "| f | 2048 | 2/3 (67%) | 1/2 (50%) | 1/2 (50%) |" in cells
+
+
+def test_window_starts_stay_in_the_text_and_the_context():
+    settings = dict(report.SETTINGS)
+    for n_tokens in (8459, 9763):
+        starts = report.window_starts(n_tokens, settings)
+        assert len(starts) == settings["ppl_windows_per_text"] == len(set(starts))
+        assert starts[0] == settings["ppl_first"]
+        assert starts[-1] + settings["ppl_scored"] <= min(n_tokens, settings["ppl_last"])
+
+
+def test_agreement_summary():
+    rows = [dict(document="d", question=q, method=m, budget=b, answer=a, ids=i)
+            for q, m, b, a, i in [("q1", "dense", 0, "a b", [1, 2]), ("q1", "quest", 128, "a b", [1, 2]),
+                                  ("q2", "dense", 0, "a b c", [1, 2, 3]), ("q2", "quest", 128, "a c", [1, 3])]]
+    cell = agreement.summary(rows)[("quest", 128)]
+    assert (cell["n"], cell["identical"], cell["divergences"]) == (2, 1, [1])
+    assert cell["rouge"] == pytest.approx([1.0, 0.8])
+
+
+@pytest.mark.parametrize("context, depth", [(2048, 0.1), (2048, 0.5), (7500, 0.9)])
+def test_chat_prompt_holds_the_key_on_its_own_line_at_its_depth(default_model, context, depth):
+    from eval import passkey
+
+    tokenizer = default_model[1]
+    ids = passkey.chat_prompt(tokenizer, report.report_texts()["macbeth"], context, depth, "12345")
+    assert abs(len(ids) - context) <= 8
+    text = tokenizer.decode(ids)
+    assert text.endswith("What is the pass key?<|im_end|>\n<|im_start|>assistant\nThe pass key is")
+    needle = "\nThe pass key is 12345. Remember it. 12345 is the pass key.\n"
+    assert text.count(needle) == 1 and "\n" + needle in text  # after a line break of the text
+    document = text[text.index("<|im_start|>user\n"):text.index("\n\nWhat is the pass key?")]
+    assert abs(document.index(needle) / len(document) - depth) < 0.05
