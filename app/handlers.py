@@ -221,6 +221,10 @@ def ask(server: Server, question: str, mode: str, budget, page_size, dense_layer
     yield {"chat": before + [user, {"role": "assistant", "content": ""}], "question": "",
            "metrics": views.metrics(mode, [], None)}
     answer = Streaming(session.ask(question, trace=True, inspect=bool(inspect), **decoding), session.cancel)
+
+    def notes_and_marks():  # once the engine has started the answer (its RunStats says what it dropped)
+        return turn_notices(session.last_run, decoding["max_new_tokens"]), page_marks(session, question, state.needle)
+
     notes, marks, shown = None, {}, 0
     try:
         while not answer.done.wait(REFRESH_S):
@@ -229,8 +233,7 @@ def ask(server: Server, question: str, mode: str, budget, page_size, dense_layer
                 continue
             shown, run = len(steps), session.last_run
             if notes is None:
-                notes = turn_notices(run, decoding["max_new_tokens"])
-                marks = page_marks(session, question, state.needle)
+                notes, marks = notes_and_marks()
             chat = before + notes + [user, {"role": "assistant", "content": "".join(s.text for s in steps)}]
             yield {"chat": chat, "metrics": views.metrics(mode, steps, run),
                    "meter": views.meter(session.context_usage())}
@@ -254,8 +257,7 @@ def ask(server: Server, question: str, mode: str, budget, page_size, dense_layer
     finally:
         answer.stop()
     if notes is None:  # no step was shown while streaming
-        notes, marks = turn_notices(session.last_run, decoding["max_new_tokens"]), page_marks(session, question,
-                                                                                               state.needle)
+        notes, marks = notes_and_marks()
     run = session.last_run
     stopped = " (stopped)" if run.stop_reason == "cancelled" else ""
     state.chat = before + notes + [user, {"role": "assistant", "content": run.text + stopped}]
