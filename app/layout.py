@@ -234,8 +234,8 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 256, gpu=lam
         demo.unload(event(server, handlers.release, []))
     demo.queue(default_concurrency_limit=1)
     # Gradio's queue polls for work every millisecond on Linux (every 50 ms on Windows): an idle server then wakes
-    # its event loop 1,000 times a second, and on 2 cores the decoding thread ran a quarter slower beside it
-    # (bench/RESULTS.md, app_speed). A job now waits up to QUEUE_POLL_S to start.
+    # its event loop 1,000 times a second, beside the decoding thread on 2 cores. A job now waits up to QUEUE_POLL_S
+    # to start.
     demo._queue.sleep_when_free = QUEUE_POLL_S
     demo._queue.progress_update_sleep_when_free = QUEUE_PROGRESS_S
     return demo
