@@ -7,6 +7,7 @@ import re
 
 from quest_core.generation import decode, prefill
 from quest_core.hf import QuestCache
+from quest_core.trace import Trace, mean_pages_read
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize "
          "it. I will quiz you about it.\n\n")
@@ -53,11 +54,26 @@ def chat_prompt(tokenizer, filler: str, context: int, depth: float, passkey: str
     return render(text[:cut] + needle + text[cut:])
 
 
+def traced_answer(model, cache: QuestCache, last_prompt_id: int, new_tokens: int) -> tuple[list[int], float | None]:
+    """The greedy answer after the prompt's last token (the cache holds the rest), and the pages a KV head of a
+    sparse layer read per step on average (trace.mean_pages_read; None where every layer was dense)."""
+    cache.trace = Trace()
+    logits = prefill(model, cache, [last_prompt_id])
+    answer_ids = []
+    for token_id in decode(model, cache, logits, new_tokens):  # one forward before each token
+        cache.trace.end_step(cache.length, 0.0, model.config.num_hidden_layers)
+        answer_ids.append(token_id)
+    pages = mean_pages_read(cache.trace.steps)
+    cache.trace = None
+    return answer_ids, pages
+
+
 def run(model, tokenizer, fillers: dict, contexts, depths, method_rows, seed=0, new_tokens=8, log=print,
         skip_unsolved=False, prompt_of=passkey_prompt):
-    """Rows of (filler, context, depth, method, budget, passkey, answer, correct). skip_unsolved: where dense
-    attention (method_rows[0]) misses the passkey, the other methods are not run (accuracy over the prompts dense
-    solves needs none of them). prompt_of: passkey_prompt (a plain text to continue) or chat_prompt."""
+    """Rows of (filler, context, depth, method, budget, passkey, answer, correct, pages: traced_answer's mean pages
+    read). skip_unsolved: where dense attention (method_rows[0]) misses the passkey, the other methods are not run
+    (accuracy over the prompts dense solves needs none of them). prompt_of: passkey_prompt (a plain text to
+    continue) or chat_prompt."""
     rng = random.Random(seed)
     cache = QuestCache(model.config.num_hidden_layers, method_rows[0][2])
     rows, cached = [], []
@@ -77,12 +93,13 @@ def run(model, tokenizer, fillers: dict, contexts, depths, method_rows, seed=0, 
                         continue
                     cache.truncate(len(prompt) - 1)
                     cache.set_config(config)
-                    logits = prefill(model, cache, prompt[-1:])
-                    answer = tokenizer.decode(list(decode(model, cache, logits, new_tokens)))
+                    answer_ids, pages = traced_answer(model, cache, prompt[-1], new_tokens)
+                    answer = tokenizer.decode(answer_ids)
                     found = re.search(r"\d{5}", answer)
                     rows.append(dict(filler=filler_name, context=context, depth=depth, method=name, budget=budget,
                                      passkey=passkey, answer=answer.strip(), correct=bool(found and
-                                                                                         found.group() == passkey)))
+                                                                                         found.group() == passkey),
+                                     pages=pages))
                     if skip_unsolved and name == method_rows[0][0] and not rows[-1]["correct"]:
                         break
                 log(f"passkey {filler_name} {context} depth {depth:.2f}: " + " ".join(
