@@ -1,20 +1,26 @@
 """The report split: accuracy on texts that no setting was chosen on (issue 15).
 
-Every setting chosen from eval numbers (the app default's pages of 4 and group rule `mass`, the budgets) was chosen
-on the tuning split: Hamlet, Areopagitica and the repetitive filler (eval/run.py). This reports on three other
-public-domain works (eval/texts/SOURCES.md): passkey retrieval with n in every cell, decode-mode perplexity over
-windows with standard errors, and whether Quest's chat answers match dense's (eval/agreement.py).
+Every setting chosen from eval numbers (the app default's pages of 4 and group rule `mass`, the budgets, the adaptive
+budget's top_p) was chosen on the tuning split: Hamlet, Areopagitica and the repetitive filler (eval/run.py, and the
+top-p part here). This reports on four other public-domain works (eval/texts/SOURCES.md): passkey retrieval with n
+in every cell and the pages read, decode-mode perplexity over windows with standard errors, and whether Quest's chat
+answers match dense's (eval/agreement.py).
 
-    python -m eval.report --part passkey      # the three parts run apart (one thread each: on 2 shared cores
-    python -m eval.report --part perplexity   # one thread per process is several times faster than two), and
-    python -m eval.report --part agreement    # may run side by side
+    python -m eval.report --part top-p        # first: top_p chosen on the tuning split's passkeys (Hamlet,
+                                              # Areopagitica), which the passkey and perplexity parts read back
+    python -m eval.report --part passkey      # the parts run apart (on CPU one thread each: on 2 shared cores one
+    python -m eval.report --part perplexity   # thread per process is several times faster than two), and may run
+    python -m eval.report --part agreement    # side by side; --device cuda runs them on a GPU
     python -m eval.report --write             # the report section at the head of eval/RESULTS.md
 
 Each part prefills a prompt or document once and decodes every method and budget from that cache, cut back.
-Parts write eval/results/report/<part>.csv or .json and <part>.meta.json (date, seconds, threads, load)."""
+Parts write <out>/<part>.csv or .json and <part>.meta.json (date, seconds, device, threads, load); --out moves
+<out> from eval/results/report.
+"""
 import argparse
 import csv
 import datetime
+import itertools
 import json
 import math
 import os
@@ -27,27 +33,31 @@ from pathlib import Path
 
 import torch
 
+from quest_core.config import QuestConfig, default_config
 from quest_core.models import load_model
 
 from . import agreement, passkey, perplexity
-from .methods import methods
+from .methods import DENSE, methods
 from .run import write_section
 
 HERE = Path(__file__).resolve().parent
 TEXTS = HERE / "texts"
 REPORT_TEXTS = ("macbeth", "julius_caesar", "paradise_lost", "britannica_shakespeare")
 TUNING_TEXTS = tuple(HERE.parent / "assets" / name for name in ("hamlet.txt", "hamlet_opening.txt", "areopagitica.txt"))
+TOP_P_FILLERS = ("hamlet", "areopagitica")  # the tuning split's prose (hamlet_opening is Hamlet's head)
 OUT = HERE / "results" / "report"
-# Quest as the app runs it (the model's default_config: pages of 4, rule mass), the engine's pages of 16 and rule
-# sum, and StreamingLLM. An adaptive-budget method (issue 15, item 4: "quest-topp", QuestConfig.top_p) joins this
-# list, and eval/methods.py, once the config has it.
-METHODS = ["quest-default", "quest", "streaming"]
-SETTINGS = dict(fillers=list(REPORT_TEXTS), prompt="chat", contexts=[2048, 4096, 7500],
-                depths=[0.1, 0.3, 0.5, 0.7, 0.9], budgets=[128, 256, 1024], new_tokens=6, methods=METHODS,
-                ppl_texts=["macbeth", "julius_caesar", "paradise_lost"], ppl_windows_per_text=7, ppl_first=2048,
-                ppl_last=8000, ppl_scored=16, ppl_budgets=[256, 1024],
-                qa_methods=["quest-default"], qa_budgets=[256, 1024], qa_max_new_tokens=24)
+# Quest as the app runs it (the model's default_config: pages of 4, rule mass), the same with the adaptive budget
+# (top_p from the top-p part; the column's budget its most, min_budget 64 its fewest tokens), the engine's pages of
+# 16 and rule sum, and StreamingLLM.
+METHODS = ["quest-default", "quest-topp", "quest", "streaming"]
+SETTINGS = dict(fillers=list(REPORT_TEXTS), prompt="chat", contexts=[1536, 2048, 3072, 4096, 7500],
+                depths=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], budgets=[128, 256, 1024], new_tokens=6,
+                methods=METHODS, top_p_grid=[0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999], top_p_budget=1024,
+                top_p_match=256, ppl_texts=["macbeth", "julius_caesar", "paradise_lost"], ppl_windows_per_text=7,
+                ppl_first=2048, ppl_last=8000, ppl_scored=16, ppl_budgets=[256, 1024],
+                qa_methods=["quest-default"], qa_budgets=[128, 256, 1024], qa_max_new_tokens=24)
 LABELS = {"dense": "dense", "quest-default": "Quest, model default (pages of 4, rule mass)",
+          "quest-topp": "Quest, model default, adaptive budget (top-p; budget: the most)",
           "quest": "Quest, pages of 16, rule sum", "streaming": "StreamingLLM (pages of 16)"}
 
 
@@ -70,50 +80,102 @@ def window_starts(n_tokens: int, settings: dict) -> list[int]:
     return [round(settings["ppl_first"] + i * (last - settings["ppl_first"]) / (count - 1)) for i in range(count)]
 
 
-def run_part(part: str, settings: dict, shard: tuple[int, int] = (0, 1), fillers=None, log=print) -> None:
-    """Run one part. The passkey part's shard (i, n) takes every n-th of the (filler, context) pairs of `fillers`
-    (default: settings["fillers"]) from the i-th, each pair on a seed of its own (its index among all the report
-    texts' pairs), and writes passkey-i.csv (passkey-<fillers>-i.csv for other fillers)."""
-    model, tokenizer = load_model()
+def tuning_texts() -> dict[str, str]:
+    """The tuning split's prose that top_p is chosen on, name -> text."""
+    return {path.stem: path.read_text() for path in TUNING_TEXTS if path.stem in TOP_P_FILLERS}
+
+
+def passkey_pairs(texts, settings: dict) -> list[tuple[int, str, int]]:
+    """(seed, filler, context): every (filler, context) pair of `texts` on a seed of its own, its index."""
+    return [(seed, filler, context) for seed, (filler, context)
+            in enumerate(itertools.product(texts, settings["contexts"]))]
+
+
+def passkey_rows(model, tokenizer, texts: dict, pairs, method_rows, settings: dict, log) -> list[dict]:
+    """passkey.run over `pairs` (passkey_pairs), over the prompts dense attention solves."""
+    prompt_of = dict(chat=passkey.chat_prompt, plain=passkey.passkey_prompt)[settings["prompt"]]
+    rows = []
+    for seed, filler, context in pairs:
+        rows += passkey.run(model, tokenizer, {filler: texts[filler]}, [context], settings["depths"], method_rows,
+                            seed=seed, new_tokens=settings["new_tokens"], log=log, skip_unsolved=True,
+                            prompt_of=prompt_of)
+    return rows
+
+
+def top_p_methods(model_config, settings: dict) -> list[tuple[str, int, QuestConfig]]:
+    """Dense, the model default at the budget to match (top_p_match), and the adaptive budget at each top_p of the
+    grid, with top_p_budget tokens its most."""
+    match, most = settings["top_p_match"], settings["top_p_budget"]
+    return [("dense", 0, DENSE[1]), ("quest-default", match, default_config(model_config, budget=match))] + [
+        (f"quest-topp-{p}", most, default_config(model_config, budget=most, top_p=p)) for p in settings["top_p_grid"]]
+
+
+def choose_top_p(rows: list[dict], settings: dict) -> float:
+    """The smallest top_p of the grid whose adaptive budget finds as many of the passkeys dense finds as the model
+    default at budget top_p_match (the fewer pages read, the smaller p); the largest where none does."""
+    counts = passkey_counts(rows)
+    target = counts.get(("all", "quest-default", settings["top_p_match"]), (0, 0))[0]
+    enough = [p for p in settings["top_p_grid"]
+              if counts.get(("all", f"quest-topp-{p}", settings["top_p_budget"]), (0, 0))[0] >= target]
+    return min(enough, default=max(settings["top_p_grid"]))
+
+
+def chosen_top_p(out: Path) -> float:
+    """The top_p that the top-p part chose on the tuning split."""
+    path = out / "top-p.meta.json"
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run `python -m eval.report --part top-p` first (it chooses top_p on "
+                         "the tuning split)")
+    return json.loads(path.read_text())["settings"]["top_p"]
+
+
+def run_part(model, tokenizer, part: str, settings: dict, out: Path = OUT, shard: tuple[int, int] = (0, 1),
+             fillers=None, log=print) -> None:
+    """Run one part into `out`. The passkey part's shard (i, n) takes every n-th of the (filler, context) pairs of
+    `fillers` (default: settings["fillers"]) from the i-th, each pair on a seed of its own (its index among all the
+    report texts' pairs), and writes passkey-i.csv (passkey-<fillers>-i.csv for other fillers)."""
     started, now = time.perf_counter(), datetime.datetime.now(datetime.UTC)
     load = os.getloadavg()[0]
-    OUT.mkdir(parents=True, exist_ok=True)
-    if part == "passkey":
-        pairs = [(f, c) for f in REPORT_TEXTS for c in settings["contexts"]]
-        chosen = [i for i, (f, _) in enumerate(pairs) if f in (fillers or settings["fillers"])]
-        prompt_of = dict(chat=passkey.chat_prompt, plain=passkey.passkey_prompt)[settings["prompt"]]
-        rows = []
-        for index in chosen[shard[0]::shard[1]]:
-            filler, context = pairs[index]
-            rows += passkey.run(model, tokenizer, {filler: report_texts()[filler]}, [context], settings["depths"],
-                                methods(settings["budgets"], settings["methods"], model.config), seed=index,
-                                new_tokens=settings["new_tokens"], log=log, skip_unsolved=True,
-                                prompt_of=prompt_of)
+    out.mkdir(parents=True, exist_ok=True)
+    if part == "top-p":
+        rows = passkey_rows(model, tokenizer, tuning_texts(), passkey_pairs(TOP_P_FILLERS, settings),
+                            top_p_methods(model.config, settings), settings, log)
+        settings = dict(settings, top_p=choose_top_p(rows, settings))
+    elif part == "passkey":
+        settings = dict(settings, top_p=chosen_top_p(out))
+        pairs = [pair for pair in passkey_pairs(REPORT_TEXTS, settings) if pair[1] in (fillers or settings["fillers"])]
+        rows = passkey_rows(model, tokenizer, report_texts(), pairs[shard[0]::shard[1]],
+                            methods(settings["budgets"], settings["methods"], model.config, settings["top_p"]),
+                            settings, log)
         extra = "depths-" if settings["depths"] != SETTINGS["depths"] else ""
         part = f"passkey-{'+'.join(fillers) + '-' if fillers else ''}{extra}{shard[0]}"
     elif part == "perplexity":
+        settings = dict(settings, top_p=chosen_top_p(out))
         ids = {name: tokenizer(text, add_special_tokens=False)["input_ids"] for name, text in report_texts().items()
                if name in settings["ppl_texts"]}
         rows = perplexity.run_windows(model, ids, {name: window_starts(len(v), settings) for name, v in ids.items()},
-                                      settings["ppl_scored"],
-                                      methods(settings["ppl_budgets"], settings["methods"], model.config), log=log)
+                                      settings["ppl_scored"], methods(settings["ppl_budgets"], settings["methods"],
+                                                                      model.config, settings["top_p"]), log=log)
     else:  # the documents' shard, saved after every question
         extra = "budgets-" if settings["qa_budgets"] != SETTINGS["qa_budgets"] else ""
         part = f"agreement-{extra}{shard[0]}"
         documents = list(agreement.QUESTIONS)[shard[0]::shard[1]]
         rows = agreement.run(model, tokenizer, methods(settings["qa_budgets"], settings["qa_methods"], model.config),
                              settings["qa_max_new_tokens"], {d: agreement.QUESTIONS[d] for d in documents}, log=log,
-                             on_question=lambda rows: (OUT / f"{part}.json").write_text(json.dumps(rows, indent=1)))
+                             on_question=lambda rows: (out / f"{part}.json").write_text(json.dumps(rows, indent=1)))
     if not part.startswith("agreement"):
-        with open(OUT / f"{part}.csv", "w", newline="") as f:
+        with open(out / f"{part}.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
+    device = model.device
     meta = dict(part=part, date=f"{now:%Y-%m-%d %H:%M} UTC", seconds=time.perf_counter() - started,
-                threads=torch.get_num_threads(), load_at_start=load, cpus=os.cpu_count(),
+                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                dtype=str(model.dtype).removeprefix("torch."), threads=torch.get_num_threads(), load_at_start=load,
+                cpus=os.cpu_count(),
                 machine=f"{platform.machine()}, {platform.processor() or platform.system()}, torch {torch.__version__}",
                 command=shlex.join(["python", "-m", "eval.report", *sys.argv[1:]]), settings=settings)
-    (OUT / f"{part}.meta.json").write_text(json.dumps(meta, indent=1))
+    (out / f"{part}.meta.json").write_text(json.dumps(meta, indent=1))
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -128,6 +190,8 @@ def read_csv(path: Path) -> list[dict]:
                 row[key] = float(row[key])
         if "correct" in row:
             row["correct"] = row["correct"] == "True"
+        if "pages" in row:
+            row["pages"] = float(row["pages"]) if row["pages"] else None
     return rows
 
 
@@ -146,34 +210,72 @@ def passkey_counts(rows: list[dict], group=lambda r: "all") -> dict:
     return {key: tuple(v) for key, v in counts.items()}
 
 
+def mean_pages(rows: list[dict]) -> dict:
+    """(method, budget) -> the pages a KV head of a sparse layer read per step (passkey.traced_answer), averaged over
+    the prompts dense attention solves; only rows that hold the count (runs before it have none)."""
+    solved = {(r["filler"], r["context"], r["depth"]) for r in rows if r["method"] == "dense" and r["correct"]}
+    pages = {}
+    for r in rows:
+        if r["method"] != "dense" and (r["filler"], r["context"], r["depth"]) in solved and r.get("pages") is not None:
+            pages.setdefault((r["method"], r["budget"]), []).append(r["pages"])
+    return {key: statistics.fmean(values) for key, values in pages.items()}
+
+
 def fraction(k: int, n: int) -> str:
     return f"{k}/{n} ({k / n:.0%})" if n else "–"
 
 
 def passkey_tables(rows: list[dict], settings: dict) -> tuple[str, str]:
-    columns = [(m, b) for b in settings["budgets"] for m in settings["methods"]]
-    total = passkey_counts(rows)
-    head = ["| method | " + " | ".join(f"budget {b}" for b in settings["budgets"]) + " |",
-            "|---|" + "---:|" * len(settings["budgets"])]
-    for method in settings["methods"]:
-        head.append(f"| {LABELS.get(method, method)} | " + " | ".join(
-            fraction(*total.get(("all", method, b), (0, 0))) for b in settings["budgets"]) + " |")
+    """The headline (each method at each budget over every prompt dense solves, and the pages read where the rows
+    count them) and the cells (cells_table)."""
+    total, pages = passkey_counts(rows), mean_pages(rows)
+    header = ["| method | " + " | ".join(f"budget {b}" for b in settings["budgets"]) + " |",
+              "|---|" + "---:|" * len(settings["budgets"])]
+    head = header + [f"| {LABELS.get(method, method)} | " + " | ".join(
+        fraction(*total.get(("all", method, b), (0, 0))) for b in settings["budgets"]) + " |"
+        for method in settings["methods"]]
     k, n = total[("all", "dense", 0)]
     head.append(f"| dense (solved / prompts) | {fraction(k, n)} |" + " |" * (len(settings["budgets"]) - 1))
+    if pages:  # runs from before the pages were counted have none
+        head += ["", "Mean pages read per KV head of a sparse layer per step, over the same prompts (the current page\n"
+                 "included; with a fixed budget, the budget's pages):", ""] + header + [
+            f"| {LABELS.get(method, method)} | " + " | ".join(
+                f"{pages[(method, b)]:.1f}" if (method, b) in pages else "–" for b in settings["budgets"]) + " |"
+            for method in settings["methods"]]
+    return "\n".join(head), cells_table(rows, settings)
 
+
+def cells_table(rows: list[dict], settings: dict) -> str:
+    """Passkey counts per (filler, context), per filler and per context, every method at every budget."""
+    columns = [(m, b) for b in settings["budgets"] for m in settings["methods"]]
     cells = passkey_counts(rows, lambda r: (r["filler"], str(r["context"])))
     by_filler = passkey_counts(rows, lambda r: (r["filler"], "all"))
     by_context = passkey_counts(rows, lambda r: ("all", str(r["context"])))
+    counts = {**cells, **by_filler, **by_context}
     groups = [(f, str(c)) for f in dict.fromkeys(r["filler"] for r in rows) for c in settings["contexts"]]
     groups += [(f, "all") for f in dict.fromkeys(r["filler"] for r in rows)]
     groups += [("all", str(c)) for c in settings["contexts"]]
     table = ["| filler | context | dense | " + " | ".join(f"{m}@{b}" for m, b in columns) + " |",
              "|---|---:|---:|" + "---:|" * len(columns)]
     for group in groups:
-        counts = {**cells, **by_filler, **by_context}
         table.append(f"| {group[0]} | {group[1]} | {fraction(*counts[(group, 'dense', 0)])} | " + " | ".join(
             fraction(*counts.get((group, m, b), (0, 0))) for m, b in columns) + " |")
-    return "\n".join(head), "\n".join(table)
+    return "\n".join(table)
+
+
+def top_p_table(rows: list[dict], settings: dict) -> str:
+    """The top-p part's choice: passkeys found (of those dense finds) and mean pages read, the model default at the
+    budget to match first, then the adaptive budget at each top_p of the grid."""
+    counts, pages = passkey_counts(rows), mean_pages(rows)
+    cells = [("quest-default", settings["top_p_match"], f"model default, budget {settings['top_p_match']}")] + [
+        (f"quest-topp-{p}", settings["top_p_budget"], f"top-p {p}, {QuestConfig.min_budget}–"
+         f"{settings['top_p_budget']} tokens" + (" (chosen)" if p == settings["top_p"] else ""))
+        for p in settings["top_p_grid"]]
+    lines = ["| setting | passkeys found | mean pages read |", "|---|---:|---:|"]
+    for method, budget, label in cells:
+        found = fraction(*counts.get(("all", method, budget), (0, 0)))
+        lines.append(f"| {label} | {found} | {pages.get((method, budget), math.nan):.1f} |")
+    return "\n".join(lines)
 
 
 def perplexity_table(rows: list[dict]) -> str:
@@ -202,14 +304,47 @@ def agreement_table(runs: list[list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def write(out: Path = HERE) -> None:
-    metas = (sorted(OUT.glob("passkey-*.meta.json")) + [OUT / "perplexity.meta.json"]
-             + sorted(OUT.glob("agreement-*.meta.json")))
+def where(meta: dict) -> str:
+    """The device a part ran on, in words (runs before the device was recorded ran on CPU)."""
+    if meta.get("device", "cpu") != "cpu":
+        return f"{meta['device']}, {meta['dtype']}"
+    return f"{meta['threads']} CPU thread (load average {meta['load_at_start']:.1f} at its start)"
+
+
+def top_p_section(results: Path) -> str:
+    """How top_p was chosen, from the top-p part's run on the tuning split ("" where there is none)."""
+    if not (results / "top-p.meta.json").exists():
+        return ""
+    settings = json.loads((results / "top-p.meta.json").read_text())["settings"]
+    rows = read_csv(results / "top-p.csv")
+    counts = passkey_counts(rows)
+    matched = (counts.get(("all", f"quest-topp-{settings['top_p']}", settings["top_p_budget"]), (0, 0))[0]
+               >= counts.get(("all", "quest-default", settings["top_p_match"]), (0, 0))[0])
+    rule = "" if matched else " None of the grid did, so the largest was taken."
+    return f"""
+### The adaptive budget's top_p, chosen on the tuning split
+
+`quest-topp` is the model default with `QuestConfig.top_p`: each KV head of a sparse layer reads the current page,
+then pages in decreasing estimated share of its group's attention until they hold top_p of it, from
+{QuestConfig.min_budget} tokens (`min_budget`, the config's default) up to the budget. top_p = {settings['top_p']} was
+chosen by `python -m eval.report --part top-p` on the tuning split's prose (*Hamlet*, *Areopagitica*; the same
+prompt, contexts and depths as below): the smallest top_p of the grid whose adaptive budget, at most
+{settings['top_p_budget']} tokens, finds as many of the passkeys dense finds as the model default at budget
+{settings['top_p_match']}.{rule} No report-split number entered the choice.
+
+{top_p_table(rows, settings)}
+"""
+
+
+def write(results: Path = OUT, markdown: Path = HERE / "RESULTS.md") -> None:
+    """The report section of `markdown` from the parts' outputs in `results`."""
+    metas = (sorted(results.glob("top-p.meta.json")) + sorted(results.glob("passkey-*.meta.json"))
+             + [results / "perplexity.meta.json"] + sorted(results.glob("agreement-*.meta.json")))
     meta = {path.name.removesuffix(".meta.json"): json.loads(path.read_text()) for path in metas}
     settings = meta["passkey-0"]["settings"]
-    key_rows = [row for path in sorted(OUT.glob("passkey-*.csv")) for row in read_csv(path)]
-    ppl_rows = read_csv(OUT / "perplexity.csv")
-    qa_runs = [json.loads(path.read_text()) for path in sorted(OUT.glob("agreement-*.json"))
+    key_rows = [row for path in sorted(results.glob("passkey-*.csv")) for row in read_csv(path)]
+    ppl_rows = read_csv(results / "perplexity.csv")
+    qa_runs = [json.loads(path.read_text()) for path in sorted(results.glob("agreement-*.json"))
                if not path.name.endswith(".meta.json")]
     qa_rows = [row for rows in qa_runs for row in rows]
     fillers = list(dict.fromkeys(r["filler"] for r in key_rows))
@@ -217,8 +352,8 @@ def write(out: Path = HERE) -> None:
     depths = sorted({r["depth"] for r in key_rows})
     prompts = len({(r["filler"], r["context"], r["depth"]) for r in key_rows})
     headline, cells = passkey_tables(key_rows, settings)
-    runs = "\n".join(f"- {part}: `{m['command']}`, {m['date']}, {m['seconds'] / 60:.1f} min on {m['threads']} thread "
-                     f"(load average {m['load_at_start']:.1f} at its start)" for part, m in meta.items())
+    runs = "\n".join(f"- {part}: `{m['command']}`, {m['date']}, {m['seconds'] / 60:.1f} min on {where(m)}"
+                     for part, m in meta.items())
     questions = len({(r["document"], r["question"]) for r in qa_rows})
     documents = [d for d in agreement.QUESTIONS if any(r["document"] == d for r in qa_rows)]
     scored = settings["ppl_scored"]
@@ -229,11 +364,12 @@ def write(out: Path = HERE) -> None:
 
 No setting was chosen on these texts (eval/texts/SOURCES.md; `tests/test_eval_report.py` checks that they share
 no passage with the tuning texts). Written by `python -m eval.report --write` (eval/report.py) from the runs
-below, up to six side by side, each process on one thread (one thread per process ran several times faster than
-two on these shared cores); the settings are those of the passkey runs, with the changes their commands name.
+below (on CPU each process on one thread, several side by side); the settings are those of the passkey runs, with
+the changes their commands name.
 
-- model: SmolLM2-135M-Instruct (embedded default), float32 on CPU, 2 dense layers
-- machine: {meta['perplexity']['machine']}, {meta['perplexity']['cpus']} cores shared with other work
+- model: SmolLM2-135M-Instruct (embedded default), {meta['passkey-0'].get('dtype', 'float32')} on \
+{meta['passkey-0'].get('device', 'cpu')}, 2 dense layers
+- machine: {meta['perplexity']['machine']}, {meta['perplexity']['cpus']} cores
 {runs}
 - settings: `{json.dumps(settings)}`
 
@@ -248,11 +384,11 @@ found / all prompts.
 
 {headline}
 
-Per filler and context (`method@budget`; `quest-default` is the model's default, pages of 4 and rule mass; `quest`
-pages of 16 and rule sum):
+Per filler and context (`method@budget`; `quest-default` is the model's default, pages of 4 and rule mass;
+`quest-topp` the same with the adaptive budget; `quest` pages of 16 and rule sum):
 
 {cells}
-
+{top_p_section(results)}
 ### Perplexity in decode mode ({windows} windows of {scored} tokens)
 
 Windows of {scored} tokens, {settings['ppl_windows_per_text']} per text ({', '.join(settings['ppl_texts'])}), their
@@ -276,13 +412,13 @@ F-measure of the longest common subsequence of lowercased words. Questions and a
 
 CSV: `results/report/passkey-*.csv` (every prompt's answer), `results/report/perplexity.csv` (every window).
 """
-    write_section(out / "RESULTS.md", "report", text)
+    write_section(markdown, "report", text)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     action = parser.add_mutually_exclusive_group(required=True)
-    action.add_argument("--part", choices=["passkey", "perplexity", "agreement"])
+    action.add_argument("--part", choices=["top-p", "passkey", "perplexity", "agreement"])
     action.add_argument("--write", action="store_true", help="write the report section of eval/RESULTS.md")
     parser.add_argument("--shard", default="0/1", help="i/n: the passkey or agreement part's i-th of n shards")
     parser.add_argument("--fillers", help="comma-separated report texts for the passkey part (default: "
@@ -291,9 +427,12 @@ def main():
     parser.add_argument("--qa-budgets", help="comma-separated budgets for the agreement part (default: "
                         "SETTINGS['qa_budgets'])")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--out", type=Path, default=OUT, help="the parts' outputs (default: eval/results/report)")
     args = parser.parse_args()
     if args.write:
-        write()
+        write(args.out)
         return
     torch.set_num_threads(args.threads)
     shard = tuple(int(x) for x in args.shard.split("/"))
@@ -301,7 +440,8 @@ def main():
     settings = dict(SETTINGS, depths=[float(d) for d in args.depths.split(",")]) if args.depths else SETTINGS
     if args.qa_budgets:
         settings = dict(settings, qa_budgets=[int(b) for b in args.qa_budgets.split(",")])
-    run_part(args.part, settings, shard, fillers,
+    model, tokenizer = load_model(dtype=args.dtype, device=args.device)
+    run_part(model, tokenizer, args.part, settings, args.out, shard, fillers,
              log=lambda message: print(time.strftime("%H:%M:%S"), message, flush=True))
 
 
