@@ -278,15 +278,21 @@ def top_p_table(rows: list[dict], settings: dict) -> str:
     return "\n".join(lines)
 
 
-def perplexity_table(rows: list[dict]) -> str:
+def versus_dense(rows: list[dict], method: str, budget: int) -> tuple[float, float]:
+    """Perplexity against dense's on the same window, in percent above it: mean and standard error over windows."""
     dense = {(r["text"], r["start"]): r["ppl"] for r in rows if r["method"] == "dense"}
+    return mean_se(100 * (r["ppl"] / dense[(r["text"], r["start"])] - 1) for r in rows
+                   if (r["method"], r["budget"]) == (method, budget))
+
+
+def perplexity_table(rows: list[dict]) -> str:
     keys = list(dict.fromkeys((r["method"], r["budget"]) for r in rows))
     lines = ["| method | budget | windows | perplexity, mean ± SE | vs dense, paired: mean ± SE |",
              "|---|---:|---:|---:|---:|"]
     for method, budget in keys:
         cell = [r for r in rows if (r["method"], r["budget"]) == (method, budget)]
         ppl, se = mean_se(r["ppl"] for r in cell)
-        ratio, ratio_se = mean_se(100 * (r["ppl"] / dense[(r["text"], r["start"])] - 1) for r in cell)
+        ratio, ratio_se = versus_dense(rows, method, budget)
         lines.append(f"| {LABELS.get(method, method)} | {budget or ''} | {len(cell)} | {ppl:.2f} ± {se:.2f} | "
                      f"{ratio:+.2f}% ± {ratio_se:.2f}% |")
     return "\n".join(lines)

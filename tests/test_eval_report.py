@@ -1,5 +1,6 @@
 """The report split's pieces against oracles: ROUGE-L on strings checked by hand, the standard error against its
-definition, the counting of passkey cells, and a report split that shares no text with the tuning split."""
+definition, the counting of passkey cells, and a report split that shares no text with the tuning split; and the
+claims eval/RESULTS.md makes, on the committed results."""
 import math
 import random
 
@@ -103,3 +104,42 @@ def test_chat_prompt_holds_the_key_on_its_own_line_at_its_depth(default_model, c
     assert text.count(needle) == 1 and "\n" + needle in text  # after a line break of the text
     document = text[text.index("<|im_start|>user\n"):text.index("\n\nWhat is the pass key?")]
     assert abs(document.index(needle) / len(document) - depth) < 0.05
+
+
+# What eval/RESULTS.md claims of the committed report-split results (eval/results/report; no model runs): each
+# test fails if the results change so that the claim no longer holds.
+
+def committed_passkeys() -> list[dict]:
+    return [row for path in sorted(report.OUT.glob("passkey-*.csv")) for row in report.read_csv(path)]
+
+
+def test_results_quest_finds_every_passkey_dense_finds_at_budget_256():
+    counts = report.passkey_counts(committed_passkeys())
+    solved, prompts = counts[("all", "dense", 0)]
+    assert counts[("all", "quest-default", 256)] == (solved, solved), "one miss, or a prompt dense solves left out"
+    assert solved >= 30 and prompts >= 70
+
+
+def test_results_perplexity_at_budget_1024_within_one_percent_of_dense_error_bar_included():
+    mean, se = report.versus_dense(report.read_csv(report.OUT / "perplexity.csv"), "quest-default", 1024)
+    assert mean + se <= 1.0
+
+
+def test_results_streaming_clearly_worse_than_quest_at_budget_256():
+    rows = report.read_csv(report.OUT / "perplexity.csv")
+    streaming, streaming_se = report.versus_dense(rows, "streaming", 256)
+    quest, quest_se = report.versus_dense(rows, "quest-default", 256)
+    assert streaming - streaming_se > quest + quest_se  # outside both error bars
+    assert streaming - streaming_se > 0
+
+
+def test_results_adaptive_budget_finds_what_budget_256_finds_reading_fewer_pages():
+    rows = committed_passkeys()
+    settings = report.SETTINGS
+    topp = ("quest-topp", settings["top_p_budget"])
+    if not any((r["method"], r["budget"]) == topp for r in rows):
+        pytest.skip("the committed passkey results have no quest-topp rows yet")
+    counts, pages = report.passkey_counts(rows), report.mean_pages(rows)
+    fixed = ("quest-default", settings["top_p_match"])
+    assert counts[("all", *topp)][0] >= counts[("all", *fixed)][0]
+    assert pages[topp] < pages[fixed]
