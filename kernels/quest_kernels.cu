@@ -650,7 +650,8 @@ __global__ void __launch_bounds__(kAttentionThreads) sparse_decode_kernel(
   if (!is_last) return;
 
   // The last block of head h: each split's weight per query head, exp2(m_s - max m) / sum, into shared memory
-  // (it fits: splits <= k <= kTeams * (2 + kDim) is checked on the host), then the weighted sum of the outputs.
+  // (it fits: group * splits <= kTeams * group * (2 + kDim) is checked on the host), then the weighted sum of the
+  // outputs.
   float* weights = team_states;  // [group, splits]
   const int warp = threadIdx.x / 32, warp_lane = threadIdx.x % 32;
   for (int g = warp; g < group; g += kAttentionThreads / 32) {
