@@ -167,7 +167,7 @@ def test_sparse_decode_equals_attention_over_the_selected_pages(dtype, head_dim,
     current page holding fewer than P), for one split (few pages) and many (its splits merged by the last block),
     with the length passed from the host and read on the GPU. It rounds only its output to the dtype."""
     num_kv_heads = 3
-    length = 2500 * 16 // page_size + page_size // 2 + 1  # the current page part-full
+    length = 400 * page_size + page_size // 2 + 1  # 401 pages, the current one part-full
     layer = filled(length, page_size, num_kv_heads, head_dim, dtype)
     keys, values = (t.clone() for t in layer.dense())
     query = torch.randn(num_kv_heads, group, head_dim, device="cuda").to(dtype)
