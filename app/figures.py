@@ -101,7 +101,9 @@ def pages_read(step, layer: int, page_size: int, page_labels: list[str], marks: 
     elif dense:
         kind = "a dense layer: every page read"
     else:
-        kind = f"each head read {pages.shape[1]} of {num_pages} pages"
+        read = (pages >= 0).sum(1)  # top-p: -1 in the slots a head did not read
+        counts = f"{read.min()}" if read.min() == read.max() else f"{read.min()}-{read.max()}"
+        kind = f"each head read {counts} of {num_pages} pages"
     return _layout(figure, f"Pages read · layer {layer}, at {step.context_len:,} tokens: {kind}", 150 + 34 * num_heads)
 
 

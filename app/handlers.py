@@ -82,11 +82,13 @@ def loaded_session(state: ChatState | None) -> Session:
     return state.session
 
 
-def configure(session: Session, mode=None, budget=None, page_size=None, dense_layers=None) -> None:
+def configure(session: Session, mode=None, budget=None, page_size=None, dense_layers=None, top_p=None) -> None:
+    """top_p 0 turns the adaptive budget off."""
     try:
         session.configure(mode=mode, budget=None if budget is None else int(budget),
                           page_size=None if page_size is None else int(page_size),
-                          dense_layers=None if dense_layers is None else int(dense_layers))
+                          dense_layers=None if dense_layers is None else int(dense_layers),
+                          top_p=None if top_p is None else float(top_p))
     except ValueError as error:
         raise UserError(f"These settings do not work together: {error}.") from None
 
@@ -205,13 +207,13 @@ NO_ANSWER = "Ask a question: this view then shades the passages the model read w
 # ---- answering ----
 
 def ask(server: Server, question: str, mode: str, budget, page_size, dense_layers, inspect: bool, max_new_tokens,
-        temperature, repetition_penalty, no_repeat_ngram_size, layer, head, state: ChatState | None):
+        temperature, repetition_penalty, no_repeat_ngram_size, layer, head, top_p, state: ChatState | None):
     """Stream the answer to `question`: the chat, metrics and context meter every REFRESH_S, everything at the end."""
     session = loaded_session(state)
     question = (question or "").strip()
     if not question:
         raise UserError("Type a question first.")
-    configure(session, mode, budget, page_size, dense_layers)
+    configure(session, mode, budget, page_size, dense_layers, top_p)
     decoding = dict(max_new_tokens=min(int(max_new_tokens), server.max_new_tokens), temperature=float(temperature),
                     repetition_penalty=float(repetition_penalty), no_repeat_ngram_size=int(no_repeat_ngram_size))
     before = list(state.chat)
@@ -342,7 +344,7 @@ def new_chat(server: Server, state: ChatState | None) -> dict:
 
 
 def compare(server: Server, question: str, budget, page_size, dense_layers, max_new_tokens, repetition_penalty,
-            no_repeat_ngram_size, state: ChatState | None, progress=PROGRESS) -> dict:
+            no_repeat_ngram_size, top_p, state: ChatState | None, progress=PROGRESS) -> dict:
     """The same question (or the last one asked) answered dense and with Quest on the same context, greedily; the
     conversation does not keep either answer."""
     session = loaded_session(state)
@@ -353,7 +355,7 @@ def compare(server: Server, question: str, budget, page_size, dense_layers, max_
                     repetition_penalty=float(repetition_penalty), no_repeat_ngram_size=int(no_repeat_ngram_size))
     runs, shown = {}, 0.0
     for done, mode in enumerate(("dense", "quest")):
-        configure(session, mode, budget, page_size, dense_layers)
+        configure(session, mode, budget, page_size, dense_layers, top_p)
         label = "Quest" if mode == "quest" else "dense"
         progress(done / 2, desc=f"{label}: prefilling")
         try:
@@ -369,7 +371,7 @@ def compare(server: Server, question: str, budget, page_size, dense_layers, max_
     verdict = ("**Identical answers.**" if first is None else
                f"**The answers differ from token {first} on** (marked).")
     return {"dense_answer": views.compare_pane(runs["dense"], "Dense", first),
-            "quest_answer": views.compare_pane(runs["quest"], f"Quest (budget {runs['quest'].budget})", first),
+            "quest_answer": views.compare_pane(runs["quest"], f"Quest ({views.budget_text(runs['quest'])})", first),
             "verdict": f"{verdict} Question: *{question}*", "compare_box": gr.update(visible=True),
             **speed_views(state)}
 
@@ -498,6 +500,7 @@ def export_trace(server: Server, state: ChatState | None) -> dict:
             "steps": [{"token": step.text, "context_len": trace.context_len, "seconds": trace.seconds,
                        "attention_s": trace.attention_s, "dense_bytes": trace.dense_bytes,
                        "read_bytes": trace.read_bytes,
+                       "pages_read": None if trace.pages_read is None else trace.pages_read.tolist(),
                        "selected_pages": None if trace.selected_pages is None else trace.selected_pages.tolist(),
                        "recall": None if trace.recall is None else [[None if r != r else r for r in row]
                                                                     for row in trace.recall.tolist()]}

@@ -70,6 +70,7 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 256, gpu=lam
     decoding = Decoding()
     num_layers = model.config.num_hidden_layers
     num_kv_heads = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
+    adaptive = backend is None or backend.adaptive_budget  # None: sessions make the torch backend
 
     with gr.Blocks(title="Quest: query-aware sparse attention", fill_width=True) as demo:
         c = {"state": gr.State(None, delete_callback=sessions.close)}
@@ -119,6 +120,12 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 256, gpu=lam
                                              info="dense reads every KV page; Quest only the top pages per head")
                         c["budget"] = gr.Slider(64, 4096, quest.budget, step=64, label="Token budget",
                                                 info="KV tokens Quest reads per layer and KV head at each step")
+                    c["top_p"] = gr.Slider(0, 1, 0, step=0.05, label="Top-p (adaptive budget)", elem_id="top-p",
+                                           interactive=adaptive,
+                                           info=(f"0: off. Above 0, each KV head reads pages until they hold this "
+                                                 f"share of its estimated attention: at least {quest.min_budget} "
+                                                 "tokens, at most the token budget" if adaptive else
+                                                 f"needs the torch backend; this server runs {backend.name}"))
                     with gr.Row():
                         c["page_size"] = gr.Dropdown([4, 8, 16, 32], value=quest.page_size, label="Page size",
                                                      info="tokens per page: Quest scores and reads whole pages")
@@ -195,7 +202,7 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 256, gpu=lam
            concurrency_id=MODEL_WORK, api_name="load_document", show_progress_on=[c["doc_info"]])
 
         ask_inputs = ["question", "mode", "budget", "page_size", "dense_layers", "inspect", "max_new_tokens",
-                      "temperature", "repetition_penalty", "no_repeat_ngram_size", "layer", "head", "state"]
+                      "temperature", "repetition_penalty", "no_repeat_ngram_size", "layer", "head", "top_p", "state"]
         answer = ["heads_plot", "time_plot", "tokens", "looked", "looked_note"]
         ask_outputs = ["chat", "question", "metrics", "meter", "headline", "speed_plot", *answer]
         for trigger, visibility in ((send.click, "public"), (c["question"].submit, "private")):
@@ -213,7 +220,7 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 256, gpu=lam
         comparing = compare.click(lambda: (gr.update(visible=True), "Comparing: dense first, then Quest…"), None,
                                   [c["compare_box"], c["verdict"]], queue=False, api_visibility="private")
         on(comparing.then, handlers.compare, ["question", "budget", "page_size", "dense_layers", "max_new_tokens",
-                                              "repetition_penalty", "no_repeat_ngram_size", "state"],
+                                              "repetition_penalty", "no_repeat_ngram_size", "top_p", "state"],
            ["dense_answer", "quest_answer", "verdict", "compare_box", "headline", "speed_plot"],
            failure={"compare_box": handlers.HIDDEN, "verdict": "**Not compared:** {message}"},
            concurrency_id=MODEL_WORK, api_name="compare",

@@ -47,10 +47,11 @@ def page_shares(steps, num_pages: int) -> np.ndarray | None:
     for step in steps:
         if step is None or step.selected_pages is None:
             continue
-        pages = step.selected_pages.numpy()              # [layers, Hkv, k], -1 rows for dense layers
+        # [layers, Hkv, k], -1 rows for dense layers and, with top-p, -1 in the slots a head did not read
+        pages = step.selected_pages.numpy()
         sparse = pages[:, 0, 0] >= 0
         selected = pages[sparse].reshape(-1)
-        reads += np.bincount(selected[selected < num_pages], minlength=num_pages)[:num_pages]
+        reads += np.bincount(selected[(selected >= 0) & (selected < num_pages)], minlength=num_pages)[:num_pages]
         rows += int(sparse.sum()) * pages.shape[1]
     return reads / rows if rows else None
 

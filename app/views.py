@@ -4,6 +4,8 @@ import html
 from dataclasses import dataclass
 from pathlib import Path
 
+from quest_core.trace import mean_pages_read
+
 
 @dataclass
 class Speed:
@@ -79,6 +81,8 @@ def metrics(mode: str, steps: list, run, recall: float | None = None) -> str:
         timed = [trace.attention_s for trace in traced if trace.attention_s is not None]
         if timed:
             line += f" · attention {1000 * sum(timed) / len(timed):.1f} ms per step"
+        if run.top_p is not None and (pages := mean_pages_read(traced)) is not None:
+            line += f" · {budget_text(run)}: {pages:.1f} pages per head on average"
         lines.append(line)
     if recall is not None:
         lines.append(f"Selection recall (dense attention mass on the selected pages): {recall:.3f}")
@@ -111,6 +115,13 @@ def headline(speeds: dict) -> str:
         text += (f"  \nAttention is {100 * share:.0f}% of a dense step here; the rest (MLPs, projections, the "
                  "vocabulary) costs the same in both modes, so the step gains less than the attention.")
     return text
+
+
+def budget_text(run) -> str:
+    """The budget a Quest answer (a RunStats) ran with."""
+    if run.top_p is None:
+        return f"budget {run.budget}"
+    return f"top-p {run.top_p:g}, up to {-(-run.budget // run.page_size)} pages of {run.page_size}"
 
 
 def compare_pane(run, label: str, first_difference: int | None) -> str:

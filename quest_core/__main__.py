@@ -31,10 +31,16 @@ def parse_args(argv=None):
     generate.add_argument("--group-rule", choices=GROUP_RULES,
                           help="how a KV group's query heads combine page scores (default: mass for 64-dim heads, "
                                "else sum)")
+    generate.add_argument("--page-top-p", type=float, metavar="P",
+                          help="an adaptive budget: each KV head reads pages until they hold an estimated share P of "
+                               "its attention, from --min-budget up to --budget tokens; --json reports mean_pages_read "
+                               "(default: off, a fixed budget; the torch backend only)")
+    generate.add_argument("--min-budget", type=int,
+                          help="with --page-top-p: the fewest tokens a head reads (default: 64)")
     decoding = Decoding()
     generate.add_argument("--max-new-tokens", type=int, default=decoding.max_new_tokens)
     generate.add_argument("--temperature", type=float, default=decoding.temperature, help="0 is greedy")
-    generate.add_argument("--top-p", type=float, default=decoding.top_p)
+    generate.add_argument("--top-p", type=float, default=decoding.top_p, help="nucleus sampling (temperature > 0)")
     generate.add_argument("--repetition-penalty", type=float, default=decoding.repetition_penalty,
                           help="on the answer's own tokens; 1 is off")
     generate.add_argument("--no-repeat-ngram-size", type=int, default=decoding.no_repeat_ngram_size,
@@ -53,19 +59,21 @@ def generate(args) -> dict:
     document = args.doc.read_text(encoding="utf-8")
     model, tokenizer = load_model(args.model, args.dtype, args.device, log=log)
     config = default_config(model.config, mode=args.mode, budget=args.budget, page_size=args.page_size,
-                            dense_layers=args.dense_layers, group_rule=args.group_rule)
+                            dense_layers=args.dense_layers, group_rule=args.group_rule, top_p=args.page_top_p,
+                            min_budget=args.min_budget)
     decoding = Decoding(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty,
                         args.no_repeat_ngram_size, args.seed)
     backend = make_backend(args.backend, next(model.parameters()).device, model.dtype)
     session = Session(model, tokenizer, config, backend, decoding)
     started = time.perf_counter()
     ingested = session.ingest(document, progress=lambda done, total: log(f"prefill {done}/{total} tokens"))
-    for step in session.ask(args.question):
+    for step in session.ask(args.question, trace=config.top_p is not None):  # the trace counts the pages read
         if not args.json:
             print(step.text, end="", flush=True)
     run = session.last_run
     result = run.summary()
-    result.update(group_rule=config.group_rule, repetition_penalty=decoding.repetition_penalty,
+    result.update(group_rule=config.group_rule, min_budget=config.min_budget,
+                  repetition_penalty=decoding.repetition_penalty,
                   ttft_s=ingested.prefill_s + run.ttft_s, document_tokens=ingested.document_tokens,
                   document_prefill_s=ingested.prefill_s, question_ttft_s=run.ttft_s,
                   model=args.model or "smollm2-135m-instruct (embedded)", dtype=str(model.dtype).removeprefix("torch."),

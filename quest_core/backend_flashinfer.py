@@ -11,6 +11,10 @@ head (num_kv_heads=1, num_qo_heads=G) whose page list is the selected pages, the
 fixed for a budget and only `last_page_len` moves with the context. Plans are made on the host once per shape (every
 layer of a step has the same shape) and reused by all layers; the page rows are written in place by the scorer,
 which the plan references, so a new selection needs no new plan.
+An adaptive budget (QuestConfig.top_p: a page count per KV head, on the GPU) would need FlashInfer's `indptr` from
+those counts, planned on the host at every layer of every step (a device sync each), so this backend does not run
+it (`adaptive_budget = False`: the cache refuses such settings, naming the backend; the torch backend runs them).
+Our sparse decode kernel could read the counts on the GPU instead; it does not yet.
 
 Every decode wrapper runs in FlashInfer's CUDA-graph mode (fixed buffers), so a decode step can be captured in a
 CUDA graph (quest_core/cuda_graph.py): the backend keeps the plan functions of the last step, and `plan_step()`
@@ -40,6 +44,7 @@ class FlashInferBackend:
     name = "flashinfer"
     kv_layout = "page-major"
     fallback_reason = None
+    adaptive_budget = False  # its sparse plan gives every KV head the same number of pages (see the module's text)
 
     def __init__(self, device, workspace_bytes: int = 128 << 20):
         import flashinfer

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .paged_cache import PagedLayer
-from .selection import page_attention_mass, page_scores, select_pages, streaming_pages
+from .selection import page_attention_mass, page_scores, read_slots, select_pages, select_top_p, streaming_pages
 
 
 class TorchBackend:
@@ -18,6 +18,7 @@ class TorchBackend:
     kv_layout = "head-major"
     append_kernels = None
     graph_capturable = False
+    adaptive_budget = True
 
     def __init__(self, fallback_reason: str | None = None):
         self.fallback_reason = fallback_reason
@@ -47,12 +48,15 @@ class TorchBackend:
 
     def select(self, query: torch.Tensor, layer: PagedLayer, num_selected: int, group_rule: str) -> torch.Tensor:
         """query [Hkv, G, D] -> Quest's selected page ids [Hkv, k], current page last."""
-        if layer.device_length is not None:  # a CUDA graph being captured: the length is on the GPU
-            num_pages = torch.div(layer.device_length + layer.page_size - 1, layer.page_size, rounding_mode="floor")
-            return select_pages(page_scores(query, layer.page_bounds, group_rule, num_pages), num_selected, num_pages)
-        num_pages = layer.num_pages
-        scores = page_scores(query, layer.page_bounds[:, :num_pages], group_rule)
-        return select_pages(scores, num_selected)
+        scores, num_pages = _scores(query, layer, group_rule)
+        return select_pages(scores, num_selected, num_pages)
+
+    def select_top_p(self, query: torch.Tensor, layer: PagedLayer, top_p: float, min_pages: int,
+                     max_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """query [Hkv, G, D] -> (page ids [Hkv, max_pages], current page last; page_counts [Hkv]): the adaptive
+        budget (selection.select_top_p) on the "mass" rule's estimate of each page's share of the attention."""
+        scores, num_pages = _scores(query, layer, "mass")
+        return select_top_p(scores / query.shape[1], top_p, min_pages, max_pages, num_pages)
 
     def select_baseline(self, mode: str, query: torch.Tensor, layer: PagedLayer, num_selected: int,
                         scaling: float) -> torch.Tensor:
@@ -66,12 +70,28 @@ class TorchBackend:
         """What `select` returned, as page ids [Hkv, k]: here they already are."""
         return selected_pages
 
-    def decode_sparse(self, query: torch.Tensor, layer: PagedLayer, selected_pages: torch.Tensor, scaling: float):
-        """query [Hkv, G, D], selected_pages [Hkv, k] -> out [Hkv, G, D] over the selected pages only."""
+    def decode_sparse(self, query: torch.Tensor, layer: PagedLayer, selected_pages: torch.Tensor, scaling: float,
+                      page_counts: torch.Tensor | None = None):
+        """query [Hkv, G, D], selected_pages [Hkv, k] -> out [Hkv, G, D] over the selected pages only.
+        page_counts [Hkv] (a `select_top_p` selection): a head reads its first page_counts - 1 pages and the last;
+        all k are gathered (a fixed width) and the others masked out."""
         keys, values = layer.gather(selected_pages)
-        return _attend(query, keys, values, scaling)
+        mask = None
+        if page_counts is not None:
+            slots = read_slots(page_counts, selected_pages.shape[1])  # [Hkv, k]
+            mask = slots.repeat_interleave(layer.page_size, dim=1)[:, None, :keys.shape[1]]  # [Hkv, 1, tokens]
+        return _attend(query, keys, values, scaling, mask)
+
+
+def _scores(query: torch.Tensor, layer: PagedLayer, group_rule: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """query [Hkv, G, D] -> (page scores [Hkv, pages], None) over the pages in use; while a CUDA graph is captured
+    (the length is on the GPU) the scores over the cache's capacity and the page count as a tensor."""
+    if layer.device_length is None:
+        return page_scores(query, layer.page_bounds[:, :layer.num_pages], group_rule), None
+    num_pages = torch.div(layer.device_length + layer.page_size - 1, layer.page_size, rounding_mode="floor")
+    return page_scores(query, layer.page_bounds, group_rule, num_pages), num_pages
 
 
 def _attend(query, keys, values, scaling, mask=None):
-    """query [Hkv, M, D], keys/values [Hkv, S, D], mask [M, S] or None -> [Hkv, M, D]."""
+    """query [Hkv, M, D], keys/values [Hkv, S, D], mask [M, S], [Hkv, M or 1, S] or None -> [Hkv, M, D]."""
     return F.scaled_dot_product_attention(query[None], keys[None], values[None], attn_mask=mask, scale=scaling)[0]

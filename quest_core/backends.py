@@ -23,6 +23,7 @@ class AttentionBackend(Protocol):
     kv_layout: str                 # the PagedLayer layout it reads: "page-major" or "head-major"
     append_kernels: object | None  # our CUDA module whose append_kv the cache uses, or None (torch appends)
     graph_capturable: bool         # its decode calls can be captured in a CUDA graph (plan_step before a replay)
+    adaptive_budget: bool          # it runs QuestConfig.top_p (select_top_p, decode_sparse with page_counts)
     fallback_reason: str | None    # why this backend runs instead of the one asked for
 
     def describe(self) -> str:
@@ -40,6 +41,11 @@ class AttentionBackend(Protocol):
     def select(self, query: torch.Tensor, layer: PagedLayer, num_selected: int, group_rule: str) -> torch.Tensor:
         """query [Hkv, G, D] -> Quest's selection [Hkv, k] (in the backend's own form), current page last."""
 
+    def select_top_p(self, query: torch.Tensor, layer: PagedLayer, top_p: float, min_pages: int,
+                     max_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backends with adaptive_budget: query [Hkv, G, D] -> (a selection [Hkv, max_pages], current page last;
+        page_counts [Hkv], the pages each head reads: its first page_counts - 1 slots and the last)."""
+
     def select_baseline(self, mode: str, query: torch.Tensor, layer: PagedLayer, num_selected: int,
                         scaling: float) -> torch.Tensor:
         """The evaluation's baselines, "streaming" or "oracle", in the form `select` returns."""
@@ -49,7 +55,8 @@ class AttentionBackend(Protocol):
 
     def decode_sparse(self, query: torch.Tensor, layer: PagedLayer, selected: torch.Tensor,
                       scaling: float) -> torch.Tensor:
-        """query [Hkv, G, D], a selection [Hkv, k] -> out [Hkv, G, D] over the selected pages only."""
+        """query [Hkv, G, D], a selection [Hkv, k] -> out [Hkv, G, D] over the selected pages only. Backends with
+        adaptive_budget also take `page_counts` [Hkv] (from select_top_p) after `scaling`."""
 
 
 def make_backend(name: str, device, dtype: torch.dtype = torch.bfloat16) -> AttentionBackend:

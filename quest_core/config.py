@@ -16,6 +16,11 @@ class QuestConfig:
     dense_layers: int = 2      # the first layers always attend densely
     group_rule: str = "sum"    # how the query heads of one KV group combine their page scores: "sum", "max" or
                                # "mass" (see selection.py)
+    top_p: float | None = None  # None: every KV head reads `budget` tokens. A share p in (0, 1]: an adaptive budget
+                                # (mode "quest"): each KV head reads the current page, then pages in decreasing
+                                # estimated share of its group's attention (the "mass" rule's, whatever group_rule
+                                # says) until the pages read hold p of it, from `min_budget` up to `budget` tokens
+    min_budget: int = 64       # with top_p: the fewest tokens a KV head reads (16 pages of 4, 4 pages of 16)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -29,13 +34,35 @@ class QuestConfig:
                              "the current page and one chosen page")
         if self.dense_layers < 0:
             raise ValueError(f"dense_layers must be >= 0, got {self.dense_layers}")
+        if self.top_p is not None:
+            self._check_top_p()
+
+    def _check_top_p(self):
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.mode not in ("dense", "quest"):
+            raise ValueError(f"top_p is an adaptive budget for mode 'quest', not {self.mode!r}")
+        if self.min_budget_pages < 2:
+            raise ValueError(f"min_budget ({self.min_budget} tokens) must hold at least two pages of {self.page_size} "
+                             "tokens: the current page and one chosen page")
+        if self.min_budget_pages > self.budget_pages:
+            raise ValueError(f"min_budget ({self.min_budget} tokens) must not exceed budget ({self.budget} tokens), "
+                             "the most a KV head reads with top_p")
 
     @property
     def budget_pages(self) -> int:
         return -(-self.budget // self.page_size)
 
+    @property
+    def min_budget_pages(self) -> int:
+        return -(-self.min_budget // self.page_size)
+
     def with_changes(self, **changes) -> "QuestConfig":
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+        """These settings with `changes` on top: None keeps a value; top_p=0 turns the adaptive budget off."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if changes.get("top_p") == 0:
+            changes["top_p"] = None
+        return replace(self, **changes)
 
 
 def default_config(model_config, **changes) -> QuestConfig:

@@ -29,6 +29,7 @@ class QuestCache(Cache):
         super().__init__(layers=[PagedLayer(config.page_size, gather_buffer=gather_buffer,
                                             kernels=self.backend.append_kernels, kv_layout=self.backend.kv_layout)
                                  for _ in range(num_layers)])
+        self._check(config)
         self.config = config
         self.trace = None  # a quest_core.trace.Trace while recording
         self.graph_decoder = None  # a quest_core.cuda_graph.GraphDecoder once decoding has used one
@@ -52,9 +53,16 @@ class QuestCache(Cache):
 
     def set_config(self, config: QuestConfig) -> None:
         """New settings for the next step; a new page size re-lays the stored KV out, nothing is recomputed."""
+        self._check(config)
         for layer in self.layers:
             layer.repage(config.page_size)
         self.config = config
+
+    def _check(self, config: QuestConfig) -> None:
+        if config.top_p is not None and not self.backend.adaptive_budget:
+            raise ValueError(f"top_p (an adaptive budget) does not run on the {self.backend.name} attention backend, "
+                             "which reads the same number of pages for every KV head; use the torch backend or "
+                             "leave top_p off")
 
 
 UNSUPPORTED_KWARGS = {"softcap": "attention logit soft-capping", "sliding_window": "sliding-window attention",
@@ -78,21 +86,30 @@ def quest_attention(module, query, key, value, attention_mask, scaling=None, dro
         return out.transpose(0, 1).unsqueeze(0), None
     grouped_query = query[0, :, 0].view(layer.num_kv_heads, -1, head_dim)  # [Hkv, G, D]
     started = trace.start_attention(query.device) if trace is not None else None
-    num_selected = config.budget_pages
-    selected_pages = None
-    if config.mode != "dense" and layer_idx >= config.dense_layers and layer.num_pages > num_selected:
-        if config.mode == "quest":
-            selected_pages = backend.select(grouped_query, layer, num_selected, config.group_rule)
-        else:
-            selected_pages = backend.select_baseline(config.mode, grouped_query, layer, num_selected, scaling)
-        out = backend.decode_sparse(grouped_query, layer, selected_pages, scaling)
+    selected_pages = page_counts = None
+    if config.mode != "dense" and layer_idx >= config.dense_layers and layer.num_pages > config.budget_pages:
+        out, selected_pages, page_counts = _decode_sparse(config, backend, grouped_query, layer, scaling)
     else:
         out = backend.decode_dense(grouped_query, layer, scaling)
     if trace is not None:
         if selected_pages is not None:
             selected_pages = backend.page_ids(selected_pages, layer)
-        trace.record_layer(layer_idx, layer, selected_pages, grouped_query, scaling, started)
+        trace.record_layer(layer_idx, layer, selected_pages, grouped_query, scaling, started, page_counts)
     return out.reshape(1, 1, num_heads, head_dim), None
+
+
+def _decode_sparse(config: QuestConfig, backend, query: torch.Tensor, layer: PagedLayer, scaling: float):
+    """query [Hkv, G, D] -> (out [Hkv, G, D], the selection [Hkv, k], page_counts [Hkv] with top_p, else None)."""
+    num_selected = config.budget_pages
+    if config.top_p is not None:  # mode "quest" (QuestConfig refuses top_p with the baselines)
+        selected, page_counts = backend.select_top_p(query, layer, config.top_p, config.min_budget_pages,
+                                                     num_selected)
+        return backend.decode_sparse(query, layer, selected, scaling, page_counts), selected, page_counts
+    if config.mode == "quest":
+        selected = backend.select(query, layer, num_selected, config.group_rule)
+    else:
+        selected = backend.select_baseline(config.mode, query, layer, num_selected, scaling)
+    return backend.decode_sparse(query, layer, selected, scaling), selected, None
 
 
 def _no_mask(*args, **kwargs):

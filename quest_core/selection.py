@@ -11,6 +11,9 @@ GQA: each KV head has one page set, shared by the G query heads of its group. Th
   "mass": each head's bounds through its softmax over the pages (scaled by 1/sqrt(D), as the attention is), summed
           over the group: an estimate of the share of the group's attention each page holds. A head with a sharp
           query (a retrieval head) then weighs as much as one with a flat query; G GEMVs per KV head.
+
+Top-p (an adaptive budget, `select_top_p`): the "mass" scores divided by G are each page's estimated share of the
+group's attention; a KV head reads pages in decreasing share until the pages read hold p of it.
 """
 import torch
 
@@ -55,6 +58,39 @@ def select_pages(scores: torch.Tensor, num_selected: int, num_pages: torch.Tenso
     selected = scores.new_full((num_kv_heads, num_selected), capacity - 1, dtype=torch.long)
     torch.topk(scores[:, :-1], num_selected - 1, dim=1, sorted=False, out=(scores.new_empty(0), selected[:, :-1]))
     return selected
+
+
+def select_top_p(shares: torch.Tensor, top_p: float, min_pages: int, max_pages: int,
+                 num_pages: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """shares [Hkv, pages]: each page's estimated share of its group's attention (rows sum to 1) ->
+    (selected [Hkv, max_pages] page ids, page_counts [Hkv] long).
+
+    Each KV head reads the current page, then pages in decreasing share while the share read so far is below
+    top_p; page_counts, the pages it reads (current included), is clipped to [min_pages, max_pages], and top_p=1
+    reads max_pages (rounding may make a partial sum of the shares reach 1). selected holds the top max_pages - 1
+    full pages in decreasing share, then the current page: a head reads its first page_counts - 1 slots and the
+    last (`read_slots`). A fixed width with the counts on the device: no host sync.
+    num_pages, a one-element long tensor (see `page_scores`): the pages in use are the first num_pages of
+    `shares`; at least max_pages of them.
+    """
+    num_kv_heads, capacity = shares.shape
+    in_use = capacity if num_pages is None else num_pages
+    full_pages = shares.masked_fill(_page_index(shares) >= in_use - 1, -torch.inf)
+    top_shares, top_pages = torch.topk(full_pages, max_pages - 1, dim=1)  # [Hkv, max_pages - 1], decreasing
+    current = (torch.full((num_kv_heads, 1), capacity - 1, device=shares.device) if num_pages is None
+               else (num_pages - 1).view(1, 1).expand(num_kv_heads, 1))  # [Hkv, 1]
+    selected = torch.cat([top_pages, current], dim=1)
+    if top_p >= 1:
+        return selected, torch.full((num_kv_heads,), max_pages, device=shares.device)
+    read_before = shares.gather(1, current) + top_shares.cumsum(1) - top_shares  # the share read before each slot
+    page_counts = 1 + (read_before < top_p).sum(1)
+    return selected, page_counts.clamp(min=min_pages)
+
+
+def read_slots(page_counts: torch.Tensor, width: int) -> torch.Tensor:
+    """page_counts [Hkv] -> bool [Hkv, width]: the slots of a `select_top_p` selection that a head reads."""
+    slot = torch.arange(width, device=page_counts.device)
+    return (slot < page_counts[:, None] - 1) | (slot == width - 1)
 
 
 def _page_index(scores: torch.Tensor) -> torch.Tensor:

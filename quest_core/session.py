@@ -14,7 +14,7 @@ import torch
 from .config import Decoding, QuestConfig, default_config
 from .generation import answer_processors, decode, prefill
 from .hf import QuestCache, use_quest
-from .trace import StepTrace, Trace
+from .trace import StepTrace, Trace, mean_pages_read
 
 QUESTION_MARK = "\x00QUESTION\x00"  # stands for the first question while the document alone is prefilled
 ANSWER_MARK = "\x00ANSWER\x00"  # stands for an earlier answer, whose generated ids are spliced in
@@ -45,6 +45,7 @@ class RunStats:
     budget: int
     page_size: int
     dense_layers: int
+    top_p: float | None = None  # the adaptive budget's share (QuestConfig.top_p); None: a fixed budget
     prompt_tokens: int = 0     # tokens of context the answer was conditioned on
     prefill_tokens: int = 0    # of those, the ones prefilled for this answer
     reused_tokens: int = 0     # of those, the ones whose KV was already cached
@@ -55,6 +56,7 @@ class RunStats:
     decode_s: float = 0.0
     decode_tokens_per_s: float = 0.0
     attention_s: float | None = None  # mean seconds of attention (all layers) per traced step, where measured
+    mean_pages_read: float | None = None  # pages a sparse layer's KV head read per traced step, on average
     stop_reason: str = ""      # "eos", "max_new_tokens" or "cancelled"
     text: str = ""
     steps: list[Step] = field(default_factory=list, repr=False)
@@ -155,7 +157,8 @@ class Session:
         return messages
 
     def configure(self, **changes) -> QuestConfig:
-        """Change mode, budget, page_size, dense_layers or group_rule for the next answer (None keeps a value)."""
+        """Change mode, budget, page_size, dense_layers, group_rule, top_p or min_budget for the next answer (None
+        keeps a value; top_p=0 turns the adaptive budget off)."""
         with self._lock:
             if self._answering:
                 raise RuntimeError("settings cannot change while an answer is being generated")
@@ -342,7 +345,7 @@ class Session:
             self._cancel.clear()
             config = self.config
             turns, prompt_ids, max_new_tokens = self._fit(question, decoding.max_new_tokens)
-            run = RunStats(config.mode, config.budget, config.page_size, config.dense_layers,
+            run = RunStats(config.mode, config.budget, config.page_size, config.dense_layers, config.top_p,
                            max_new_tokens=max_new_tokens, dropped_turns=len(self.turns) - len(turns))
             self.last_run = run
             generator = None
@@ -398,6 +401,7 @@ class Session:
             run.decode_tokens_per_s = (len(new_ids) - 1) / run.decode_s
         timed = [step.trace.attention_s for step in run.steps if step.trace and step.trace.attention_s is not None]
         run.attention_s = sum(timed) / len(timed) if timed else None
+        run.mean_pages_read = mean_pages_read(step.trace for step in run.steps)
         cache.trace = None
         with self._lock:
             if epoch != self._epoch:

@@ -4,13 +4,18 @@ Recording is off unless a `Trace` is attached to the cache (`cache.trace = Trace
 `start_attention` and `record_layer` once per layer and the decode loop calls `end_step` once per token. The
 attention's time is the host clock's on CPU and CUDA events' on a GPU; a step replayed from a CUDA graph is not
 timed (a graph cannot hold timing events).
+
+With an adaptive budget (QuestConfig.top_p) each KV head reads its own number of pages: `pages_read` records them
+and `read_bytes` counts those pages' KV. (The torch backend gathers the selection's fixed width and masks the pages
+a head does not read: it moves up to `budget` tokens' KV per head; a kernel with per-head page counts reads only
+what `read_bytes` counts.)
 """
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from .selection import page_attention_mass
+from .selection import page_attention_mass, read_slots
 
 
 @dataclass
@@ -18,11 +23,14 @@ class StepTrace:
     context_len: int                    # tokens in the cache during this step
     seconds: float                      # wall time of the step (forward + sampling)
     dense_bytes: int                    # KV bytes a dense step reads
-    read_bytes: int                     # KV bytes this step read (selected pages + page metadata)
-    selected_pages: torch.Tensor | None  # int32 [layers, Hkv, k], current page last; -1 rows for dense layers
+    read_bytes: int                     # KV bytes this step read (the pages read + page metadata)
+    selected_pages: torch.Tensor | None  # int32 [layers, Hkv, k], current page last; -1 rows for dense layers;
+                                         # with top_p, -1 also in the slots a head did not read (before the last)
     recall: torch.Tensor | None = None   # float32 [layers, Hkv]: dense attention mass on the selected pages
                                          # (NaN for dense layers); only when inspecting
     attention_s: float | None = None     # seconds in the attention (selection included), all layers; None: untimed
+    pages_read: torch.Tensor | None = None  # int32 [layers, Hkv]: the pages each KV head read, the current one
+                                            # included (every page in a dense layer)
 
 
 @dataclass
@@ -32,6 +40,10 @@ class Trace:
     inspect: bool = False
     steps: list[StepTrace] = field(default_factory=list)
     layer_pages: dict = field(default_factory=dict)  # this step's selected pages by layer index, until end_step
+    _page_counts: dict = field(default_factory=dict)  # layer index -> pages each KV head read [Hkv] (on the device
+                                                      # with top_p)
+    _adaptive: dict = field(default_factory=dict)  # layer index -> (page size, last page's tokens, bytes of one
+                                                   # token of one KV head): its read bytes wait for its counts
     _recall: dict = field(default_factory=dict)
     _read_bytes: int = 0
     _dense_bytes: int = 0
@@ -51,8 +63,10 @@ class Trace:
         return start
 
     def record_layer(self, layer_idx: int, layer, selected_pages: torch.Tensor | None, query=None, scaling=1.0,
-                     started=None):
-        """query [Hkv, G, D] is needed only when inspecting; `started` is what `start_attention` returned."""
+                     started=None, page_counts: torch.Tensor | None = None):
+        """selected_pages [Hkv, k] page ids or None (dense); page_counts [Hkv] with top_p (selection.read_slots
+        says which slots a head read); query [Hkv, G, D] is needed only when inspecting; `started` is what
+        `start_attention` returned."""
         if isinstance(started, float):
             self._attention_s += time.perf_counter() - started
         elif started is not None:
@@ -61,22 +75,31 @@ class Trace:
             self._timed.append((started, end))
         else:
             self._untimed = True
-        per_token = 2 * layer.num_kv_heads * layer.head_dim * layer.keys.element_size()  # K and V
-        self._dense_bytes += layer.length * per_token
+        head_token_bytes = 2 * layer.head_dim * layer.keys.element_size()  # K and V of one token of one KV head
+        self._dense_bytes += layer.length * layer.num_kv_heads * head_token_bytes
         if selected_pages is None:
-            self._read_bytes += layer.length * per_token
+            self._read_bytes += layer.length * layer.num_kv_heads * head_token_bytes
+            self._page_counts[layer_idx] = torch.full((layer.num_kv_heads,), layer.num_pages, dtype=torch.int32)
             return
-        num_selected = selected_pages.shape[1]
-        tokens = (num_selected - 1) * layer.page_size + layer.last_page_len
+        width = selected_pages.shape[1]
         bounds = layer.page_bounds
-        bounds_bytes = layer.num_pages * bounds.shape[-1] * layer.num_kv_heads * bounds.element_size()
-        self._read_bytes += tokens * per_token + bounds_bytes
+        self._read_bytes += layer.num_pages * bounds.shape[-1] * layer.num_kv_heads * bounds.element_size()
+        if page_counts is None:
+            tokens = (width - 1) * layer.page_size + layer.last_page_len
+            self._read_bytes += tokens * layer.num_kv_heads * head_token_bytes
+            self._page_counts[layer_idx] = torch.full((layer.num_kv_heads,), width, dtype=torch.int32)
+        else:
+            selected_pages = selected_pages.masked_fill(~read_slots(page_counts, width), -1)
+            self._page_counts[layer_idx] = page_counts
+            self._adaptive[layer_idx] = (layer.page_size, layer.last_page_len, head_token_bytes)
         self.layer_pages[layer_idx] = selected_pages
         if self.inspect:
             mass = page_attention_mass(query, layer.dense()[0], layer.page_size, scaling)  # [Hkv, pages]
-            self._recall[layer_idx] = mass.gather(1, selected_pages).sum(1)
+            on_pages = mass.gather(1, selected_pages.clamp(min=0)).masked_fill(selected_pages < 0, 0)
+            self._recall[layer_idx] = on_pages.sum(1)
 
     def end_step(self, context_len: int, seconds: float, num_layers: int) -> StepTrace:
+        pages_read = self._pages_read(num_layers)
         selected = recall = None
         if self.layer_pages:
             layer_ids = list(self.layer_pages)
@@ -91,8 +114,38 @@ class Trace:
             self._timed[-1][1].synchronize()
             self._attention_s += sum(start.elapsed_time(end) for start, end in self._timed) / 1000
         attention_s = None if self._untimed else self._attention_s
-        step = StepTrace(context_len, seconds, self._dense_bytes, self._read_bytes, selected, recall, attention_s)
+        step = StepTrace(context_len, seconds, self._dense_bytes, self._read_bytes, selected, recall, attention_s,
+                         pages_read)
         self.steps.append(step)
         self.layer_pages, self._recall, self._read_bytes, self._dense_bytes = {}, {}, 0, 0
+        self._page_counts, self._adaptive = {}, {}
         self._attention_s, self._timed, self._untimed = 0.0, [], False
         return step
+
+    def _pages_read(self, num_layers: int) -> torch.Tensor | None:
+        """This step's page counts as int32 [layers, Hkv] (-1 for a layer not recorded), the top_p layers' counts
+        brought to the host in one copy and their read bytes added."""
+        if not self._page_counts:
+            return None
+        adaptive = list(self._adaptive)
+        if adaptive:
+            counts = torch.stack([self._page_counts[i] for i in adaptive]).to("cpu", torch.int32)  # [layers', Hkv]
+            for layer_idx, layer_counts in zip(adaptive, counts):
+                page_size, last_page_len, head_token_bytes = self._adaptive[layer_idx]
+                tokens = int(((layer_counts - 1) * page_size + last_page_len).sum())  # over the KV heads
+                self._read_bytes += tokens * head_token_bytes
+                self._page_counts[layer_idx] = layer_counts
+        num_kv_heads = next(iter(self._page_counts.values())).shape[0]
+        pages_read = torch.full((num_layers, num_kv_heads), -1, dtype=torch.int32)
+        for layer_idx, layer_counts in self._page_counts.items():
+            pages_read[layer_idx] = layer_counts
+        return pages_read
+
+
+def mean_pages_read(steps) -> float | None:
+    """The pages a KV head of a sparse layer read per step, on average over `steps` (StepTraces; None entries are
+    skipped); None when no step had a sparse layer."""
+    counts = [step.pages_read[step.selected_pages[:, 0, 0] >= 0].flatten() for step in steps
+              if step is not None and step.selected_pages is not None and step.pages_read is not None]
+    counts = torch.cat(counts) if counts else torch.zeros(0)
+    return counts.float().mean().item() if counts.numel() else None

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from app import figures, looked, views
-from quest_core.trace import StepTrace
+from quest_core.trace import StepTrace, mean_pages_read
 
 LAYERS, HEADS, DENSE_LAYERS = 6, 3, 2
 
@@ -56,6 +56,34 @@ def test_page_shares_match_counting_by_hand():
                     counts[page] += 1
     np.testing.assert_allclose(shares, counts / rows)
     assert looked.page_shares([StepTrace(410, 0.01, 1, 1, None)], num_pages) is None  # dense: nothing to shade
+
+
+def top_p_trace(rng: random.Random, context_len: int, page_size: int, width: int) -> StepTrace:
+    """A sparse top-p step: each (sparse layer, head) reads its first count - 1 slots and the last; -1 between."""
+    step = random_trace(rng, context_len, page_size, width)
+    step.pages_read = torch.full((LAYERS, HEADS), -(-context_len // page_size), dtype=torch.int32)
+    for layer in range(DENSE_LAYERS, LAYERS):
+        for head in range(HEADS):
+            count = rng.randint(2, width)
+            step.selected_pages[layer, head, count - 1:-1] = -1
+            step.pages_read[layer, head] = count
+    return step
+
+
+def test_top_p_steps_count_only_the_pages_read():
+    rng = random.Random(3)
+    steps = [top_p_trace(rng, 400 + i, 4, 12) for i in range(4)]
+    shares = looked.page_shares(steps, 110)
+    counts = np.zeros(110)
+    for step in steps:
+        for page in step.selected_pages[DENSE_LAYERS:].flatten().tolist():
+            counts[page] += page >= 0
+    np.testing.assert_allclose(shares, counts / (4 * (LAYERS - DENSE_LAYERS) * HEADS))
+    read = steps[-1].pages_read[DENSE_LAYERS + 1]
+    figure = figures.pages_read(steps[-1], DENSE_LAYERS + 1, 4, [], {})
+    assert f"each head read {read.min()}-{read.max()} of 101 pages" in figure.layout.title.text
+    assert mean_pages_read(steps) == pytest.approx(torch.stack([s.pages_read[DENSE_LAYERS:] for s in steps]).float()
+                                                   .mean().item())
 
 
 def test_shading_is_the_mean_share_of_a_passages_pages_scaled_to_the_most_read():

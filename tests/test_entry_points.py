@@ -46,6 +46,15 @@ def test_a_budget_of_one_page_is_refused_with_a_message(capsys, short_doc):
     assert QuestConfig(budget=17, page_size=16).budget_pages == 2
 
 
+def test_the_cli_runs_an_adaptive_budget_and_refuses_a_share_outside_0_1(capsys, short_doc):
+    code, result = run_cli(capsys, "--doc", str(short_doc), "--question", "Who?", "--budget", "256",
+                           "--page-top-p", "0.9", "--min-budget", "32", "--backend", "torch")
+    assert code == 0 and (result["top_p"], result["min_budget"], result["budget"]) == (0.9, 32, 256)
+    assert 32 // 4 <= result["mean_pages_read"] <= 256 // 4
+    code, err = run_cli(capsys, "--doc", str(short_doc), "--question", "Who?", "--page-top-p", "1.5")
+    assert code == 2 and "top_p must be in (0, 1]" in err
+
+
 def test_a_session_starts_from_the_models_settings(default_model):
     session = Session(*default_model)
     assert (session.config.page_size, session.config.group_rule) == (4, "mass")
