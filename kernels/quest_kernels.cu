@@ -386,8 +386,9 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
   if (use_list && length <= kThreads) {  // a short list (the rule): rank its keys against each other in one pass
     if (threadIdx.x < length) {
       const unsigned int key = list_keys[threadIdx.x];
-      unsigned int rank = 0;  // the list's keys above this one, ties broken by list position
-      for (int j = 0; j < length; ++j) rank += list_keys[j] > key || (list_keys[j] == key && j < (int)threadIdx.x);
+      const int page = list_pages[threadIdx.x];
+      unsigned int rank = 0;  // the list's keys above this one, ties to the lower page (the list's order is not fixed)
+      for (int j = 0; j < length; ++j) rank += list_keys[j] > key || (list_keys[j] == key && list_pages[j] < page);
       if (rank < remaining) head_out[atomicAdd(&taken_greater, 1u)] = list_pages[threadIdx.x] * num_kv_heads + h;
     }
     return;
@@ -411,7 +412,7 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
     mask |= (unsigned int)(nbins - 1) << shift;
   }
   // `prefix` is now the relative key of the (k-1)-th largest score; take the keys above it and `remaining` equal
-  // to it.
+  // to it (which of several equal ones: the order of the atomics; the short list above breaks ties by page).
   const unsigned int equal_quota = remaining, greater = (k - 1) - equal_quota;
   for (int i = threadIdx.x; i < length; i += kThreads) {
     const unsigned int key = key_at(i);
