@@ -170,32 +170,38 @@ __device__ __forceinline__ void merge_softmax(float& m, float& l, float other_m,
 // keys' range into smallest_key, largest_key (shared; they hold 0xffffffff and 0 when it starts).
 __device__ void mass_scores(const float* group_scores, float* head_scores, int group, int64_t capacity,
                             int num_pages, float mass_scale, float* warp_max_logit, float* warp_sum,
-                            float* head_max_logit, float* head_sum, unsigned int* smallest_key,
+                            float* head_max_logit, float* head_inverse_sum, unsigned int* smallest_key,
                             unsigned int* largest_key) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int g = 0; g < group; ++g) {
+  // Warp w takes query head w % G over every (32 / G)-th stretch of 32 pages: its largest logit, then its sum
+  // of exponentials (two passes over L2, no dependent exp chain); thread g merges the head's warps.
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = kThreads / 32;
+  const int parts = warps / group, head = warp % group, part = warp / group;
+  if (part < parts) {
+    const float* logits = group_scores + head * capacity;
     float m = -INFINITY, l = 0.f;
-    for (int p = threadIdx.x; p < num_pages; p += kThreads)
-      merge_softmax(m, l, __ldcg(group_scores + g * capacity + p) * mass_scale, 1.f);
-    for (int offset = 16; offset > 0; offset >>= 1)
-      merge_softmax(m, l, __shfl_xor_sync(0xffffffffu, m, offset), __shfl_xor_sync(0xffffffffu, l, offset));
+    for (int p = part * 32 + lane; p < num_pages; p += parts * 32) m = fmaxf(m, __ldcg(logits + p) * mass_scale);
+    for (int offset = 16; offset > 0; offset >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+    for (int p = part * 32 + lane; p < num_pages; p += parts * 32) l += __expf(__ldcg(logits + p) * mass_scale - m);
+    for (int offset = 16; offset > 0; offset >>= 1) l += __shfl_xor_sync(0xffffffffu, l, offset);
     if (lane == 0) {
       warp_max_logit[warp] = m;
       warp_sum[warp] = l;
     }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      for (int w = 1; w < kThreads / 32; ++w) merge_softmax(m, l, warp_max_logit[w], warp_sum[w]);
-      head_max_logit[g] = m;
-      head_sum[g] = l;
-    }
-    __syncthreads();
   }
+  __syncthreads();
+  if (threadIdx.x < group) {
+    float m = -INFINITY, l = 0.f;
+    for (int w = threadIdx.x; w < parts * group; w += group) merge_softmax(m, l, warp_max_logit[w], warp_sum[w]);
+    head_max_logit[threadIdx.x] = m;
+    head_inverse_sum[threadIdx.x] = 1.f / l;
+  }
+  __syncthreads();
   unsigned int low = 0xffffffffu, high = 0u;
   for (int p = threadIdx.x; p < num_pages - 1; p += kThreads) {
     float mass = 0.f;
     for (int g = 0; g < group; ++g)
-      mass += __expf(__ldcg(group_scores + g * capacity + p) * mass_scale - head_max_logit[g]) / head_sum[g];
+      mass += __expf(__ldcg(group_scores + g * capacity + p) * mass_scale - head_max_logit[g]) *
+              head_inverse_sum[g];
     head_scores[p] = mass;
     low = min(low, order_key(mass));
     high = max(high, order_key(mass));
@@ -229,7 +235,7 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
   __shared__ unsigned int found_bin, remaining, taken_greater, taken_equal, list_length, smallest_key, largest_key;
   __shared__ bool is_last;
   __shared__ float warp_max_logit[kThreads / 32], warp_sum[kThreads / 32];
-  __shared__ float head_max_logit[kMaxMassGroup], head_sum[kMaxMassGroup];
+  __shared__ float head_max_logit[kMaxMassGroup], head_inverse_sum[kMaxMassGroup];
   const int h = blockIdx.x;
   if (device_length != nullptr) num_pages = (int)((device_length[0] + page_size - 1) / page_size);
   const int candidates = num_pages - 1;  // the full pages; the current page is always selected
@@ -260,6 +266,17 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
   unsigned int low = 0xffffffffu, high = 0u;  // this thread's smallest and largest order key
   const int block_first = blockIdx.y * pages_per_block;
   const int block_end = min(rule == kMass ? num_pages : candidates, block_first + pages_per_block);
+  float q[kChunks][kVec];  // this lane's vectors of split query r
+  auto load_query = [&](int r) {
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c)
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        const int v = member + c * team;
+        q[c][i] = v < num_vectors ? split_query[r * 2 * head_dim + v * kVec + i] : 0.f;
+      }
+  };
+  if (query_rows == 1) load_query(0);  // rule sum: held in registers for every page
   for (int base = block_first; base < block_first + pages_per_block; base += kUnroll * teams) {
     uint4 loaded[kUnroll][kChunks];
 #pragma unroll
@@ -276,14 +293,7 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) best[u] = -INFINITY;
     for (int r = 0; r < query_rows; ++r) {
-      float q[kChunks][kVec];
-#pragma unroll
-      for (int c = 0; c < kChunks; ++c)
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) {
-          const int v = member + c * team;
-          q[c][i] = v < num_vectors ? split_query[r * 2 * head_dim + v * kVec + i] : 0.f;
-        }
+      if (query_rows > 1) load_query(r);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         float score = 0.f;
@@ -335,7 +345,8 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
   for (int b = threadIdx.x; b < kFirstBins; b += kThreads) histogram[b] = 0;
   __syncthreads();
   if (rule == kMass) mass_scores(head_group_scores, head_scores, group, capacity, num_pages, mass_scale,
-                                 warp_max_logit, warp_sum, head_max_logit, head_sum, &smallest_key, &largest_key);
+                                 warp_max_logit, warp_sum, head_max_logit, head_inverse_sum, &smallest_key,
+                                 &largest_key);
   // Radix digits of r = key - smallest_key, from bit `shift` up: r >> shift < 2048 for every candidate.
   const unsigned int span = largest_key - smallest_key;
   int shift = max(0, 32 - __clz(span) - kFirstBits);
