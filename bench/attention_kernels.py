@@ -1,13 +1,18 @@
-"""Per-layer decode attention latency on the GPU, Llama-3.1-8B heads (32 q / 8 kv, d 128), page 16, bf16:
-FlashInfer dense decode vs our Quest stages (fused score + top-k kernel, FlashInfer sparse decode) and total, eager
-and CUDA-graph replayed, beside a bytes floor from the copy bandwidth measured in the same run.
+"""Per-layer decode attention latency on the GPU, bf16: FlashInfer dense decode vs Quest's two kernels of ours
+(fused score + top-k, sparse decode over the selected pages) and their total, eager and CUDA-graph replayed, beside
+FlashInfer's stock sparse decode over the same pages and a bytes floor from the copy bandwidth measured in the same
+run. Shapes (--shape):
+    llama3-8b   Llama-3.1-8B heads (32 q / 8 kv, d 128), pages of 16, rule sum, 8K-128K   (section gpu_kernels)
+    llama2-7b   Llama-2-7B heads (32 q / 32 kv, d 128), pages of 16, rule sum, 32K: the paper's configuration
+    smollm2     SmolLM2-135M heads (9 q / 3 kv, d 64), pages of 4, rule mass, 8K: the app's default model
 
-    python bench/attention_kernels.py            # writes the gpu_kernels section of bench/RESULTS.md
+    python bench/attention_kernels.py --shape llama2-7b   # writes its section of bench/RESULTS.md
 """
 import argparse
 import json
 import statistics
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,9 +24,34 @@ from bench.results import write_section  # noqa: E402
 from quest_core import kernels  # noqa: E402
 from quest_core.paged_cache import PagedLayer  # noqa: E402
 
-NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
-GROUP = NUM_HEADS // NUM_KV_HEADS
 DTYPE = torch.bfloat16
+
+
+@dataclass
+class Shape:
+    title: str
+    section: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    page: int
+    group_rule: str
+    contexts: list = field(default_factory=list)
+    budgets: list = field(default_factory=list)
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+SHAPES = {
+    "llama3-8b": Shape("Llama-3.1-8B heads", "gpu_kernels", 32, 8, 128, 16, "sum", [8192, 32768, 65536, 131072],
+                       [512, 1024, 2048, 4096]),
+    "llama2-7b": Shape("Llama-2-7B heads (the paper's configuration)", "gpu_kernels_llama2_7b", 32, 32, 128, 16,
+                       "sum", [32768], [256, 2048]),
+    "smollm2": Shape("SmolLM2-135M heads (the app's default model)", "gpu_kernels_smollm2", 9, 3, 64, 4, "mass",
+                     [8192], [256, 1024]),
+}
 
 
 def per_call_us(fn, calls=50, repeats=9) -> float:
@@ -63,13 +93,13 @@ def copy_bandwidth() -> float:
     return 2 * source.numel() * source.element_size() / seconds
 
 
-def build_layer(context: int, module) -> PagedLayer:
-    layer = PagedLayer(PAGE, block_pages=1024, kernels=module)
+def build_layer(shape: Shape, context: int, module) -> PagedLayer:
+    layer = PagedLayer(shape.page, block_pages=1024, kernels=module)
     chunk = 8192
     for start in range(0, context, chunk):
         n = min(chunk, context - start)
-        layer.update(torch.randn(1, NUM_KV_HEADS, n, HEAD_DIM, device="cuda", dtype=DTYPE),
-                     torch.randn(1, NUM_KV_HEADS, n, HEAD_DIM, device="cuda", dtype=DTYPE))
+        layer.update(torch.randn(1, shape.num_kv_heads, n, shape.head_dim, device="cuda", dtype=DTYPE),
+                     torch.randn(1, shape.num_kv_heads, n, shape.head_dim, device="cuda", dtype=DTYPE))
     return layer
 
 
@@ -77,66 +107,81 @@ def workspace():
     return torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
 
 
-def measure(context: int, budgets: list[int], module, bandwidth: float) -> list[dict]:
-    layer = build_layer(context, module)
+def measure(shape: Shape, context: int, budgets: list[int], module, bandwidth: float) -> list[dict]:
+    layer = build_layer(shape, context, module)
     num_pages, last = layer.num_pages, layer.last_page_len
-    scaling = HEAD_DIM ** -0.5
-    query = torch.randn(NUM_KV_HEADS, GROUP, HEAD_DIM, device="cuda", dtype=DTYPE)
+    num_heads, num_kv_heads, head_dim, page, group = (shape.num_heads, shape.num_kv_heads, shape.head_dim,
+                                                      shape.page, shape.group)
+    scaling = head_dim ** -0.5
+    query = torch.randn(num_kv_heads, group, head_dim, device="cuda", dtype=DTYPE)
     cache = (layer.keys, layer.values)
-    one_head = (layer.keys.view(-1, 1, PAGE, HEAD_DIM), layer.values.view(-1, 1, PAGE, HEAD_DIM))
+    one_head = (layer.keys.view(-1, 1, page, head_dim), layer.values.view(-1, 1, page, head_dim))
     host = lambda *v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
 
     indptr, last_len = torch.zeros(2, dtype=torch.int32, device="cuda"), torch.zeros(1, dtype=torch.int32,
                                                                                       device="cuda")
     all_pages = torch.arange(num_pages, dtype=torch.int32, device="cuda")
+    tensor_cores = group not in (1, 2, 3, 4, 8)
     dense = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(), "HND", use_cuda_graph=True,
+                                                           use_tensor_cores=tensor_cores,
                                                            paged_kv_indptr_buffer=indptr,
                                                            paged_kv_indices_buffer=all_pages,
                                                            paged_kv_last_page_len_buffer=last_len)
-    dense.plan(host(0, num_pages), all_pages, host(last), NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE,
+    dense.plan(host(0, num_pages), all_pages, host(last), num_heads, num_kv_heads, head_dim, page,
                sm_scale=scaling, q_data_type=DTYPE, kv_data_type=DTYPE)
-    dense_q = query.reshape(1, NUM_HEADS, HEAD_DIM)
+    dense_q = query.reshape(1, num_heads, head_dim)
     dense_us = per_call_us(lambda: dense.run(dense_q, cache))
     dense_graph_us = graph_us(lambda: dense.run(dense_q, cache))
-    dense_bytes = 2 * context * NUM_KV_HEADS * HEAD_DIM * 2
+    dense_bytes = 2 * context * num_kv_heads * head_dim * 2
 
-    scorer = kernels.ScoreTopK(module)
+    scorer, decoder = kernels.ScoreTopK(module), kernels.SparseDecode(module)
     rows_out = []
     for budget in budgets:
-        k = -(-budget // PAGE)
-        rows = torch.empty(NUM_KV_HEADS, k, dtype=torch.int32, device="cuda")
-        sparse_indptr = torch.arange(0, NUM_KV_HEADS * k + 1, k, dtype=torch.int32, device="cuda")
-        sparse_last = torch.full((NUM_KV_HEADS,), last, dtype=torch.int32, device="cuda")
-        sparse = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(), "HND", use_cuda_graph=True,
-                                                                paged_kv_indptr_buffer=sparse_indptr,
-                                                                paged_kv_indices_buffer=rows.view(-1),
-                                                                paged_kv_last_page_len_buffer=sparse_last)
-        scorer(query, layer.page_bounds, num_pages, k, rows)
-        sparse.plan(sparse_indptr.cpu(), rows.view(-1), sparse_last.cpu(), GROUP, 1, HEAD_DIM, PAGE,
-                    sm_scale=scaling, q_data_type=DTYPE, kv_data_type=DTYPE)
+        k = -(-budget // page)
+        rows = torch.empty(num_kv_heads, k, dtype=torch.int32, device="cuda")
+        sparse_indptr = torch.arange(0, num_kv_heads * k + 1, k, dtype=torch.int32, device="cuda")
+        sparse_last = torch.full((num_kv_heads,), last, dtype=torch.int32, device="cuda")
+        stock = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(), "HND", use_cuda_graph=True,
+                                                               use_tensor_cores=tensor_cores,
+                                                               paged_kv_indptr_buffer=sparse_indptr,
+                                                               paged_kv_indices_buffer=rows.view(-1),
+                                                               paged_kv_last_page_len_buffer=sparse_last)
+        scorer(query, layer.page_bounds, num_pages, k, rows, group_rule=shape.group_rule)
+        stock.plan(sparse_indptr.cpu(), rows.view(-1), sparse_last.cpu(), group, 1, head_dim, page,
+                   sm_scale=scaling, q_data_type=DTYPE, kv_data_type=DTYPE)
 
         def select(k=k, rows=rows):
-            scorer(query, layer.page_bounds, num_pages, k, rows)
+            scorer(query, layer.page_bounds, num_pages, k, rows, group_rule=shape.group_rule)
 
-        def attend(sparse=sparse):
-            sparse.run(query, one_head)
+        def attend(rows=rows):
+            decoder(query, layer.keys, layer.values, rows, scaling, context)
+
+        def attend_stock(stock=stock):
+            stock.run(query, one_head)
 
         def quest():
             select()
             attend()
 
-        select_us, attend_us, total_us = per_call_us(select), per_call_us(attend), per_call_us(quest)
-        select_graph_us, attend_graph_us, total_graph_us = graph_us(select), graph_us(attend), graph_us(quest)
-        tokens = (k - 1) * PAGE + last
-        quest_bytes = (num_pages * NUM_KV_HEADS * 2 * HEAD_DIM * 2  # page bounds
-                       + 2 * tokens * NUM_KV_HEADS * HEAD_DIM * 2)  # selected K and V
-        floor_us = quest_bytes / bandwidth * 1e6
-        row = dict(context=context, budget=budget, dense_us=dense_us, dense_graph_us=dense_graph_us,
-                   score_topk_us=select_us, sparse_attention_us=attend_us, quest_us=total_us,
+        stock_out = stock.run(query, one_head).float()  # our kernel and FlashInfer's over the same pages
+        ours_out = decoder(query, layer.keys, layer.values, rows, scaling, context).float()
+        error = (ours_out - stock_out).norm() / stock_out.norm()
+        select_us, attend_us, stock_us, total_us = (per_call_us(f) for f in (select, attend, attend_stock, quest))
+        select_graph_us, attend_graph_us, stock_graph_us, total_graph_us = (
+            graph_us(f) for f in (select, attend, attend_stock, quest))
+        tokens = (k - 1) * page + last
+        bounds_bytes = num_pages * num_kv_heads * 2 * head_dim * 2
+        kv_bytes = 2 * tokens * num_kv_heads * head_dim * 2  # the selected K and V
+        floor_us = (bounds_bytes + kv_bytes) / bandwidth * 1e6
+        row = dict(shape=shape.section, context=context, budget=budget, group_rule=shape.group_rule,
+                   dense_us=dense_us, dense_graph_us=dense_graph_us, score_topk_us=select_us,
+                   sparse_attention_us=attend_us, stock_sparse_us=stock_us, quest_us=total_us,
                    score_topk_graph_us=select_graph_us, sparse_attention_graph_us=attend_graph_us,
-                   quest_graph_us=total_graph_us, bytes_floor_us=floor_us, speedup=dense_us / total_us,
-                   speedup_graph=dense_graph_us / total_graph_us, floor_ratio=total_graph_us / floor_us,
-                   dense_floor_us=dense_bytes / bandwidth * 1e6)
+                   stock_sparse_graph_us=stock_graph_us, quest_graph_us=total_graph_us,
+                   score_floor_us=bounds_bytes / bandwidth * 1e6, attention_floor_us=kv_bytes / bandwidth * 1e6,
+                   bytes_floor_us=floor_us, speedup=dense_us / total_us, speedup_graph=dense_graph_us / total_graph_us,
+                   floor_ratio=total_graph_us / floor_us, dense_floor_us=dense_bytes / bandwidth * 1e6,
+                   ours_vs_stock_rel_err=error.item())
         print(json.dumps(row), flush=True)
         rows_out.append(row)
     return rows_out
@@ -144,33 +189,41 @@ def measure(context: int, budgets: list[int], module, bandwidth: float) -> list[
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
-    parser.add_argument("--budgets", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    parser.add_argument("--shape", choices=SHAPES, default="llama3-8b")
+    parser.add_argument("--contexts", type=int, nargs="+", help="default: the shape's")
+    parser.add_argument("--budgets", type=int, nargs="+", help="default: the shape's")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    shape = SHAPES[args.shape]
     module = kernels.load()
     if module is None:
         sys.exit("the CUDA kernels did not build")
     bandwidth = copy_bandwidth()
-    rows = [row for context in args.contexts for row in measure(context, args.budgets, module, bandwidth)]
-    table = ["| context | budget | FlashInfer dense µs | score+top-k µs | sparse attn µs | Quest µs | "
-             "dense graph µs | score+top-k graph µs | sparse attn graph µs | Quest graph µs | speedup (eager) | "
-             "speedup (graph) | bytes floor µs | Quest graph / floor |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [row for context in args.contexts or shape.contexts
+            for row in measure(shape, context, args.budgets or shape.budgets, module, bandwidth)]
+    table = ["| context | budget | dense µs | score+top-k µs | sparse attn µs | Quest µs | dense graph µs | "
+             "score+top-k graph µs (floor) | sparse attn graph µs (floor) | stock sparse graph µs | Quest graph µs | "
+             "speedup (eager) | speedup (graph) | bytes floor µs | Quest graph / floor | dense graph / floor |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         table.append(f"| {r['context']} | {r['budget']} | {r['dense_us']:.1f} | {r['score_topk_us']:.1f} | "
                      f"{r['sparse_attention_us']:.1f} | {r['quest_us']:.1f} | {r['dense_graph_us']:.1f} | "
-                     f"{r['score_topk_graph_us']:.1f} | {r['sparse_attention_graph_us']:.1f} | "
-                     f"{r['quest_graph_us']:.1f} | {r['speedup']:.1f}x | {r['speedup_graph']:.1f}x | "
-                     f"{r['bytes_floor_us']:.1f} | {r['floor_ratio']:.2f}x |")
-    body = (f"One layer's decode attention, batch 1, Llama-3.1-8B heads ({NUM_HEADS} q / {NUM_KV_HEADS} kv, "
-            f"d {HEAD_DIM}), page {PAGE}, bf16, FlashInfer {flashinfer.__version__}. Times are medians of 9 "
-            "repeats of 50 back-to-back calls (eager) or of a CUDA graph holding 20 calls. The bytes floor is "
-            "the page bounds plus the selected K/V divided by the device-to-device copy bandwidth measured in "
-            f"this run ({bandwidth / 1e12:.2f} TB/s).\n\n" + "\n".join(table))
+                     f"{r['score_topk_graph_us']:.1f} ({r['score_floor_us']:.1f}) | "
+                     f"{r['sparse_attention_graph_us']:.1f} ({r['attention_floor_us']:.1f}) | "
+                     f"{r['stock_sparse_graph_us']:.1f} | {r['quest_graph_us']:.1f} | {r['speedup']:.1f}x | "
+                     f"{r['speedup_graph']:.1f}x | {r['bytes_floor_us']:.1f} | {r['floor_ratio']:.2f}x | "
+                     f"{r['dense_graph_us'] / r['dense_floor_us']:.2f}x |")
+    body = (f"One layer's decode attention, batch 1, {shape.title} ({shape.num_heads} q / {shape.num_kv_heads} kv, "
+            f"d {shape.head_dim}), pages of {shape.page}, group rule {shape.group_rule}, bf16, FlashInfer "
+            f"{flashinfer.__version__}. Quest is our two kernels (score + top-k, sparse attention); the stock sparse "
+            "column is FlashInfer's decode over the same pages, for comparison. Times are medians of 9 repeats of "
+            "50 back-to-back calls (eager) or of a CUDA graph holding 20 calls. The bytes floor is the page bounds "
+            "plus the selected K/V (each kernel's own in parentheses) divided by the device-to-device copy "
+            f"bandwidth measured in this run ({bandwidth / 1e12:.2f} TB/s).\n\n" + "\n".join(table))
     if not args.no_write:
-        write_section("gpu_kernels", "GPU: per-layer decode attention, FlashInfer dense vs Quest", body)
-    print(json.dumps({"bench": "gpu_kernels", "rows": rows}))
+        write_section(shape.section, f"GPU: per-layer decode attention, {shape.title}, FlashInfer dense vs Quest",
+                      body)
+    print(json.dumps({"bench": shape.section, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ echo "builds: $(( $(date +%s) - start )) s"
 for step in ${@:-tests kernels e2e}; do
   case $step in
     tests) python3 -m pytest -q -rs tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.txt" ;;
-    kernels) python3 bench/attention_kernels.py 2>&1 | tee "$OUT/kernels.txt" ;;
+    kernels) for shape in llama3-8b llama2-7b smollm2; do python3 bench/attention_kernels.py --shape $shape; done 2>&1 \
+               | tee "$OUT/kernels.txt" ;;
     e2e) python3 bench/e2e.py 2>&1 | tee "$OUT/e2e.txt" ;;
   esac
   cp bench/RESULTS.md "$OUT/RESULTS.md"

@@ -1,6 +1,7 @@
 // Quest's CUDA kernels. Each has a torch twin in quest_core that is its test oracle:
 //   append_kv   <-> quest_core.paged_cache.PagedLayer.append (the torch path)
-//   score_topk  <-> quest_core.selection.page_scores + select_pages
+//   score_topk     <-> quest_core.selection.page_scores + select_pages (group rules sum, max, mass)
+//   sparse_decode  <-> dense attention over the selected pages (quest_core.backend_torch: gather + SDPA)
 //
 // Layouts (quest_core/paged_cache.py): keys, values [capacity, Hkv, P, D]; page_bounds [Hkv, capacity, 2D]
 // (the page's key max, then its key min), in the KV dtype on the GPU.
@@ -91,10 +92,14 @@ void append_kv(torch::Tensor new_keys, torch::Tensor new_values, torch::Tensor k
 
 // ---- (b) page scoring fused with top-k selection ----
 // Grid (Hkv, blocks per head: about one block per SM in all), 1024 threads. Scoring: a team of lanes (up to a
-// warp) per page reads the page's bounds in 16-byte vectors against the group's split query held in registers,
-// four pages in flight per team; scores go to `scores`, and each block folds its scores' order keys into the
-// head's key range (`key_ranges`, [Hkv, 2]: min, max). The last block of a head to finish (a counter per head)
-// selects: a radix select on the key minus the head's smallest key, whose first digit (11 bits) starts at the
+// warp) per page reads the page's bounds in 16-byte vectors against split queries in shared memory, four pages
+// in flight per team. Group rule sum: one split query, the group's sum; the page's score goes to `scores`. Rule
+// max: one split query per head, the largest of the G bounds goes to `scores`. For these two each block folds its
+// scores' order keys into the head's key range (`key_ranges`, [Hkv, 2]: min, max). Rule mass: each head's bound
+// goes to `group_scores` [Hkv, G, capacity], the current page's too (it is in each head's softmax), and the last
+// block turns them into the mass (each head's softmax over the pages in use, scaled by `mass_scale`, summed over
+// the group) and the key range. The last block of a head to finish (a counter per head) selects: a radix select
+// on the key minus the head's smallest key, whose first digit (11 bits) starts at the
 // range's top bit, so the first histogram spreads the head's actual scores over its bins whatever their scale.
 // One sweep then takes the pages above the threshold bin and lists the bin's pages in shared memory; the list's
 // keys, ranked against each other (or, for a long list, 8-bit digits: the key of the (k-1)-th largest score and
@@ -106,6 +111,8 @@ constexpr int kMaxChunks = 4;     // 16-byte vectors per lane and page: 2D <= 4 
 constexpr int kFirstBits = 11;    // the first radix digit; the others have 8 bits (fewer for the last)
 constexpr int kFirstBins = 1 << kFirstBits;
 constexpr int kSweepBatch = 8;    // scores each thread loads at once in the top-k sweeps
+constexpr int kMaxMassGroup = 32; // query heads per KV head that rule mass takes
+enum GroupRule { kSum = 0, kMax = 1, kMass = 2 };  // quest_core.selection.page_scores' group_rule
 
 __device__ __forceinline__ unsigned int order_key(float score) {  // larger float -> larger unsigned key
   const unsigned int bits = __float_as_uint(score);
@@ -150,56 +157,126 @@ __device__ __forceinline__ unsigned int warp_max(unsigned int x) {
   return x;
 }
 
+// Merges the softmax state (m, l) = (largest logit, sum of exp(logit - m)) of two sets of logits.
+__device__ __forceinline__ void merge_softmax(float& m, float& l, float other_m, float other_l) {
+  const float merged = fmaxf(m, other_m);
+  if (merged == -INFINITY) return;  // both empty
+  l = l * __expf(m - merged) + other_l * __expf(other_m - merged);
+  m = merged;
+}
+
+// Rule mass, in the last block of head h: each query head's softmax state over the pages in use (the current page
+// too), then each full page's mass, the sum over the group of its softmax weights, into head_scores, and the order
+// keys' range into smallest_key, largest_key (shared; they hold 0xffffffff and 0 when it starts).
+__device__ void mass_scores(const float* group_scores, float* head_scores, int group, int64_t capacity,
+                            int num_pages, float mass_scale, float* warp_max_logit, float* warp_sum,
+                            float* head_max_logit, float* head_inverse_sum, unsigned int* smallest_key,
+                            unsigned int* largest_key) {
+  // Warp w takes query head w % G over every (32 / G)-th stretch of 32 pages: its largest logit, then its sum
+  // of exponentials (two passes over L2, no dependent exp chain); thread g merges the head's warps.
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = kThreads / 32;
+  const int parts = warps / group, head = warp % group, part = warp / group;
+  if (part < parts) {
+    const float* logits = group_scores + head * capacity;
+    float m = -INFINITY, l = 0.f;
+    for (int p = part * 32 + lane; p < num_pages; p += parts * 32) m = fmaxf(m, __ldcg(logits + p) * mass_scale);
+    for (int offset = 16; offset > 0; offset >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+    for (int p = part * 32 + lane; p < num_pages; p += parts * 32) l += __expf(__ldcg(logits + p) * mass_scale - m);
+    for (int offset = 16; offset > 0; offset >>= 1) l += __shfl_xor_sync(0xffffffffu, l, offset);
+    if (lane == 0) {
+      warp_max_logit[warp] = m;
+      warp_sum[warp] = l;
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < group) {
+    float m = -INFINITY, l = 0.f;
+    for (int w = threadIdx.x; w < parts * group; w += group) merge_softmax(m, l, warp_max_logit[w], warp_sum[w]);
+    head_max_logit[threadIdx.x] = m;
+    head_inverse_sum[threadIdx.x] = 1.f / l;
+  }
+  __syncthreads();
+  unsigned int low = 0xffffffffu, high = 0u;
+  for (int p = threadIdx.x; p < num_pages - 1; p += kThreads) {
+    float mass = 0.f;
+    for (int g = 0; g < group; ++g)
+      mass += __expf(__ldcg(group_scores + g * capacity + p) * mass_scale - head_max_logit[g]) *
+              head_inverse_sum[g];
+    head_scores[p] = mass;
+    low = min(low, order_key(mass));
+    high = max(high, order_key(mass));
+  }
+  low = warp_min(low);
+  high = warp_max(high);
+  if (lane == 0 && low <= high) {
+    atomicMin(smallest_key, low);
+    atomicMax(largest_key, high);
+  }
+  __syncthreads();
+}
+
 template <typename T, int kChunks>  // kChunks: 16-byte vectors per lane and page (1, 2 or 4)
 __global__ void __launch_bounds__(kThreads) score_topk_kernel(
     const T* __restrict__ query, const T* __restrict__ bounds, float* __restrict__ scores,
-    unsigned int* __restrict__ key_ranges, unsigned int* __restrict__ counters, int32_t* __restrict__ out,
-    int group, int head_dim, int64_t capacity, int num_pages, const int64_t* __restrict__ device_length,
-    int page_size, int k, int num_kv_heads, int pages_per_block, int list_capacity) {
+    float* __restrict__ group_scores, unsigned int* __restrict__ key_ranges, unsigned int* __restrict__ counters,
+    int32_t* __restrict__ out, int group, int head_dim, int64_t capacity, int num_pages,
+    const int64_t* __restrict__ device_length, int page_size, int k, int num_kv_heads, int pages_per_block,
+    int list_capacity, int rule, float mass_scale) {
   constexpr int kVec = 16 / sizeof(T);
-  // Shared: the split query [2D] (float), a histogram [2048], the threshold bin's keys and pages [list_capacity]
+  // Shared: the split queries [rows, 2D] (float; one row for rule sum, G for the others), a histogram [2048],
+  // the threshold bin's keys and pages [list_capacity]
   extern __shared__ float shared[];
+  const int query_rows = rule == kSum ? 1 : group;
   float* split_query = shared;
-  unsigned int* histogram = reinterpret_cast<unsigned int*>(shared + 2 * head_dim);
+  unsigned int* histogram = reinterpret_cast<unsigned int*>(shared + 2 * head_dim * query_rows);
   unsigned int* list_keys = histogram + kFirstBins;
   int* list_pages = reinterpret_cast<int*>(list_keys + list_capacity);
   __shared__ unsigned int warp_totals[kThreads / 32];
   __shared__ unsigned int found_bin, remaining, taken_greater, taken_equal, list_length, smallest_key, largest_key;
   __shared__ bool is_last;
+  __shared__ float warp_max_logit[kThreads / 32], warp_sum[kThreads / 32];
+  __shared__ float head_max_logit[kMaxMassGroup], head_inverse_sum[kMaxMassGroup];
   const int h = blockIdx.x;
   if (device_length != nullptr) num_pages = (int)((device_length[0] + page_size - 1) / page_size);
   const int candidates = num_pages - 1;  // the full pages; the current page is always selected
 
-  for (int d = threadIdx.x; d < head_dim; d += kThreads) {  // sum over the group of relu(q), then of min(q, 0)
+  // Split query row r: relu(q), then min(q, 0), of query head r (rules max, mass) or summed over the group (sum)
+  for (int i = threadIdx.x; i < query_rows * head_dim; i += kThreads) {
+    const int r = i / head_dim, d = i % head_dim;
+    const int first = rule == kSum ? 0 : r, last = rule == kSum ? group : r + 1;
     float positive = 0.f, negative = 0.f;
-    for (int g = 0; g < group; ++g) {
+    for (int g = first; g < last; ++g) {
       const float q = to_float(query[((int64_t)h * group + g) * head_dim + d]);
       positive += fmaxf(q, 0.f);
       negative += fminf(q, 0.f);
     }
-    split_query[d] = positive;
-    split_query[head_dim + d] = negative;
+    split_query[r * 2 * head_dim + d] = positive;
+    split_query[r * 2 * head_dim + head_dim + d] = negative;
   }
   __syncthreads();
 
   // Scoring. A team of `team` lanes (a power of two, within one warp) scores one page; lane j of a team holds
-  // vectors j, j + team, ... of the split query.
+  // vectors j, j + team, ... of the page's bounds and reads the same ones of each split query.
   const int num_vectors = 2 * head_dim / kVec;
   const int team = num_vectors >= 32 ? 32 : 1 << (32 - __clz(num_vectors - 1));
   const int member = threadIdx.x % team, team_index = threadIdx.x / team, teams = kThreads / team;
-  float q[kChunks][kVec];
-#pragma unroll
-  for (int c = 0; c < kChunks; ++c)
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) {
-      const int v = member + c * team;
-      q[c][i] = v < num_vectors ? split_query[v * kVec + i] : 0.f;
-    }
   float* head_scores = scores + (int64_t)h * capacity;
+  float* head_group_scores = group_scores + (int64_t)h * group * capacity;  // rule mass only
   unsigned int* key_range = key_ranges + 2 * h;
   unsigned int low = 0xffffffffu, high = 0u;  // this thread's smallest and largest order key
   const int block_first = blockIdx.y * pages_per_block;
-  const int block_end = min(candidates, block_first + pages_per_block);
+  const int block_end = min(rule == kMass ? num_pages : candidates, block_first + pages_per_block);
+  float q[kChunks][kVec];  // this lane's vectors of split query r
+  auto load_query = [&](int r) {
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c)
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        const int v = member + c * team;
+        q[c][i] = v < num_vectors ? split_query[r * 2 * head_dim + v * kVec + i] : 0.f;
+      }
+  };
+  if (query_rows == 1) load_query(0);  // rule sum: held in registers for every page
   for (int base = block_first; base < block_first + pages_per_block; base += kUnroll * teams) {
     uint4 loaded[kUnroll][kChunks];
 #pragma unroll
@@ -212,21 +289,34 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
         loaded[u][c] = (p < block_end && v < num_vectors) ? __ldg(page + v) : make_uint4(0, 0, 0, 0);
       }
     }
+    float best[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) best[u] = -INFINITY;
+    for (int r = 0; r < query_rows; ++r) {
+      if (query_rows > 1) load_query(r);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        float score = 0.f;
+#pragma unroll
+        for (int c = 0; c < kChunks; ++c) {
+          const T* values = reinterpret_cast<const T*>(&loaded[u][c]);
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) score += q[c][i] * to_float(values[i]);
+        }
+        for (int offset = team / 2; offset > 0; offset >>= 1) score += __shfl_xor_sync(0xffffffffu, score, offset);
+        const int p = base + u * teams + team_index;
+        if (rule == kMass && p < block_end && member == 0) head_group_scores[(int64_t)r * capacity + p] = score;
+        best[u] = fmaxf(best[u], score);
+      }
+    }
+    if (rule == kMass) continue;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      float score = 0.f;
-#pragma unroll
-      for (int c = 0; c < kChunks; ++c) {
-        const T* values = reinterpret_cast<const T*>(&loaded[u][c]);
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) score += q[c][i] * to_float(values[i]);
-      }
-      for (int offset = team / 2; offset > 0; offset >>= 1) score += __shfl_xor_sync(0xffffffffu, score, offset);
       const int p = base + u * teams + team_index;
       if (p < block_end && member == 0) {
-        head_scores[p] = score;
-        low = min(low, order_key(score));
-        high = max(high, order_key(score));
+        head_scores[p] = best[u];
+        low = min(low, order_key(best[u]));
+        high = max(high, order_key(best[u]));
       }
     }
   }
@@ -254,6 +344,9 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
   }
   for (int b = threadIdx.x; b < kFirstBins; b += kThreads) histogram[b] = 0;
   __syncthreads();
+  if (rule == kMass) mass_scores(head_group_scores, head_scores, group, capacity, num_pages, mass_scale,
+                                 warp_max_logit, warp_sum, head_max_logit, head_inverse_sum, &smallest_key,
+                                 &largest_key);
   // Radix digits of r = key - smallest_key, from bit `shift` up: r >> shift < 2048 for every candidate.
   const unsigned int span = largest_key - smallest_key;
   int shift = max(0, 32 - __clz(span) - kFirstBits);
@@ -304,8 +397,9 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
   if (use_list && length <= kThreads) {  // a short list (the rule): rank its keys against each other in one pass
     if (threadIdx.x < length) {
       const unsigned int key = list_keys[threadIdx.x];
-      unsigned int rank = 0;  // the list's keys above this one, ties broken by list position
-      for (int j = 0; j < length; ++j) rank += list_keys[j] > key || (list_keys[j] == key && j < (int)threadIdx.x);
+      const int page = list_pages[threadIdx.x];
+      unsigned int rank = 0;  // the list's keys above this one, ties to the lower page (the list's order is not fixed)
+      for (int j = 0; j < length; ++j) rank += list_keys[j] > key || (list_keys[j] == key && list_pages[j] < page);
       if (rank < remaining) head_out[atomicAdd(&taken_greater, 1u)] = list_pages[threadIdx.x] * num_kv_heads + h;
     }
     return;
@@ -329,7 +423,7 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
     mask |= (unsigned int)(nbins - 1) << shift;
   }
   // `prefix` is now the relative key of the (k-1)-th largest score; take the keys above it and `remaining` equal
-  // to it.
+  // to it (which of several equal ones: the order of the atomics; the short list above breaks ties by page).
   const unsigned int equal_quota = remaining, greater = (k - 1) - equal_quota;
   for (int i = threadIdx.x; i < length; i += kThreads) {
     const unsigned int key = key_at(i);
@@ -346,17 +440,25 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
 // num_pages: the pages in use (the last one is the current page), or, with `device_length`, an upper bound on
 // them that sizes the grid (the kernel reads the length from the GPU: a captured CUDA graph).
 // key_ranges: int32 [Hkv, 2], (-1, 0) before the first call; each call leaves it so.
+// rule: 0 sum, 1 max, 2 mass; group_scores: float32 [Hkv, G, capacity] for rule mass (else unused);
+// mass_scale: the softmax scale of rule mass (1/sqrt(D), as the twin).
 void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, int64_t k, torch::Tensor scores,
                 torch::Tensor key_ranges, torch::Tensor counters, torch::Tensor out,
-                std::optional<torch::Tensor> device_length, int64_t page_size) {
+                std::optional<torch::Tensor> device_length, int64_t page_size, int64_t rule,
+                std::optional<torch::Tensor> group_scores, double mass_scale) {
   TORCH_CHECK(query.is_cuda() && bounds.is_contiguous() && scores.is_contiguous() && out.is_contiguous());
   TORCH_CHECK(query.scalar_type() == bounds.scalar_type() && scores.scalar_type() == at::kFloat);
   TORCH_CHECK(out.scalar_type() == at::kInt && counters.scalar_type() == at::kInt);
   TORCH_CHECK(key_ranges.scalar_type() == at::kInt && key_ranges.numel() >= 2 * bounds.size(0));
   TORCH_CHECK(k >= 2 && k < num_pages && num_pages <= bounds.size(1) && scores.size(1) >= bounds.size(1));
   TORCH_CHECK(!device_length || device_length->scalar_type() == at::kLong);
+  TORCH_CHECK(rule == kSum || rule == kMax || rule == kMass, "rule: 0 sum, 1 max, 2 mass, got ", rule);
   query = query.contiguous();
   const int num_kv_heads = query.size(0), group = query.size(1), head_dim = query.size(2);
+  TORCH_CHECK(rule != kMass || (group <= kMaxMassGroup && group_scores && group_scores->is_contiguous() &&
+                                group_scores->scalar_type() == at::kFloat &&
+                                group_scores->numel() >= (int64_t)num_kv_heads * group * bounds.size(1)),
+              "rule mass takes up to ", kMaxMassGroup, " query heads per KV head and group_scores [Hkv, G, capacity]");
   const int vector = 16 / query.element_size();
   TORCH_CHECK((2 * head_dim) % vector == 0 && 2 * head_dim <= kMaxChunks * 32 * vector,
               "score_topk takes an even head_dim (a multiple of 4 in 16-bit types) up to ", kMaxChunks * 16 * vector);
@@ -371,12 +473,14 @@ void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, in
                                           query.device().index()));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, query.device().index()));
   }
-  // About one block per SM over all heads, each scoring a whole number of rounds (a page per team and unroll)
-  const int round = (kThreads / team) * kUnroll, rounds = (int)((num_pages - 1 + round - 1) / round);
+  // About one block per SM over all heads, each scoring a whole number of rounds (a page per team and unroll);
+  // the current page too (rule mass scores it)
+  const int round = (kThreads / team) * kUnroll, rounds = (int)((num_pages + round - 1) / round);
   const int spread = std::max(1, std::min((num_sms + num_kv_heads - 1) / num_kv_heads, rounds));
   const int pages_per_block = (rounds + spread - 1) / spread * round;
-  const int blocks_per_head = std::max<int>(1, (num_pages - 1 + pages_per_block - 1) / pages_per_block);
-  const int fixed = (2 * head_dim + kFirstBins) * 4;
+  const int blocks_per_head = std::max<int>(1, (num_pages + pages_per_block - 1) / pages_per_block);
+  const int fixed = (2 * head_dim * (rule == kSum ? 1 : group) + kFirstBins) * 4;
+  TORCH_CHECK((max_shared - fixed - 1024) / 8 >= 64, "score_topk: too many query heads per KV head");
   const int list_capacity = std::min<int>({2048, (int)(num_pages - 1), (max_shared - fixed - 1024) / 8});
   const int shared_bytes = fixed + 8 * list_capacity;
   const c10::cuda::CUDAGuard guard(query.device());
@@ -394,16 +498,266 @@ void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, in
       }
       kernel<<<dim3(num_kv_heads, blocks_per_head), kThreads, shared_bytes, stream>>>(
           reinterpret_cast<const T*>(query.data_ptr()), reinterpret_cast<const T*>(bounds.data_ptr()),
-          scores.data_ptr<float>(), reinterpret_cast<unsigned int*>(key_ranges.data_ptr<int>()),
+          scores.data_ptr<float>(), rule == kMass ? group_scores->data_ptr<float>() : nullptr,
+          reinterpret_cast<unsigned int*>(key_ranges.data_ptr<int>()),
           reinterpret_cast<unsigned int*>(counters.data_ptr<int>()), out.data_ptr<int>(), group, head_dim,
           bounds.size(1), num_pages, device_length ? device_length->data_ptr<int64_t>() : nullptr, page_size, k,
-          num_kv_heads, pages_per_block, list_capacity);
+          num_kv_heads, pages_per_block, list_capacity, (int)rule, (float)mass_scale);
     };
     if (chunks == 1) launch(score_topk_kernel<T, 1>);
     else if (chunks == 2) launch(score_topk_kernel<T, 2>);
     else launch(score_topk_kernel<T, 4>);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---- (c) sparse decode attention over the selected pages ----
+// Grid (Hkv, splits), 128 threads. Block (h, s) reads the s-th stretch of `tokens_per_split` tokens (whole pages)
+// of KV head h's selected pages, in the order of `rows` (one-head rows p * Hkv + h, the current page last, as
+// score_topk writes them), for all G query heads of the group at once: each K and V row is read once per KV head.
+// A team of D / (16 / sizeof(T)) lanes owns one token at a time, each lane a 16-byte vector of its key and value
+// row; the team's lanes sum the G dot products by shuffles and keep the G heads' softmax states (running max m,
+// sum l, unnormalized output) for their vectors, a tile of tokens at a time. The teams' states merge in shared
+// memory; with one split that is the output, else each block writes its state ([Hkv, splits, G]: m, l, output)
+// and the last block of the head to finish (a counter per head, left reset) merges them, weighting each split by
+// exp(m_s - max m) / sum l. Logits are in base 2 (the query is scaled by scale * log2(e)).
+constexpr int kAttentionThreads = 128;
+
+__device__ __forceinline__ float fast_exp2(float x) {  // 2^x; 0 for -inf
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+template <typename T, int kTeam, int kGroup>  // kTeam: lanes per token (D / vector); kGroup: G rounded up
+__global__ void __launch_bounds__(kAttentionThreads) sparse_decode_kernel(
+    const T* __restrict__ query, const T* __restrict__ keys, const T* __restrict__ values,
+    const int32_t* __restrict__ rows, T* __restrict__ out, float* __restrict__ partial_out,
+    float* __restrict__ partial_state, unsigned int* __restrict__ counters, int group, int page_size, int k,
+    int tokens_per_split, float scale_log2, int last_len, const int64_t* __restrict__ device_length) {
+  constexpr int kVec = 16 / sizeof(T), kDim = kTeam * kVec, kTeams = kAttentionThreads / kTeam;
+  constexpr int kTile = kGroup <= 2 ? 8 : 4;  // tokens a team has in flight
+  extern __shared__ float team_states[];      // [kTeams, group, 2 + kDim]: m, l, output
+  __shared__ bool is_last;
+  const int h = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
+  const int lane = threadIdx.x % kTeam, team = threadIdx.x / kTeam;
+  if (device_length != nullptr) last_len = (int)((device_length[0] - 1) % page_size) + 1;
+  const int total = (k - 1) * page_size + last_len;
+  const int begin = split * tokens_per_split, end = min(total, begin + tokens_per_split);
+  const int32_t* head_rows = rows + (int64_t)h * k;
+
+  float q[kGroup][kVec], acc[kGroup][kVec], m[kGroup], l[kGroup];
+#pragma unroll
+  for (int g = 0; g < kGroup; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+    uint4 loaded = make_uint4(0, 0, 0, 0);
+    if (g < group) loaded = *reinterpret_cast<const uint4*>(query + ((int64_t)h * group + g) * kDim + lane * kVec);
+    const T* elements = reinterpret_cast<const T*>(&loaded);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      q[g][i] = to_float(elements[i]) * scale_log2;
+      acc[g][i] = 0.f;
+    }
+  }
+
+  // Every thread runs the same rounds (the shuffles need whole warps); tokens past `end` are masked.
+  for (int first = begin; first < end; first += kTeams * kTile) {
+    const int base = first + team * kTile;
+    uint4 key_vectors[kTile], value_vectors[kTile];
+#pragma unroll
+    for (int u = 0; u < kTile; ++u) {
+      const int j = base + u;
+      key_vectors[u] = value_vectors[u] = make_uint4(0, 0, 0, 0);
+      if (j < end) {
+        const int slot = j / page_size;
+        const int64_t row = __ldg(head_rows + slot);
+        const int64_t at = (row * page_size + (j - slot * page_size)) * kDim + lane * kVec;
+        key_vectors[u] = __ldg(reinterpret_cast<const uint4*>(keys + at));
+        value_vectors[u] = __ldg(reinterpret_cast<const uint4*>(values + at));
+      }
+    }
+    float logits[kGroup][kTile];
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g)
+#pragma unroll
+      for (int u = 0; u < kTile; ++u) {
+        const T* key = reinterpret_cast<const T*>(&key_vectors[u]);
+        float dot = 0.f;
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) dot += q[g][i] * to_float(key[i]);
+        logits[g][u] = dot;
+      }
+#pragma unroll
+    for (int offset = kTeam / 2; offset > 0; offset >>= 1)
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g)
+#pragma unroll
+        for (int u = 0; u < kTile; ++u) logits[g][u] += __shfl_xor_sync(0xffffffffu, logits[g][u], offset);
+    if (base >= end) continue;  // this team has no token in this round (no shuffles below)
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) {
+      if (g >= group) continue;
+      float tile_max = -INFINITY;
+#pragma unroll
+      for (int u = 0; u < kTile; ++u)
+        if (base + u < end) tile_max = fmaxf(tile_max, logits[g][u]);
+      const float running = fmaxf(m[g], tile_max), correction = fast_exp2(m[g] - running);
+      l[g] *= correction;
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) acc[g][i] *= correction;
+#pragma unroll
+      for (int u = 0; u < kTile; ++u) {
+        const float weight = base + u < end ? fast_exp2(logits[g][u] - running) : 0.f;
+        const T* value = reinterpret_cast<const T*>(&value_vectors[u]);
+        l[g] += weight;
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) acc[g][i] += weight * to_float(value[i]);
+      }
+      m[g] = running;
+    }
+  }
+
+  // The block's teams merge (a team without tokens has m = -inf, l = 0 and weighs 0).
+  const int stride = group * (2 + kDim);
+  float* own = team_states + team * stride;
+#pragma unroll
+  for (int g = 0; g < kGroup; ++g) {
+    if (g >= group) continue;
+    if (lane == 0) {
+      own[g * (2 + kDim)] = m[g];
+      own[g * (2 + kDim) + 1] = l[g];
+    }
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) own[g * (2 + kDim) + 2 + lane * kVec + i] = acc[g][i];
+  }
+  __syncthreads();
+  for (int index = threadIdx.x; index < group * kDim; index += kAttentionThreads) {
+    const int g = index / kDim, d = index % kDim;
+    float largest = -INFINITY;
+    for (int t = 0; t < kTeams; ++t) largest = fmaxf(largest, team_states[t * stride + g * (2 + kDim)]);
+    float sum = 0.f, output = 0.f;  // the block has a token (each split starts before `total`): `largest` is finite
+    for (int t = 0; t < kTeams; ++t) {
+      const float* state = team_states + t * stride + g * (2 + kDim);
+      const float weight = fast_exp2(state[0] - largest);
+      sum += state[1] * weight;
+      output += state[2 + d] * weight;
+    }
+    if (splits == 1) {
+      out[((int64_t)h * group + g) * kDim + d] = from_float<T>(output / sum);
+    } else {
+      const int64_t at = ((int64_t)h * splits + split) * group + g;
+      partial_out[at * kDim + d] = output;
+      if (d == 0) {
+        partial_state[2 * at] = largest;
+        partial_state[2 * at + 1] = sum;
+      }
+    }
+  }
+  if (splits == 1) return;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) is_last = atomicAdd(&counters[h], 1u) == (unsigned int)splits - 1;
+  __syncthreads();
+  if (!is_last) return;
+
+  // The last block of head h: each split's weight per query head, exp2(m_s - max m) / sum, into shared memory
+  // (it fits: group * splits <= kTeams * group * (2 + kDim) is checked on the host), then the weighted sum of the
+  // outputs.
+  float* weights = team_states;  // [group, splits]
+  const int warp = threadIdx.x / 32, warp_lane = threadIdx.x % 32;
+  for (int g = warp; g < group; g += kAttentionThreads / 32) {
+    const float* state = partial_state + 2 * ((int64_t)h * splits * group + g);
+    float largest = -INFINITY;
+    for (int s = warp_lane; s < splits; s += 32) largest = fmaxf(largest, __ldcg(state + 2 * s * group));
+    for (int offset = 16; offset > 0; offset >>= 1)
+      largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, offset));
+    float sum = 0.f;
+    for (int s = warp_lane; s < splits; s += 32) {
+      const float weight = fast_exp2(__ldcg(state + 2 * s * group) - largest);
+      weights[g * splits + s] = weight;
+      sum += __ldcg(state + 2 * s * group + 1) * weight;
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    __syncwarp();
+    for (int s = warp_lane; s < splits; s += 32) weights[g * splits + s] /= sum;
+  }
+  __syncthreads();
+  for (int index = threadIdx.x; index < group * kDim; index += kAttentionThreads) {
+    const int g = index / kDim, d = index % kDim;
+    const float* partial = partial_out + ((int64_t)h * splits * group + g) * kDim + d;
+    float output = 0.f;
+#pragma unroll 8
+    for (int s = 0; s < splits; ++s) output += weights[g * splits + s] * __ldcg(partial + (int64_t)s * group * kDim);
+    out[((int64_t)h * group + g) * kDim + d] = from_float<T>(output);
+  }
+  if (threadIdx.x == 0) counters[h] = 0;
+}
+
+// query [Hkv, G, D]; keys, values the page-major cache [capacity, Hkv, P, D] (read as one-head rows [capacity *
+// Hkv, P, D]); rows int32 [Hkv, k], the current page last, holding `last_len` tokens, or, with `device_length`
+// (int64 [1], the cache length on the GPU: a captured CUDA graph), ((length - 1) % P) + 1. partial_out float32
+// [>= Hkv * k * G * D], partial_state float32 [>= Hkv * k * G * 2], counters int32 [Hkv] zeros (left so).
+// Returns [Hkv, G, D] in the query's dtype. The grid depends on the shapes only, never on the length.
+torch::Tensor sparse_decode(torch::Tensor query, torch::Tensor keys, torch::Tensor values, torch::Tensor rows,
+                            double scale, int64_t last_len, torch::Tensor partial_out, torch::Tensor partial_state,
+                            torch::Tensor counters, std::optional<torch::Tensor> device_length) {
+  TORCH_CHECK(query.is_cuda() && query.is_contiguous() && keys.is_contiguous() && values.is_contiguous());
+  TORCH_CHECK(rows.is_contiguous() && rows.scalar_type() == at::kInt && counters.scalar_type() == at::kInt);
+  TORCH_CHECK(query.scalar_type() == keys.scalar_type() && values.scalar_type() == keys.scalar_type());
+  TORCH_CHECK(keys.scalar_type() == at::kHalf || keys.scalar_type() == at::kBFloat16,
+              "sparse_decode takes float16 or bfloat16");
+  TORCH_CHECK(!device_length || device_length->scalar_type() == at::kLong);
+  const int num_kv_heads = query.size(0), group = query.size(1), head_dim = query.size(2);
+  const int page_size = keys.size(2), k = rows.size(1);
+  TORCH_CHECK(keys.dim() == 4 && keys.size(1) == num_kv_heads && keys.size(3) == head_dim);
+  TORCH_CHECK(rows.size(0) == num_kv_heads && reinterpret_cast<uintptr_t>(keys.data_ptr()) % 16 == 0);
+  if (reinterpret_cast<uintptr_t>(query.data_ptr()) % 16 != 0) query = query.clone();  // 16-byte loads
+  TORCH_CHECK(head_dim == 64 || head_dim == 128, "sparse_decode takes head_dim 64 or 128, got ", head_dim);
+  TORCH_CHECK(group >= 1 && group <= 8, "sparse_decode takes up to 8 query heads per KV head, got ", group);
+  TORCH_CHECK(k >= 1 && (device_length || (last_len >= 1 && last_len <= page_size)));
+  TORCH_CHECK(partial_out.scalar_type() == at::kFloat && partial_state.scalar_type() == at::kFloat);
+  TORCH_CHECK(partial_out.numel() >= (int64_t)num_kv_heads * k * group * head_dim &&
+              partial_state.numel() >= (int64_t)num_kv_heads * k * group * 2 && counters.numel() >= num_kv_heads);
+  static int num_sms = -1;
+  if (num_sms < 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount,
+                                                         query.device().index()));
+  // Splits: about two blocks per SM over all heads, each of whole pages and at least 32 tokens
+  const int team = head_dim / 8, teams = kAttentionThreads / team;
+  const int wanted = std::max(1, (2 * num_sms + num_kv_heads - 1) / num_kv_heads);
+  const int pages_per_split = std::max((k + wanted - 1) / wanted, (32 + page_size - 1) / page_size);
+  const int splits = (k + pages_per_split - 1) / pages_per_split;
+  TORCH_CHECK(group * splits <= teams * group * (2 + head_dim));  // the last block's weights fit in shared memory
+  const int shared_bytes = teams * group * (2 + head_dim) * 4;
+  auto out = torch::empty_like(query);
+  const c10::cuda::CUDAGuard guard(query.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const float scale_log2 = (float)(scale * 1.4426950408889634);
+  auto launch = [&](auto kernel, auto type_tag) {
+    using T = decltype(type_tag);
+    kernel<<<dim3(num_kv_heads, splits), kAttentionThreads, shared_bytes, stream>>>(
+        reinterpret_cast<const T*>(query.data_ptr()), reinterpret_cast<const T*>(keys.data_ptr()),
+        reinterpret_cast<const T*>(values.data_ptr()), rows.data_ptr<int>(), reinterpret_cast<T*>(out.data_ptr()),
+        partial_out.data_ptr<float>(), partial_state.data_ptr<float>(),
+        reinterpret_cast<unsigned int*>(counters.data_ptr<int>()), group, page_size, k, pages_per_split * page_size,
+        scale_log2, (int)last_len, device_length ? device_length->data_ptr<int64_t>() : nullptr);
+  };
+  auto by_group = [&](auto type_tag, auto team_tag) {
+    using T = decltype(type_tag);
+    constexpr int kTeam = decltype(team_tag)::value;
+    if (group == 1) launch(sparse_decode_kernel<T, kTeam, 1>, T{});
+    else if (group == 2) launch(sparse_decode_kernel<T, kTeam, 2>, T{});
+    else if (group <= 4) launch(sparse_decode_kernel<T, kTeam, 4>, T{});
+    else launch(sparse_decode_kernel<T, kTeam, 8>, T{});
+  };
+  auto by_dim = [&](auto type_tag) {
+    if (head_dim == 64) by_group(type_tag, std::integral_constant<int, 8>{});
+    else by_group(type_tag, std::integral_constant<int, 16>{});
+  };
+  if (keys.scalar_type() == at::kHalf) by_dim(__half{});
+  else by_dim(__nv_bfloat16{});
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -413,5 +767,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("score_topk", &score_topk, "score every full page and write the top pages' one-head rows, current last",
         py::arg("query"), py::arg("bounds"), py::arg("num_pages"), py::arg("k"), py::arg("scores"),
         py::arg("key_ranges"), py::arg("counters"), py::arg("out"), py::arg("device_length") = py::none(),
-        py::arg("page_size") = 16);
+        py::arg("page_size") = 16, py::arg("rule") = 0, py::arg("group_scores") = py::none(),
+        py::arg("mass_scale") = 1.0);
+  m.def("sparse_decode", &sparse_decode, "decode attention of each KV head's query group over its selected pages",
+        py::arg("query"), py::arg("keys"), py::arg("values"), py::arg("rows"), py::arg("scale"), py::arg("last_len"),
+        py::arg("partial_out"), py::arg("partial_state"), py::arg("counters"), py::arg("device_length") = py::none());
 }

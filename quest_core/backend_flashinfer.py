@@ -1,15 +1,20 @@
-"""Attention backend `flashinfer` (CUDA): stock FlashInfer wrappers over the engine's paged cache, with our CUDA
-kernels (kernels/) for page scoring + top-k and for the KV append.
+"""Attention backend `flashinfer` (CUDA): stock FlashInfer wrappers over the engine's paged cache for dense decode
+and prefill, and our CUDA kernels (kernels/) for the KV append and for Quest decode: page scoring + top-k (every
+group rule) and the sparse attention over the selected pages, two kernels per layer.
 
 Dense decode and prefill read the cache as it is (HND: [pages, Hkv, P, D]). Quest decode views K and V as one-head
-pages [pages * Hkv, 1, P, D], where page p of KV head h is row p * Hkv + h, and runs one pseudo-request per KV head
-(num_kv_heads=1, num_qo_heads=G) whose page list is the selected pages, then the current page. So `indptr` is fixed
-for a budget and only `last_page_len` moves with the context. Plans are made on the host once per shape (every layer
-of a step has the same shape) and reused by all layers; the page rows are written in place by the scorer, which the
-plan references, so a new selection needs no new plan.
-An adaptive budget (QuestConfig.top_p: a page count per KV head, on the GPU) would need `indptr` from those counts,
-planned on the host at every layer of every step (a device sync each), so this backend does not run it
-(`adaptive_budget = False`: the cache refuses such settings, naming the backend; the torch backend runs them).
+pages [pages * Hkv, P, D], where page p of KV head h is row p * Hkv + h: the scorer writes each KV head's selected
+rows, the current page last, and our sparse decode kernel reads them, for the whole query group at once, reading
+the last page's length on the GPU when captured. Where our kernels do not take the shape (head dims other than 64
+and 128, more than 8 query heads per KV head) or did not build, FlashInfer's decode runs one pseudo-request per KV
+head (num_kv_heads=1, num_qo_heads=G) whose page list is the selected pages, then the current page. So `indptr` is
+fixed for a budget and only `last_page_len` moves with the context. Plans are made on the host once per shape (every
+layer of a step has the same shape) and reused by all layers; the page rows are written in place by the scorer,
+which the plan references, so a new selection needs no new plan.
+An adaptive budget (QuestConfig.top_p: a page count per KV head, on the GPU) would need FlashInfer's `indptr` from
+those counts, planned on the host at every layer of every step (a device sync each), so this backend does not run
+it (`adaptive_budget = False`: the cache refuses such settings, naming the backend; the torch backend runs them).
+Our sparse decode kernel could read the counts on the GPU instead; it does not yet.
 
 Every decode wrapper runs in FlashInfer's CUDA-graph mode (fixed buffers), so a decode step can be captured in a
 CUDA graph (quest_core/cuda_graph.py): the backend keeps the plan functions of the last step, and `plan_step()`
@@ -48,7 +53,8 @@ class FlashInferBackend:
         self.append_kernels = kernels.load()
         self.graph_capturable = self.append_kernels is not None  # the captured append reads the length on the GPU
         self.score_topk = kernels.ScoreTopK(self.append_kernels) if self.append_kernels is not None else None
-        self.reference = TorchBackend()  # for the selections FlashInfer has no kernel for (rules max and mass)
+        self.sparse_decode = kernels.SparseDecode(self.append_kernels) if self.append_kernels is not None else None
+        self.reference = TorchBackend()  # for the selections our scorer does not take, and the baselines
 
         self.flashinfer = flashinfer
         self.workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=self.device)  # wrappers run in turn
@@ -171,12 +177,13 @@ class FlashInferBackend:
 
     def select(self, query: torch.Tensor, layer: PagedLayer, num_selected: int, group_rule: str) -> torch.Tensor:
         """query [Hkv, G, D] -> one-head page rows [Hkv, k] int32 (`layer.one_head_rows`), the current page last."""
-        if self.score_topk is not None and group_rule == "sum" and layer.head_dim % 4 == 0:
+        if self.score_topk is not None and layer.head_dim % 4 == 0 and (group_rule != "mass" or query.shape[1] <= 32):
             rows = self._rows(layer.num_kv_heads, num_selected)
             if layer.device_length is not None:  # captured: the kernel reads the length on the GPU
                 return self.score_topk(query, layer.page_bounds, layer.capacity_pages, num_selected, rows,
-                                       layer.device_length, layer.page_size)
-            return self.score_topk(query, layer.page_bounds, layer.num_pages, num_selected, rows)
+                                       layer.device_length, layer.page_size, group_rule)
+            return self.score_topk(query, layer.page_bounds, layer.num_pages, num_selected, rows,
+                                   page_size=layer.page_size, group_rule=group_rule)
         return layer.one_head_rows(self.reference.select(query, layer, num_selected, group_rule)).int()
 
     def select_baseline(self, mode, query, layer, num_selected, scaling):
@@ -188,6 +195,12 @@ class FlashInferBackend:
 
     def decode_sparse(self, query: torch.Tensor, layer: PagedLayer, selected: torch.Tensor, scaling: float):
         """query [Hkv, G, D], selected page rows [Hkv, k] -> [Hkv, G, D] over the selected pages only."""
+        if self.sparse_decode is not None and self.sparse_decode.supports(query):  # our kernel, no plan
+            rows = selected.to(torch.int32).contiguous()
+            if layer.device_length is not None:  # captured: the kernel reads the length on the GPU
+                return self.sparse_decode(query, layer.keys, layer.values, rows, scaling,
+                                          device_length=layer.device_length)
+            return self.sparse_decode(query, layer.keys, layer.values, rows, scaling, layer.length)
         num_kv_heads, group, head_dim = query.shape
         num_selected = selected.shape[1]
         rows = self._rows(num_kv_heads, num_selected)

@@ -28,9 +28,13 @@ def load():
         return None
 
 
+GROUP_RULES = ("sum", "max", "mass")  # the kernel's rule numbers, as quest_core.selection.page_scores names them
+
+
 class ScoreTopK:
     """Scratch buffers for `score_topk` on one device, grown as the context grows; the call writes FlashInfer's
-    one-head page rows (p * Hkv + h, the current page last) into `out` [Hkv, k] int32 without a host sync.
+    one-head page rows (p * Hkv + h, the current page last) into `out` [Hkv, k] int32 without a host sync, for the
+    group rule `group_rule` (its twin: selection.page_scores, then select_pages).
 
     With `device_length` (int64 [1] on the GPU: the cache length, the current token included) the kernel reads
     the number of pages there and `num_pages` only bounds it: the call can be captured in a CUDA graph once and
@@ -39,15 +43,58 @@ class ScoreTopK:
     def __init__(self, module):
         self.module = module
         self.scores = self.key_ranges = self.counters = None
+        self.group_scores = None  # rule mass: each query head's page bounds [Hkv, G, capacity]
 
     def __call__(self, query, page_bounds, num_pages: int, k: int, out: torch.Tensor, device_length=None,
-                 page_size: int = 16) -> torch.Tensor:
+                 page_size: int = 16, group_rule: str = "sum") -> torch.Tensor:
         num_kv_heads, capacity = page_bounds.shape[:2]
         if (self.scores is None or self.scores.shape[0] != num_kv_heads or self.scores.shape[1] < capacity
                 or self.scores.device != query.device):
             self.scores = torch.empty(num_kv_heads, capacity, dtype=torch.float32, device=query.device)
             self.key_ranges = torch.tensor([-1, 0], dtype=torch.int32, device=query.device).repeat(num_kv_heads, 1)
             self.counters = torch.zeros(num_kv_heads, dtype=torch.int32, device=query.device)
+        group_scores = None
+        if group_rule == "mass":
+            size = num_kv_heads * query.shape[1] * capacity
+            scratch = self.group_scores
+            if scratch is None or scratch.numel() < size or scratch.device != query.device:
+                self.group_scores = torch.empty(size, dtype=torch.float32, device=query.device)
+            group_scores = self.group_scores
         self.module.score_topk(query, page_bounds, num_pages, k, self.scores, self.key_ranges, self.counters, out,
-                               device_length, page_size)
+                               device_length, page_size, GROUP_RULES.index(group_rule), group_scores,
+                               query.shape[-1] ** -0.5)
         return out
+
+
+class SparseDecode:
+    """Scratch buffers for `sparse_decode` on one device: decode attention of query [Hkv, G, D] over the selected
+    one-head page rows [Hkv, k] int32 (the current page last) of the page-major cache, -> [Hkv, G, D], in one
+    kernel (split over pages, the splits merged by the last block of each KV head) without a host sync. Its twin:
+    dense attention over the selected pages (backend_torch.TorchBackend.decode_sparse).
+
+    `length` is the cache length (the current token included); with `device_length` (int64 [1] on the GPU) the
+    kernel reads it there instead, so the call can be captured in a CUDA graph and replayed as the context grows.
+    Takes float16 and bfloat16, head_dim 64 or 128, up to 8 query heads per KV head (`supports`)."""
+
+    def __init__(self, module):
+        self.module = module
+        self.partial_out = self.partial_state = self.counters = None
+
+    @staticmethod
+    def supports(query: torch.Tensor) -> bool:
+        return (query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] in (64, 128)
+                and 1 <= query.shape[1] <= 8)
+
+    def __call__(self, query, keys, values, rows, scaling: float, length: int = 0, device_length=None):
+        num_kv_heads, group, head_dim = query.shape
+        size = num_kv_heads * rows.shape[1] * group  # the splits are at most k
+        if (self.partial_out is None or self.partial_state.numel() < 2 * size
+                or self.partial_out.numel() < size * head_dim or self.counters.numel() < num_kv_heads
+                or self.partial_out.device != query.device):
+            self.partial_out = torch.empty(size * head_dim, dtype=torch.float32, device=query.device)
+            self.partial_state = torch.empty(2 * size, dtype=torch.float32, device=query.device)
+            self.counters = torch.zeros(num_kv_heads, dtype=torch.int32, device=query.device)
+        page_size = keys.shape[2]
+        last_len = (length - 1) % page_size + 1 if device_length is None else 0
+        return self.module.sparse_decode(query.contiguous(), keys, values, rows, scaling, last_len, self.partial_out,
+                                         self.partial_state, self.counters, device_length)

@@ -69,21 +69,24 @@ def test_append_kernel_reading_the_length_on_the_gpu(dtype):
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("page_size", [8, 16, 32])
-@pytest.mark.parametrize("group", [1, 4, 7])
-def test_score_topk_selects_the_reference_top_pages(dtype, head_dim, page_size, group):
+@pytest.mark.parametrize("page_size", [4, 8, 16, 32])
+@pytest.mark.parametrize("group", [1, 3, 4, 7])
+@pytest.mark.parametrize("group_rule", ["sum", "max", "mass"])
+def test_score_topk_selects_the_reference_top_pages(dtype, head_dim, page_size, group, group_rule):
+    """The fused scorer against its twin, selection.page_scores in float32 (the kernel multiplies in float32)."""
     num_kv_heads, length = 3, 4001 + page_size // 2  # not a multiple of the page size
     layer = filled(length, page_size, num_kv_heads, head_dim, dtype)
     query = torch.randn(num_kv_heads, group, head_dim, device="cuda").to(dtype)
-    reference = page_scores(query.float(), layer.page_bounds[:, : layer.num_pages].float())  # [Hkv, pages]
+    reference = page_scores(query.float(), layer.page_bounds[:, : layer.num_pages].float(), group_rule)
     scorer = kernels.ScoreTopK(module)
     length_on_gpu = torch.tensor([layer.length], device="cuda")
     for k, on_gpu in ((2, False), (17, False), (64, False), (64, True), (100, True)):
         rows = torch.empty(num_kv_heads, k, dtype=torch.int32, device="cuda")
         if on_gpu:  # as in a captured graph: the length on the GPU, the grid sized for the whole capacity
-            scorer(query, layer.page_bounds, layer.page_bounds.shape[1], k, rows, length_on_gpu, page_size)
+            scorer(query, layer.page_bounds, layer.page_bounds.shape[1], k, rows, length_on_gpu, page_size,
+                   group_rule)
         else:
-            scorer(query, layer.page_bounds, layer.num_pages, k, rows)
+            scorer(query, layer.page_bounds, layer.num_pages, k, rows, group_rule=group_rule)
         assert_top_pages(rows, reference, k)
 
 
@@ -136,6 +139,85 @@ def test_score_topk_with_every_score_tied(num_pages):
         assert pages[h, :-1].unique().numel() == 99 and (pages[h, :-1] < num_pages - 1).all()
 
 
+def selected_rows(num_pages, num_kv_heads, k, generator):
+    """k - 1 random full pages per KV head, then the current page: one-head rows p * Hkv + h [Hkv, k] int32, and
+    the pages [Hkv, k]."""
+    pages = torch.stack([torch.randperm(num_pages - 1, generator=generator)[: k - 1] for _ in range(num_kv_heads)])
+    pages = torch.cat([pages, torch.full((num_kv_heads, 1), num_pages - 1)], 1).cuda()
+    rows = pages * num_kv_heads + torch.arange(num_kv_heads, device="cuda")[:, None]
+    return rows.int(), pages
+
+
+def selected_mask(pages, page_size, length):
+    """[Hkv, 1, length]: the tokens of each KV head's selected pages."""
+    mask = torch.zeros(pages.shape[0], 1, length, dtype=torch.bool, device="cuda")
+    for h in range(pages.shape[0]):
+        for p in pages[h].tolist():
+            mask[h, 0, p * page_size:(p + 1) * page_size] = True
+    return mask
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("page_size", [4, 8, 16])
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+def test_sparse_decode_equals_attention_over_the_selected_pages(dtype, head_dim, page_size, group):
+    """Our sparse decode kernel against its twin, attention in float32 over the selected pages' tokens (the
+    current page holding fewer than P), for one split (few pages) and many (its splits merged by the last block),
+    with the length passed from the host and read on the GPU. It rounds only its output to the dtype."""
+    num_kv_heads = 3
+    length = 400 * page_size + page_size // 2 + 1  # 401 pages, the current one part-full
+    layer = filled(length, page_size, num_kv_heads, head_dim, dtype)
+    keys, values = (t.clone() for t in layer.dense())
+    query = torch.randn(num_kv_heads, group, head_dim, device="cuda").to(dtype)
+    scaling = head_dim ** -0.5
+    decode = kernels.SparseDecode(module)
+    generator = torch.Generator().manual_seed(0)
+    for k in (1, 2, 9, 300, layer.num_pages - 1):
+        rows, pages = selected_rows(layer.num_pages, num_kv_heads, k, generator)
+        expected = reference_attention(query, keys, values, scaling, selected_mask(pages, page_size, length))
+        for on_gpu in (False, True):
+            device_length = torch.tensor([length], device="cuda") if on_gpu else None
+            got = decode(query, layer.keys, layer.values, rows, scaling, length, device_length)
+            assert got.shape == query.shape and got.dtype == dtype
+            error = relative_error(got, expected)
+            assert error <= {torch.bfloat16: 5e-3, torch.float16: 1e-3}[dtype], (k, on_gpu, error)
+
+
+@needs_kernels
+def test_sparse_decode_replayed_in_a_cuda_graph():
+    """Captured once with the length on the GPU and replayed as tokens arrive (crossing page boundaries): each
+    replay equals the eager call, so the split counters are left reset and the current page's length is read."""
+    num_kv_heads, group, head_dim, page_size = 2, 4, 128, 16
+    layer = filled(3000, page_size, num_kv_heads, head_dim, torch.bfloat16)
+    layer.reserve(3100)  # no reallocation after the capture
+    query = torch.randn(num_kv_heads, group, head_dim, device="cuda").to(torch.bfloat16)
+    rows = torch.empty(num_kv_heads, 64, dtype=torch.int32, device="cuda")
+    device_length = torch.tensor([layer.length], device="cuda")
+    decode, scorer = kernels.SparseDecode(module), kernels.ScoreTopK(module)
+
+    def step():
+        scorer(query, layer.page_bounds, layer.page_bounds.shape[1], 64, rows, device_length, page_size)
+        return decode(query, layer.keys, layer.values, rows, head_dim ** -0.5, device_length=device_length)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for _ in range(40):
+        keys, values = torch.randn(2, 1, num_kv_heads, 1, head_dim, device="cuda").to(torch.bfloat16)
+        layer.update(keys, values)
+        device_length.fill_(layer.length)
+        graph.replay()
+        expected = decode(query, layer.keys, layer.values, rows, head_dim ** -0.5, layer.length)
+        assert torch.equal(out, expected)
+
+
 def reference_attention(query, keys, values, scaling, mask=None):
     logits = torch.einsum("hmd,hsd->hms", query.float(), keys.float()) * scaling
     if mask is not None:
@@ -149,16 +231,17 @@ def relative_error(got, expected):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_flashinfer_attention_against_fp32(dtype, head_dim):
+@pytest.mark.parametrize("group", [7, 12])  # 12: more than our sparse kernel takes, FlashInfer's sparse decode
+def test_flashinfer_attention_against_fp32(dtype, head_dim, group):
     backend = FlashInferBackend("cuda")
     layer = filled(3001, 16, 4, head_dim, dtype, with_kernels=module is not None)
     keys, values = (t.clone() for t in layer.dense())
-    query = torch.randn(4, 7, head_dim, device="cuda").to(dtype)
+    query = torch.randn(4, group, head_dim, device="cuda").to(dtype)
     scaling = head_dim ** -0.5
     dense = backend.decode_dense(query, layer, scaling)
     assert relative_error(dense, reference_attention(query, keys, values, scaling)) <= 1e-2
 
-    rows = backend.select(query, layer, 32, "sum")
+    rows = backend.select(query, layer, 32, "mass" if group == 7 else "max")  # our scorer
     pages = backend.page_ids(rows, layer)
     sparse = backend.decode_sparse(query, layer, rows, scaling)
     mask = torch.zeros(4, 1, 3001, dtype=torch.bool, device="cuda")
@@ -167,11 +250,11 @@ def test_flashinfer_attention_against_fp32(dtype, head_dim):
             mask[h, 0, p * 16:(p + 1) * 16] = True
     assert relative_error(sparse, reference_attention(query, keys, values, scaling, mask)) <= 1e-2
 
-    prefill_query = torch.randn(28, 50, head_dim, device="cuda").to(dtype)  # the last 50 tokens, 28 q heads
+    prefill_query = torch.randn(4 * group, 50, head_dim, device="cuda").to(dtype)  # the last 50 tokens
     got = backend.prefill(prefill_query, layer, scaling)
     causal = torch.arange(3001, device="cuda") <= torch.arange(2951, 3001, device="cuda")[:, None]
-    expected = reference_attention(prefill_query.view(4, 7 * 50, head_dim), keys, values, scaling,
-                                   causal.repeat(7, 1)).view(28, 50, head_dim)
+    expected = reference_attention(prefill_query.view(4, group * 50, head_dim), keys, values, scaling,
+                                   causal.repeat(group, 1)).view(4 * group, 50, head_dim)
     assert relative_error(got, expected) <= 1e-2
 
 
@@ -270,8 +353,8 @@ def test_decode_logits_flashinfer_vs_torch_backend(dtype, page_size, group_rule,
 @pytest.mark.parametrize("traced", [False, True])
 def test_cuda_graph_decode_equals_eager_decode(dtype, mode, page_size, group_rule, traced):
     """The same backend, decoding with the step replayed as a CUDA graph (the layers not compiled) and eagerly:
-    the same greedy tokens, and, traced, the same pages and bytes at every step. Rule sum selects with our fused
-    kernel, rule mass with torch ops (in the graph over the cache's whole capacity, the unused pages masked)."""
+    the same greedy tokens, and, traced, the same pages and bytes at every step. Both rules select with our fused
+    kernel (in the graph reading the length on the GPU) and attend with our sparse decode kernel."""
     model = tiny_llama(dtype)
     prompt = torch.randint(0, 256, (250,), generator=torch.Generator().manual_seed(1)).tolist()
     backend = FlashInferBackend("cuda")
