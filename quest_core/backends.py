@@ -6,7 +6,10 @@ Like FlashInfer's wrappers, a backend plans on the host (`plan_step`, once per s
 decode calls of a `graph_capturable` backend can be captured in a CUDA graph and replayed. The quest attention
 (quest_core/hf.py) calls it, layer by layer, as transformers calls an `AttentionInterface` function.
 """
+import importlib.util
 import logging
+import os
+import shutil
 from typing import Protocol
 
 import torch
@@ -70,12 +73,23 @@ def make_backend(name: str, device, dtype: torch.dtype = torch.bfloat16) -> Atte
         return _fallback("the flashinfer backend needs CUDA")
     if dtype not in (torch.float16, torch.bfloat16):
         return _fallback(f"FlashInfer runs float16 and bfloat16, not {str(dtype).removeprefix('torch.')}")
+    if not flashinfer_kernels_obtainable():
+        return _fallback("FlashInfer has no kernels here: neither prebuilt (the flashinfer-jit-cache package) nor a "
+                         "CUDA compiler (nvcc) to build them")
     try:
         from .backend_flashinfer import FlashInferBackend
 
         return FlashInferBackend(device)
     except ImportError as error:
         return _fallback(f"FlashInfer is not importable ({error})")
+
+
+def flashinfer_kernels_obtainable() -> bool:
+    """FlashInfer builds its kernels at first use with nvcc unless they come prebuilt (flashinfer-jit-cache, its
+    AOT package); a GPU Space usually has the CUDA runtime but no compiler."""
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    return (importlib.util.find_spec("flashinfer_jit_cache") is not None or shutil.which("nvcc") is not None
+            or os.path.exists(os.path.join(cuda_home, "bin", "nvcc")))
 
 
 def _fallback(reason: str) -> TorchBackend:

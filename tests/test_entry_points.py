@@ -1,5 +1,6 @@
 """Every entry point starts from the model's own settings (quest_core.config.default_config) unless told otherwise,
 the warm-up runs the backend the app serves with, and settings that cannot run are refused with a message."""
+import importlib.util
 import json
 from pathlib import Path
 
@@ -84,9 +85,20 @@ def test_float32_on_a_gpu_falls_back_to_torch_once_with_the_reason():
     assert make_backend("auto", "cpu", torch.float32).describe() == "torch"
 
 
+def test_a_gpu_without_a_cuda_compiler_or_prebuilt_kernels_falls_back_to_torch_with_the_reason(monkeypatch):
+    """As on a GPU Space: the CUDA runtime, no nvcc, FlashInfer without its prebuilt kernels."""
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    monkeypatch.setenv("CUDA_HOME", "/nonexistent")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr("importlib.util.find_spec",
+                        lambda name, *args: None if name == "flashinfer_jit_cache" else find_spec(name, *args))
+    backend = make_backend("auto", "cuda", torch.bfloat16)
+    assert isinstance(backend, TorchBackend) and "neither prebuilt" in backend.describe()
+    monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/nvcc")  # a compiler: FlashInfer is tried
+    assert "neither prebuilt" not in make_backend("auto", "cuda", torch.bfloat16).describe()
+
+
 def test_the_name_kernels_is_left_to_pypi():
     """transformers probes for Hugging Face's `kernels` package: ours must not answer to that name."""
-    import importlib.util
-
     spec = importlib.util.find_spec("kernels")
     assert spec is None or not str(spec.origin).startswith(str(ROOT))
