@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from oracles import attention, relative_error
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from app import handlers
@@ -31,18 +32,6 @@ def filled_layer(length, page_size, seed=0):
     layer = PagedLayer(page_size, kv_layout="head-major")
     layer.update(keys, values)
     return layer, keys[0], values[0]
-
-
-def reference(query, keys, values, scaling, mask=None):
-    """query [Hkv, G, D], keys/values [Hkv, S, D], mask [Hkv, 1, S] -> softmax(q k^T) v in float64."""
-    logits = torch.einsum("hgd,hsd->hgs", query.double(), keys.double()) * scaling
-    if mask is not None:
-        logits = logits.masked_fill(~mask, -float("inf"))
-    return torch.einsum("hgs,hsd->hgd", logits.softmax(-1), values.double())
-
-
-def relative_error(got, expected):
-    return ((got.double() - expected).norm() / expected.norm()).item()
 
 
 def brute_force_top_p(shares, top_p, min_pages, max_pages):
@@ -126,7 +115,7 @@ def test_attention_over_a_top_p_selection_equals_attention_restricted_to_the_pag
         for page in pages:
             mask[head, 0, page * 4:(page + 1) * 4] = True
     got = backend.decode_sparse(query, layer, selected, 0.2, page_counts)
-    assert relative_error(got, reference(query, keys, values, 0.2, mask)) <= 1e-5
+    assert relative_error(got, attention(query, keys, values, 0.2, mask)) <= 1e-5
 
 
 def test_top_p_one_with_every_page_as_the_maximum_equals_dense():
@@ -136,7 +125,7 @@ def test_top_p_one_with_every_page_as_the_maximum_equals_dense():
     assert (page_counts == layer.num_pages).all()
     got = backend.decode_sparse(query, layer, selected, 0.2, page_counts)
     assert relative_error(got, backend.decode_dense(query, layer, 0.2)) <= 1e-5
-    assert relative_error(got, reference(query, keys, values, 0.2)) <= 1e-5
+    assert relative_error(got, attention(query, keys, values, 0.2)) <= 1e-5
 
 
 def test_settings_are_checked():
