@@ -126,7 +126,9 @@ class Engine:
         with self._lock:
             self._arrived.append(request)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, daemon=True, name="quest-engine")
+                # not a daemon: the interpreter waits for it at exit (it ends once no request is left) instead of
+                # tearing it down inside torch, which aborts the process
+                self._thread = threading.Thread(target=self._loop, name="quest-engine")
                 self._thread.start()
         return request
 
