@@ -180,3 +180,24 @@ def test_a_newcomer_prefills_one_chunk_between_decode_steps(model, tokenizer, mo
     assert all(("decode", 1) in log[a:b] for a, b in zip(chunks, chunks[1:]))  # a decode step between chunks
     stream.close()
     assert decoding.last_run.new_tokens < 400
+
+
+def test_an_engine_that_does_not_batch_gives_the_same_answers(model, tokenizer):
+    """The flashinfer backend's way (forced here on the torch backend): one request at a time, through
+    `generation.decode`; answers asked at once come out as they do one after another."""
+    expected = one_after_another(model, tokenizer)
+    engine = Engine(model, tokenizer)
+    engine.batches = False
+    sessions = loaded_sessions(engine, tokenizer)
+    tokens = [None] * len(sessions)
+
+    def consume(index):
+        tokens[index] = [step.token_id for step in ask(sessions[index], index)]
+
+    threads = [threading.Thread(target=consume, args=(index,)) for index in range(len(sessions))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert tokens == expected
+    assert all(step.trace is not None for session in sessions for step in session.last_run.steps[1:])
