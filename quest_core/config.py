@@ -21,6 +21,8 @@ class QuestConfig:
                                 # estimated share of its group's attention (the "mass" rule's, whatever group_rule
                                 # says) until the pages read hold p of it, from `min_budget` up to `budget` tokens
     min_budget: int = 64       # with top_p: the fewest tokens a KV head reads (16 pages of 4, 4 pages of 16)
+    sink_pages: int = 0        # mode "quest": the first pages (the first tokens, where many heads park their
+                               # attention: attention sinks) are always read, out of the budget
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -34,6 +36,11 @@ class QuestConfig:
                              "the current page and one chosen page")
         if self.dense_layers < 0:
             raise ValueError(f"dense_layers must be >= 0, got {self.dense_layers}")
+        if self.sink_pages < 0:
+            raise ValueError(f"sink_pages must be >= 0, got {self.sink_pages}")
+        if self.budget_pages < self.sink_pages + 2:
+            raise ValueError(f"budget ({self.budget} tokens) must hold the {self.sink_pages} sink pages, the current "
+                             f"page and one chosen page of {self.page_size} tokens")
         if self.top_p is not None:
             self._check_top_p()
 
@@ -45,6 +52,9 @@ class QuestConfig:
         if self.min_budget_pages < 2:
             raise ValueError(f"min_budget ({self.min_budget} tokens) must hold at least two pages of {self.page_size} "
                              "tokens: the current page and one chosen page")
+        if self.min_budget_pages < self.sink_pages + 2:
+            raise ValueError(f"min_budget ({self.min_budget} tokens) must hold the {self.sink_pages} sink pages, the "
+                             f"current page and one chosen page of {self.page_size} tokens")
         if self.min_budget_pages > self.budget_pages:
             raise ValueError(f"min_budget ({self.min_budget} tokens) must not exceed budget ({self.budget} tokens), "
                              "the most a KV head reads with top_p")

@@ -103,10 +103,10 @@ def _decode_sparse(config: QuestConfig, backend, query: torch.Tensor, layer: Pag
     num_selected = config.budget_pages
     if config.top_p is not None:  # mode "quest" (QuestConfig refuses top_p with the baselines)
         selected, page_counts = backend.select_top_p(query, layer, config.top_p, config.min_budget_pages,
-                                                     num_selected)
+                                                     num_selected, config.sink_pages)
         return backend.decode_sparse(query, layer, selected, scaling, page_counts), selected, page_counts
     if config.mode == "quest":
-        selected = backend.select(query, layer, num_selected, config.group_rule)
+        selected = backend.select(query, layer, num_selected, config.group_rule, config.sink_pages)
     else:
         selected = backend.select_baseline(config.mode, query, layer, num_selected, scaling)
     return backend.decode_sparse(query, layer, selected, scaling), selected, None
