@@ -80,6 +80,7 @@ def test_default_config_follows_the_head_dim():
     hidden_size / heads) keep the engine's defaults."""
     small = LlamaConfig(hidden_size=576, num_attention_heads=9)  # SmolLM2-135M: head_dim 64
     assert (default_config(small).page_size, default_config(small).group_rule) == (4, "mass")
+    assert default_config(small).sink_pages == 1
     assert default_config(LlamaConfig(hidden_size=4096, num_attention_heads=32)) == QuestConfig()
     assert default_config(Qwen3Config(hidden_size=1024, num_attention_heads=16, head_dim=128)) == QuestConfig()
 

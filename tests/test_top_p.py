@@ -163,8 +163,7 @@ def test_top_p_one_with_every_page_as_the_maximum_equals_dense():
 def test_settings_are_checked():
     assert QuestConfig(top_p=0.9, budget=256, min_budget=32).min_budget_pages == 2
     for wrong in (dict(top_p=0.0), dict(top_p=1.5), dict(top_p=0.9, min_budget=512, budget=256),
-                  dict(top_p=0.9, min_budget=16), dict(top_p=0.9, mode="streaming"),
-                  dict(top_p=0.9, budget=256, min_budget=32, sink_pages=1)):
+                  dict(top_p=0.9, min_budget=16), dict(top_p=0.9, mode="streaming")):
         with pytest.raises(ValueError):
             QuestConfig(**wrong)
     assert QuestConfig(page_size=64).top_p is None  # min_budget matters only with top_p
