@@ -160,11 +160,13 @@ def _decode_sparse(config: QuestConfig, backend, query: torch.Tensor, layer: Pag
     """query [Hkv, G, D] -> (out [Hkv, G, D], the selection [Hkv, k], page_counts [Hkv] with top_p, else None)."""
     num_selected = config.budget_pages
     if config.top_p is not None:  # mode "quest" (QuestConfig refuses top_p with the baselines)
+        sink_pages = min(config.sink_pages, config.min_budget_pages - 2)  # room for the current and a chosen page
         selected, page_counts = backend.select_top_p(query, layer, config.top_p, config.min_budget_pages,
-                                                     num_selected)
+                                                     num_selected, sink_pages)
         return backend.decode_sparse(query, layer, selected, scaling, page_counts), selected, page_counts
     if config.mode == "quest":
-        selected = backend.select(query, layer, num_selected, config.group_rule)
+        sink_pages = min(config.sink_pages, num_selected - 2)  # room for the current page and a chosen page
+        selected = backend.select(query, layer, num_selected, config.group_rule, sink_pages)
     else:
         selected = backend.select_baseline(config.mode, query, layer, num_selected, scaling)
     return backend.decode_sparse(query, layer, selected, scaling), selected, None
