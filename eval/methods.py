@@ -22,10 +22,12 @@ def methods(budgets: list[int], names=NAMES, model_config=None, top_p: float | N
                "oracle": dict(mode="oracle")}
     if "quest-topp" in names and top_p is None:
         raise ValueError("the method quest-topp needs top_p, the adaptive budget's share")
-    rows = [("dense", 0, DENSE[1])]
-    for budget in budgets:
-        model_default = {"quest-default": default_config(model_config, budget=budget),
-                         "quest-topp": default_config(model_config, budget=budget, top_p=top_p)}
-        rows += [(name, budget, model_default[name] if name in model_default
-                  else QuestConfig(budget=budget, **configs[name])) for name in names]
-    return rows
+
+    def config(name: str, budget: int) -> QuestConfig:
+        if name == "quest-default":
+            return default_config(model_config, budget=budget)
+        if name == "quest-topp":
+            return default_config(model_config, budget=budget, top_p=top_p)
+        return QuestConfig(budget=budget, **configs[name])
+
+    return [("dense", 0, DENSE[1])] + [(name, budget, config(name, budget)) for budget in budgets for name in names]
