@@ -117,10 +117,12 @@ def measure(server: Server, text: str):
 
 
 def candidate(server: Server, text: str, note: str = "") -> dict:
-    """The views for a document about to be loaded: its text, what loading it would do, the cut choice if needed."""
+    """The views for a document about to be loaded: its text, what loading it would do, the cut choice if needed.
+    The choice is shown, never reset: a reset that reached the browser after the person chose (the browser test
+    once checked *keep the head* and then loaded with no choice) would undo the choice unseen."""
     fit = measure(server, text)
     return {"pasted": text, "doc_info": views.document_note(fit, server.max_context) + note,
-            "cut": gr.update(visible=not fit.fits, value=None)}
+            "cut": gr.update(visible=not fit.fits)}
 
 
 def still_loaded(state: ChatState | None) -> str:
