@@ -164,6 +164,13 @@ def describe(server: Server, text: str) -> dict:
         return {"doc_info": f"**Too long:** {error}", "cut": HIDDEN}
 
 
+def choose_cut(server: Server, text: str, cut: str | None) -> dict:
+    """An end was chosen to keep of a document longer than the context: the note says what loading keeps."""
+    if not text or cut not in CUTS:
+        return {}
+    return {"doc_info": views.document_note(measure(server, text), server.max_context, CUTS[cut])}
+
+
 def load_document(server: Server, text: str, cut: str | None, file, sample: str | None, state: ChatState | None,
                   request: gr.Request, progress=PROGRESS) -> dict:
     """Prefill the document (cut to its head or tail if it is longer than the context leaves room for); every view
