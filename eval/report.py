@@ -48,14 +48,15 @@ TOP_P_FILLERS = ("hamlet", "areopagitica")  # the tuning split's prose (hamlet_o
 OUT = HERE / "results" / "report"
 # Quest as the app runs it (the model's default_config: pages of 4, rule mass), the same with the adaptive budget
 # (top_p from the top-p part; the column's budget its most, min_budget 64 its fewest tokens), the engine's pages of
-# 16 and rule sum, and StreamingLLM.
-METHODS = ["quest-default", "quest-topp", "quest", "streaming"]
+# 16 and rule sum, StreamingLLM, and the oracle on the default's pages (the most any page selection could find: the
+# pages holding the most dense attention).
+METHODS = ["quest-default", "quest-topp", "quest", "streaming", "oracle-default"]
 SETTINGS = dict(fillers=list(REPORT_TEXTS), prompt="chat", contexts=[1536, 2048, 3072, 4096, 7500],
                 depths=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], budgets=[128, 256, 1024], new_tokens=6,
                 methods=METHODS, top_p_grid=[0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999], top_p_budget=1024,
                 top_p_match=256, ppl_texts=["macbeth", "julius_caesar", "paradise_lost"], ppl_windows_per_text=7,
                 ppl_first=2048, ppl_last=8000, ppl_scored=16, ppl_budgets=[256, 1024],
-                qa_methods=["quest-default"], qa_budgets=[128, 256, 1024], qa_max_new_tokens=24)
+                qa_methods=["quest-default", "oracle-default"], qa_budgets=[128, 256, 1024], qa_max_new_tokens=24)
 LABELS = {"dense": "dense", "quest-default": "Quest, model default (pages of 4, rule mass)",
           "quest-topp": "Quest, model default, adaptive budget (top-p; budget: the most)",
           "quest": "Quest, pages of 16, rule sum", "streaming": "StreamingLLM (pages of 16)",
