@@ -67,6 +67,16 @@ def oracle_variants(model_config, budgets):
     return out
 
 
+def ranking_variants(model_config, budget):
+    """Page rankings at one budget: the model default, the sink page, pages of 2 (with and without the sink) and the
+    oracle on the default's pages."""
+    base = default_config(model_config, budget=budget)
+    return [("dense", QuestConfig(mode="dense"), Probe()), (f"base@{budget}", base, Probe()),
+            (f"sink1@{budget}", base, Probe(sink=1)), (f"p2@{budget}", base.with_changes(page_size=2), Probe()),
+            (f"p2sink1@{budget}", base.with_changes(page_size=2), Probe(sink=1)),
+            (f"oracle@{budget}", base.with_changes(mode="oracle"), Probe())]
+
+
 def variants(model_config, budgets):
     out = [("dense", QuestConfig(mode="dense"), Probe())]
     for b in budgets:
@@ -93,7 +103,7 @@ def main():
     parser.add_argument("--split", choices=["tuning", "report"], default="tuning")
     parser.add_argument("--fillers", help="comma-separated texts of the split (default: all of its prose)")
     parser.add_argument("--out", default="/tmp/miss_probe.jsonl")
-    parser.add_argument("--variants", choices=["selection", "sinks", "oracle"], default="selection")
+    parser.add_argument("--variants", choices=["selection", "sinks", "oracle", "ranking"], default="selection")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, tokenizer = load_model()
@@ -107,7 +117,8 @@ def main():
              if p[1] in (args.fillers.split(",") if args.fillers else fillers) and p[2] in contexts]
     rows = dict(selection=lambda: variants(model.config, [128, 256]),
                 sinks=lambda: sink_variants(model.config, [128, 256, 1024]),
-                oracle=lambda: oracle_variants(model.config, [128, 256]))[args.variants]()
+                oracle=lambda: oracle_variants(model.config, [128, 256]),
+                ranking=lambda: ranking_variants(model.config, 128))[args.variants]()
     with open(args.out, "a") as out:
         for seed, filler, context in pairs:
             rng = random.Random(seed)
