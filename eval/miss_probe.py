@@ -107,9 +107,9 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, tokenizer = load_model()
-    texts, fillers = dict(tuning=(report.tuning_texts, report.TOP_P_FILLERS),
-                          report=(report.report_texts, report.REPORT_TEXTS))[args.split]
-    texts = texts()
+    load_texts, fillers = dict(tuning=(report.tuning_texts, report.TOP_P_FILLERS),
+                               report=(report.report_texts, report.REPORT_TEXTS))[args.split]
+    texts = load_texts()
     contexts = [int(c) for c in args.contexts.split(",")]
     depths = [float(d) for d in args.depths.split(",")]
     settings = dict(report.SETTINGS, contexts=[1536, 2048, 3072, 4096, 7500])

@@ -414,7 +414,7 @@ samples, of the tuning split; each as the app loads it, its head where it is lon
 with the chat decoding defaults (`Decoding()`: greedy, repetition penalty 1.2) through `Session`, at most
 {settings['qa_max_new_tokens']} new tokens, by dense attention, by Quest with the model's default settings and by
 the oracle (per KV head, the pages of 4 holding the most dense attention: the best recall any selection of that
-many pages has; it tells what the budget costs from what Quest's page scores cost). First divergent token: 0-based
+many pages has; it separates what the budget costs from what Quest's page scores cost). First divergent token: 0-based
 position of the first token where the answer differs from dense's. ROUGE-L: F-measure of the longest common
 subsequence of lowercased words. Questions and answers: `results/report/agreement-*.json`.
 
