@@ -112,6 +112,7 @@ constexpr int kFirstBits = 11;    // the first radix digit; the others have 8 bi
 constexpr int kFirstBins = 1 << kFirstBits;
 constexpr int kSweepBatch = 8;    // scores each thread loads at once in the top-k sweeps
 constexpr int kMaxMassGroup = 32; // query heads per KV head that rule mass takes
+constexpr int kMaxPairs = kThreads / 32 > kMaxMassGroup ? kThreads / 32 : kMaxMassGroup;  // see mass_scores
 enum GroupRule { kSum = 0, kMax = 1, kMass = 2 };  // quest_core.selection.page_scores' group_rule
 
 __device__ __forceinline__ unsigned int order_key(float score) {  // larger float -> larger unsigned key
@@ -172,11 +173,13 @@ __device__ void mass_scores(const float* group_scores, float* head_scores, int g
                             int num_pages, float mass_scale, float* warp_max_logit, float* warp_sum,
                             float* head_max_logit, float* head_inverse_sum, unsigned int* smallest_key,
                             unsigned int* largest_key) {
-  // Warp w takes query head w % G over every (32 / G)-th stretch of 32 pages: its largest logit, then its sum
-  // of exponentials (two passes over L2, no dependent exp chain); thread g merges the head's warps.
+  // Pair (head, part), for the G query heads and `parts` stretches of them: every (parts)-th run of 32 pages of
+  // head's logits, its largest logit, then its sum of exponentials (two passes over L2, no dependent exp chain).
+  // Warp w takes pairs w, w + warps, ...; thread g then merges head g's parts.
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = kThreads / 32;
-  const int parts = warps / group, head = warp % group, part = warp / group;
-  if (part < parts) {
+  const int parts = max(1, warps / group);
+  for (int pair = warp; pair < parts * group; pair += warps) {
+    const int head = pair % group, part = pair / group;
     const float* logits = group_scores + head * capacity;
     float m = -INFINITY, l = 0.f;
     for (int p = part * 32 + lane; p < num_pages; p += parts * 32) m = fmaxf(m, __ldcg(logits + p) * mass_scale);
@@ -184,8 +187,8 @@ __device__ void mass_scores(const float* group_scores, float* head_scores, int g
     for (int p = part * 32 + lane; p < num_pages; p += parts * 32) l += __expf(__ldcg(logits + p) * mass_scale - m);
     for (int offset = 16; offset > 0; offset >>= 1) l += __shfl_xor_sync(0xffffffffu, l, offset);
     if (lane == 0) {
-      warp_max_logit[warp] = m;
-      warp_sum[warp] = l;
+      warp_max_logit[pair] = m;
+      warp_sum[pair] = l;
     }
   }
   __syncthreads();
@@ -215,14 +218,17 @@ __device__ void mass_scores(const float* group_scores, float* head_scores, int g
   __syncthreads();
 }
 
-template <typename T, int kChunks>  // kChunks: 16-byte vectors per lane and page (1, 2 or 4)
+// kChunks: 16-byte vectors per lane and page (1, 2 or 4); kRule: a GroupRule, a template argument so that each
+// rule's kernel holds only its own code (one kernel for all three spilled registers at 1024 threads: nvcc -Xptxas -v)
+template <typename T, int kChunks, int kRule>
 __global__ void __launch_bounds__(kThreads) score_topk_kernel(
     const T* __restrict__ query, const T* __restrict__ bounds, float* __restrict__ scores,
     float* __restrict__ group_scores, unsigned int* __restrict__ key_ranges, unsigned int* __restrict__ counters,
     int32_t* __restrict__ out, int group, int head_dim, int64_t capacity, int num_pages,
     const int64_t* __restrict__ device_length, int page_size, int k, int num_kv_heads, int pages_per_block,
-    int list_capacity, int rule, float mass_scale) {
+    int list_capacity, float mass_scale) {
   constexpr int kVec = 16 / sizeof(T);
+  constexpr int rule = kRule;
   // Shared: the split queries [rows, 2D] (float; one row for rule sum, G for the others), a histogram [2048],
   // the threshold bin's keys and pages [list_capacity]
   extern __shared__ float shared[];
@@ -234,7 +240,7 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
   __shared__ unsigned int warp_totals[kThreads / 32];
   __shared__ unsigned int found_bin, remaining, taken_greater, taken_equal, list_length, smallest_key, largest_key;
   __shared__ bool is_last;
-  __shared__ float warp_max_logit[kThreads / 32], warp_sum[kThreads / 32];
+  __shared__ float warp_max_logit[kMaxPairs], warp_sum[kMaxPairs];  // rule mass: a softmax state per (head, part)
   __shared__ float head_max_logit[kMaxMassGroup], head_inverse_sum[kMaxMassGroup];
   const int h = blockIdx.x;
   if (device_length != nullptr) num_pages = (int)((device_length[0] + page_size - 1) / page_size);
@@ -485,9 +491,16 @@ void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, in
   const int shared_bytes = fixed + 8 * list_capacity;
   const c10::cuda::CUDAGuard guard(query.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
+  TORCH_CHECK(query.scalar_type() != at::kFloat, "score_topk takes float16 and bfloat16 (FlashInfer's types)");
   dispatch_kv_type(query.scalar_type(), [&](auto type_tag) {
     using T = decltype(type_tag);
-    auto launch = [&](auto kernel) {
+    if constexpr (!std::is_same_v<T, float>) {
+      using Kernel = decltype(&score_topk_kernel<T, 1, kSum>);
+      constexpr Kernel kernels[3][3] = {  // [rule][1, 2 or 4 chunks]
+        {score_topk_kernel<T, 1, kSum>, score_topk_kernel<T, 2, kSum>, score_topk_kernel<T, 4, kSum>},
+        {score_topk_kernel<T, 1, kMax>, score_topk_kernel<T, 2, kMax>, score_topk_kernel<T, 4, kMax>},
+        {score_topk_kernel<T, 1, kMass>, score_topk_kernel<T, 2, kMass>, score_topk_kernel<T, 4, kMass>}};
+      const Kernel kernel = kernels[rule][chunks == 1 ? 0 : chunks == 2 ? 1 : 2];
       static std::unordered_set<const void*> configured;  // allow each kernel over 48 KB of shared memory, once
       if (!configured.count(reinterpret_cast<const void*>(kernel))) {
         cudaFuncAttributes attributes;
@@ -502,11 +515,8 @@ void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, in
           reinterpret_cast<unsigned int*>(key_ranges.data_ptr<int>()),
           reinterpret_cast<unsigned int*>(counters.data_ptr<int>()), out.data_ptr<int>(), group, head_dim,
           bounds.size(1), num_pages, device_length ? device_length->data_ptr<int64_t>() : nullptr, page_size, k,
-          num_kv_heads, pages_per_block, list_capacity, (int)rule, (float)mass_scale);
-    };
-    if (chunks == 1) launch(score_topk_kernel<T, 1>);
-    else if (chunks == 2) launch(score_topk_kernel<T, 2>);
-    else launch(score_topk_kernel<T, 4>);
+          num_kv_heads, pages_per_block, list_capacity, (float)mass_scale);
+    }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
