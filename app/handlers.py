@@ -117,10 +117,12 @@ def measure(server: Server, text: str):
 
 
 def candidate(server: Server, text: str, note: str = "") -> dict:
-    """The views for a document about to be loaded: its text, what loading it would do, the cut choice if needed."""
+    """The views for a document about to be loaded: its text, what loading it would do, the cut choice if needed.
+    The choice is shown, never reset: a reset that reached the browser after the person chose (the browser test
+    once checked *keep the head* and then loaded with no choice) would undo the choice unseen."""
     fit = measure(server, text)
     return {"pasted": text, "doc_info": views.document_note(fit, server.max_context) + note,
-            "cut": gr.update(visible=not fit.fits, value=None)}
+            "cut": gr.update(visible=not fit.fits)}
 
 
 def still_loaded(state: ChatState | None) -> str:
@@ -160,6 +162,13 @@ def describe(server: Server, text: str) -> dict:
         return candidate(server, text)
     except UserError as error:
         return {"doc_info": f"**Too long:** {error}", "cut": HIDDEN}
+
+
+def choose_cut(server: Server, text: str, cut: str | None) -> dict:
+    """An end was chosen to keep of a document longer than the context: the note says what loading keeps."""
+    if not text or cut not in CUTS:
+        return {}
+    return {"doc_info": views.document_note(measure(server, text), server.max_context, CUTS[cut])}
 
 
 def load_document(server: Server, text: str, cut: str | None, file, sample: str | None, state: ChatState | None,

@@ -197,6 +197,7 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 256, gpu=lam
         on(c["pasted"].input, handlers.edited, ["pasted"], ["upload", "sample"], api_visibility="private",
            queue=False)
         on(c["pasted"].blur, handlers.describe, ["pasted"], ["doc_info", "cut"], api_visibility="private")
+        on(c["cut"].input, handlers.choose_cut, ["pasted", "cut"], ["doc_info"], api_visibility="private")
         cleared = ["chat", "meter", "metrics", "headline", "speed_plot", "heads_plot", "time_plot", "tokens",
                    "looked", "looked_note", "compare_box", "dense_answer", "quest_answer", "verdict", "page_text",
                    "trace_file"]

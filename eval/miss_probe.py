@@ -56,6 +56,16 @@ def sink_variants(model_config, budgets):
     return out + [("sink2@128", base, Probe(sink=2)), ("sink1+recent4@128", base, Probe(sink=1, recent=4))]
 
 
+def oracle_variants(model_config, budgets):
+    """The model default beside the oracle (the pages holding the most dense attention) on the same pages: what
+    any page selection could find at each budget."""
+    out = [("dense", QuestConfig(mode="dense"), Probe())]
+    for b in budgets:
+        base = default_config(model_config, budget=b)
+        out += [(f"base@{b}", base, Probe()), (f"oracle@{b}", base.with_changes(mode="oracle"), Probe())]
+    return out
+
+
 def variants(model_config, budgets):
     out = [("dense", QuestConfig(mode="dense"), Probe())]
     for b in budgets:
@@ -81,7 +91,7 @@ def main():
     parser.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     parser.add_argument("--fillers", default="hamlet,areopagitica")
     parser.add_argument("--out", default="/tmp/miss_probe.jsonl")
-    parser.add_argument("--sinks", action="store_true")
+    parser.add_argument("--variants", choices=["selection", "sinks", "oracle"], default="selection")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, tokenizer = load_model()
@@ -91,7 +101,9 @@ def main():
     settings = dict(report.SETTINGS, contexts=[1536, 2048, 3072, 4096, 7500])
     pairs = [p for p in report.passkey_pairs(report.TOP_P_FILLERS, settings)
              if p[1] in args.fillers.split(",") and p[2] in contexts]
-    rows = sink_variants(model.config, [128, 256, 1024]) if args.sinks else variants(model.config, [128, 256])
+    rows = dict(selection=lambda: variants(model.config, [128, 256]),
+                sinks=lambda: sink_variants(model.config, [128, 256, 1024]),
+                oracle=lambda: oracle_variants(model.config, [128, 256]))[args.variants]()
     with open(args.out, "a") as out:
         for seed, filler, context in pairs:
             rng = random.Random(seed)

@@ -88,7 +88,7 @@ class BatchRows(CacheLayerMixin):
             layer.update(key_states[row:row + 1], value_states[row:row + 1])
         return key_states, value_states
 
-    # The requests have lengths of their own (forward_batch passes their positions); transformers reads these two
+    # The requests have lengths of their own (forward_batch passes their positions); transformers reads these
     # only to size the mask, which the quest attention does not build (`_no_mask`).
     def get_seq_length(self, *args) -> int:
         return 0

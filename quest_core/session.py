@@ -130,7 +130,6 @@ class Session:
         self.engine = engine or Engine(model, tokenizer, backend)
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
-        self.num_layers = model.config.num_hidden_layers
         self.max_context = max_context(model.config)
         self.cache = self.engine.new_cache(config or default_config(model.config))
         self.decoding = decoding or Decoding()
