@@ -104,7 +104,9 @@ void append_kv(torch::Tensor new_keys, torch::Tensor new_values, torch::Tensor k
 // One sweep then takes the pages above the threshold bin and lists the bin's pages in shared memory; the list's
 // keys, ranked against each other (or, for a long list, 8-bit digits: the key of the (k-1)-th largest score and
 // how many equal to it to take), give the rest. It writes FlashInfer's one-head page rows p * Hkv + h, the current
-// page last, and leaves the counter and key range reset for the next call.
+// page last, and leaves the counter and key range reset for the next call. The first `sink_pages` pages (attention
+// sinks, QuestConfig.sink_pages) are always selected: they take the slots before the current page and stay out of
+// the top-k, which picks the other k - 1 - sink_pages.
 constexpr int kThreads = 1024;  // the selection runs in one block per head: as many threads as fit
 constexpr int kUnroll = 4;        // pages in flight per team
 constexpr int kMaxChunks = 4;     // 16-byte vectors per lane and page: 2D <= 4 * 32 * (16 / sizeof(T))
@@ -226,7 +228,7 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
     float* __restrict__ group_scores, unsigned int* __restrict__ key_ranges, unsigned int* __restrict__ counters,
     int32_t* __restrict__ out, int group, int head_dim, int64_t capacity, int num_pages,
     const int64_t* __restrict__ device_length, int page_size, int k, int num_kv_heads, int pages_per_block,
-    int list_capacity, float mass_scale) {
+    int list_capacity, float mass_scale, int sink_pages) {
   constexpr int kVec = 16 / sizeof(T);
   constexpr int rule = kRule;
   // Shared: the split queries [rows, 2D] (float; one row for rule sum, G for the others), a histogram [2048],
@@ -345,7 +347,7 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
     key_range[0] = 0xffffffffu;  // ready for the next call
     key_range[1] = 0u;
     counters[h] = 0;
-    remaining = k - 1;
+    remaining = k - 1 - sink_pages;
     taken_greater = taken_equal = list_length = 0;
   }
   for (int b = threadIdx.x; b < kFirstBins; b += kThreads) histogram[b] = 0;
@@ -365,8 +367,10 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
       keys[j] = p < candidates ? relative_key(p) : 0u;
     }
 #pragma unroll
-    for (int j = 0; j < kSweepBatch; ++j)
-      if (p0 + j * kThreads + threadIdx.x < candidates) atomicAdd(&histogram[keys[j] >> shift], 1u);
+    for (int j = 0; j < kSweepBatch; ++j) {
+      const int p = p0 + j * kThreads + threadIdx.x;
+      if (p >= sink_pages && p < candidates) atomicAdd(&histogram[keys[j] >> shift], 1u);
+    }
   }
   __syncthreads();
   find_bin(histogram, kFirstBins, warp_totals, &found_bin, &remaining);
@@ -387,6 +391,7 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
     for (int j = 0; j < kSweepBatch; ++j) {
       const int p = p0 + j * kThreads + threadIdx.x;
       if (p >= candidates) break;
+      if (p < sink_pages) continue;
       const unsigned int digit = keys[j] >> shift;
       if (digit > first_digit) {
         head_out[atomicAdd(&taken_greater, 1u)] = p * num_kv_heads + h;
@@ -399,6 +404,7 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
   }
   __syncthreads();
   if (threadIdx.x == 0) head_out[k - 1] = (num_pages - 1) * num_kv_heads + h;
+  for (int i = threadIdx.x; i < sink_pages; i += kThreads) head_out[k - 1 - sink_pages + i] = i * num_kv_heads + h;
   const int length = use_list ? (int)list_length : candidates;
   if (use_list && length <= kThreads) {  // a short list (the rule): rank its keys against each other in one pass
     if (threadIdx.x < length) {
@@ -410,7 +416,9 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
     }
     return;
   }
+  // without the list, i runs over every full page; a sink page's key is never counted nor taken
   auto key_at = [&](int i) { return use_list ? list_keys[i] : relative_key(i); };
+  auto is_sink = [&](int i) { return !use_list && i < sink_pages; };
   auto page_at = [&](int i) { return use_list ? list_pages[i] : i; };
   const unsigned int first_prefix = first_digit << shift, first_mask = 0xffffffffu << shift;  // shift <= 21
   unsigned int prefix = first_prefix, mask = first_mask;
@@ -421,7 +429,7 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
     __syncthreads();
     for (int i = threadIdx.x; i < length; i += kThreads) {
       const unsigned int key = key_at(i);
-      if ((key & mask) == prefix) atomicAdd(&histogram[(key >> shift) & (nbins - 1)], 1u);
+      if ((key & mask) == prefix && !is_sink(i)) atomicAdd(&histogram[(key >> shift) & (nbins - 1)], 1u);
     }
     __syncthreads();
     find_bin(histogram, nbins, warp_totals, &found_bin, &remaining);
@@ -430,10 +438,10 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
   }
   // `prefix` is now the relative key of the (k-1)-th largest score; take the keys above it and `remaining` equal
   // to it (which of several equal ones: the order of the atomics; the short list above breaks ties by page).
-  const unsigned int equal_quota = remaining, greater = (k - 1) - equal_quota;
+  const unsigned int equal_quota = remaining, greater = (k - 1 - sink_pages) - equal_quota;
   for (int i = threadIdx.x; i < length; i += kThreads) {
     const unsigned int key = key_at(i);
-    if ((key & first_mask) != first_prefix) continue;  // (without the list) taken in the sweep, or below
+    if ((key & first_mask) != first_prefix || is_sink(i)) continue;  // (without the list) taken in the sweep, or below
     if (key > prefix) {
       head_out[atomicAdd(&taken_greater, 1u)] = page_at(i) * num_kv_heads + h;
     } else if (key == prefix) {
@@ -448,15 +456,18 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
 // key_ranges: int32 [Hkv, 2], (-1, 0) before the first call; each call leaves it so.
 // rule: 0 sum, 1 max, 2 mass; group_scores: float32 [Hkv, G, capacity] for rule mass (else unused);
 // mass_scale: the softmax scale of rule mass (1/sqrt(D), as the twin).
+// sink_pages: the first pages, always selected (before the current page) and left out of the top-k.
 void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, int64_t k, torch::Tensor scores,
                 torch::Tensor key_ranges, torch::Tensor counters, torch::Tensor out,
                 std::optional<torch::Tensor> device_length, int64_t page_size, int64_t rule,
-                std::optional<torch::Tensor> group_scores, double mass_scale) {
+                std::optional<torch::Tensor> group_scores, double mass_scale, int64_t sink_pages) {
   TORCH_CHECK(query.is_cuda() && bounds.is_contiguous() && scores.is_contiguous() && out.is_contiguous());
   TORCH_CHECK(query.scalar_type() == bounds.scalar_type() && scores.scalar_type() == at::kFloat);
   TORCH_CHECK(out.scalar_type() == at::kInt && counters.scalar_type() == at::kInt);
   TORCH_CHECK(key_ranges.scalar_type() == at::kInt && key_ranges.numel() >= 2 * bounds.size(0));
   TORCH_CHECK(k >= 2 && k < num_pages && num_pages <= bounds.size(1) && scores.size(1) >= bounds.size(1));
+  TORCH_CHECK(sink_pages >= 0 && sink_pages <= k - 2, "sink_pages leaves room for a chosen page: 0..k-2, got ",
+              sink_pages);
   TORCH_CHECK(!device_length || device_length->scalar_type() == at::kLong);
   TORCH_CHECK(rule == kSum || rule == kMax || rule == kMass, "rule: 0 sum, 1 max, 2 mass, got ", rule);
   query = query.contiguous();
@@ -515,7 +526,7 @@ void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, in
           reinterpret_cast<unsigned int*>(key_ranges.data_ptr<int>()),
           reinterpret_cast<unsigned int*>(counters.data_ptr<int>()), out.data_ptr<int>(), group, head_dim,
           bounds.size(1), num_pages, device_length ? device_length->data_ptr<int64_t>() : nullptr, page_size, k,
-          num_kv_heads, pages_per_block, list_capacity, (float)mass_scale);
+          num_kv_heads, pages_per_block, list_capacity, (float)mass_scale, (int)sink_pages);
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -778,7 +789,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("query"), py::arg("bounds"), py::arg("num_pages"), py::arg("k"), py::arg("scores"),
         py::arg("key_ranges"), py::arg("counters"), py::arg("out"), py::arg("device_length") = py::none(),
         py::arg("page_size") = 16, py::arg("rule") = 0, py::arg("group_scores") = py::none(),
-        py::arg("mass_scale") = 1.0);
+        py::arg("mass_scale") = 1.0, py::arg("sink_pages") = 0);
   m.def("sparse_decode", &sparse_decode, "decode attention of each KV head's query group over its selected pages",
         py::arg("query"), py::arg("keys"), py::arg("values"), py::arg("rows"), py::arg("scale"), py::arg("last_len"),
         py::arg("partial_out"), py::arg("partial_state"), py::arg("counters"), py::arg("device_length") = py::none());
