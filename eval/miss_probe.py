@@ -1,5 +1,6 @@
-"""Scratch probe (issue 15 item 5): chat passkeys on the tuning split's prose, dense vs the model default at small
-budgets and variants of the selection, each variant a torch backend with one change."""
+"""Scratch probe (issue 15 item 5): chat passkeys on the tuning split's prose (or, to report a variant chosen there,
+the report split's), dense vs the model default at small budgets and variants of the selection, each variant a
+torch backend with one change."""
 import argparse
 import json
 import random
@@ -89,18 +90,21 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--contexts", default="2048")
     parser.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
-    parser.add_argument("--fillers", default="hamlet,areopagitica")
+    parser.add_argument("--split", choices=["tuning", "report"], default="tuning")
+    parser.add_argument("--fillers", help="comma-separated texts of the split (default: all of its prose)")
     parser.add_argument("--out", default="/tmp/miss_probe.jsonl")
     parser.add_argument("--variants", choices=["selection", "sinks", "oracle"], default="selection")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, tokenizer = load_model()
-    texts = report.tuning_texts()
+    texts, fillers = dict(tuning=(report.tuning_texts, report.TOP_P_FILLERS),
+                          report=(report.report_texts, report.REPORT_TEXTS))[args.split]
+    texts = texts()
     contexts = [int(c) for c in args.contexts.split(",")]
     depths = [float(d) for d in args.depths.split(",")]
     settings = dict(report.SETTINGS, contexts=[1536, 2048, 3072, 4096, 7500])
-    pairs = [p for p in report.passkey_pairs(report.TOP_P_FILLERS, settings)
-             if p[1] in args.fillers.split(",") and p[2] in contexts]
+    pairs = [p for p in report.passkey_pairs(fillers, settings)
+             if p[1] in (args.fillers.split(",") if args.fillers else fillers) and p[2] in contexts]
     rows = dict(selection=lambda: variants(model.config, [128, 256]),
                 sinks=lambda: sink_variants(model.config, [128, 256, 1024]),
                 oracle=lambda: oracle_variants(model.config, [128, 256]))[args.variants]()
