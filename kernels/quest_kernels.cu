@@ -104,7 +104,9 @@ void append_kv(torch::Tensor new_keys, torch::Tensor new_values, torch::Tensor k
 // One sweep then takes the pages above the threshold bin and lists the bin's pages in shared memory; the list's
 // keys, ranked against each other (or, for a long list, 8-bit digits: the key of the (k-1)-th largest score and
 // how many equal to it to take), give the rest. It writes FlashInfer's one-head page rows p * Hkv + h, the current
-// page last, and leaves the counter and key range reset for the next call.
+// page last, and leaves the counter and key range reset for the next call. The first `sink_pages` pages (attention
+// sinks, QuestConfig.sink_pages) are always selected: they take the slots before the current page and stay out of
+// the top-k, which picks the other k - 1 - sink_pages.
 constexpr int kThreads = 1024;  // the selection runs in one block per head: as many threads as fit
 constexpr int kUnroll = 4;        // pages in flight per team
 constexpr int kMaxChunks = 4;     // 16-byte vectors per lane and page: 2D <= 4 * 32 * (16 / sizeof(T))
@@ -112,6 +114,7 @@ constexpr int kFirstBits = 11;    // the first radix digit; the others have 8 bi
 constexpr int kFirstBins = 1 << kFirstBits;
 constexpr int kSweepBatch = 8;    // scores each thread loads at once in the top-k sweeps
 constexpr int kMaxMassGroup = 32; // query heads per KV head that rule mass takes
+constexpr int kMaxPairs = kThreads / 32 > kMaxMassGroup ? kThreads / 32 : kMaxMassGroup;  // see mass_scores
 enum GroupRule { kSum = 0, kMax = 1, kMass = 2 };  // quest_core.selection.page_scores' group_rule
 
 __device__ __forceinline__ unsigned int order_key(float score) {  // larger float -> larger unsigned key
@@ -172,11 +175,13 @@ __device__ void mass_scores(const float* group_scores, float* head_scores, int g
                             int num_pages, float mass_scale, float* warp_max_logit, float* warp_sum,
                             float* head_max_logit, float* head_inverse_sum, unsigned int* smallest_key,
                             unsigned int* largest_key) {
-  // Warp w takes query head w % G over every (32 / G)-th stretch of 32 pages: its largest logit, then its sum
-  // of exponentials (two passes over L2, no dependent exp chain); thread g merges the head's warps.
+  // Pair (head, part), for the G query heads and `parts` stretches of them: every (parts)-th run of 32 pages of
+  // head's logits, its largest logit, then its sum of exponentials (two passes over L2, no dependent exp chain).
+  // Warp w takes pairs w, w + warps, ...; thread g then merges head g's parts.
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = kThreads / 32;
-  const int parts = warps / group, head = warp % group, part = warp / group;
-  if (part < parts) {
+  const int parts = max(1, warps / group);
+  for (int pair = warp; pair < parts * group; pair += warps) {
+    const int head = pair % group, part = pair / group;
     const float* logits = group_scores + head * capacity;
     float m = -INFINITY, l = 0.f;
     for (int p = part * 32 + lane; p < num_pages; p += parts * 32) m = fmaxf(m, __ldcg(logits + p) * mass_scale);
@@ -184,8 +189,8 @@ __device__ void mass_scores(const float* group_scores, float* head_scores, int g
     for (int p = part * 32 + lane; p < num_pages; p += parts * 32) l += __expf(__ldcg(logits + p) * mass_scale - m);
     for (int offset = 16; offset > 0; offset >>= 1) l += __shfl_xor_sync(0xffffffffu, l, offset);
     if (lane == 0) {
-      warp_max_logit[warp] = m;
-      warp_sum[warp] = l;
+      warp_max_logit[pair] = m;
+      warp_sum[pair] = l;
     }
   }
   __syncthreads();
@@ -215,14 +220,17 @@ __device__ void mass_scores(const float* group_scores, float* head_scores, int g
   __syncthreads();
 }
 
-template <typename T, int kChunks>  // kChunks: 16-byte vectors per lane and page (1, 2 or 4)
+// kChunks: 16-byte vectors per lane and page (1, 2 or 4); kRule: a GroupRule, a template argument so that each
+// rule's kernel holds only its own code (one kernel for all three spilled registers at 1024 threads: nvcc -Xptxas -v)
+template <typename T, int kChunks, int kRule>
 __global__ void __launch_bounds__(kThreads) score_topk_kernel(
     const T* __restrict__ query, const T* __restrict__ bounds, float* __restrict__ scores,
     float* __restrict__ group_scores, unsigned int* __restrict__ key_ranges, unsigned int* __restrict__ counters,
     int32_t* __restrict__ out, int group, int head_dim, int64_t capacity, int num_pages,
     const int64_t* __restrict__ device_length, int page_size, int k, int num_kv_heads, int pages_per_block,
-    int list_capacity, int rule, float mass_scale) {
+    int list_capacity, float mass_scale, int sink_pages) {
   constexpr int kVec = 16 / sizeof(T);
+  constexpr int rule = kRule;
   // Shared: the split queries [rows, 2D] (float; one row for rule sum, G for the others), a histogram [2048],
   // the threshold bin's keys and pages [list_capacity]
   extern __shared__ float shared[];
@@ -234,7 +242,7 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
   __shared__ unsigned int warp_totals[kThreads / 32];
   __shared__ unsigned int found_bin, remaining, taken_greater, taken_equal, list_length, smallest_key, largest_key;
   __shared__ bool is_last;
-  __shared__ float warp_max_logit[kThreads / 32], warp_sum[kThreads / 32];
+  __shared__ float warp_max_logit[kMaxPairs], warp_sum[kMaxPairs];  // rule mass: a softmax state per (head, part)
   __shared__ float head_max_logit[kMaxMassGroup], head_inverse_sum[kMaxMassGroup];
   const int h = blockIdx.x;
   if (device_length != nullptr) num_pages = (int)((device_length[0] + page_size - 1) / page_size);
@@ -339,7 +347,7 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
     key_range[0] = 0xffffffffu;  // ready for the next call
     key_range[1] = 0u;
     counters[h] = 0;
-    remaining = k - 1;
+    remaining = k - 1 - sink_pages;
     taken_greater = taken_equal = list_length = 0;
   }
   for (int b = threadIdx.x; b < kFirstBins; b += kThreads) histogram[b] = 0;
@@ -359,8 +367,10 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
       keys[j] = p < candidates ? relative_key(p) : 0u;
     }
 #pragma unroll
-    for (int j = 0; j < kSweepBatch; ++j)
-      if (p0 + j * kThreads + threadIdx.x < candidates) atomicAdd(&histogram[keys[j] >> shift], 1u);
+    for (int j = 0; j < kSweepBatch; ++j) {
+      const int p = p0 + j * kThreads + threadIdx.x;
+      if (p >= sink_pages && p < candidates) atomicAdd(&histogram[keys[j] >> shift], 1u);
+    }
   }
   __syncthreads();
   find_bin(histogram, kFirstBins, warp_totals, &found_bin, &remaining);
@@ -381,6 +391,7 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
     for (int j = 0; j < kSweepBatch; ++j) {
       const int p = p0 + j * kThreads + threadIdx.x;
       if (p >= candidates) break;
+      if (p < sink_pages) continue;
       const unsigned int digit = keys[j] >> shift;
       if (digit > first_digit) {
         head_out[atomicAdd(&taken_greater, 1u)] = p * num_kv_heads + h;
@@ -393,6 +404,7 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
   }
   __syncthreads();
   if (threadIdx.x == 0) head_out[k - 1] = (num_pages - 1) * num_kv_heads + h;
+  for (int i = threadIdx.x; i < sink_pages; i += kThreads) head_out[k - 1 - sink_pages + i] = i * num_kv_heads + h;
   const int length = use_list ? (int)list_length : candidates;
   if (use_list && length <= kThreads) {  // a short list (the rule): rank its keys against each other in one pass
     if (threadIdx.x < length) {
@@ -404,7 +416,9 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
     }
     return;
   }
+  // without the list, i runs over every full page; a sink page's key is never counted nor taken
   auto key_at = [&](int i) { return use_list ? list_keys[i] : relative_key(i); };
+  auto is_sink = [&](int i) { return !use_list && i < sink_pages; };
   auto page_at = [&](int i) { return use_list ? list_pages[i] : i; };
   const unsigned int first_prefix = first_digit << shift, first_mask = 0xffffffffu << shift;  // shift <= 21
   unsigned int prefix = first_prefix, mask = first_mask;
@@ -415,7 +429,7 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
     __syncthreads();
     for (int i = threadIdx.x; i < length; i += kThreads) {
       const unsigned int key = key_at(i);
-      if ((key & mask) == prefix) atomicAdd(&histogram[(key >> shift) & (nbins - 1)], 1u);
+      if ((key & mask) == prefix && !is_sink(i)) atomicAdd(&histogram[(key >> shift) & (nbins - 1)], 1u);
     }
     __syncthreads();
     find_bin(histogram, nbins, warp_totals, &found_bin, &remaining);
@@ -424,10 +438,10 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
   }
   // `prefix` is now the relative key of the (k-1)-th largest score; take the keys above it and `remaining` equal
   // to it (which of several equal ones: the order of the atomics; the short list above breaks ties by page).
-  const unsigned int equal_quota = remaining, greater = (k - 1) - equal_quota;
+  const unsigned int equal_quota = remaining, greater = (k - 1 - sink_pages) - equal_quota;
   for (int i = threadIdx.x; i < length; i += kThreads) {
     const unsigned int key = key_at(i);
-    if ((key & first_mask) != first_prefix) continue;  // (without the list) taken in the sweep, or below
+    if ((key & first_mask) != first_prefix || is_sink(i)) continue;  // (without the list) taken in the sweep, or below
     if (key > prefix) {
       head_out[atomicAdd(&taken_greater, 1u)] = page_at(i) * num_kv_heads + h;
     } else if (key == prefix) {
@@ -442,15 +456,18 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
 // key_ranges: int32 [Hkv, 2], (-1, 0) before the first call; each call leaves it so.
 // rule: 0 sum, 1 max, 2 mass; group_scores: float32 [Hkv, G, capacity] for rule mass (else unused);
 // mass_scale: the softmax scale of rule mass (1/sqrt(D), as the twin).
+// sink_pages: the first pages, always selected (before the current page) and left out of the top-k.
 void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, int64_t k, torch::Tensor scores,
                 torch::Tensor key_ranges, torch::Tensor counters, torch::Tensor out,
                 std::optional<torch::Tensor> device_length, int64_t page_size, int64_t rule,
-                std::optional<torch::Tensor> group_scores, double mass_scale) {
+                std::optional<torch::Tensor> group_scores, double mass_scale, int64_t sink_pages) {
   TORCH_CHECK(query.is_cuda() && bounds.is_contiguous() && scores.is_contiguous() && out.is_contiguous());
   TORCH_CHECK(query.scalar_type() == bounds.scalar_type() && scores.scalar_type() == at::kFloat);
   TORCH_CHECK(out.scalar_type() == at::kInt && counters.scalar_type() == at::kInt);
   TORCH_CHECK(key_ranges.scalar_type() == at::kInt && key_ranges.numel() >= 2 * bounds.size(0));
   TORCH_CHECK(k >= 2 && k < num_pages && num_pages <= bounds.size(1) && scores.size(1) >= bounds.size(1));
+  TORCH_CHECK(sink_pages >= 0 && sink_pages <= k - 2, "sink_pages leaves room for a chosen page: 0..k-2, got ",
+              sink_pages);
   TORCH_CHECK(!device_length || device_length->scalar_type() == at::kLong);
   TORCH_CHECK(rule == kSum || rule == kMax || rule == kMass, "rule: 0 sum, 1 max, 2 mass, got ", rule);
   query = query.contiguous();
@@ -485,9 +502,16 @@ void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, in
   const int shared_bytes = fixed + 8 * list_capacity;
   const c10::cuda::CUDAGuard guard(query.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
+  TORCH_CHECK(query.scalar_type() != at::kFloat, "score_topk takes float16 and bfloat16 (FlashInfer's types)");
   dispatch_kv_type(query.scalar_type(), [&](auto type_tag) {
     using T = decltype(type_tag);
-    auto launch = [&](auto kernel) {
+    if constexpr (!std::is_same_v<T, float>) {
+      using Kernel = decltype(&score_topk_kernel<T, 1, kSum>);
+      constexpr Kernel kernels[3][3] = {  // [rule][1, 2 or 4 chunks]
+        {score_topk_kernel<T, 1, kSum>, score_topk_kernel<T, 2, kSum>, score_topk_kernel<T, 4, kSum>},
+        {score_topk_kernel<T, 1, kMax>, score_topk_kernel<T, 2, kMax>, score_topk_kernel<T, 4, kMax>},
+        {score_topk_kernel<T, 1, kMass>, score_topk_kernel<T, 2, kMass>, score_topk_kernel<T, 4, kMass>}};
+      const Kernel kernel = kernels[rule][chunks == 1 ? 0 : chunks == 2 ? 1 : 2];
       static std::unordered_set<const void*> configured;  // allow each kernel over 48 KB of shared memory, once
       if (!configured.count(reinterpret_cast<const void*>(kernel))) {
         cudaFuncAttributes attributes;
@@ -502,11 +526,8 @@ void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, in
           reinterpret_cast<unsigned int*>(key_ranges.data_ptr<int>()),
           reinterpret_cast<unsigned int*>(counters.data_ptr<int>()), out.data_ptr<int>(), group, head_dim,
           bounds.size(1), num_pages, device_length ? device_length->data_ptr<int64_t>() : nullptr, page_size, k,
-          num_kv_heads, pages_per_block, list_capacity, (int)rule, (float)mass_scale);
-    };
-    if (chunks == 1) launch(score_topk_kernel<T, 1>);
-    else if (chunks == 2) launch(score_topk_kernel<T, 2>);
-    else launch(score_topk_kernel<T, 4>);
+          num_kv_heads, pages_per_block, list_capacity, (float)mass_scale, (int)sink_pages);
+    }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -768,7 +789,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("query"), py::arg("bounds"), py::arg("num_pages"), py::arg("k"), py::arg("scores"),
         py::arg("key_ranges"), py::arg("counters"), py::arg("out"), py::arg("device_length") = py::none(),
         py::arg("page_size") = 16, py::arg("rule") = 0, py::arg("group_scores") = py::none(),
-        py::arg("mass_scale") = 1.0);
+        py::arg("mass_scale") = 1.0, py::arg("sink_pages") = 0);
   m.def("sparse_decode", &sparse_decode, "decode attention of each KV head's query group over its selected pages",
         py::arg("query"), py::arg("keys"), py::arg("values"), py::arg("rows"), py::arg("scale"), py::arg("last_len"),
         py::arg("partial_out"), py::arg("partial_state"), py::arg("counters"), py::arg("device_length") = py::none());

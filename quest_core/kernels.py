@@ -34,7 +34,8 @@ GROUP_RULES = ("sum", "max", "mass")  # the kernel's rule numbers, as quest_core
 class ScoreTopK:
     """Scratch buffers for `score_topk` on one device, grown as the context grows; the call writes FlashInfer's
     one-head page rows (p * Hkv + h, the current page last) into `out` [Hkv, k] int32 without a host sync, for the
-    group rule `group_rule` (its twin: selection.page_scores, then select_pages).
+    group rule `group_rule`, the first `sink_pages` pages always among them (its twin: selection.page_scores, then
+    select_pages).
 
     With `device_length` (int64 [1] on the GPU: the cache length, the current token included) the kernel reads
     the number of pages there and `num_pages` only bounds it: the call can be captured in a CUDA graph once and
@@ -46,7 +47,7 @@ class ScoreTopK:
         self.group_scores = None  # rule mass: each query head's page bounds [Hkv, G, capacity]
 
     def __call__(self, query, page_bounds, num_pages: int, k: int, out: torch.Tensor, device_length=None,
-                 page_size: int = 16, group_rule: str = "sum") -> torch.Tensor:
+                 page_size: int = 16, group_rule: str = "sum", sink_pages: int = 0) -> torch.Tensor:
         num_kv_heads, capacity = page_bounds.shape[:2]
         if (self.scores is None or self.scores.shape[0] != num_kv_heads or self.scores.shape[1] < capacity
                 or self.scores.device != query.device):
@@ -62,7 +63,7 @@ class ScoreTopK:
             group_scores = self.group_scores
         self.module.score_topk(query, page_bounds, num_pages, k, self.scores, self.key_ranges, self.counters, out,
                                device_length, page_size, GROUP_RULES.index(group_rule), group_scores,
-                               query.shape[-1] ** -0.5)
+                               query.shape[-1] ** -0.5, sink_pages)
         return out
 
 

@@ -92,6 +92,32 @@ def test_score_topk_selects_the_reference_top_pages(dtype, head_dim, page_size, 
         assert_top_pages(rows, reference, k)
 
 
+@needs_kernels
+@pytest.mark.parametrize("group_rule", ["sum", "max", "mass"])
+@pytest.mark.parametrize("sink_pages", [1, 3])
+def test_score_topk_keeps_the_sink_pages(group_rule, sink_pages):
+    """With sink pages s: pages 0..s-1 in the slots before the current page, whatever they score; the first k-1-s
+    slots the top of the other full pages (the twin: select_pages with sink_pages)."""
+    num_kv_heads, page_size, head_dim, group = 3, 4, 64, 3
+    layer = filled(2001, page_size, num_kv_heads, head_dim, torch.bfloat16)
+    query = torch.randn(num_kv_heads, group, head_dim, device="cuda").to(torch.bfloat16)
+    reference = page_scores(query.float(), layer.page_bounds[:, : layer.num_pages].float(), group_rule)
+    scorer = kernels.ScoreTopK(module)
+    heads = torch.arange(num_kv_heads, device="cuda").unsqueeze(1)
+    for k, on_gpu in ((sink_pages + 2, False), (64, False), (64, True), (300, False)):
+        rows = torch.empty(num_kv_heads, k, dtype=torch.int32, device="cuda")
+        if on_gpu:
+            scorer(query, layer.page_bounds, layer.page_bounds.shape[1], k, rows,
+                   torch.tensor([layer.length], device="cuda"), page_size, group_rule, sink_pages)
+        else:
+            scorer(query, layer.page_bounds, layer.num_pages, k, rows, page_size=page_size, group_rule=group_rule,
+                   sink_pages=sink_pages)
+        pages = (rows - heads) // num_kv_heads
+        assert (pages[:, k - 1 - sink_pages:-1] == torch.arange(sink_pages, device="cuda")).all()
+        others = torch.cat([rows[:, :k - 1 - sink_pages], rows[:, -1:]], dim=1) - sink_pages * num_kv_heads
+        assert_top_pages(others, reference[:, sink_pages:], k - sink_pages)
+
+
 def assert_top_pages(rows, reference, k):
     """rows [Hkv, k]: one-head page rows p * Hkv + h of the top k-1 full pages by the reference scores
     [Hkv, pages] (ties within 1e-3 of the largest score may go either way), then the current page."""
