@@ -17,6 +17,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from quest_core.engine import Engine
 from quest_core.session import ContextFullError, Session, cut_document, measure_document
 
 from . import figures, looked, views
@@ -27,6 +28,7 @@ log = logging.getLogger("quest.app")
 CHARS_PER_TOKEN = 8     # a generous bound: texts with more characters than 8 x the token limit are refused untokenized
 REFRESH_S = 1.0         # the answer's text, metrics and context meter refresh this often while it streams; the plots
                         # come at its end (each refresh costs the decoding thread time on 2 cores: bench/app_speed.py)
+FIRST_TOKEN_POLL_S = 0.05  # until the first token shows, the stream is looked at this often
 STOP_WAIT_S = 30        # the longest wait for an abandoned answer's current token
 CUTS = {"keep the head": "head", "keep the tail": "tail"}
 HIDDEN = gr.update(visible=False)
@@ -39,20 +41,25 @@ class UserError(Exception):
 
 @dataclass
 class Server:
-    """What every handler shares: the model and its limits, and the open sessions."""
+    """What every handler shares: the model and its limits, the open sessions, and the engine that runs their model
+    work (their answers decode together)."""
     model: object
     tokenizer: object
     backend: object
     sessions: OpenSessions
     max_new_tokens: int = 256
     max_document_tokens: int = 100_000
+    engine: Engine | None = None  # None: one on `backend`
+
+    def __post_init__(self):
+        self.engine = self.engine or Engine(self.model, self.tokenizer, self.backend)
 
     @property
     def max_context(self) -> int:
         return getattr(self.model.config, "max_position_embeddings", None) or 8192
 
     def new_session(self) -> Session:
-        return Session(self.model, self.tokenizer, backend=self.backend)
+        return self.engine.session()
 
 
 def notify(message: str) -> str:
@@ -110,10 +117,12 @@ def measure(server: Server, text: str):
 
 
 def candidate(server: Server, text: str, note: str = "") -> dict:
-    """The views for a document about to be loaded: its text, what loading it would do, the cut choice if needed."""
+    """The views for a document about to be loaded: its text, what loading it would do, the cut choice if needed.
+    The choice is shown, never reset: a reset that reached the browser after the person chose (the browser test
+    once checked *keep the head* and then loaded with no choice) would undo the choice unseen."""
     fit = measure(server, text)
     return {"pasted": text, "doc_info": views.document_note(fit, server.max_context) + note,
-            "cut": gr.update(visible=not fit.fits, value=None)}
+            "cut": gr.update(visible=not fit.fits)}
 
 
 def still_loaded(state: ChatState | None) -> str:
@@ -153,6 +162,13 @@ def describe(server: Server, text: str) -> dict:
         return candidate(server, text)
     except UserError as error:
         return {"doc_info": f"**Too long:** {error}", "cut": HIDDEN}
+
+
+def choose_cut(server: Server, text: str, cut: str | None) -> dict:
+    """An end was chosen to keep of a document longer than the context: the note says what loading keeps."""
+    if not text or cut not in CUTS:
+        return {}
+    return {"doc_info": views.document_note(measure(server, text), server.max_context, CUTS[cut])}
 
 
 def load_document(server: Server, text: str, cut: str | None, file, sample: str | None, state: ChatState | None,
@@ -208,7 +224,8 @@ NO_ANSWER = "Ask a question: this view then shades the passages the model read w
 
 def ask(server: Server, question: str, mode: str, budget, page_size, dense_layers, inspect: bool, max_new_tokens,
         temperature, repetition_penalty, no_repeat_ngram_size, layer, head, top_p, state: ChatState | None):
-    """Stream the answer to `question`: the chat, metrics and context meter every REFRESH_S, everything at the end."""
+    """Stream the answer to `question`: the first token as soon as it comes, then the chat, metrics and context meter
+    every REFRESH_S, everything at the end."""
     session = loaded_session(state)
     question = (question or "").strip()
     if not question:
@@ -227,7 +244,7 @@ def ask(server: Server, question: str, mode: str, budget, page_size, dense_layer
 
     notes, marks, shown = None, {}, 0
     try:
-        while not answer.done.wait(REFRESH_S):
+        while not answer.done.wait(REFRESH_S if shown else FIRST_TOKEN_POLL_S):
             steps = list(answer.steps)
             if len(steps) == shown:
                 continue
@@ -271,7 +288,7 @@ def ask(server: Server, question: str, mode: str, budget, page_size, dense_layer
 
 
 class Streaming:
-    """An answer's stream of engine Steps, read on a thread of its own: the model never waits while the page is
+    """An answer's stream of engine Steps, read on a thread of its own: the engine never waits while the page is
     updated (Gradio sends each update before it asks a generator for the next)."""
 
     def __init__(self, stream, cancel):
@@ -295,7 +312,7 @@ class Streaming:
 
     def stop(self):
         """If the answer is still running (the page went away), end it after its current token and wait for that,
-        so the next request in the queue finds the model free."""
+        so the engine lets go of its request."""
         if not self.done.is_set():
             self.cancel()
             self.done.wait(STOP_WAIT_S)

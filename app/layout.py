@@ -4,7 +4,8 @@
 Two columns from 1200 px: the document, the chat, the question, Compare and the settings on the left; the context
 meter, live metrics, the Quest-vs-dense headline, the pages-read plots and "where the model looked" on the right.
 Per-user state lives in `gr.State` (a ChatState, whose KV is freed as soon as the browser leaves); the model is
-shared and all model work is queued under one concurrency id, so it runs one request at a time.
+shared through one `Engine`, which decodes the sessions' answers together, so the model work of up to
+`max_sessions` users runs at once (one concurrency id for it all).
 """
 import functools
 import inspect
@@ -17,7 +18,7 @@ from . import handlers, views
 from .documents import NEEDLE, SAMPLES, SUFFIXES
 from .sessions import OpenSessions
 
-MODEL_WORK = "model"  # the queue's concurrency id for everything that runs the model
+MODEL_WORK = "model"  # the queue's concurrency id for everything that runs the model (through the engine)
 QUEUE_POLL_S = 0.02  # how often Gradio's queue looks for a job to start when it has none running
 QUEUE_PROGRESS_S = 0.1  # and for progress to send
 
@@ -181,6 +182,8 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 256, gpu=lam
 
         def on(trigger, handler, inputs, outputs, failure=None, **kwargs):
             runs_model = kwargs.get("concurrency_id") == MODEL_WORK
+            if runs_model:  # the engine schedules the model work: one job per open session may run
+                kwargs["concurrency_limit"] = max_sessions
             fn = event(server, handler, outputs, failure, gpu if runs_model else lambda f: f)
             return trigger(fn, [c[name] for name in inputs], [c[name] for name in outputs], **kwargs)
 
@@ -194,6 +197,7 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 256, gpu=lam
         on(c["pasted"].input, handlers.edited, ["pasted"], ["upload", "sample"], api_visibility="private",
            queue=False)
         on(c["pasted"].blur, handlers.describe, ["pasted"], ["doc_info", "cut"], api_visibility="private")
+        on(c["cut"].input, handlers.choose_cut, ["pasted", "cut"], ["doc_info"], api_visibility="private")
         cleared = ["chat", "meter", "metrics", "headline", "speed_plot", "heads_plot", "time_plot", "tokens",
                    "looked", "looked_note", "compare_box", "dense_answer", "quest_answer", "verdict", "page_text",
                    "trace_file"]

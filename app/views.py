@@ -36,14 +36,19 @@ def backend_text(backend) -> str:
     return "torch" if backend is None else backend.describe()
 
 
-def document_note(fit, max_context: int) -> str:
-    """What loading a document of `fit` (a DocumentFit) would do."""
+def document_note(fit, max_context: int, keep: str | None = None) -> str:
+    """What loading a document of `fit` (a DocumentFit) would do; `keep` ("head" or "tail") is the end chosen to
+    keep of one that does not fit."""
     share = 100 * fit.tokens / max_context
     if fit.fits:
         return (f"{fit.tokens:,} tokens, {share:.0f}% of the {max_context:,}-token context; "
                 f"press **Load document**.")
-    return (f"{fit.tokens:,} tokens: **longer than the context leaves room for** (at most {fit.max_tokens:,} tokens, "
-            "so that questions and answers fit). Choose *keep the head* or *keep the tail*, then **Load document**.")
+    too_long = f"{fit.tokens:,} tokens: **longer than the context leaves room for**"
+    if keep is not None:
+        end = "first" if keep == "head" else "last"
+        return f"{too_long}. **Load document** keeps its {end} {fit.max_tokens:,} tokens."
+    return (f"{too_long} (at most {fit.max_tokens:,} tokens, so that questions and answers fit). Choose *keep the "
+            "head* or *keep the tail*, then **Load document**.")
 
 
 def meter(usage) -> str:

@@ -66,7 +66,7 @@ def ours(model, cache, prompt, new_tokens, cuda_graph=True):
 KERNEL_KINDS = {"cuBLAS matmul": ("nvjet", "gemm", "gemv", "splitKreduce", "cutlass"),
                 "Triton matmul": ("triton_tem", "_mm", "addmm"),
                 "FlashInfer attention": ("flashinfer",),
-                "our scorer + append": ("score_topk", "append_kv"),
+                "our kernels": ("score_topk", "sparse_decode", "append_kv"),
                 "Triton (compiled layers)": ("triton_",)}
 
 

@@ -6,9 +6,11 @@ made-up fact (a person's 5-digit locker code), loads it, and asks for the code. 
 queue wait (submit -> the job's first update, which the app sends as the job starts), TTFT (submit -> the first
 streamed text of the answer) and the engine's decode tok/s. An answer is correct if it holds its own code and leaks
 if it holds any other user's code. Server memory (RSS) is read before, with every session open, and after the
-clients leave. All model work shares one queue, one request at a time: the queue wait is the cost of that.
+clients leave. The app's sessions share one engine: their answers decode together, and a prefill (a document or a
+question) runs one chunk between two decode steps.
 
     python bench/load.py                          # 8 clients, Quest, budget 256; writes bench/RESULTS.md
+    python bench/load.py --max-new-tokens 128     # longer answers (section load-128)
 """
 import argparse
 import gc
@@ -130,7 +132,7 @@ def percentile(values: list[float], share: float) -> float:
 def main(argv=None):
     args = parse_args(argv)
     model, tokenizer = load_model()
-    warm_up(model, tokenizer, print)
+    warm_up(model, tokenizer, None, print)  # the torch backend, as build_app's engine makes it
     docs = documents(tokenizer, args.clients, args.seed)
     demo = build_app(model, tokenizer, max_new_tokens=args.max_new_tokens, max_sessions=max(16, args.clients))
     with socket.socket() as probe:
@@ -176,7 +178,9 @@ def main(argv=None):
     for user in users:
         print(json.dumps(user), flush=True)
     if not args.no_write:
-        write_section("load", f"Load: {args.clients} concurrent sessions on the app", report(summary, users))
+        section = "load" if args.max_new_tokens == 32 else f"load-{args.max_new_tokens}"
+        write_section(section, f"Load: {args.clients} concurrent sessions on the app, answers of up to "
+                      f"{args.max_new_tokens} tokens", report(summary, users))
     print(json.dumps({"bench": "load", **summary}))
     if leaks or summary["completed"] < args.clients:
         sys.exit(1)
@@ -199,8 +203,9 @@ def report(summary: dict, users: list[dict]) -> str:
         f"{summary['clients']} gradio_client sessions start together against the app served on 127.0.0.1 (default "
         f"model, {summary['mode']}, budget {summary['budget']}, page 16, at most {summary['max_new_tokens']} new "
         "tokens). Each uploads its own document (a slice of Areopagitica with one person's made-up 5-digit locker "
-        "code), loads it and asks for that code. All model work runs one request at a time through one queue: the "
-        "documents are loaded first, in arrival order, so each question waits for the loads queued before it.\n\n"
+        "code), loads it and asks for that code. The sessions share one engine: answers decode together in one "
+        "batched step, and each prefill (a document, a question) runs one chunk of 512 tokens between two steps, the "
+        "shortest first.\n\n"
         f"- completed: {summary['completed']} of {summary['clients']}; wall time {summary['wall_s']} s\n"
         f"- correct answers (the answer holds its own code): {summary['correct']} of {summary['clients']}\n"
         f"- cross-session leaks (an answer holds another session's code): **{summary['leaks']}**\n"

@@ -12,8 +12,8 @@ def methods(budgets: list[int], names=NAMES, model_config=None, top_p: float | N
     """(name, budget, config), dense first, then for each budget those of `names`: Quest (GQA group rule sum, the
     engine's default, max and mass; pages of 16 tokens, and of 8 and 4, whose key bounds are tighter), StreamingLLM
     and the oracle; "quest-default" is the model's own settings (`default_config` of `model_config`), what the app
-    runs, and "quest-topp" those settings with the adaptive budget `top_p` (the budget its most, the config's
-    min_budget its fewest tokens)."""
+    runs, "quest-topp" those settings with the adaptive budget `top_p` (the budget its most, the config's
+    min_budget its fewest tokens) and "oracle-default" the oracle on those settings' pages."""
     configs = {"quest": dict(mode="quest"), "quest-max": dict(mode="quest", group_rule="max"),
                "quest-mass": dict(mode="quest", group_rule="mass"), "quest-p8": dict(mode="quest", page_size=8),
                "quest-p4": dict(mode="quest", page_size=4),
@@ -22,10 +22,14 @@ def methods(budgets: list[int], names=NAMES, model_config=None, top_p: float | N
                "oracle": dict(mode="oracle")}
     if "quest-topp" in names and top_p is None:
         raise ValueError("the method quest-topp needs top_p, the adaptive budget's share")
-    rows = [("dense", 0, DENSE[1])]
-    for budget in budgets:
-        model_default = {"quest-default": default_config(model_config, budget=budget),
-                         "quest-topp": default_config(model_config, budget=budget, top_p=top_p)}
-        rows += [(name, budget, model_default[name] if name in model_default
-                  else QuestConfig(budget=budget, **configs[name])) for name in names]
-    return rows
+
+    def config(name: str, budget: int) -> QuestConfig:
+        if name == "quest-default":
+            return default_config(model_config, budget=budget)
+        if name == "quest-topp":
+            return default_config(model_config, budget=budget, top_p=top_p)
+        if name == "oracle-default":
+            return default_config(model_config, budget=budget, mode="oracle")
+        return QuestConfig(budget=budget, **configs[name])
+
+    return [("dense", 0, DENSE[1])] + [(name, budget, config(name, budget)) for budget in budgets for name in names]

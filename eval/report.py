@@ -58,7 +58,8 @@ SETTINGS = dict(fillers=list(REPORT_TEXTS), prompt="chat", contexts=[1536, 2048,
                 qa_methods=["quest-default"], qa_budgets=[128, 256, 1024], qa_max_new_tokens=24)
 LABELS = {"dense": "dense", "quest-default": "Quest, model default (pages of 4, rule mass)",
           "quest-topp": "Quest, model default, adaptive budget (top-p; budget: the most)",
-          "quest": "Quest, pages of 16, rule sum", "streaming": "StreamingLLM (pages of 16)"}
+          "quest": "Quest, pages of 16, rule sum", "streaming": "StreamingLLM (pages of 16)",
+          "oracle-default": "oracle: the pages of 4 holding the most dense attention"}
 
 
 def report_texts() -> dict[str, str]:
@@ -157,7 +158,8 @@ def run_part(model, tokenizer, part: str, settings: dict, out: Path = OUT, shard
                                       settings["ppl_scored"], methods(settings["ppl_budgets"], settings["methods"],
                                                                       model.config, settings["top_p"]), log=log)
     else:  # the documents' shard, saved after every question
-        extra = "budgets-" if settings["qa_budgets"] != SETTINGS["qa_budgets"] else ""
+        extra = ("budgets-" if settings["qa_budgets"] != SETTINGS["qa_budgets"] else "") + (
+            "methods-" if settings["qa_methods"] != SETTINGS["qa_methods"] else "")
         part = f"agreement-{extra}{shard[0]}"
         documents = list(agreement.QUESTIONS)[shard[0]::shard[1]]
         rows = agreement.run(model, tokenizer, methods(settings["qa_budgets"], settings["qa_methods"], model.config),
@@ -409,10 +411,11 @@ mean of each window's ratio to dense's perplexity on the same window, ± its sta
 {questions} questions over {len(documents)} documents ({', '.join(documents)}: the first two are the app's
 samples, of the tuning split; each as the app loads it, its head where it is longer than the context), answered
 with the chat decoding defaults (`Decoding()`: greedy, repetition penalty 1.2) through `Session`, at most
-{settings['qa_max_new_tokens']} new tokens, by dense attention and by Quest with the model's default settings.
-First divergent token: 0-based position of the first token where the answer differs from dense's. ROUGE-L:
-F-measure of the longest common subsequence of lowercased words. Questions and answers:
-`results/report/agreement-*.json`.
+{settings['qa_max_new_tokens']} new tokens, by dense attention, by Quest with the model's default settings and by
+the oracle (per KV head, the pages of 4 holding the most dense attention: the best recall any selection of that
+many pages has; it tells what the budget costs from what Quest's page scores cost). First divergent token: 0-based
+position of the first token where the answer differs from dense's. ROUGE-L: F-measure of the longest common
+subsequence of lowercased words. Questions and answers: `results/report/agreement-*.json`.
 
 {agreement_table(qa_runs)}
 
@@ -432,6 +435,8 @@ def main():
     parser.add_argument("--depths", help="comma-separated depths for the passkey part (default: SETTINGS['depths'])")
     parser.add_argument("--qa-budgets", help="comma-separated budgets for the agreement part (default: "
                         "SETTINGS['qa_budgets'])")
+    parser.add_argument("--qa-methods", help="comma-separated methods for the agreement part (default: "
+                        "SETTINGS['qa_methods']; oracle-default is the ceiling of any page selection)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--dtype", default="fp32")
@@ -446,6 +451,8 @@ def main():
     settings = dict(SETTINGS, depths=[float(d) for d in args.depths.split(",")]) if args.depths else SETTINGS
     if args.qa_budgets:
         settings = dict(settings, qa_budgets=[int(b) for b in args.qa_budgets.split(",")])
+    if args.qa_methods:
+        settings = dict(settings, qa_methods=args.qa_methods.split(","))
     model, tokenizer = load_model(dtype=args.dtype, device=args.device)
     run_part(model, tokenizer, args.part, settings, args.out, shard, fillers,
              log=lambda message: print(time.strftime("%H:%M:%S"), message, flush=True))

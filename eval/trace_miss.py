@@ -1,7 +1,8 @@
 """Issue 15 item 5, a first look: the two report-split passkeys that Quest (model default) misses at budget 128 while
 dense attention finds them, both in the Britannica text at 7.5K tokens. The key's tokens are forced one step at a
 time; each step prints the probability of the right token at budgets 128 and 256 and how many (sparse layer, KV
-head) pairs read a page holding the digit to copy next, in either mention of the key (the last step has none: 0).
+head) pairs read a page holding the token to copy next (the space before the key, then its digits), in either mention
+of the key.
 
     python -m eval.trace_miss     # about 3 minutes on one thread
 """
@@ -39,7 +40,7 @@ def main():
                 logits = forward(model, cache, torch.tensor([[token]]), cache_argument(model))
                 selected = cache.trace.end_step(cache.length, 0.0, model.config.num_hidden_layers).selected_pages
                 wanted = forced[step + 1]
-                targets = [m + step for m in mentions] if step < 5 else []  # the digit to copy next
+                targets = [m + step - 1 for m in mentions]  # the token to copy next: the space, then a digit
                 pages = {t // config.page_size for t in targets}
                 sparse = [layer for layer in range(selected.shape[0]) if selected[layer, 0, 0] >= 0]
                 hits = sum(any(int(p) in pages for p in selected[layer, head])

@@ -210,16 +210,21 @@ class FlashInferBackend:
             out = wrapper.run(query.reshape(1, num_kv_heads * group, head_dim), (layer.keys, layer.values))
         return out.view(num_kv_heads, group, head_dim)
 
-    def select(self, query: torch.Tensor, layer: PagedLayer, num_selected: int, group_rule: str) -> torch.Tensor:
-        """query [Hkv, G, D] -> one-head page rows [Hkv, k] int32 (`layer.one_head_rows`), the current page last."""
-        if self.score_topk is not None and layer.head_dim % 4 == 0 and (group_rule != "mass" or query.shape[1] <= 32):
+    def select(self, query: torch.Tensor, layer: PagedLayer, num_selected: int, group_rule: str,
+               sink_pages: int = 0) -> torch.Tensor:
+        """query [Hkv, G, D] -> one-head page rows [Hkv, k] int32 (`layer.one_head_rows`), the current page last.
+        Sink pages (QuestConfig.sink_pages) run on the torch twin: our scorer does not keep them yet. It would take
+        a sink count s, write rows 0..s-1 to the first s slots and leave pages [0, s) out of its top-k, as it does
+        the current page (the sparse decode kernel reads any rows)."""
+        if self.score_topk is not None and layer.head_dim % 4 == 0 and (group_rule != "mass" or query.shape[1] <= 32) \
+                and not sink_pages:
             rows = self._rows(self._state(layer.keys.device), layer.num_kv_heads, num_selected)
             if layer.device_length is not None:  # captured: the kernel reads the length on the GPU
                 return self.score_topk(query, layer.page_bounds, layer.capacity_pages, num_selected, rows,
                                        layer.device_length, layer.page_size, group_rule)
             return self.score_topk(query, layer.page_bounds, layer.num_pages, num_selected, rows,
                                    page_size=layer.page_size, group_rule=group_rule)
-        return layer.one_head_rows(self.reference.select(query, layer, num_selected, group_rule)).int()
+        return layer.one_head_rows(self.reference.select(query, layer, num_selected, group_rule, sink_pages)).int()
 
     def select_baseline(self, mode, query, layer, num_selected, scaling):
         return layer.one_head_rows(self.reference.select_baseline(mode, query, layer, num_selected, scaling)).int()

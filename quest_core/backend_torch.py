@@ -46,17 +46,19 @@ class TorchBackend:
         keys, values = layer.dense()
         return _attend(query, keys, values, scaling)
 
-    def select(self, query: torch.Tensor, layer: PagedLayer, num_selected: int, group_rule: str) -> torch.Tensor:
-        """query [Hkv, G, D] -> Quest's selected page ids [Hkv, k], current page last."""
+    def select(self, query: torch.Tensor, layer: PagedLayer, num_selected: int, group_rule: str,
+               sink_pages: int = 0) -> torch.Tensor:
+        """query [Hkv, G, D] -> Quest's selected page ids [Hkv, k], current page last (the first sink_pages pages
+        among the others)."""
         scores, num_pages = _scores(query, layer, group_rule)
-        return select_pages(scores, num_selected, num_pages)
+        return select_pages(scores, num_selected, num_pages, sink_pages)
 
     def select_top_p(self, query: torch.Tensor, layer: PagedLayer, top_p: float, min_pages: int,
-                     max_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     max_pages: int, sink_pages: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """query [Hkv, G, D] -> (page ids [Hkv, max_pages], current page last; page_counts [Hkv]): the adaptive
         budget (selection.select_top_p) on the "mass" rule's estimate of each page's share of the attention."""
         scores, num_pages = _scores(query, layer, "mass")
-        return select_top_p(scores / query.shape[1], top_p, min_pages, max_pages, num_pages)
+        return select_top_p(scores / query.shape[1], top_p, min_pages, max_pages, num_pages, sink_pages)
 
     def select_baseline(self, mode: str, query: torch.Tensor, layer: PagedLayer, num_selected: int,
                         scaling: float) -> torch.Tensor:

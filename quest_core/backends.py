@@ -41,11 +41,13 @@ class AttentionBackend(Protocol):
     def decode_dense(self, query: torch.Tensor, layer: PagedLayer, scaling: float) -> torch.Tensor:
         """query [Hkv, G, D] -> out [Hkv, G, D] over every stored token."""
 
-    def select(self, query: torch.Tensor, layer: PagedLayer, num_selected: int, group_rule: str) -> torch.Tensor:
-        """query [Hkv, G, D] -> Quest's selection [Hkv, k] (in the backend's own form), current page last."""
+    def select(self, query: torch.Tensor, layer: PagedLayer, num_selected: int, group_rule: str,
+               sink_pages: int = 0) -> torch.Tensor:
+        """query [Hkv, G, D] -> Quest's selection [Hkv, k] (in the backend's own form), current page last; the first
+        sink_pages pages always among the others."""
 
     def select_top_p(self, query: torch.Tensor, layer: PagedLayer, top_p: float, min_pages: int,
-                     max_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     max_pages: int, sink_pages: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Backends with adaptive_budget: query [Hkv, G, D] -> (a selection [Hkv, max_pages], current page last;
         page_counts [Hkv], the pages each head reads: its first page_counts - 1 slots and the last)."""
 

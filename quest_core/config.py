@@ -21,6 +21,10 @@ class QuestConfig:
                                 # estimated share of its group's attention (the "mass" rule's, whatever group_rule
                                 # says) until the pages read hold p of it, from `min_budget` up to `budget` tokens
     min_budget: int = 64       # with top_p: the fewest tokens a KV head reads (16 pages of 4, 4 pages of 16)
+    sink_pages: int = 0        # mode "quest": the first pages (the first tokens, where many heads park their
+                               # attention: attention sinks) are always read, out of the budget (as many as it
+                               # holds beside the current page and one chosen page, and with top_p as many as
+                               # min_budget holds)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -34,6 +38,8 @@ class QuestConfig:
                              "the current page and one chosen page")
         if self.dense_layers < 0:
             raise ValueError(f"dense_layers must be >= 0, got {self.dense_layers}")
+        if self.sink_pages < 0:
+            raise ValueError(f"sink_pages must be >= 0, got {self.sink_pages}")
         if self.top_p is not None:
             self._check_top_p()
 
@@ -69,8 +75,10 @@ def default_config(model_config, **changes) -> QuestConfig:
     """A model's Quest settings (from its transformers config), with `changes` (None keeps a value) on top: what
     every entry point (app, CLI, `Session`, warm-up, benches, eval) starts from. Keys of 64 dims give loose page
     bounds: on the default model Quest needs pages of 4 tokens and the "mass" group rule to find the passkeys dense
-    attention finds at small budgets (eval/RESULTS.md). Larger heads keep the paper's pages of 16 and the rule sum,
-    which the fused GPU scorer runs."""
+    attention finds at small budgets (eval/RESULTS.md). Larger heads keep the paper's pages of 16 and the rule sum.
+    `sink_pages` stays 0: keeping the first page fixed 2 of 4 misses at budget 128 on the tuning split (13/16 against
+    11/16; eval/RESULTS.md), not yet measured on the report split, and on a GPU it selects on the torch twin
+    instead of our fused scorer."""
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
     config = QuestConfig(page_size=4, group_rule="mass") if head_dim <= 64 else QuestConfig()
     return config.with_changes(**changes)

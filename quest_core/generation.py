@@ -1,5 +1,6 @@
 """The token loop: chunked prefill, then one forward per new token. Batch size 1, any transformers decoder
-switched to the quest attention (see `hf.use_quest`)."""
+switched to the quest attention (see `hf.use_quest`); `next_token` is the choice of a token from a step's logits,
+the same here and in the batched engine (quest_core/engine.py)."""
 import torch
 from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
@@ -43,11 +44,8 @@ def decode(model, cache: QuestCache, logits: torch.Tensor, max_new_tokens: int, 
         return
     answer_ids = torch.empty(1, 0, dtype=torch.long, device=device)
     for index in range(max_new_tokens):
-        if index < min_new_tokens and stop_ids:
-            logits[stop_ids] = -float("inf")
-        if processors:
-            logits = processors(answer_ids, logits[None])[0]
-        token_id = int(sample(logits, temperature, top_p, generator))
+        token_id = next_token(logits, answer_ids, index, stop_ids, min_new_tokens, temperature, top_p, generator,
+                              processors)
         if token_id in stop_ids:
             return
         yield token_id
@@ -59,6 +57,18 @@ def decode(model, cache: QuestCache, logits: torch.Tensor, max_new_tokens: int, 
             logits = graph.step(token_id)
         else:
             logits = forward(model, cache, torch.tensor([[token_id]], device=device), cache_arg)
+
+
+def next_token(logits: torch.Tensor, answer_ids: torch.Tensor, index: int, stop_ids: list[int],
+               min_new_tokens: int = 0, temperature: float = 0.0, top_p: float = 1.0, generator=None,
+               processors: LogitsProcessorList | None = None) -> int:
+    """The answer's token number `index` from logits [vocab] (changed in place): stop ids barred before
+    `min_new_tokens`, `processors` on the answer's ids [1, index], then `sample`."""
+    if index < min_new_tokens and stop_ids:
+        logits[stop_ids] = -float("inf")
+    if processors:
+        logits = processors(answer_ids, logits[None])[0]
+    return int(sample(logits, temperature, top_p, generator))
 
 
 def answer_processors(repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> LogitsProcessorList:

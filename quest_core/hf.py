@@ -5,12 +5,16 @@ transformers' `AttentionInterface` (plus a mask function that builds no mask: th
 from the cache) and switches the model to it. A forward call then passes the same `QuestCache` twice, as the
 model's cache (transformers appends K/V through `Cache.update`) and as the `quest_cache` keyword, which
 transformers hands on to the attention function untouched (5.17 through 5.24 alike).
+
+A decode step over several requests (quest_core/engine.py) passes a `BatchCache` instead: row b of the batch
+appends to request b's own QuestCache, and the attention runs per request on its own pages and settings; the
+weights, projections and MLP run once for the whole batch.
 """
 import inspect
 
 import torch
 from transformers import AttentionInterface
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 
 from .backend_torch import TorchBackend
@@ -65,17 +69,71 @@ class QuestCache(Cache):
                              "leave top_p off")
 
 
+class BatchRows(CacheLayerMixin):
+    """One model layer of a `BatchCache`: row b of a decode step's K/V goes to request b's layer."""
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, layers: list[PagedLayer]):
+        super().__init__()
+        self.request_layers = layers
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass  # each request's layer initializes itself
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """key_states, value_states [B, Hkv, 1, D]; returns them (the attention reads each request's pages)."""
+        for row, layer in enumerate(self.request_layers):
+            layer.update(key_states[row:row + 1], value_states[row:row + 1])
+        return key_states, value_states
+
+    # The requests have lengths of their own (forward_batch passes their positions); transformers reads these
+    # only to size the mask, which the quest attention does not build (`_no_mask`).
+    def get_seq_length(self, *args) -> int:
+        return 0
+
+    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        return query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class BatchCache(Cache):
+    """A decode step's requests, one QuestCache each (row b of the batch is `caches[b]`)."""
+
+    def __init__(self, caches: list[QuestCache]):
+        num_layers = len(caches[0].layers)
+        super().__init__(layers=[BatchRows([cache.layers[i] for cache in caches]) for i in range(num_layers)])
+        self.caches = caches
+
+    @torch.compiler.disable
+    def update(self, *args, **kwargs):
+        return super().update(*args, **kwargs)
+
+
 UNSUPPORTED_KWARGS = {"softcap": "attention logit soft-capping", "sliding_window": "sliding-window attention",
                       "s_aux": "attention sinks"}
 
 
 def quest_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, quest_cache=None, **kwargs):
-    """query [1, Hq, T, D] -> (out [1, T, Hq, D], None). `key`/`value` are the layer's pages, already appended."""
+    """query [B, Hq, T, D] -> (out [B, T, Hq, D], None). The K/V are already appended to the cache's pages;
+    `quest_cache` is a QuestCache (B = 1) or a BatchCache (T = 1, each row attends to its own request's cache)."""
     if quest_cache is None:
         raise ValueError("the 'quest' attention needs the model called with quest_cache=<QuestCache>")
     for name, feature in UNSUPPORTED_KWARGS.items():
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"the quest attention does not implement {feature} ({name}={kwargs[name]!r})")
+    if isinstance(quest_cache, BatchCache):
+        rows = [_request_attention(module, query[row:row + 1], scaling, cache)
+                for row, cache in enumerate(quest_cache.caches)]
+        return torch.cat(rows), None
+    return _request_attention(module, query, scaling, quest_cache), None
+
+
+def _request_attention(module, query: torch.Tensor, scaling: float | None, quest_cache: QuestCache) -> torch.Tensor:
+    """One request's attention: query [1, Hq, T, D] -> out [1, T, Hq, D] over its cache, with its settings."""
     layer_idx = module.layer_idx
     layer = quest_cache.layers[layer_idx]
     config, backend, trace = quest_cache.config, quest_cache.backend, quest_cache.trace
@@ -83,7 +141,7 @@ def quest_attention(module, query, key, value, attention_mask, scaling=None, dro
     scaling = head_dim**-0.5 if scaling is None else scaling
     if num_new > 1:  # prefill is dense
         out = backend.prefill(query[0], layer, scaling)  # [Hq, T, D]
-        return out.transpose(0, 1).unsqueeze(0), None
+        return out.transpose(0, 1).unsqueeze(0)
     grouped_query = query[0, :, 0].view(layer.num_kv_heads, -1, head_dim)  # [Hkv, G, D]
     started = trace.start_attention(query.device) if trace is not None else None
     selected_pages = page_counts = None
@@ -95,18 +153,20 @@ def quest_attention(module, query, key, value, attention_mask, scaling=None, dro
         if selected_pages is not None:
             selected_pages = backend.page_ids(selected_pages, layer)
         trace.record_layer(layer_idx, layer, selected_pages, grouped_query, scaling, started, page_counts)
-    return out.reshape(1, 1, num_heads, head_dim), None
+    return out.reshape(1, 1, num_heads, head_dim)
 
 
 def _decode_sparse(config: QuestConfig, backend, query: torch.Tensor, layer: PagedLayer, scaling: float):
     """query [Hkv, G, D] -> (out [Hkv, G, D], the selection [Hkv, k], page_counts [Hkv] with top_p, else None)."""
     num_selected = config.budget_pages
     if config.top_p is not None:  # mode "quest" (QuestConfig refuses top_p with the baselines)
+        sink_pages = min(config.sink_pages, config.min_budget_pages - 2)  # room for the current and a chosen page
         selected, page_counts = backend.select_top_p(query, layer, config.top_p, config.min_budget_pages,
-                                                     num_selected)
+                                                     num_selected, sink_pages)
         return backend.decode_sparse(query, layer, selected, scaling, page_counts), selected, page_counts
     if config.mode == "quest":
-        selected = backend.select(query, layer, num_selected, config.group_rule)
+        sink_pages = min(config.sink_pages, num_selected - 2)  # room for the current page and a chosen page
+        selected = backend.select(query, layer, num_selected, config.group_rule, sink_pages)
     else:
         selected = backend.select_baseline(config.mode, query, layer, num_selected, scaling)
     return backend.decode_sparse(query, layer, selected, scaling), selected, None
@@ -169,3 +229,20 @@ def forward(model, cache: QuestCache, input_ids: torch.Tensor, cache_arg: str, p
         **{cache_arg: cache},
     )
     return output.logits[0, -1].float()
+
+
+def forward_batch(model, caches: list[QuestCache], token_ids: list[int], cache_arg: str) -> torch.Tensor:
+    """One decode step for several requests: token_ids[b] after caches[b]'s tokens, at its own position; returns
+    the logits [B, vocab] in float32."""
+    device = next(model.parameters()).device
+    position_ids = torch.tensor([[cache.length] for cache in caches], device=device)  # [B, 1]
+    batch = BatchCache(caches)
+    output = model(
+        input_ids=torch.tensor(token_ids, device=device)[:, None],  # [B, 1]
+        position_ids=position_ids,
+        use_cache=True,
+        logits_to_keep=1,
+        quest_cache=batch,
+        **{cache_arg: batch},
+    )
+    return output.logits[:, -1].float()

@@ -38,15 +38,19 @@ def page_scores(query: torch.Tensor, page_bounds: torch.Tensor, group_rule: str 
     return scores.amax(dim=1)
 
 
-def select_pages(scores: torch.Tensor, num_selected: int, num_pages: torch.Tensor | None = None) -> torch.Tensor:
+def select_pages(scores: torch.Tensor, num_selected: int, num_pages: torch.Tensor | None = None,
+                 sink_pages: int = 0) -> torch.Tensor:
     """scores [Hkv, pages] -> selected page ids [Hkv, k], k = min(num_selected, pages).
 
     The last page (the current one, which holds the newest token) is always selected and always last;
-    the others are the top-(k-1) of the full pages by score, in no particular order.
+    the others are the top-(k-1) of the full pages by score, in no particular order, the first sink_pages pages
+    (attention sinks) among them whatever they score (k > sink_pages + 1 where pages > num_selected).
     num_pages, a one-element long tensor (see `page_scores`): the pages in use are the first num_pages of
     `scores`, more than num_selected of them.
     """
     num_kv_heads, capacity = scores.shape
+    if sink_pages:
+        scores = scores.masked_fill(_page_index(scores) < sink_pages, torch.inf)
     if num_pages is not None:  # no host sync: the current page's index stays on the device
         selected = scores.new_empty((num_kv_heads, num_selected), dtype=torch.long)
         full_pages = scores.masked_fill(_page_index(scores) >= num_pages - 1, -torch.inf)
@@ -61,7 +65,7 @@ def select_pages(scores: torch.Tensor, num_selected: int, num_pages: torch.Tenso
 
 
 def select_top_p(shares: torch.Tensor, top_p: float, min_pages: int, max_pages: int,
-                 num_pages: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 num_pages: torch.Tensor | None = None, sink_pages: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """shares [Hkv, pages]: each page's estimated share of its group's attention (rows sum to 1) ->
     (selected [Hkv, max_pages] page ids, page_counts [Hkv] long).
 
@@ -71,12 +75,19 @@ def select_top_p(shares: torch.Tensor, top_p: float, min_pages: int, max_pages: 
     full pages in decreasing share, then the current page: a head reads its first page_counts - 1 slots and the
     last (`read_slots`). A fixed width with the counts on the device: no host sync.
     num_pages, a one-element long tensor (see `page_scores`): the pages in use are the first num_pages of
-    `shares`; at least max_pages of them.
+    `shares`; at least max_pages of them. sink_pages: the first pages (attention sinks) are read first, whatever
+    their share (min_pages > sink_pages).
     """
     num_kv_heads, capacity = shares.shape
     in_use = capacity if num_pages is None else num_pages
     full_pages = shares.masked_fill(_page_index(shares) >= in_use - 1, -torch.inf)
-    top_shares, top_pages = torch.topk(full_pages, max_pages - 1, dim=1)  # [Hkv, max_pages - 1], decreasing
+    if sink_pages:
+        top_pages = torch.topk(full_pages.masked_fill(_page_index(shares) < sink_pages, torch.inf), max_pages - 1,
+                               dim=1).indices  # the sinks first, then decreasing
+        top_shares = shares.gather(1, top_pages)
+        min_pages = max(min_pages, sink_pages + 1)
+    else:
+        top_shares, top_pages = torch.topk(full_pages, max_pages - 1, dim=1)  # [Hkv, max_pages - 1], decreasing
     current = (torch.full((num_kv_heads, 1), capacity - 1, device=shares.device) if num_pages is None
                else (num_pages - 1).view(1, 1).expand(num_kv_heads, 1))  # [Hkv, 1]
     selected = torch.cat([top_pages, current], dim=1)

@@ -3,7 +3,9 @@
 `ingest(document)` prefills the document once. `ask(question)` renders the conversation through the chat
 template, prefills only the tokens the cache does not already hold (the longest common prefix is reused), then
 streams the answer token by token. Mode, budget, page size and dense layers may change between questions
-without touching the document's KV.
+without touching the document's KV. The model work runs on an `Engine` (quest_core/engine.py): the sessions of one
+engine (`engine.session()`) answer together, in one batched decode step; a session made alone gets an engine of
+its own.
 """
 import threading
 import time
@@ -12,8 +14,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .config import Decoding, QuestConfig, default_config
-from .generation import answer_processors, decode, prefill
-from .hf import QuestCache, use_quest
+from .engine import Engine, Progress, Request
+from .generation import answer_processors
+from .hf import QuestCache
 from .trace import StepTrace, Trace, mean_pages_read
 
 QUESTION_MARK = "\x00QUESTION\x00"  # stands for the first question while the document alone is prefilled
@@ -121,14 +124,14 @@ def cut_document(tokenizer, model_config, text: str, keep: str) -> str:
 class Session:
     def __init__(self, model, tokenizer, config: QuestConfig | None = None, backend=None,
                  decoding: Decoding | None = None, system_prompt: str | None = DEFAULT_SYSTEM,
-                 prefill_chunk: int = 512):
-        """config None: the model's own settings (`default_config`); decoding None: `Decoding()`."""
-        use_quest(model)
+                 prefill_chunk: int = 512, engine: Engine | None = None):
+        """config None: the model's own settings (`default_config`); decoding None: `Decoding()`. engine None: one
+        of its own, on `backend` (an engine's sessions use the engine's backend)."""
+        self.engine = engine or Engine(model, tokenizer, backend)
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
-        self.num_layers = model.config.num_hidden_layers
         self.max_context = max_context(model.config)
-        self.cache = QuestCache(self.num_layers, config or default_config(model.config), backend)
+        self.cache = self.engine.new_cache(config or default_config(model.config))
         self.decoding = decoding or Decoding()
         self.system_prompt = system_prompt
         self.prefill_chunk = prefill_chunk
@@ -138,7 +141,8 @@ class Session:
         self.turns: list[Turn] = []
         self.token_ids: list[int] = []  # exactly the tokens whose KV is in the cache
         self.last_run: RunStats | None = None
-        self._cancel = threading.Event()
+        self._cancel = threading.Event()  # the current answer's: set, it ends after its current token
+        self._request: Request | None = None  # the current answer's, in the engine
         self._lock = threading.RLock()  # held while the cache or the conversation changes, never across a yield
         self._answering = False  # a stream is open (it may be suspended: a consumer that stopped reading)
         self._epoch = 0  # bumped by ingest, reset and new_chat: an older stream no longer writes its turn
@@ -168,6 +172,12 @@ class Session:
     def cancel(self) -> None:
         """Stop the answer being generated (from any thread) after its current token."""
         self._cancel.set()
+
+    def _stop_answer(self) -> None:
+        """Cancel the answer, if any, and wait until the engine has let go of its cache (at most one step)."""
+        self.cancel()
+        if self._request is not None:
+            self._request.close()
 
     # ---- prompt rendering ----
 
@@ -256,8 +266,9 @@ class Session:
 
     # ---- the KV cache ----
 
-    def _prefill(self, token_ids: list[int], progress=None) -> tuple[torch.Tensor, int]:
-        """Bring the cache to `token_ids`, reusing the longest cached prefix: (last position's logits, reused)."""
+    def _reuse(self, token_ids: list[int]) -> int:
+        """Cut the cache back to the longest prefix of `token_ids` it holds (at most all but the last token), for a
+        prefill of the rest; returns that prefix's length."""
         if self.max_context and len(token_ids) >= self.max_context:
             raise ContextFullError(
                 f"the conversation needs {len(token_ids)} tokens but the model's context is {self.max_context}"
@@ -267,13 +278,17 @@ class Session:
             reused += 1
         self.cache.truncate(reused)
         self.token_ids = token_ids[:reused]
-        try:
-            logits = prefill(self.model, self.cache, token_ids[reused:], self.prefill_chunk, progress)
-        except BaseException:
-            self.cache.truncate(reused)  # a failed prefill (out of memory, say) leaves the cache as it was
-            raise
+        return reused
+
+    def _prefill(self, token_ids: list[int], progress=None) -> None:
+        """Bring the cache to `token_ids`, reusing the longest cached prefix. A failed prefill (out of memory, say)
+        leaves the cache as it was before it."""
+        reused = self._reuse(token_ids)
+        request = self.engine.submit(Request(self.cache, token_ids[reused:], chunk_size=self.prefill_chunk))
+        for item in request.items():
+            if progress:
+                progress(item.done, item.total)
         self.token_ids = list(token_ids)
-        return logits, reused
 
     @torch.inference_mode()
     def ingest(self, document: str, progress=None) -> IngestStats:
@@ -286,6 +301,7 @@ class Session:
             raise ValueError(f"the document has {fit.tokens:,} tokens; with room for a conversation the model's "
                              f"context takes {fit.max_tokens:,}: keep its head or its tail (cut_document)")
         with self._lock:
+            self._stop_answer()
             self._epoch += 1
             self._answering = False
             self.document, self.turns = document, []
@@ -299,8 +315,8 @@ class Session:
 
     def new_chat(self) -> None:
         """Forget the questions and answers; the document and its KV stay."""
-        self.cancel()
         with self._lock:
+            self._stop_answer()
             self._epoch += 1
             self._answering = False
             self.turns = []
@@ -310,11 +326,11 @@ class Session:
     def reset(self) -> None:
         """Forget the conversation and the document, and free the cached KV. Safe while an answer streams (it
         stops after its current token) or while a stream lies suspended."""
-        self.cancel()
         with self._lock:
+            self._stop_answer()
             self._epoch += 1
             self._answering = False
-            self.cache = QuestCache(self.num_layers, self.config, self.cache.backend)
+            self.cache = self.engine.new_cache(self.config)
             self.document, self.document_tokens, self.turns, self.token_ids = "", 0, [], []
 
     @property
@@ -342,7 +358,7 @@ class Session:
         with self._lock:
             if self._answering:
                 raise RuntimeError("this session is already answering a question")
-            self._cancel.clear()
+            cancel = self._cancel = threading.Event()
             config = self.config
             turns, prompt_ids, max_new_tokens = self._fit(question, decoding.max_new_tokens)
             run = RunStats(config.mode, config.budget, config.page_size, config.dense_layers, config.top_p,
@@ -352,43 +368,49 @@ class Session:
             if decoding.seed is not None:
                 generator = torch.Generator(self.device).manual_seed(decoding.seed)
             started = time.perf_counter()
-            logits, run.reused_tokens = self._prefill(prompt_ids, progress)
+            run.reused_tokens = self._reuse(prompt_ids)
             run.prompt_tokens = len(prompt_ids)
             run.prefill_tokens = run.prompt_tokens - run.reused_tokens
             cache, epoch = self.cache, self._epoch
-            cache.trace = Trace(inspect=inspect) if trace or inspect else None
+            request = self._request = self.engine.submit(Request(
+                cache, prompt_ids[run.reused_tokens:], max_new_tokens, sorted(self.stop_ids), min_new_tokens,
+                decoding.temperature, decoding.top_p, generator,
+                answer_processors(decoding.repetition_penalty, decoding.no_repeat_ngram_size),
+                Trace(inspect=inspect) if trace or inspect else None, cancel, self.prefill_chunk))
             self._answering = True
         new_ids: list[int] = []
         text, last = "", started
-        tokens = decode(self.model, cache, logits, max_new_tokens, self.stop_ids, min_new_tokens,
-                        decoding.temperature, decoding.top_p, generator, self._cancel.is_set,
-                        processors=answer_processors(decoding.repetition_penalty, decoding.no_repeat_ngram_size))
-        completed = False
+        completed = failed = False
         try:
-            for token_id in tokens:
-                now = time.perf_counter()
-                step_trace = None
+            for item in request.items():
+                if isinstance(item, Progress):
+                    if progress:
+                        progress(item.done, item.total)
+                    continue
                 if not new_ids:
-                    run.ttft_s = now - started
-                elif cache.trace is not None:
-                    step_trace = cache.trace.end_step(cache.length, now - last, self.num_layers)
-                new_ids.append(token_id)
+                    run.ttft_s = item.time - started
+                new_ids.append(item.token_id)
                 decoded = self.tokenizer.decode(new_ids, skip_special_tokens=True)
                 piece = "" if decoded.endswith("\ufffd") else decoded[len(text):]
                 text += piece
-                step = Step(len(new_ids) - 1, token_id, piece, now - last, cache.length, step_trace)
+                step = Step(len(new_ids) - 1, item.token_id, piece, item.time - last, item.context_len, item.trace)
                 run.steps.append(step)
                 yield step
-                last = now
+                last = item.time
             completed = True
+        except Exception:
+            failed = True
+            raise
         finally:
-            tokens.close()
-            self._finish(run, cache, epoch, completed, turns, question, prompt_ids, new_ids, keep, last - started)
+            request.close()
+            self._finish(run, cache, epoch, completed and not cancel.is_set(), turns, question, prompt_ids,
+                         new_ids, keep and not failed, last - started)
 
     def _finish(self, run: RunStats, cache: QuestCache, epoch: int, completed: bool, turns: list[Turn],
                 question: str, prompt_ids: list[int], new_ids: list[int], keep: bool, elapsed_s: float) -> None:
-        """An answer's totals, and its turn in the conversation unless the session was reset or re-loaded since."""
-        if not completed or self._cancel.is_set():
+        """An answer's totals, and its turn in the conversation unless the session was reset or re-loaded since.
+        completed False: it was cancelled, or its consumer left."""
+        if not completed:
             run.stop_reason = "cancelled"
         elif len(new_ids) == run.max_new_tokens:
             run.stop_reason = "max_new_tokens"
@@ -408,6 +430,7 @@ class Session:
                 return
             self._answering = False
             self.token_ids = (prompt_ids + new_ids)[: cache.length]  # the last token is never appended
+            cache.truncate(len(self.token_ids))  # the engine may have run ahead of a consumer that stopped reading
             if keep:
                 self.turns = turns + [Turn(question, run.text, new_ids)]
 

@@ -100,6 +100,7 @@ def test_fill_the_context_compare_and_see_where_the_model_looked(app_url, tmp_pa
         page.get_by_role("option", name=WHOLE_PLAY).click()
         page.locator("#doc-info").get_by_text("longer than the context", exact=False).wait_for(timeout=60_000)
         page.get_by_label("keep the head").check()
+        page.locator("#doc-info").get_by_text("keeps its first").wait_for(timeout=60_000)  # the server has the choice
         page.get_by_role("button", name="Load document").click()
         loaded = page.locator("#document").get_by_text("Document · ")  # loaded: the box folds and says so
         loaded.or_(page.locator("#doc-info").get_by_text("Not loaded")).wait_for(timeout=600_000)

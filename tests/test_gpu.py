@@ -8,6 +8,8 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
+from oracles import attention, relative_error  # noqa: E402
+
 from quest_core import kernels  # noqa: E402
 from quest_core.backend_flashinfer import FlashInferBackend  # noqa: E402
 from quest_core.backend_torch import TorchBackend  # noqa: E402
@@ -176,7 +178,7 @@ def test_sparse_decode_equals_attention_over_the_selected_pages(dtype, head_dim,
     generator = torch.Generator().manual_seed(0)
     for k in (1, 2, 9, 300, layer.num_pages - 1):
         rows, pages = selected_rows(layer.num_pages, num_kv_heads, k, generator)
-        expected = reference_attention(query, keys, values, scaling, selected_mask(pages, page_size, length))
+        expected = attention(query, keys, values, scaling, selected_mask(pages, page_size, length), torch.float32)
         for on_gpu in (False, True):
             device_length = torch.tensor([length], device="cuda") if on_gpu else None
             got = decode(query, layer.keys, layer.values, rows, scaling, length, device_length)
@@ -218,17 +220,6 @@ def test_sparse_decode_replayed_in_a_cuda_graph():
         assert torch.equal(out, expected)
 
 
-def reference_attention(query, keys, values, scaling, mask=None):
-    logits = torch.einsum("hmd,hsd->hms", query.float(), keys.float()) * scaling
-    if mask is not None:
-        logits = logits.masked_fill(~mask, -float("inf"))
-    return torch.einsum("hms,hsd->hmd", logits.softmax(-1), values.float())
-
-
-def relative_error(got, expected):
-    return ((got.float() - expected).norm() / expected.norm()).item()
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("group", [7, 12])  # 12: more than our sparse kernel takes, FlashInfer's sparse decode
@@ -239,7 +230,7 @@ def test_flashinfer_attention_against_fp32(dtype, head_dim, group):
     query = torch.randn(4, group, head_dim, device="cuda").to(dtype)
     scaling = head_dim ** -0.5
     dense = backend.decode_dense(query, layer, scaling)
-    assert relative_error(dense, reference_attention(query, keys, values, scaling)) <= 1e-2
+    assert relative_error(dense, attention(query, keys, values, scaling, dtype=torch.float32)) <= 1e-2
 
     rows = backend.select(query, layer, 32, "mass" if group == 7 else "max")  # our scorer
     pages = backend.page_ids(rows, layer)
@@ -248,13 +239,13 @@ def test_flashinfer_attention_against_fp32(dtype, head_dim, group):
     for h in range(4):
         for p in pages[h].tolist():
             mask[h, 0, p * 16:(p + 1) * 16] = True
-    assert relative_error(sparse, reference_attention(query, keys, values, scaling, mask)) <= 1e-2
+    assert relative_error(sparse, attention(query, keys, values, scaling, mask, torch.float32)) <= 1e-2
 
     prefill_query = torch.randn(4 * group, 50, head_dim, device="cuda").to(dtype)  # the last 50 tokens
     got = backend.prefill(prefill_query, layer, scaling)
     causal = torch.arange(3001, device="cuda") <= torch.arange(2951, 3001, device="cuda")[:, None]
-    expected = reference_attention(prefill_query.view(4, group * 50, head_dim), keys, values, scaling,
-                                   causal.repeat(group, 1)).view(4 * group, 50, head_dim)
+    expected = attention(prefill_query.view(4, group * 50, head_dim), keys, values, scaling,
+                         causal.repeat(group, 1), torch.float32).view(4 * group, 50, head_dim)
     assert relative_error(got, expected) <= 1e-2
 
 

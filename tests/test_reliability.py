@@ -22,7 +22,7 @@ import torch
 from gradio_client import Client, handle_file
 from pypdf import PdfWriter
 
-import quest_core.session as session_module
+import quest_core.engine as engine_module
 from app.layout import build_app
 from app.sessions import ChatState
 from app.views import backend_text
@@ -370,15 +370,14 @@ def test_a_path_in_the_file_name_is_dropped_and_nothing_is_written_outside_the_u
 
 def test_out_of_memory_during_prefill_is_a_clear_message_and_the_session_recovers(app, client, hamlet, monkeypatch):
     demo, _ = app
-    real_prefill = session_module.prefill
+    real_forward = engine_module.forward
 
-    def prefill_out_of_memory(model, cache, token_ids, chunk_size=512, progress=None):
-        if len(token_ids) < 1000:
-            return real_prefill(model, cache, token_ids, chunk_size, progress)
-        real_prefill(model, cache, token_ids[:64], chunk_size)  # some KV is written before memory runs out
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    def forward_out_of_memory(model, cache, input_ids, cache_arg):
+        if cache.length >= 512:  # a chunk of KV is written before memory runs out
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_forward(model, cache, input_ids, cache_arg)
 
-    monkeypatch.setattr(session_module, "prefill", prefill_out_of_memory)
+    monkeypatch.setattr(engine_module, "forward", forward_out_of_memory)  # the engine's prefill chunks
     assert load(client, SMALL_TEXT).startswith("Loaded")
     assert "Out of memory while prefilling" in load(client, hamlet(1500))
     state = server_state(demo, client)

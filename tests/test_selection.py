@@ -1,10 +1,12 @@
 """Page scores bound q.k from above; selection is the brute-force top-k plus the current page."""
 import math
 
+import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from quest_core.config import QuestConfig
 from quest_core.paged_cache import PagedLayer
 from quest_core.selection import page_scores, select_pages
 
@@ -61,6 +63,38 @@ def test_selection_is_top_k_plus_current_page(num_pages, budget_pages, seed):
         assert len(others) == k - 1 and num_pages - 1 not in others
         expected = set(scores[h, :-1].argsort(descending=True)[: k - 1].tolist())
         assert others == expected
+
+
+def brute_force_selection(scores, num_selected, sink_pages):
+    """scores [pages] of one KV head -> the set of pages Quest reads, from the definition: the current page, the
+    sink pages, and the best-scored other pages up to num_selected."""
+    current = len(scores) - 1
+    others = sorted(range(sink_pages, current), key=lambda page: -float(scores[page]))
+    return {current, *range(sink_pages), *others[:num_selected - 1 - sink_pages]}
+
+
+@settings(max_examples=40, deadline=None)
+@given(num_pages=st.integers(4, 60), sink_pages=st.integers(1, 3), seed=st.integers(0, 10_000), data=st.data())
+def test_sink_pages_are_always_selected_and_the_rest_is_top_k(num_pages, sink_pages, seed, data):
+    assume(num_pages > sink_pages + 2)
+    budget_pages = data.draw(st.integers(sink_pages + 2, num_pages - 1), label="budget_pages")
+    scores = torch.randn(3, num_pages, generator=torch.Generator().manual_seed(seed))
+    scores[:, :sink_pages] -= 10  # sinks that would lose on their scores
+    selected = select_pages(scores, budget_pages, sink_pages=sink_pages)
+    padded = torch.nn.functional.pad(scores, (0, 7), value=-math.inf)  # the captured-graph form
+    captured = select_pages(padded, budget_pages, torch.tensor([num_pages]), sink_pages)
+    assert selected.shape == captured.shape == (3, budget_pages)
+    assert (selected[:, -1] == num_pages - 1).all() and (captured[:, -1] == num_pages - 1).all()
+    for h in range(3):
+        expected = brute_force_selection(scores[h], budget_pages, sink_pages)
+        assert set(selected[h].tolist()) == expected == set(captured[h].tolist())
+        assert len(set(selected[h].tolist())) == budget_pages  # no page twice
+
+
+def test_sink_pages_are_checked():
+    assert QuestConfig(budget=8, page_size=4, sink_pages=2).budget_pages == 2  # attention reads fewer: room for 0
+    with pytest.raises(ValueError):
+        QuestConfig(sink_pages=-1)
 
 
 @settings(max_examples=40, deadline=None)

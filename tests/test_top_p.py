@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from oracles import attention, relative_error
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from app import handlers
@@ -33,24 +34,13 @@ def filled_layer(length, page_size, seed=0):
     return layer, keys[0], values[0]
 
 
-def reference(query, keys, values, scaling, mask=None):
-    """query [Hkv, G, D], keys/values [Hkv, S, D], mask [Hkv, 1, S] -> softmax(q k^T) v in float64."""
-    logits = torch.einsum("hgd,hsd->hgs", query.double(), keys.double()) * scaling
-    if mask is not None:
-        logits = logits.masked_fill(~mask, -float("inf"))
-    return torch.einsum("hgs,hsd->hgd", logits.softmax(-1), values.double())
-
-
-def relative_error(got, expected):
-    return ((got.double() - expected).norm() / expected.norm()).item()
-
-
-def brute_force_top_p(shares, top_p, min_pages, max_pages):
-    """shares [pages] of one KV head -> the set of pages it reads, from the definition, in float64."""
+def brute_force_top_p(shares, top_p, min_pages, max_pages, sink_pages=0):
+    """shares [pages] of one KV head -> the set of pages it reads, from the definition, in float64: the current
+    page, the sink pages, then pages in decreasing share."""
     current = len(shares) - 1
-    others = sorted(range(current), key=lambda page: -float(shares[page]))
+    others = sorted(range(current), key=lambda page: (page >= sink_pages, -float(shares[page])))
     read, share = [current], float(shares[current])
-    while others and (share < top_p or len(read) < min_pages) and len(read) < max_pages:
+    while others and (share < top_p or len(read) < max(min_pages, sink_pages + 1)) and len(read) < max_pages:
         page = others.pop(0)
         read.append(page)
         share += float(shares[page])
@@ -63,10 +53,11 @@ def read_pages(selected, page_counts):
     return [set(selected[h][slots[h]].tolist()) for h in range(selected.shape[0])]
 
 
-def near_a_prefix_sum(shares, top_p, tolerance=1e-5):
+def near_a_prefix_sum(shares, top_p, tolerance=1e-5, sink_pages=0):
     """float32 and float64 sums may disagree on a prefix that reaches p by less than rounding."""
     for row in shares.double():
-        current, others = row[-1], row[:-1].sort(descending=True).values
+        sinks = row[:sink_pages]
+        current, others = row[-1], torch.cat([sinks, row[sink_pages:-1].sort(descending=True).values])
         prefix = current + torch.cat([others.new_zeros(1), others.cumsum(0)])
         if (prefix - top_p).abs().min() < tolerance:
             return True
@@ -89,6 +80,25 @@ def test_the_pages_read_are_the_smallest_prefix_in_share_order_reaching_p(num_pa
     for h, pages in enumerate(read_pages(selected, page_counts)):
         assert len(pages) == page_counts[h]
         assert pages == brute_force_top_p(shares[h], top_p, min_pages, max_pages)
+
+
+@settings(max_examples=60, deadline=None)
+@given(num_pages=st.integers(4, 60), sharpness=st.floats(0.1, 5.0), top_p=st.floats(0.05, 0.99),
+       sink_pages=st.integers(1, 2), seed=st.integers(0, 10_000), data=st.data())
+def test_sink_pages_are_read_first_whatever_their_share(num_pages, sharpness, top_p, sink_pages, seed, data):
+    assume(num_pages >= sink_pages + 2)
+    max_pages = data.draw(st.integers(sink_pages + 2, num_pages), label="max_pages")
+    min_pages = data.draw(st.integers(sink_pages + 2, max_pages), label="min_pages")
+    generator = torch.Generator().manual_seed(seed)
+    shares = torch.softmax(sharpness * torch.randn(3, num_pages, generator=generator), dim=-1)
+    assume(not near_a_prefix_sum(shares, top_p, sink_pages=sink_pages))
+    selected, page_counts = select_top_p(shares, top_p, min_pages, max_pages, sink_pages=sink_pages)
+    padded = torch.nn.functional.pad(shares, (0, 5))  # the captured-graph form, the count as a tensor
+    captured = select_top_p(padded, top_p, min_pages, max_pages, torch.tensor([num_pages]), sink_pages)
+    assert read_pages(*captured) == read_pages(selected, page_counts)
+    for h, pages in enumerate(read_pages(selected, page_counts)):
+        assert set(range(sink_pages)) <= pages
+        assert pages == brute_force_top_p(shares[h], top_p, min_pages, max_pages, sink_pages)
 
 
 @settings(max_examples=30, deadline=None)
@@ -126,7 +136,7 @@ def test_attention_over_a_top_p_selection_equals_attention_restricted_to_the_pag
         for page in pages:
             mask[head, 0, page * 4:(page + 1) * 4] = True
     got = backend.decode_sparse(query, layer, selected, 0.2, page_counts)
-    assert relative_error(got, reference(query, keys, values, 0.2, mask)) <= 1e-5
+    assert relative_error(got, attention(query, keys, values, 0.2, mask)) <= 1e-5
 
 
 def test_top_p_one_with_every_page_as_the_maximum_equals_dense():
@@ -136,7 +146,7 @@ def test_top_p_one_with_every_page_as_the_maximum_equals_dense():
     assert (page_counts == layer.num_pages).all()
     got = backend.decode_sparse(query, layer, selected, 0.2, page_counts)
     assert relative_error(got, backend.decode_dense(query, layer, 0.2)) <= 1e-5
-    assert relative_error(got, reference(query, keys, values, 0.2)) <= 1e-5
+    assert relative_error(got, attention(query, keys, values, 0.2)) <= 1e-5
 
 
 def test_settings_are_checked():

@@ -1,0 +1,137 @@
+"""Scratch probe (issue 15 item 5): chat passkeys on the tuning split's prose, dense vs the model default at small
+budgets and variants of the selection, each variant a torch backend with one change."""
+import argparse
+import json
+import random
+import re
+import sys
+import time
+
+import torch
+
+from quest_core.backend_torch import TorchBackend, _scores
+from quest_core.config import QuestConfig, default_config
+from quest_core.generation import decode, prefill
+from quest_core.hf import QuestCache
+from quest_core.models import load_model
+from quest_core.selection import select_pages
+
+from . import passkey, report
+
+
+class Probe(TorchBackend):
+    """recent: the last `recent` full pages are always selected (out of the budget); temp: rule mass's softmax
+    over bounds with logits * temp (temp < 1 flattens it)."""
+
+    def __init__(self, recent=0, temp=1.0, rule=None, sink=0):
+        super().__init__()
+        self.recent, self.temp, self.rule, self.sink = recent, temp, rule, sink
+
+    def select(self, query, layer, num_selected, group_rule, sink_pages=0):
+        rule = self.rule or group_rule
+        if rule == "mass" and self.temp != 1.0:
+            q = query.to(layer.page_bounds.dtype)
+            split = torch.cat([q.clamp(min=0), q.clamp(max=0)], -1)
+            bounds = layer.page_bounds[:, :layer.num_pages]
+            logits = torch.bmm(split, bounds.transpose(1, 2)).float()
+            scores = torch.softmax(logits * query.shape[-1] ** -0.5 * self.temp, -1).sum(1)
+        else:
+            scores, _ = _scores(query, layer, rule)
+        if self.sink:
+            scores = scores.clone()
+            scores[:, :self.sink] = torch.inf
+        if self.recent:
+            n = scores.shape[1]
+            scores = scores.clone()
+            scores[:, max(0, n - 1 - self.recent):n - 1] = torch.inf
+        return select_pages(scores, num_selected)
+
+
+def sink_variants(model_config, budgets):
+    out = [("dense", QuestConfig(mode="dense"), Probe())]
+    for b in budgets:
+        base = default_config(model_config, budget=b)
+        out += [(f"base@{b}", base, Probe()), (f"sink1@{b}", base, Probe(sink=1))]
+    base = default_config(model_config, budget=128)
+    return out + [("sink2@128", base, Probe(sink=2)), ("sink1+recent4@128", base, Probe(sink=1, recent=4))]
+
+
+def oracle_variants(model_config, budgets):
+    """The model default beside the oracle (the pages holding the most dense attention) on the same pages: what
+    any page selection could find at each budget."""
+    out = [("dense", QuestConfig(mode="dense"), Probe())]
+    for b in budgets:
+        base = default_config(model_config, budget=b)
+        out += [(f"base@{b}", base, Probe()), (f"oracle@{b}", base.with_changes(mode="oracle"), Probe())]
+    return out
+
+
+def variants(model_config, budgets):
+    out = [("dense", QuestConfig(mode="dense"), Probe())]
+    for b in budgets:
+        base = default_config(model_config, budget=b)
+        out += [(f"base@{b}", base, Probe())]
+    b = 128
+    base = default_config(model_config, budget=b)
+    out += [(f"recent2@{b}", base, Probe(recent=2)), (f"recent4@{b}", base, Probe(recent=4)),
+            (f"recent8@{b}", base, Probe(recent=8)),
+            (f"temp0.5@{b}", base, Probe(temp=0.5)), (f"temp2@{b}", base, Probe(temp=2.0)),
+            (f"max@{b}", base, Probe(rule="max")), (f"sum@{b}", base, Probe(rule="sum")),
+            (f"dense4@{b}", base.with_changes(dense_layers=4), Probe()),
+            (f"dense6@{b}", base.with_changes(dense_layers=6), Probe()),
+            (f"p8@{b}", base.with_changes(page_size=8), Probe()),
+            (f"p2@{b}", base.with_changes(page_size=2), Probe())]
+    return out
+
+
+@torch.inference_mode()
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--contexts", default="2048")
+    parser.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
+    parser.add_argument("--fillers", default="hamlet,areopagitica")
+    parser.add_argument("--out", default="/tmp/miss_probe.jsonl")
+    parser.add_argument("--variants", choices=["selection", "sinks", "oracle"], default="selection")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model, tokenizer = load_model()
+    texts = report.tuning_texts()
+    contexts = [int(c) for c in args.contexts.split(",")]
+    depths = [float(d) for d in args.depths.split(",")]
+    settings = dict(report.SETTINGS, contexts=[1536, 2048, 3072, 4096, 7500])
+    pairs = [p for p in report.passkey_pairs(report.TOP_P_FILLERS, settings)
+             if p[1] in args.fillers.split(",") and p[2] in contexts]
+    rows = dict(selection=lambda: variants(model.config, [128, 256]),
+                sinks=lambda: sink_variants(model.config, [128, 256, 1024]),
+                oracle=lambda: oracle_variants(model.config, [128, 256]))[args.variants]()
+    with open(args.out, "a") as out:
+        for seed, filler, context in pairs:
+            rng = random.Random(seed)
+            cache = QuestCache(model.config.num_hidden_layers, rows[0][1], backend=rows[0][2])
+            for depth in depths:  # the same keys as passkey.run with all 9 report depths? no: own draws
+                key = str(rng.randint(10000, 99999))
+                prompt = passkey.chat_prompt(tokenizer, texts[filler], context, depth, key)
+                started = time.time()
+                cache.truncate(0)
+                cache.set_config(rows[0][1])
+                prefill(model, cache, prompt[:-1])
+                result = dict(filler=filler, context=context, depth=depth, key=key)
+                for name, config, backend in rows:
+                    cache.truncate(len(prompt) - 1)
+                    cache.backend = backend
+                    cache.set_config(config)
+                    logits = prefill(model, cache, prompt[-1:])
+                    answer = tokenizer.decode(list(decode(model, cache, logits, 6, cuda_graph=False)))
+                    found = re.search(r"\d{5}", answer)
+                    result[name] = bool(found and found.group() == key)
+                    result[name + ":a"] = answer.strip()
+                    if name == "dense" and not result[name]:
+                        break
+                result["s"] = round(time.time() - started, 1)
+                print(json.dumps({k: v for k, v in result.items() if not k.endswith(":a")}), flush=True)
+                out.write(json.dumps(result) + "\n")
+                out.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

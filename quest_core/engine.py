@@ -1,0 +1,268 @@
+"""The engine: one model, many sessions, and a scheduler thread that decodes their answers together.
+
+`Engine(model, tokenizer, backend)` owns the model; `engine.session()` gives a `Session` (quest_core/session.py)
+whose prefills and answers run here as `Request`s. One thread loops over the requests in flight:
+
+    1. one prefill chunk of a newcomer (the one with the least left to prefill, so a question is not stuck behind
+       a long document), so a newcomer delays the others by at most one chunk;
+    2. one decode step for every request whose prefill is done: a single forward over the batch, [B, 1] tokens at
+       each request's own position (`hf.forward_batch`), the attention per request on its own cache and settings;
+    3. each request's token chosen with its own decoding settings (`generation.next_token`) and handed to its
+       consumer through a queue.
+
+A request joins the batch at the step after its prefill and leaves when it ends (a stop id, its token cap), when
+its session cancels it, or when its consumer closes the stream. The thread starts with the first request and
+ends when none is left.
+
+Backends other than torch (flashinfer on a GPU) run one request at a time here, as before the engine: its whole
+prefill, then `generation.decode`, with CUDA graphs (batched GPU decoding is not built yet).
+"""
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import LogitsProcessorList
+
+from .backend_torch import TorchBackend
+from .generation import decode, next_token
+from .hf import QuestCache, cache_argument, forward, forward_batch, use_quest
+from .trace import StepTrace, Trace
+
+
+@dataclass
+class Token:
+    """One new token, as the engine hands it to the request's consumer."""
+    token_id: int
+    context_len: int           # tokens in the cache when it was produced
+    time: float                # perf_counter when it was produced
+    trace: StepTrace | None    # the decode step that produced it (None for the first token: the prefill's)
+
+
+@dataclass
+class Progress:
+    done: int                  # prefill tokens done of `total`
+    total: int
+
+
+DONE = object()  # the request's last queue item
+
+
+@dataclass(eq=False)
+class Request:
+    """A prefill of `prefill_ids` after the cache's tokens, then (max_new_tokens > 0) an answer decoded from it."""
+    cache: QuestCache
+    prefill_ids: list[int]
+    max_new_tokens: int = 0
+    stop_ids: list[int] = field(default_factory=list)
+    min_new_tokens: int = 0
+    temperature: float = 0.0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+    processors: LogitsProcessorList | None = None
+    trace: Trace | None = None         # attached to the cache once the prefill is done
+    cancel: threading.Event = field(default_factory=threading.Event)  # set: end after the current token
+    chunk_size: int = 512
+    # the engine's bookkeeping
+    outbox: queue.Queue = field(default_factory=queue.Queue)  # Token, Progress, an exception, then DONE
+    finished: threading.Event = field(default_factory=threading.Event)  # the engine has let go of the request
+    closed: bool = False               # the consumer left
+    start_length: int = 0              # the cache's length before the prefill (restored if it fails)
+    prefilled: int = 0
+    logits: torch.Tensor | None = None  # [vocab], for the next token
+    answer_ids: torch.Tensor | None = None  # [1, n]: the answer's tokens so far, for the processors
+    last_token: int | None = None
+    last_time: float = 0.0
+
+    @property
+    def left_to_prefill(self) -> int:
+        return len(self.prefill_ids) - self.prefilled
+
+    @property
+    def stopped(self) -> bool:
+        return self.closed or self.cancel.is_set()
+
+    def items(self):
+        """The consumer's side: Token and Progress items until the request ends; an engine error is raised here."""
+        while (item := self.outbox.get()) is not DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        """The consumer leaves: the engine drops the request at its next step; returns once it has."""
+        self.closed = True
+        self.finished.wait()
+
+
+class Engine:
+    def __init__(self, model, tokenizer, backend=None):
+        """backend None: the torch backend (the one that decodes requests together)."""
+        use_quest(model)
+        self.model, self.tokenizer = model, tokenizer
+        self.backend = backend or TorchBackend()
+        self.batches = self.backend.name == "torch"  # the torch attention runs per request; the others batch 1
+        self.cache_arg = cache_argument(model)
+        self.num_layers = model.config.num_hidden_layers
+        self.device = next(model.parameters()).device
+        self._lock = threading.Lock()
+        self._arrived: list[Request] = []  # submitted, not yet seen by the loop
+        self._thread: threading.Thread | None = None
+
+    def session(self, config=None, **kwargs):
+        """A new `Session` on this engine (config None: the model's `default_config`)."""
+        from .session import Session
+
+        return Session(self.model, self.tokenizer, config, engine=self, **kwargs)
+
+    def new_cache(self, config) -> QuestCache:
+        return QuestCache(self.num_layers, config, self.backend)
+
+    def submit(self, request: Request) -> Request:
+        """Queue `request`; it joins at the next step. Read its results with `request.items()`."""
+        request.start_length = request.cache.length
+        request.cache.trace = None  # a one-token prefill would otherwise be traced as a decode step
+        with self._lock:
+            self._arrived.append(request)
+            if self._thread is None:
+                # not a daemon: the interpreter waits for it at exit (it ends once no request is left) instead of
+                # tearing it down inside torch, which aborts the process
+                self._thread = threading.Thread(target=self._loop, name="quest-engine")
+                self._thread.start()
+        return request
+
+    # ---- the scheduler thread ----
+
+    @torch.inference_mode()
+    def _loop(self) -> None:
+        requests: list[Request] = []  # in flight, in arrival order
+        while True:
+            with self._lock:
+                requests += self._arrived
+                self._arrived = []
+                if not requests:
+                    self._thread = None
+                    return
+            try:
+                requests = self._iterate(requests)
+            except Exception as error:  # a bug: every request in flight gets the error, none waits forever
+                for request in requests:
+                    self._finish(request, error)
+                requests = []
+
+    def _iterate(self, requests: list[Request]) -> list[Request]:
+        """One turn of the loop: a prefill chunk and a decode step (or, unbatched, one whole request); returns the
+        requests still in flight."""
+        if not self.batches:
+            self._run_alone(requests[0])
+            return requests[1:]
+        for request in requests:
+            if request.stopped:
+                self._finish(request)
+        newcomers = [r for r in requests if r.left_to_prefill and not r.finished.is_set()]
+        if newcomers:
+            newcomer = min(newcomers, key=lambda r: r.left_to_prefill)
+            if self._prefill_chunk(newcomer):
+                self._start_answer(newcomer)
+        decoding = [r for r in requests if r.last_token is not None and not r.finished.is_set()]
+        if decoding:
+            self._decode_step(decoding)
+        return [r for r in requests if not r.finished.is_set()]
+
+    def _prefill_chunk(self, request: Request) -> bool:
+        """The next chunk of `request`'s prefill; True when that was the last (`request.logits` then hold the last
+        position's logits)."""
+        cache, start = request.cache, request.prefilled
+        chunk = request.prefill_ids[start:start + request.chunk_size]
+        try:
+            if start == 0:
+                cache.reserve(cache.length + len(request.prefill_ids) + request.max_new_tokens)
+            request.logits = forward(self.model, cache, torch.tensor([chunk], device=self.device), self.cache_arg)
+        except Exception as error:
+            cache.truncate(request.start_length)  # a failed prefill (out of memory, say) leaves the cache as it was
+            self._finish(request, error)
+            return False
+        request.prefilled += len(chunk)
+        request.outbox.put(Progress(request.prefilled, len(request.prefill_ids)))
+        return not request.left_to_prefill
+
+    def _start_answer(self, request: Request) -> None:
+        """The prefill is done: the first token, from its logits (or the end, for a prefill alone)."""
+        if request.max_new_tokens == 0:
+            self._finish(request)
+            return
+        request.cache.trace = request.trace
+        request.answer_ids = torch.empty(1, 0, dtype=torch.long, device=self.device)
+        self._take(request, request.logits, None)
+
+    def _decode_step(self, requests: list[Request]) -> None:
+        """One forward for all of `requests` (each after its last token), then each one's next token."""
+        try:
+            logits = forward_batch(self.model, [r.cache for r in requests], [r.last_token for r in requests],
+                                   self.cache_arg)  # [B, vocab]
+        except Exception as error:
+            for request in requests:
+                self._finish(request, error)
+            return
+        now = time.perf_counter()
+        for request, row in zip(requests, logits):
+            trace = request.cache.trace
+            step = trace.end_step(request.cache.length, now - request.last_time, self.num_layers) if trace else None
+            self._take(request, row, step)
+
+    def _take(self, request: Request, logits: torch.Tensor, step: StepTrace | None) -> None:
+        """Choose `request`'s next token from its logits [vocab]; hand it over, or end the request."""
+        index = request.answer_ids.shape[1]
+        token_id = next_token(logits, request.answer_ids, index, request.stop_ids, request.min_new_tokens,
+                              request.temperature, request.top_p, request.generator, request.processors)
+        if token_id in request.stop_ids:
+            self._finish(request)
+            return
+        request.last_time = time.perf_counter()
+        request.outbox.put(Token(token_id, request.cache.length, request.last_time, step))
+        request.answer_ids = torch.cat([request.answer_ids, request.answer_ids.new_full((1, 1), token_id)], dim=1)
+        request.last_token = token_id
+        if index + 1 == request.max_new_tokens or request.stopped:
+            self._finish(request)
+
+    def _finish(self, request: Request, error: BaseException | None = None) -> None:
+        """The engine lets go of `request`: its consumer gets `error` (if any), then the end."""
+        if request.finished.is_set():
+            return
+        if error is not None:
+            request.outbox.put(error)
+        request.outbox.put(DONE)
+        request.cache.trace = None
+        request.logits = request.generator = None
+        request.finished.set()
+
+    def _run_alone(self, request: Request) -> None:
+        """A backend that does not batch: the whole prefill, then `generation.decode` (CUDA graphs where it can)."""
+        cache = request.cache
+        while request.left_to_prefill and not request.finished.is_set():
+            if request.stopped:
+                self._finish(request)
+            else:
+                self._prefill_chunk(request)
+        if request.finished.is_set():
+            return
+        if request.max_new_tokens == 0:
+            self._finish(request)
+            return
+        try:
+            cache.trace = request.trace
+            tokens = decode(self.model, cache, request.logits, request.max_new_tokens, request.stop_ids,
+                            request.min_new_tokens, request.temperature, request.top_p, request.generator,
+                            lambda: request.stopped, processors=request.processors)
+            for index, token_id in enumerate(tokens):
+                now = time.perf_counter()
+                trace = cache.trace
+                step = trace.end_step(cache.length, now - request.last_time, self.num_layers) \
+                    if trace is not None and index else None
+                request.last_time = now
+                request.outbox.put(Token(token_id, cache.length, now, step))
+        except Exception as error:
+            self._finish(request, error)
+            return
+        self._finish(request)
