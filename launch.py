@@ -10,7 +10,9 @@ from quest_core.models import load_model
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", help="HF id or local folder (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto",
+                        help="auto: the GPU, or every GPU (accelerate's device map) when several are visible, else "
+                             "the CPU; cuda keeps the model on one GPU")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "flashinfer"],
                         help="attention backend (auto: flashinfer with our CUDA kernels on a GPU, else torch)")

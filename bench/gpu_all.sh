@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU session in one command, for the device tool's H200 (see README, "GPU"): installs the carried
 # wheels (.whl/), restores FlashInfer kernels built by an earlier run (.jit/, carried back from $OUT), builds
-# the rest side by side, then runs what the arguments name: tests, kernels, e2e (default: all three), profile.
+# the rest side by side, then runs what the arguments name: tests, kernels, e2e (default: all three), profile, multi
+# (the 70B-shaped model split over 2 GPUs: bench/multi_gpu.py, on the device tool's 2-GPU H200 machine).
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
@@ -21,7 +22,7 @@ echo "builds: $(( $(date +%s) - start )) s"
 
 for step in ${@:-tests kernels e2e}; do
   case $step in
-    tests) python3 -m pytest -q -rs tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.txt" ;;
+    tests) python3 -m pytest -q -rs tests/test_gpu.py tests/test_multi_gpu.py 2>&1 | tee "$OUT/gpu_tests.txt" ;;
     kernels) for shape in llama3-8b llama2-7b smollm2; do python3 bench/attention_kernels.py --shape $shape; done 2>&1 \
                | tee "$OUT/kernels.txt" ;;
     e2e) python3 bench/e2e.py 2>&1 | tee "$OUT/e2e.txt" ;;
@@ -29,6 +30,7 @@ for step in ${@:-tests kernels e2e}; do
       ncu --kernel-name regex:'score_topk|sparse_decode' --launch-skip 20 --launch-count 2 --section SpeedOfLight \
         --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats --section Occupancy \
         python3 bench/attention_kernels.py --contexts 131072 --budgets 2048 --no-write 2>&1 | tee "$OUT/ncu.txt" ;;
+    multi) python3 bench/multi_gpu.py 2>&1 | tee "$OUT/multi_gpu.txt" ;;
   esac
   cp bench/RESULTS.md "$OUT/RESULTS.md"
 done

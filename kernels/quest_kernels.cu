@@ -12,6 +12,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <mutex>
+#include <unordered_map>
 #include <unordered_set>
 
 __device__ __forceinline__ float to_float(float x) { return x; }
@@ -31,6 +33,46 @@ void dispatch_kv_type(at::ScalarType type, Launch launch) {
     case at::kBFloat16: launch(__nv_bfloat16{}); break;
     default: TORCH_CHECK(false, "Quest kernels take float32, float16 or bfloat16, got ", type);
   }
+}
+
+// ---- per-GPU facts and settings, for a model spread over several GPUs and threads launching at once ----
+struct DeviceLimits {
+  int max_shared;  // opt-in shared memory per block, bytes
+  int num_sms;
+};
+
+std::mutex& device_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+
+// The device's limits, read from the driver once per device index.
+DeviceLimits device_limits(int device) {
+  static std::unordered_map<int, DeviceLimits> limits;
+  std::lock_guard<std::mutex> lock(device_mutex());
+  auto found = limits.find(device);
+  if (found != limits.end()) return found->second;
+  DeviceLimits read;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&read.max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&read.num_sms, cudaDevAttrMultiProcessorCount, device));
+  limits.emplace(device, read);
+  return read;
+}
+
+// Allows `kernel` dynamic shared memory up to the device's limit, once per (device, kernel): the attribute is the
+// current device's, so the caller holds a CUDAGuard on `device`.
+template <typename Kernel>
+void allow_max_shared(Kernel kernel, int device, int max_shared) {
+  static std::unordered_map<int, std::unordered_set<const void*>> configured;  // device -> kernels
+  std::lock_guard<std::mutex> lock(device_mutex());
+  auto& kernels = configured[device];
+  const void* key = reinterpret_cast<const void*>(kernel);
+  if (kernels.count(key)) return;
+  cudaFuncAttributes attributes;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      max_shared - (int)attributes.sharedSizeBytes));
+  kernels.insert(key);
 }
 
 // ---- (a) KV append fused with the page min/max update ----
@@ -484,12 +526,9 @@ void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, in
   int team = 1;
   while (team < std::min(num_vectors, 32)) team *= 2;
   const int chunks = (num_vectors + team - 1) / team;
-  static int max_shared = -1, num_sms = -1;
-  if (max_shared < 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                          query.device().index()));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, query.device().index()));
-  }
+  const int device = query.device().index();
+  const DeviceLimits limits = device_limits(device);
+  const int max_shared = limits.max_shared, num_sms = limits.num_sms;
   // About one block per SM over all heads, each scoring a whole number of rounds (a page per team and unroll);
   // the current page too (rule mass scores it)
   const int round = (kThreads / team) * kUnroll, rounds = (int)((num_pages + round - 1) / round);
@@ -512,14 +551,7 @@ void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, in
         {score_topk_kernel<T, 1, kMax>, score_topk_kernel<T, 2, kMax>, score_topk_kernel<T, 4, kMax>},
         {score_topk_kernel<T, 1, kMass>, score_topk_kernel<T, 2, kMass>, score_topk_kernel<T, 4, kMass>}};
       const Kernel kernel = kernels[rule][chunks == 1 ? 0 : chunks == 2 ? 1 : 2];
-      static std::unordered_set<const void*> configured;  // allow each kernel over 48 KB of shared memory, once
-      if (!configured.count(reinterpret_cast<const void*>(kernel))) {
-        cudaFuncAttributes attributes;
-        C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            max_shared - (int)attributes.sharedSizeBytes));
-        configured.insert(reinterpret_cast<const void*>(kernel));
-      }
+      allow_max_shared(kernel, device, max_shared);  // each kernel over 48 KB of shared memory, on this GPU
       kernel<<<dim3(num_kv_heads, blocks_per_head), kThreads, shared_bytes, stream>>>(
           reinterpret_cast<const T*>(query.data_ptr()), reinterpret_cast<const T*>(bounds.data_ptr()),
           scores.data_ptr<float>(), rule == kMass ? group_scores->data_ptr<float>() : nullptr,
@@ -740,9 +772,7 @@ torch::Tensor sparse_decode(torch::Tensor query, torch::Tensor keys, torch::Tens
   TORCH_CHECK(partial_out.scalar_type() == at::kFloat && partial_state.scalar_type() == at::kFloat);
   TORCH_CHECK(partial_out.numel() >= (int64_t)num_kv_heads * k * group * head_dim &&
               partial_state.numel() >= (int64_t)num_kv_heads * k * group * 2 && counters.numel() >= num_kv_heads);
-  static int num_sms = -1;
-  if (num_sms < 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount,
-                                                         query.device().index()));
+  const int num_sms = device_limits(query.device().index()).num_sms;
   // Splits: about two blocks per SM over all heads, each of whole pages and at least 32 tokens
   const int team = head_dim / 8, teams = kAttentionThreads / team;
   const int wanted = std::max(1, (2 * num_sms + num_kv_heads - 1) / num_kv_heads);

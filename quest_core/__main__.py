@@ -48,7 +48,9 @@ def parse_args(argv=None):
     generate.add_argument("--seed", type=int)
     generate.add_argument("--model", help="HF id or local folder (default: the embedded SmolLM2-135M-Instruct)")
     generate.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    generate.add_argument("--device", default="auto")
+    generate.add_argument("--device", default="auto",
+                          help="auto: the GPU, or every GPU (accelerate's device map) when several are visible, else "
+                               "the CPU; cuda keeps the model on one GPU")
     generate.add_argument("--backend", default="auto", choices=["auto", "torch", "flashinfer"],
                           help="attention backend; auto: flashinfer with our CUDA kernels on a GPU, else torch")
     generate.add_argument("--json", action="store_true", help="print one JSON object with the answer and stats")

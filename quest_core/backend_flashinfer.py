@@ -19,9 +19,13 @@ Our sparse decode kernel could read the counts on the GPU instead; it does not y
 Every decode wrapper runs in FlashInfer's CUDA-graph mode (fixed buffers), so a decode step can be captured in a
 CUDA graph (quest_core/cuda_graph.py): the backend keeps the plan functions of the last step, and `plan_step()`
 re-runs them on the host before each replay, for the layers' new lengths.
+
+A model spread over GPUs (accelerate's device map) has layers on several devices: the backend keeps a workspace,
+wrappers and buffers per device (`DeviceState`), made at the first call of a layer there, and runs each call with
+its layer's GPU current.
 """
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,6 +42,17 @@ class DecodeWrapper:
     use_tensor_cores: bool
 
 
+@dataclass
+class DeviceState:
+    """What the backend keeps on one GPU: FlashInfer's workspace (that GPU's wrappers run in turn), the wrappers
+    over it, the page list and the page-row buffers."""
+    workspace: torch.Tensor
+    prefill_wrapper: object
+    page_range: torch.Tensor  # int32 0, 1, 2, ...: the dense page list
+    decode_wrappers: dict = field(default_factory=dict)  # (name, group, page-list buffer) -> DecodeWrapper
+    rows: dict = field(default_factory=dict)  # (Hkv, k) -> the int32 page-row buffer the scorer writes
+
+
 class FlashInferBackend:
     """An `AttentionBackend` (quest_core/backends.py) for float16 and bfloat16 on CUDA; `make_backend` picks the
     torch backend for other dtypes."""
@@ -49,7 +64,6 @@ class FlashInferBackend:
     def __init__(self, device, workspace_bytes: int = 128 << 20):
         import flashinfer
 
-        self.device = torch.device(device)
         self.append_kernels = kernels.load()
         self.graph_capturable = self.append_kernels is not None  # the captured append reads the length on the GPU
         self.score_topk = kernels.ScoreTopK(self.append_kernels) if self.append_kernels is not None else None
@@ -57,15 +71,25 @@ class FlashInferBackend:
         self.reference = TorchBackend()  # for the selections our scorer does not take, and the baselines
 
         self.flashinfer = flashinfer
-        self.workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=self.device)  # wrappers run in turn
-        self.prefill_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, kv_layout="HND")
-        self.decode_wrappers = {}  # (name, group, page-list buffer) -> DecodeWrapper
+        self.workspace_bytes = workspace_bytes
+        self.devices = {}        # torch.device (with its index) -> DeviceState
         self.plans = {}          # id(wrapper) -> the key of its current plan: wrappers plan only on a change
         self.step_plans = {}     # id(wrapper) -> (plan, key) functions of the last step, for `plan_step`
         self.last_written = {}   # id(wrapper) -> the cache length its last_page_len buffer was written for
         self.capturing = False   # inside a CUDA-graph capture: plans are made beforehand by plan_step
-        self.page_range = torch.arange(1 << 16, dtype=torch.int32, device=self.device)
-        self.rows = {}  # (Hkv, k) -> the int32 page-row buffer the scorer writes and the sparse wrapper reads
+        self._state(torch.device(device))  # the model's first GPU, ready before the first layer
+
+    def _state(self, device: torch.device) -> DeviceState:
+        """The backend's state on `device`, made at its first use there."""
+        if device.index is None:
+            device = torch.device(device.type, torch.cuda.current_device())
+        state = self.devices.get(device)
+        if state is None:
+            workspace = torch.empty(self.workspace_bytes, dtype=torch.uint8, device=device)
+            prefill_wrapper = self.flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, kv_layout="HND")
+            page_range = torch.arange(1 << 16, dtype=torch.int32, device=device)
+            state = self.devices[device] = DeviceState(workspace, prefill_wrapper, page_range)
+        return state
 
     def describe(self) -> str:
         if self.append_kernels is None:
@@ -74,19 +98,21 @@ class FlashInferBackend:
 
     # ---- planning ----
 
-    def _decode_wrapper(self, name: str, group: int, indptr, indices, num_requests: int) -> DecodeWrapper:
-        """A decode wrapper in CUDA-graph mode over fixed buffers, made once per (name, group, buffers).
-        FlashInfer's decode kernels take query groups of 1, 2, 3, 4 or 8 heads; other groups (7 in Qwen2-7B) run
-        on its tensor-core (prefill) kernels."""
+    def _decode_wrapper(self, state: DeviceState, name: str, group: int, indptr, indices,
+                        num_requests: int) -> DecodeWrapper:
+        """A decode wrapper in CUDA-graph mode over fixed buffers on the state's GPU, made once per (name, group,
+        buffers). FlashInfer's decode kernels take query groups of 1, 2, 3, 4 or 8 heads; other groups (7 in
+        Qwen2-7B) run on its tensor-core (prefill) kernels."""
         key = (name, group, indices.data_ptr(), indices.numel())
-        decode = self.decode_wrappers.get(key)
+        decode = state.decode_wrappers.get(key)
         if decode is None:
-            last_page_len, use_tensor_cores = self._int32(num_requests), group not in (1, 2, 3, 4, 8)
+            last_page_len = self._int32(indices.device, num_requests)
+            use_tensor_cores = group not in (1, 2, 3, 4, 8)
             wrapper = self.flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                self.workspace, kv_layout="HND", use_cuda_graph=True, use_tensor_cores=use_tensor_cores,
+                state.workspace, kv_layout="HND", use_cuda_graph=True, use_tensor_cores=use_tensor_cores,
                 paged_kv_indptr_buffer=indptr(), paged_kv_indices_buffer=indices,
                 paged_kv_last_page_len_buffer=last_page_len)
-            decode = self.decode_wrappers[key] = DecodeWrapper(wrapper, last_page_len, use_tensor_cores)
+            decode = state.decode_wrappers[key] = DecodeWrapper(wrapper, last_page_len, use_tensor_cores)
         return decode
 
     def _plan(self, decode: DecodeWrapper, layer: PagedLayer, plan, key) -> None:
@@ -118,20 +144,23 @@ class FlashInferBackend:
                 self.plans[wrapper_id] = key()
         self.last_written.clear()  # the graph wrote the buffers
 
-    def _all_pages(self, num_pages: int) -> torch.Tensor:
-        if num_pages > self.page_range.numel():
-            self.page_range = torch.arange(2 * num_pages, dtype=torch.int32, device=self.device)
-        return self.page_range[:num_pages]
+    @staticmethod
+    def _all_pages(state: DeviceState, num_pages: int) -> torch.Tensor:
+        if num_pages > state.page_range.numel():
+            state.page_range = torch.arange(2 * num_pages, dtype=torch.int32, device=state.page_range.device)
+        return state.page_range[:num_pages]
 
-    def _rows(self, num_kv_heads: int, num_selected: int) -> torch.Tensor:
-        rows = self.rows.get((num_kv_heads, num_selected))
+    @staticmethod
+    def _rows(state: DeviceState, num_kv_heads: int, num_selected: int) -> torch.Tensor:
+        rows = state.rows.get((num_kv_heads, num_selected))
         if rows is None:
-            rows = torch.empty(num_kv_heads, num_selected, dtype=torch.int32, device=self.device)
-            self.rows[(num_kv_heads, num_selected)] = rows
+            rows = torch.empty(num_kv_heads, num_selected, dtype=torch.int32, device=state.workspace.device)
+            state.rows[(num_kv_heads, num_selected)] = rows
         return rows
 
-    def _int32(self, *shape) -> torch.Tensor:
-        return torch.zeros(shape, dtype=torch.int32, device=self.device)
+    @staticmethod
+    def _int32(device, *shape) -> torch.Tensor:
+        return torch.zeros(shape, dtype=torch.int32, device=device)
 
     @staticmethod
     def _host(*values) -> torch.Tensor:
@@ -143,36 +172,42 @@ class FlashInferBackend:
         """query [Hq, T, D] -> [Hq, T, D], causal over the whole cache."""
         num_heads, num_new, head_dim = query.shape
         num_pages, last = layer.num_pages, layer.last_page_len
-        wrapper = self.prefill_wrapper
+        state = self._state(layer.keys.device)
+        wrapper = state.prefill_wrapper
         key = (num_new, num_pages, last, num_heads, layer.num_kv_heads, head_dim, layer.page_size, query.dtype, scaling)
-        if self.plans.get(id(wrapper)) != key:
-            wrapper.plan(self._host(0, num_new), self._host(0, num_pages), self._all_pages(num_pages),
-                         self._host(last), num_heads, layer.num_kv_heads, head_dim, layer.page_size, causal=True,
-                         sm_scale=scaling, q_data_type=query.dtype, kv_data_type=layer.keys.dtype)
-            self.plans[id(wrapper)] = key
-        out = wrapper.run(query.transpose(0, 1).contiguous(), (layer.keys, layer.values))
+        with torch.cuda.device(layer.keys.device):
+            if self.plans.get(id(wrapper)) != key:
+                wrapper.plan(self._host(0, num_new), self._host(0, num_pages), self._all_pages(state, num_pages),
+                             self._host(last), num_heads, layer.num_kv_heads, head_dim, layer.page_size, causal=True,
+                             sm_scale=scaling, q_data_type=query.dtype, kv_data_type=layer.keys.dtype)
+                self.plans[id(wrapper)] = key
+            out = wrapper.run(query.transpose(0, 1).contiguous(), (layer.keys, layer.values))
         return out.transpose(0, 1)
 
     def decode_dense(self, query: torch.Tensor, layer: PagedLayer, scaling: float) -> torch.Tensor:
         """query [Hkv, G, D] -> [Hkv, G, D] over every stored token."""
         num_kv_heads, group, head_dim = query.shape
-        self._all_pages(layer.capacity_pages)  # the page list holds every page the cache has room for
-        decode = self._decode_wrapper("dense", group, lambda: self._int32(2), self.page_range, 1)
+        device = layer.keys.device
+        state = self._state(device)
+        page_range = self._all_pages(state, layer.capacity_pages)  # the page list: every page the cache has room for
+        decode = self._decode_wrapper(state, "dense", group, lambda: self._int32(device, 2), state.page_range, 1)
         wrapper = decode.wrapper
         layer = weakref.proxy(layer)  # the plan functions outlive the step; they must not keep the cache alive
 
         def plan():
             num_pages = layer.num_pages
-            wrapper.plan(self._host(0, num_pages), self.page_range[:num_pages], self._host(layer.last_page_len),
-                         num_kv_heads * group, num_kv_heads, head_dim, layer.page_size, sm_scale=scaling,
-                         q_data_type=query.dtype, kv_data_type=layer.keys.dtype)
+            with torch.cuda.device(device):
+                wrapper.plan(self._host(0, num_pages), page_range[:num_pages], self._host(layer.last_page_len),
+                             num_kv_heads * group, num_kv_heads, head_dim, layer.page_size, sm_scale=scaling,
+                             q_data_type=query.dtype, kv_data_type=layer.keys.dtype)
 
         def key():
             last = layer.last_page_len if decode.use_tensor_cores else None
             return layer.num_pages, last, num_kv_heads, group, head_dim, layer.page_size, query.dtype, scaling
 
         self._plan(decode, layer, plan, key)
-        out = wrapper.run(query.reshape(1, num_kv_heads * group, head_dim), (layer.keys, layer.values))
+        with torch.cuda.device(device):
+            out = wrapper.run(query.reshape(1, num_kv_heads * group, head_dim), (layer.keys, layer.values))
         return out.view(num_kv_heads, group, head_dim)
 
     def select(self, query: torch.Tensor, layer: PagedLayer, num_selected: int, group_rule: str,
@@ -180,7 +215,7 @@ class FlashInferBackend:
         """query [Hkv, G, D] -> one-head page rows [Hkv, k] int32 (`layer.one_head_rows`), the current page last,
         the first sink_pages pages among the others."""
         if self.score_topk is not None and layer.head_dim % 4 == 0 and (group_rule != "mass" or query.shape[1] <= 32):
-            rows = self._rows(layer.num_kv_heads, num_selected)
+            rows = self._rows(self._state(layer.keys.device), layer.num_kv_heads, num_selected)
             if layer.device_length is not None:  # captured: the kernel reads the length on the GPU
                 return self.score_topk(query, layer.page_bounds, layer.capacity_pages, num_selected, rows,
                                        layer.device_length, layer.page_size, group_rule, sink_pages)
@@ -205,18 +240,21 @@ class FlashInferBackend:
             return self.sparse_decode(query, layer.keys, layer.values, rows, scaling, layer.length)
         num_kv_heads, group, head_dim = query.shape
         num_selected = selected.shape[1]
-        rows = self._rows(num_kv_heads, num_selected)
+        device = layer.keys.device
+        state = self._state(device)
+        rows = self._rows(state, num_kv_heads, num_selected)
         if selected.data_ptr() != rows.data_ptr():  # a baseline's or the torch scorer's selection
             rows.copy_(selected)
         indptr = torch.arange(0, num_kv_heads * num_selected + 1, num_selected, dtype=torch.int32)
-        decode = self._decode_wrapper("sparse", group, lambda: indptr.to(self.device), rows.view(-1), num_kv_heads)
+        decode = self._decode_wrapper(state, "sparse", group, lambda: indptr.to(device), rows.view(-1), num_kv_heads)
         wrapper = decode.wrapper
         layer = weakref.proxy(layer)
 
         def plan():
-            wrapper.plan(indptr, rows.view(-1), torch.full((num_kv_heads,), layer.last_page_len, dtype=torch.int32),
-                         group, 1, head_dim, layer.page_size, sm_scale=scaling, q_data_type=query.dtype,
-                         kv_data_type=layer.keys.dtype)
+            with torch.cuda.device(device):
+                wrapper.plan(indptr, rows.view(-1), torch.full((num_kv_heads,), layer.last_page_len, dtype=torch.int32),
+                             group, 1, head_dim, layer.page_size, sm_scale=scaling, q_data_type=query.dtype,
+                             kv_data_type=layer.keys.dtype)
 
         def key():
             last = layer.last_page_len if decode.use_tensor_cores else None
@@ -224,5 +262,6 @@ class FlashInferBackend:
 
         self._plan(decode, layer, plan, key)
         one_head_pages = (-1, 1, layer.page_size, head_dim)
-        return wrapper.run(query.contiguous(), (layer.keys.view(one_head_pages), layer.values.view(one_head_pages)))
-
+        with torch.cuda.device(device):
+            return wrapper.run(query.contiguous(), (layer.keys.view(one_head_pages),
+                                                    layer.values.view(one_head_pages)))

@@ -12,6 +12,8 @@ front, so no tensor moves), whether the step is dense or sparse and whether it i
 runs eagerly (it also warms up kernels and plans), the next one captures; if capture fails, decoding goes on
 eagerly, with a log line. Both run the decoder layers compiled (quest_core/compiled_layers.py), so the graph holds
 Inductor's fused kernels; if compiling fails, the layers run as they are, with a log line.
+A model spread over several GPUs (accelerate's device map) decodes eagerly, with a log line: a CUDA graph holds one
+GPU's work, and capturing each GPU's stretch of layers as a graph of its own is not done.
 """
 import contextlib
 import gc
@@ -45,6 +47,12 @@ class GraphDecoder:
         # The cache holds its decoder: a weak reference back keeps them out of a cycle, which Python's collector
         # could free in the middle of a later capture (destroying a graph there invalidates the capture).
         self.model, self.cache, self.cache_arg = model, weakref.proxy(cache), cache_arg
+        devices = sorted({str(layer.keys.device) for layer in cache.layers})
+        self.failed = len(devices) > 1  # a CUDA graph holds one GPU's work: the decoder is never used
+        if self.failed:
+            log.warning("the model's layers are on %s: decoding eagerly (a CUDA graph holds one GPU's work)",
+                        ", ".join(devices))
+            return
         device = cache.layers[0].keys.device
         # the step's token, position and length after its append; the step leaves the next step's there
         self.step_values = torch.zeros(3, dtype=torch.long, device=device)
@@ -54,7 +62,6 @@ class GraphDecoder:
         self.planned = torch.cuda.Event()  # after a step's plans: FlashInfer's pinned buffers are free again
         self.shape = self.graph = self.logits = None
         self.traced_pages = {}  # layer index -> the selected pages [Hkv, k] the graph writes (sparse layers)
-        self.failed = False
         self.compile_layers = compile_layers
 
     def _shape(self, length: int) -> tuple:

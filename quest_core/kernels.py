@@ -1,9 +1,12 @@
 """Loaders for our CUDA kernels (kernels/quest_kernels.cu at the repository root), built at first use with
 torch.utils.cpp_extension for the device's compute capability and cached by torch; `load()` returns None, with a
-log line, when CUDA or nvcc is missing or the build fails, and callers fall back to the torch twins in quest_core."""
+log line, when CUDA or nvcc is missing or the build fails, and callers fall back to the torch twins in quest_core.
+One build serves every GPU of the host (built for the current one's architecture: GPUs of one kind); the kernels'
+host code keeps its per-GPU facts per device, and ScoreTopK / SparseDecode their scratch per device."""
 import functools
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,11 +34,20 @@ def load():
 GROUP_RULES = ("sum", "max", "mass")  # the kernel's rule numbers, as quest_core.selection.page_scores names them
 
 
+@dataclass
+class TopKScratch:
+    """`score_topk`'s scratch on one device."""
+    scores: torch.Tensor      # float32 [Hkv, capacity]
+    key_ranges: torch.Tensor  # int32 [Hkv, 2]
+    counters: torch.Tensor    # int32 [Hkv], zeros (the kernel leaves them so)
+    group_scores: torch.Tensor | None = None  # rule mass: float32, at least Hkv * G * capacity
+
+
 class ScoreTopK:
-    """Scratch buffers for `score_topk` on one device, grown as the context grows; the call writes FlashInfer's
-    one-head page rows (p * Hkv + h, the current page last) into `out` [Hkv, k] int32 without a host sync, for the
-    group rule `group_rule`, the first `sink_pages` pages always among them (its twin: selection.page_scores, then
-    select_pages).
+    """Scratch buffers for `score_topk`, one set per device (a model spread over GPUs scores on each), grown as the
+    context grows; the call writes FlashInfer's one-head page rows (p * Hkv + h, the current page last) into `out`
+    [Hkv, k] int32 without a host sync, for the group rule `group_rule`, the first `sink_pages` pages always among
+    them (its twin: selection.page_scores, then select_pages).
 
     With `device_length` (int64 [1] on the GPU: the cache length, the current token included) the kernel reads
     the number of pages there and `num_pages` only bounds it: the call can be captured in a CUDA graph once and
@@ -43,35 +55,43 @@ class ScoreTopK:
 
     def __init__(self, module):
         self.module = module
-        self.scores = self.key_ranges = self.counters = None
-        self.group_scores = None  # rule mass: each query head's page bounds [Hkv, G, capacity]
+        self.scratch = {}  # device -> TopKScratch
 
     def __call__(self, query, page_bounds, num_pages: int, k: int, out: torch.Tensor, device_length=None,
                  page_size: int = 16, group_rule: str = "sum", sink_pages: int = 0) -> torch.Tensor:
         num_kv_heads, capacity = page_bounds.shape[:2]
-        if (self.scores is None or self.scores.shape[0] != num_kv_heads or self.scores.shape[1] < capacity
-                or self.scores.device != query.device):
-            self.scores = torch.empty(num_kv_heads, capacity, dtype=torch.float32, device=query.device)
-            self.key_ranges = torch.tensor([-1, 0], dtype=torch.int32, device=query.device).repeat(num_kv_heads, 1)
-            self.counters = torch.zeros(num_kv_heads, dtype=torch.int32, device=query.device)
+        device = query.device
+        scratch = self.scratch.get(device)
+        if scratch is None or scratch.scores.shape[0] != num_kv_heads or scratch.scores.shape[1] < capacity:
+            scratch = self.scratch[device] = TopKScratch(
+                torch.empty(num_kv_heads, capacity, dtype=torch.float32, device=device),
+                torch.tensor([-1, 0], dtype=torch.int32, device=device).repeat(num_kv_heads, 1),
+                torch.zeros(num_kv_heads, dtype=torch.int32, device=device))
         group_scores = None
         if group_rule == "mass":
             size = num_kv_heads * query.shape[1] * capacity
-            scratch = self.group_scores
-            if scratch is None or scratch.numel() < size or scratch.device != query.device:
-                self.group_scores = torch.empty(size, dtype=torch.float32, device=query.device)
-            group_scores = self.group_scores
-        self.module.score_topk(query, page_bounds, num_pages, k, self.scores, self.key_ranges, self.counters, out,
-                               device_length, page_size, GROUP_RULES.index(group_rule), group_scores,
+            if scratch.group_scores is None or scratch.group_scores.numel() < size:
+                scratch.group_scores = torch.empty(size, dtype=torch.float32, device=device)
+            group_scores = scratch.group_scores
+        self.module.score_topk(query, page_bounds, num_pages, k, scratch.scores, scratch.key_ranges, scratch.counters,
+                               out, device_length, page_size, GROUP_RULES.index(group_rule), group_scores,
                                query.shape[-1] ** -0.5, sink_pages)
         return out
 
 
+@dataclass
+class DecodeScratch:
+    """`sparse_decode`'s scratch on one device: the splits' partial outputs and softmax states."""
+    partial_out: torch.Tensor    # float32, at least Hkv * k * G * D
+    partial_state: torch.Tensor  # float32, at least Hkv * k * G * 2
+    counters: torch.Tensor       # int32 [Hkv], zeros (the kernel leaves them so)
+
+
 class SparseDecode:
-    """Scratch buffers for `sparse_decode` on one device: decode attention of query [Hkv, G, D] over the selected
-    one-head page rows [Hkv, k] int32 (the current page last) of the page-major cache, -> [Hkv, G, D], in one
-    kernel (split over pages, the splits merged by the last block of each KV head) without a host sync. Its twin:
-    dense attention over the selected pages (backend_torch.TorchBackend.decode_sparse).
+    """Scratch buffers for `sparse_decode`, one set per device: decode attention of query [Hkv, G, D] over the
+    selected one-head page rows [Hkv, k] int32 (the current page last) of the page-major cache, -> [Hkv, G, D], in
+    one kernel (split over pages, the splits merged by the last block of each KV head) without a host sync. Its
+    twin: dense attention over the selected pages (backend_torch.TorchBackend.decode_sparse).
 
     `length` is the cache length (the current token included); with `device_length` (int64 [1] on the GPU) the
     kernel reads it there instead, so the call can be captured in a CUDA graph and replayed as the context grows.
@@ -79,7 +99,7 @@ class SparseDecode:
 
     def __init__(self, module):
         self.module = module
-        self.partial_out = self.partial_state = self.counters = None
+        self.scratch = {}  # device -> DecodeScratch
 
     @staticmethod
     def supports(query: torch.Tensor) -> bool:
@@ -89,13 +109,15 @@ class SparseDecode:
     def __call__(self, query, keys, values, rows, scaling: float, length: int = 0, device_length=None):
         num_kv_heads, group, head_dim = query.shape
         size = num_kv_heads * rows.shape[1] * group  # the splits are at most k
-        if (self.partial_out is None or self.partial_state.numel() < 2 * size
-                or self.partial_out.numel() < size * head_dim or self.counters.numel() < num_kv_heads
-                or self.partial_out.device != query.device):
-            self.partial_out = torch.empty(size * head_dim, dtype=torch.float32, device=query.device)
-            self.partial_state = torch.empty(2 * size, dtype=torch.float32, device=query.device)
-            self.counters = torch.zeros(num_kv_heads, dtype=torch.int32, device=query.device)
+        device = query.device
+        scratch = self.scratch.get(device)
+        if (scratch is None or scratch.partial_state.numel() < 2 * size
+                or scratch.partial_out.numel() < size * head_dim or scratch.counters.numel() < num_kv_heads):
+            scratch = self.scratch[device] = DecodeScratch(
+                torch.empty(size * head_dim, dtype=torch.float32, device=device),
+                torch.empty(2 * size, dtype=torch.float32, device=device),
+                torch.zeros(num_kv_heads, dtype=torch.int32, device=device))
         page_size = keys.shape[2]
         last_len = (length - 1) % page_size + 1 if device_length is None else 0
-        return self.module.sparse_decode(query.contiguous(), keys, values, rows, scaling, last_len, self.partial_out,
-                                         self.partial_state, self.counters, device_length)
+        return self.module.sparse_decode(query.contiguous(), keys, values, rows, scaling, last_len,
+                                         scratch.partial_out, scratch.partial_state, scratch.counters, device_length)

@@ -70,9 +70,17 @@ def default_model_dir(log=print) -> Path:
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    """The device a model goes to whole, or, spread over several GPUs (`device_map`), the first of them."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def device_map(device: str = "auto") -> str | None:
+    """accelerate's "auto" device map where `device` is "auto" and more than one GPU is visible: a model too large
+    for one GPU spreads its decoder layers over them, and each layer's cache follows its layer. None otherwise: the
+    model goes whole to `pick_device(device)` ("cuda" or "cuda:0" keeps a model on one GPU)."""
+    return "auto" if device == "auto" and torch.cuda.device_count() > 1 else None
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -87,7 +95,8 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(name: str | None = None, dtype: str = "auto", device: str = "auto", log=print):
-    """(model, tokenizer) in eval mode on `device`; `name` is an HF id or local folder, None for the default."""
+    """(model, tokenizer) in eval mode on `device`; `name` is an HF id or local folder, None for the default.
+    With `device` "auto" and several GPUs the model is spread over them (`device_map`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_device = pick_device(device)
@@ -97,5 +106,10 @@ def load_model(name: str | None = None, dtype: str = "auto", device: str = "auto
     else:
         path, offline = name, Path(name).is_dir()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=offline)
-    return model.to(torch_device).eval(), tokenizer
+    spread = device_map(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=offline, device_map=spread)
+    if spread is None:
+        return model.to(torch_device).eval(), tokenizer
+    devices = sorted({str(parameter.device) for parameter in model.parameters()})
+    log(f"The model's layers are spread over {', '.join(devices)} (accelerate's device map)")
+    return model.eval(), tokenizer

@@ -26,19 +26,21 @@ KV_LAYOUTS = ("page-major", "head-major")
 
 
 class GatherBuffer:
-    """Scratch memory that layers gather K/V pages into before attention. The layers of a model run one at a
-    time, so they share one; reusing it spares a fresh allocation (and its page faults) per layer and step."""
+    """Scratch memory that layers gather K/V pages into before attention, one per device. The layers of a model run
+    one at a time, so those on a device share its buffer; reusing it spares a fresh allocation (and its page faults)
+    per layer and step. A model spread over GPUs keeps a buffer on each."""
 
     def __init__(self):
-        self.keys = self.values = None
+        self.buffers = {}  # device -> (keys, values), flat
 
     def get(self, shape: tuple, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         numel = math.prod(shape)
-        if self.keys is None or self.keys.numel() < numel or self.keys.dtype != like.dtype \
-                or self.keys.device != like.device:
-            self.keys = like.new_empty(numel + numel // 4)  # some headroom: the context grows
-            self.values = like.new_empty(numel + numel // 4)
-        return self.keys[:numel].view(shape), self.values[:numel].view(shape)
+        keys, values = self.buffers.get(like.device, (None, None))
+        if keys is None or keys.numel() < numel or keys.dtype != like.dtype:
+            keys = like.new_empty(numel + numel // 4)  # some headroom: the context grows
+            values = like.new_empty(numel + numel // 4)
+            self.buffers[like.device] = keys, values
+        return keys[:numel].view(shape), values[:numel].view(shape)
 
 
 class PagedLayer(CacheLayerMixin):
@@ -66,6 +68,8 @@ class PagedLayer(CacheLayerMixin):
     # ---- transformers' CacheLayerMixin interface ----
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """The pages live where the layer's first states arrive: its decoder layer's device (accelerate's device
+        map can put each layer on another GPU)."""
         _, num_kv_heads, _, head_dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
         self._allocate_empty(num_kv_heads, head_dim, self.dtype, self.device)

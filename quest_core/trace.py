@@ -59,7 +59,7 @@ class Trace:
         if torch.cuda.is_current_stream_capturing():
             return None
         start = torch.cuda.Event(enable_timing=True)
-        start.record()
+        start.record(torch.cuda.current_stream(device))  # the layer's GPU (a model can span several)
         return start
 
     def record_layer(self, layer_idx: int, layer, selected_pages: torch.Tensor | None, query=None, scaling=1.0,
@@ -71,7 +71,7 @@ class Trace:
             self._attention_s += time.perf_counter() - started
         elif started is not None:
             end = torch.cuda.Event(enable_timing=True)
-            end.record()
+            end.record(torch.cuda.current_stream(layer.keys.device))
             self._timed.append((started, end))
         else:
             self._untimed = True
@@ -103,7 +103,8 @@ class Trace:
         selected = recall = None
         if self.layer_pages:
             layer_ids = list(self.layer_pages)
-            pages = torch.stack([self.layer_pages[i] for i in layer_ids]).to("cpu", torch.int32)  # one copy
+            first = self.layer_pages[layer_ids[0]].device  # layers spread over GPUs: gathered on one, then copied
+            pages = torch.stack([self.layer_pages[i].to(first) for i in layer_ids]).to("cpu", torch.int32)
             selected = torch.full((num_layers, *pages.shape[1:]), -1, dtype=torch.int32)
             selected[layer_ids] = pages
         if self._recall:
@@ -111,7 +112,8 @@ class Trace:
             for layer_idx, layer_recall in self._recall.items():
                 recall[layer_idx] = layer_recall.float().cpu()
         if self._timed:
-            self._timed[-1][1].synchronize()
+            for _, end in self._timed:  # the last layer's GPU finishes last; the others' events are done by then
+                end.synchronize()
             self._attention_s += sum(start.elapsed_time(end) for start, end in self._timed) / 1000
         attention_s = None if self._untimed else self._attention_s
         step = StepTrace(context_len, seconds, self._dense_bytes, self._read_bytes, selected, recall, attention_s,
@@ -129,7 +131,8 @@ class Trace:
             return None
         adaptive = list(self._adaptive)
         if adaptive:
-            counts = torch.stack([self._page_counts[i] for i in adaptive]).to("cpu", torch.int32)  # [layers', Hkv]
+            first = self._page_counts[adaptive[0]].device
+            counts = torch.stack([self._page_counts[i].to(first) for i in adaptive]).to("cpu", torch.int32)
             for layer_idx, layer_counts in zip(adaptive, counts):
                 page_size, last_page_len, head_token_bytes = self._adaptive[layer_idx]
                 tokens = int(((layer_counts - 1) * page_size + last_page_len).sum())  # over the KV heads
