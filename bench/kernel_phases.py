@@ -1,0 +1,151 @@
+"""Where our two Quest kernels' time goes, phase by phase: timers (the SM's clock64, and %globaltimer across blocks)
+inserted by thread 0 of each block into a copy of kernels/quest_kernels.cu, built as a module of its own, then one
+call of score_topk and of sparse_decode per shape after a warm-up. Phases are in microseconds at 1.98 GHz (the H200's
+SM clock; the globaltimer totals check it). On a GPU: `python bench/kernel_phases.py`; each insertion point is
+asserted, so a change to the kernels that moves one fails here first.
+
+score_topk: split query (the query's split rows into shared memory), scored (this block's pages), is last (the
+fence and the head's counter), mass / clear (rule mass's softmax; the histogram cleared), histogram (the first radix
+digit over every candidate), find_bin, sweep 2 (the pages above the threshold bin out, the bin's to a list), list
+rank. sparse_decode: a block's query and tokens, its teams' merge and partial write, then the last block's fence,
+weights and merged output."""
+import os
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils.cpp_extension import load as build
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from quest_core import kernels  # noqa: E402
+from quest_core.paged_cache import PagedLayer  # noqa: E402
+
+DTYPE = torch.bfloat16
+CLOCK_GHZ = 1.98
+SHAPES = [  # name, KV heads, group, head_dim, page, rule, context, budget
+    ("Llama-3.1-8B heads 8K", 8, 4, 128, 16, "sum", 8192, 2048),
+    ("Llama-3.1-8B heads 32K", 8, 4, 128, 16, "sum", 32768, 2048),
+    ("Llama-3.1-8B heads 128K", 8, 4, 128, 16, "sum", 131072, 2048),
+    ("Llama-2-7B heads 32K", 32, 1, 128, 16, "sum", 32768, 2048),
+    ("SmolLM2-135M heads 8K", 3, 3, 64, 4, "mass", 8192, 1024)]
+SCORE_PHASES = ["split query", "scored", "is last", "mass / clear", "histogram", "find_bin", "sweep 2", "list rank"]
+
+TIMERS = '''
+__device__ unsigned long long g_trace[8192 * 20];
+__device__ __forceinline__ void trace_mark(int i) {
+  if (threadIdx.x == 0) {
+    unsigned long long t, c = clock64();
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    const int b = blockIdx.x * gridDim.y + blockIdx.y;
+    g_trace[b * 20 + i] = t;
+    g_trace[b * 20 + 10 + i] = c;
+  }
+}
+torch::Tensor read_trace() {
+  auto out = torch::empty({8192 * 20}, torch::kLong);
+  C10_CUDA_CHECK(cudaMemcpyFromSymbol(out.data_ptr(), g_trace, sizeof(unsigned long long) * 8192 * 20));
+  return out;
+}
+void clear_trace() {
+  static unsigned long long zeros[8192 * 20] = {};
+  C10_CUDA_CHECK(cudaMemcpyToSymbol(g_trace, zeros, sizeof(zeros)));
+}
+'''
+
+def mark(i, sync=False, indent=2):
+    return " " * indent + ("__syncthreads(); " if sync else "") + f"trace_mark({i});\n"
+
+
+# (text before the timer, text after it, the timer): each pair must occur once in the kernels
+MARKS = [
+    # score_topk
+    ("  const int h = blockIdx.x;\n", "  if (device_length", mark(0)),
+    ("    split_query[r * 2 * head_dim + head_dim + d] = negative;\n  }\n  __syncthreads();\n", "", mark(1)),
+    ("", "  __threadfence();\n  __syncthreads();\n"
+         "  if (threadIdx.x == 0) is_last = atomicAdd(&counters[h], 1u) == gridDim.y", mark(2, sync=True)),
+    ("  if (!is_last) return;\n", "\n  // The last block of head h: every", mark(3)),
+    ("                                 &largest_key);\n", "", mark(4, sync=True)),
+    ("  __syncthreads();\n", "  find_bin(histogram, kFirstBins", mark(5)),
+    ("  const unsigned int first_digit = found_bin;\n", "", mark(6)),
+    ("  __syncthreads();\n", "  if (threadIdx.x == 0) head_out[k - 1]", mark(7)),
+    ("num_kv_heads + h;\n    }\n", "    return;\n  }\n  // without the list", mark(8, sync=True, indent=4)),
+    # sparse_decode
+    ("  const int32_t* head_rows = rows + (int64_t)h * k;\n", "", mark(0)),
+    ("", "  const int stride = group * (2 + kDim);\n  float* own", mark(2, sync=True)),
+    ("", "  if (splits == 1) return;\n  __threadfence();", mark(3, sync=True)),
+    ("", "  float* weights = team_states;  // [group, splits]\n", mark(4)),
+    ("weights[g * splits + s] /= sum;\n  }\n  __syncthreads();\n", "", mark(5)),
+    ("  if (threadIdx.x == 0) counters[h] = 0;\n", "}\n", mark(6, sync=True)),
+]
+
+
+def build_module():
+    source = kernels.SOURCE.read_text()
+    for before, after, timer in MARKS:
+        assert source.count(before + after) == 1, f"kernel_phases: no single place for a timer at {before + after!r}"
+        source = source.replace(before + after, before + timer + after)
+    source = source.replace("// ---- (a) KV append", TIMERS + "\n// ---- (a) KV append", 1)
+    module_start = "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {\n"
+    source = source.replace(module_start, module_start + '  m.def("read_trace", &read_trace);\n'
+                            '  m.def("clear_trace", &clear_trace);\n')
+    path = Path("/tmp/quest_kernels_phases.cu")
+    path.write_text(source)
+    major, minor = torch.cuda.get_device_capability()
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
+    return build(name="quest_kernels_phases", sources=[str(path)], extra_cuda_cflags=["-O3", "-std=c++17"],
+                 extra_cflags=["-O3", "-std=c++17"])
+
+
+def traced(module, call):
+    """Warm up, then one call with the timers cleared: [blocks that ran, 20] (globaltimer ns 0-9, clock64 10-19)."""
+    for _ in range(20):
+        call()
+    torch.cuda.synchronize()
+    module.clear_trace()
+    call()
+    torch.cuda.synchronize()
+    trace = module.read_trace().view(-1, 20)
+    return trace[trace[:, 0] > 0]
+
+
+def us(cycles):
+    return (cycles.double() / (CLOCK_GHZ * 1e3)).mean().item()
+
+
+def main():
+    module = build_module()
+    for name, num_kv_heads, group, head_dim, page, rule, context, budget in SHAPES:
+        layer = PagedLayer(page, block_pages=1024, kernels=module)
+        for start in range(0, context, 8192):
+            n = min(8192, context - start)
+            layer.update(torch.randn(1, num_kv_heads, n, head_dim, device="cuda", dtype=DTYPE),
+                         torch.randn(1, num_kv_heads, n, head_dim, device="cuda", dtype=DTYPE))
+        query = torch.randn(num_kv_heads, group, head_dim, device="cuda", dtype=DTYPE)
+        scorer, decoder = kernels.ScoreTopK(module), kernels.SparseDecode(module)
+        k = -(-budget // page)
+        rows = torch.empty(num_kv_heads, k, dtype=torch.int32, device="cuda")
+        t = traced(module, partial(scorer, query, layer.page_bounds, layer.num_pages, k, rows, group_rule=rule))
+        last = t[t[:, 3] > 0]  # the last block of each head, which selects
+        start = t[:, 0].min()
+        phases = [us((last[:, 11 + i] - last[:, 10 + i]).clamp(min=0)) for i in range(len(SCORE_PHASES))]
+        print(f"{name}, budget {budget}: score_topk over {layer.num_pages} pages, k {k}, {t.shape[0]} blocks; "
+              f"every block scored by {(t[:, 2] - start).max().item() / 1e3:.2f} us, the last block done at "
+              f"{(last[:, 7:9].amax(1) - start).max().item() / 1e3:.2f} us (globaltimer); the last block's phases "
+              f"(us): " + ", ".join(f"{p} {v:.2f}" for p, v in zip(SCORE_PHASES, phases)))
+        for budget in (512, 2048):
+            k = -(-budget // page)
+            rows = torch.empty(num_kv_heads, k, dtype=torch.int32, device="cuda")
+            scorer(query, layer.page_bounds, layer.num_pages, k, rows, group_rule=rule)
+            t = traced(module, partial(decoder, query, layer.keys, layer.values, rows, head_dim ** -0.5, context))
+            last, start = t[t[:, 4] > 0], t[:, 0].min()
+            print(f"    sparse_decode, budget {budget}: {t.shape[0]} blocks; a block's query and tokens "
+                  f"{us(t[:, 12] - t[:, 10]):.2f} us, its teams' merge and partial write {us(t[:, 13] - t[:, 12]):.2f} "
+                  f"us, every block's partials written by {(t[:, 3] - start).max().item() / 1e3:.2f} us; the last "
+                  f"block's fence {us(last[:, 14] - last[:, 13]):.2f}, weights {us(last[:, 15] - last[:, 14]):.2f}, "
+                  f"output {us(last[:, 16] - last[:, 15]):.2f} us, done at "
+                  f"{(last[:, 6] - start).max().item() / 1e3:.2f} us")
+
+
+if __name__ == "__main__":
+    main()
