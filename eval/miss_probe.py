@@ -151,7 +151,8 @@ def main():
     parser.add_argument("--split", choices=["tuning", "report"], default="tuning")
     parser.add_argument("--fillers", help="comma-separated texts of the split (default: all of its prose)")
     parser.add_argument("--out", default="/tmp/miss_probe.jsonl")
-    parser.add_argument("--variants", choices=["selection", "sinks", "oracle", "ranking", "two-level"], default="selection")
+    parser.add_argument("--variants", default="selection",
+                        choices=["selection", "sinks", "oracle", "ranking", "two-level"])
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, tokenizer = load_model()
