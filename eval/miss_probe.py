@@ -28,7 +28,9 @@ class Probe(TorchBackend):
         super().__init__()
         self.recent, self.temp, self.rule, self.sink = recent, temp, rule, sink
 
-    def select(self, query, layer, num_selected, group_rule, sink_pages=0):
+    def select(self, query, layer, num_selected, group_rule, sink_pages=0, coarse_factor=0):
+        if coarse_factor:  # QuestConfig's two-level ranking, as the engine runs it
+            return super().select(query, layer, num_selected, group_rule, sink_pages, coarse_factor)
         rule = self.rule or group_rule
         if rule == "mass" and self.temp != 1.0:
             q = query.to(layer.page_bounds.dtype)
@@ -48,52 +50,14 @@ class Probe(TorchBackend):
         return select_pages(scores, num_selected)
 
 
-class TwoLevel(TorchBackend):
-    """A two-level ranking on a cache of pages of 2: pages of 4 (pairs of pages of 2, their bounds the pairs' max and
-    min) rank first; the best `factor` * k / 2 of them are the candidates, and their pages of 2, ranked by their own
-    bounds (rule mass normalized over the candidates only, as a kernel reading only their bounds would), give the k
-    selected pages of 2. It reads the pairs' bounds (half the bytes of pages of 2's) plus the candidates' bounds."""
-
-    def __init__(self, factor):
-        super().__init__()
-        self.factor = factor
-
-    def select(self, query, layer, num_selected, group_rule, sink_pages=0):
-        n, dim = layer.num_pages, query.shape[-1]
-        fine = layer.page_bounds[:, :n]  # [Hkv, n, 2D]: max then min
-        padded = torch.cat([fine, fine[:, -1:]], 1) if n % 2 else fine
-        pairs = padded.view(fine.shape[0], -1, 2, 2 * dim)
-        coarse = torch.cat([pairs[..., :dim].amax(2), pairs[..., dim:].amin(2)], -1)  # [Hkv, n/2, 2D]
-        coarse_scores = rule_scores(query, coarse, group_rule)
-        num_candidates = min(coarse.shape[1], self.factor * num_selected // 2)
-        top = coarse_scores.topk(num_candidates, dim=1).indices  # [Hkv, C]
-        candidate = torch.zeros_like(coarse_scores, dtype=torch.bool).scatter_(1, top, True)
-        candidate = candidate.repeat_interleave(2, 1)[:, :n]
-        candidate[:, -1] = True  # the current page
-        scores = rule_scores(query, fine, group_rule, candidate).masked_fill(~candidate, -torch.inf)
-        return select_pages(scores, num_selected)
-
-
-def rule_scores(query, bounds, group_rule, mask=None):
-    """selection.page_scores, with pages outside `mask` [Hkv, pages] left out of rule mass's softmax."""
-    split = torch.cat([query.clamp(min=0), query.clamp(max=0)], -1).to(bounds.dtype)
-    if group_rule == "sum":
-        split = split.sum(1, keepdim=True)
-    logits = torch.bmm(split, bounds.transpose(1, 2)).float()  # [Hkv, G or 1, pages]
-    if mask is not None:
-        logits = logits.masked_fill(~mask[:, None], -torch.inf)
-    if group_rule == "mass":
-        return torch.softmax(logits * query.shape[-1] ** -0.5, -1).sum(1)
-    return logits.amax(1)
-
-
 def two_level_variants(model_config, budget):
-    """The model default and pages of 2 beside two-level rankings with 2x and 4x the budget's pages as candidates."""
+    """The model default and pages of 2 beside the two-level ranking (QuestConfig.coarse_factor) with the pages of
+    2x and 4x the budget's pages' worth of pairs as candidates."""
     base = default_config(model_config, budget=budget)
     fine = base.with_changes(page_size=2)
     return [("dense", QuestConfig(mode="dense"), Probe()), (f"base@{budget}", base, Probe()),
-            (f"p2@{budget}", fine, Probe()), (f"2lvl2@{budget}", fine, TwoLevel(2)),
-            (f"2lvl4@{budget}", fine, TwoLevel(4))]
+            (f"p2@{budget}", fine, Probe()), (f"2lvl2@{budget}", fine.with_changes(coarse_factor=2), Probe()),
+            (f"2lvl4@{budget}", fine.with_changes(coarse_factor=4), Probe())]
 
 
 def sink_variants(model_config, budgets):

@@ -20,7 +20,7 @@ class Tracer(TorchBackend):
         self.index, self.records = {}, {}
         self.oracle_layers, self.force_pages, self.recent, self.sink = set(), None, 0, 0
 
-    def select(self, query, layer, num_selected, group_rule, sink_pages=0):
+    def select(self, query, layer, num_selected, group_rule, sink_pages=0, coarse_factor=0):
         i = self.index[id(layer)]
         scores, _ = _scores(query, layer, group_rule)
         keys = layer.dense()[0]

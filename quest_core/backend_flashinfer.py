@@ -211,17 +211,20 @@ class FlashInferBackend:
         return out.view(num_kv_heads, group, head_dim)
 
     def select(self, query: torch.Tensor, layer: PagedLayer, num_selected: int, group_rule: str,
-               sink_pages: int = 0) -> torch.Tensor:
+               sink_pages: int = 0, coarse_factor: int = 0) -> torch.Tensor:
         """query [Hkv, G, D] -> one-head page rows [Hkv, k] int32 (`layer.one_head_rows`), the current page last,
-        the first sink_pages pages among the others."""
-        if self.score_topk is not None and layer.head_dim % 4 == 0 and (group_rule != "mass" or query.shape[1] <= 32):
+        the first sink_pages pages among the others. The two-level ranking (coarse_factor) runs on the torch twin:
+        our scorer does not rank pairs first yet."""
+        if self.score_topk is not None and layer.head_dim % 4 == 0 and (group_rule != "mass" or query.shape[1] <= 32) \
+                and not coarse_factor:
             rows = self._rows(self._state(layer.keys.device), layer.num_kv_heads, num_selected)
             if layer.device_length is not None:  # captured: the kernel reads the length on the GPU
                 return self.score_topk(query, layer.page_bounds, layer.capacity_pages, num_selected, rows,
                                        layer.device_length, layer.page_size, group_rule, sink_pages)
             return self.score_topk(query, layer.page_bounds, layer.num_pages, num_selected, rows,
                                    page_size=layer.page_size, group_rule=group_rule, sink_pages=sink_pages)
-        return layer.one_head_rows(self.reference.select(query, layer, num_selected, group_rule, sink_pages)).int()
+        selected = self.reference.select(query, layer, num_selected, group_rule, sink_pages, coarse_factor)
+        return layer.one_head_rows(selected).int()
 
     def select_baseline(self, mode, query, layer, num_selected, scaling):
         return layer.one_head_rows(self.reference.select_baseline(mode, query, layer, num_selected, scaling)).int()

@@ -8,7 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from .paged_cache import PagedLayer
-from .selection import page_attention_mass, page_scores, read_slots, select_pages, select_top_p, streaming_pages
+from .selection import (
+    page_attention_mass,
+    page_scores,
+    read_slots,
+    select_pages,
+    select_top_p,
+    streaming_pages,
+    two_level_scores,
+)
 
 
 class TorchBackend:
@@ -47,10 +55,18 @@ class TorchBackend:
         return _attend(query, keys, values, scaling)
 
     def select(self, query: torch.Tensor, layer: PagedLayer, num_selected: int, group_rule: str,
-               sink_pages: int = 0) -> torch.Tensor:
+               sink_pages: int = 0, coarse_factor: int = 0) -> torch.Tensor:
         """query [Hkv, G, D] -> Quest's selected page ids [Hkv, k], current page last (the first sink_pages pages
-        among the others)."""
-        scores, num_pages = _scores(query, layer, group_rule)
+        among the others; with coarse_factor, ranked in two levels: selection.two_level_scores)."""
+        if not coarse_factor:
+            scores, num_pages = _scores(query, layer, group_rule)
+        elif layer.device_length is None:
+            num_pages = None
+            scores = two_level_scores(query, layer.page_bounds[:, :layer.num_pages], group_rule, num_selected,
+                                      coarse_factor)
+        else:
+            num_pages = _device_pages(layer)
+            scores = two_level_scores(query, layer.page_bounds, group_rule, num_selected, coarse_factor, num_pages)
         return select_pages(scores, num_selected, num_pages, sink_pages)
 
     def select_top_p(self, query: torch.Tensor, layer: PagedLayer, top_p: float, min_pages: int,
@@ -90,8 +106,13 @@ def _scores(query: torch.Tensor, layer: PagedLayer, group_rule: str) -> tuple[to
     (the length is on the GPU) the scores over the cache's capacity and the page count as a tensor."""
     if layer.device_length is None:
         return page_scores(query, layer.page_bounds[:, :layer.num_pages], group_rule), None
-    num_pages = torch.div(layer.device_length + layer.page_size - 1, layer.page_size, rounding_mode="floor")
+    num_pages = _device_pages(layer)
     return page_scores(query, layer.page_bounds, group_rule, num_pages), num_pages
+
+
+def _device_pages(layer: PagedLayer) -> torch.Tensor:
+    """The pages in use, from the cache length on the GPU (a captured CUDA graph): a one-element long tensor."""
+    return torch.div(layer.device_length + layer.page_size - 1, layer.page_size, rounding_mode="floor")
 
 
 def _attend(query, keys, values, scaling, mask=None):

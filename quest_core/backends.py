@@ -42,9 +42,9 @@ class AttentionBackend(Protocol):
         """query [Hkv, G, D] -> out [Hkv, G, D] over every stored token."""
 
     def select(self, query: torch.Tensor, layer: PagedLayer, num_selected: int, group_rule: str,
-               sink_pages: int = 0) -> torch.Tensor:
+               sink_pages: int = 0, coarse_factor: int = 0) -> torch.Tensor:
         """query [Hkv, G, D] -> Quest's selection [Hkv, k] (in the backend's own form), current page last; the first
-        sink_pages pages always among the others."""
+        sink_pages pages always among the others; coarse_factor: QuestConfig's two-level ranking."""
 
     def select_top_p(self, query: torch.Tensor, layer: PagedLayer, top_p: float, min_pages: int,
                      max_pages: int, sink_pages: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,6 +25,10 @@ class QuestConfig:
                                # attention: attention sinks) are always read, out of the budget (as many as it
                                # holds beside the current page and one chosen page, and with top_p as many as
                                # min_budget holds)
+    coarse_factor: int = 0     # mode "quest", 0: pages rank by their own bounds. f >= 1: a two-level ranking:
+                               # pairs of pages (0, 1), (2, 3), ... rank first by the pair's bounds, then the pages
+                               # of the best f * k / 2 pairs (k: the budget's pages) by their own. With pages of 2 it
+                               # ranks as pages of 2 do from the bounds of pairs, pages of 4's bytes (eval/RESULTS.md)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -40,6 +44,8 @@ class QuestConfig:
             raise ValueError(f"dense_layers must be >= 0, got {self.dense_layers}")
         if self.sink_pages < 0:
             raise ValueError(f"sink_pages must be >= 0, got {self.sink_pages}")
+        if self.coarse_factor < 0:
+            raise ValueError(f"coarse_factor must be >= 0, got {self.coarse_factor}")
         if self.top_p is not None:
             self._check_top_p()
 
@@ -48,6 +54,8 @@ class QuestConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.mode not in ("dense", "quest"):
             raise ValueError(f"top_p is an adaptive budget for mode 'quest', not {self.mode!r}")
+        if self.coarse_factor:
+            raise ValueError("top_p ranks pages by their own bounds: set coarse_factor to 0 with it")
         if self.min_budget_pages < 2:
             raise ValueError(f"min_budget ({self.min_budget} tokens) must hold at least two pages of {self.page_size} "
                              "tokens: the current page and one chosen page")

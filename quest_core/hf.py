@@ -166,7 +166,7 @@ def _decode_sparse(config: QuestConfig, backend, query: torch.Tensor, layer: Pag
         return backend.decode_sparse(query, layer, selected, scaling, page_counts), selected, page_counts
     if config.mode == "quest":
         sink_pages = min(config.sink_pages, num_selected - 2)  # room for the current page and a chosen page
-        selected = backend.select(query, layer, num_selected, config.group_rule, sink_pages)
+        selected = backend.select(query, layer, num_selected, config.group_rule, sink_pages, config.coarse_factor)
     else:
         selected = backend.select_baseline(config.mode, query, layer, num_selected, scaling)
     return backend.decode_sparse(query, layer, selected, scaling), selected, None

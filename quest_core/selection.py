@@ -19,13 +19,14 @@ import torch
 
 
 def page_scores(query: torch.Tensor, page_bounds: torch.Tensor, group_rule: str = "sum",
-                num_pages: torch.Tensor | None = None) -> torch.Tensor:
+                num_pages: torch.Tensor | None = None, candidates: torch.Tensor | None = None) -> torch.Tensor:
     """query [Hkv, G, D]; page_bounds [Hkv, pages, 2D] (max then min)  ->  scores [Hkv, pages] in float32.
 
     The product runs in the bounds' dtype (float32 on CPU; the KV dtype on GPU, as the fused kernel does).
     num_pages, a one-element long tensor: only the first num_pages pages are in use, the others score -inf (a
     captured CUDA graph reads the length on the GPU, so it scores the cache's whole capacity; an unused page's
-    +-inf bounds would give NaN)."""
+    +-inf bounds would give NaN). candidates [Hkv, pages] bool: only those pages score (rule mass's softmax over them
+    alone), the others -inf."""
     query = query.to(page_bounds.dtype)
     split_query = torch.cat([query.clamp(min=0), query.clamp(max=0)], dim=-1)  # [Hkv, G, 2D]
     if group_rule == "sum":
@@ -33,9 +34,42 @@ def page_scores(query: torch.Tensor, page_bounds: torch.Tensor, group_rule: str 
     scores = torch.bmm(split_query, page_bounds.transpose(1, 2)).float()  # [Hkv, G or 1, pages]
     if num_pages is not None:
         scores = scores.masked_fill(_page_index(scores) >= num_pages, -torch.inf)
+    if candidates is not None:
+        scores = scores.masked_fill(~candidates[:, None], -torch.inf)
     if group_rule == "mass":
-        return torch.softmax(scores * query.shape[-1] ** -0.5, dim=-1).sum(1)  # [Hkv, pages]
+        scores = torch.softmax(scores * query.shape[-1] ** -0.5, dim=-1).sum(1)  # [Hkv, pages]
+        return scores if candidates is None else scores.masked_fill(~candidates, -torch.inf)
     return scores.amax(dim=1)
+
+
+def pair_bounds(page_bounds: torch.Tensor) -> torch.Tensor:
+    """page_bounds [Hkv, pages, 2D] (max then min) -> the bounds of the pairs of pages (0, 1), (2, 3), ...
+    [Hkv, ceil(pages / 2), 2D]: each pair's max and min (an odd last page pairs with itself)."""
+    num_kv_heads, pages, width = page_bounds.shape
+    if pages % 2:
+        page_bounds = torch.cat([page_bounds, page_bounds[:, -1:]], dim=1)
+    pairs = page_bounds.view(num_kv_heads, -1, 2, width)
+    dim = width // 2
+    return torch.cat([pairs[..., :dim].amax(2), pairs[..., dim:].amin(2)], dim=-1)
+
+
+def two_level_scores(query: torch.Tensor, page_bounds: torch.Tensor, group_rule: str, num_selected: int,
+                     coarse_factor: int, num_pages: torch.Tensor | None = None) -> torch.Tensor:
+    """`page_scores` of QuestConfig.coarse_factor's two-level ranking -> scores [Hkv, pages]: the pairs of pages rank
+    by their bounds (`pair_bounds`); the pages of the best coarse_factor * num_selected / 2 pairs, and the current
+    page, score by their own bounds, every other page -inf. num_pages as in `page_scores`."""
+    pages = page_bounds.shape[1]
+    pair_count = None if num_pages is None else torch.div(num_pages + 1, 2, rounding_mode="floor")
+    pair_scores = page_scores(query, pair_bounds(page_bounds), group_rule, pair_count)  # [Hkv, pairs]
+    best = pair_scores.topk(min(pair_scores.shape[1], -(-coarse_factor * num_selected // 2)), dim=1).indices
+    candidates = torch.zeros_like(pair_scores, dtype=torch.bool).scatter_(1, best, True)
+    candidates = candidates.repeat_interleave(2, dim=1)[:, :pages]  # [Hkv, pages]
+    index = _page_index(candidates)
+    current = pages - 1 if num_pages is None else num_pages - 1
+    candidates = candidates | (index == current)
+    if num_pages is not None:
+        candidates = candidates & (index < num_pages)
+    return page_scores(query, page_bounds, group_rule, num_pages, candidates)
 
 
 def select_pages(scores: torch.Tensor, num_selected: int, num_pages: torch.Tensor | None = None,

@@ -5,10 +5,14 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from transformers import LlamaConfig, LlamaForCausalLM
 
+from quest_core.backend_torch import TorchBackend
 from quest_core.config import QuestConfig
+from quest_core.generation import decode, prefill
+from quest_core.hf import QuestCache
 from quest_core.paged_cache import PagedLayer
-from quest_core.selection import page_scores, select_pages
+from quest_core.selection import page_scores, select_pages, two_level_scores
 
 
 def brute_force_scores(query, keys, page_size, group_rule):
@@ -124,3 +128,84 @@ def test_selection_reading_the_length_from_a_tensor_equals_slicing(page_size, le
     for h in range(2):  # the same set, up to ties
         assert set(selected[h, :-1].tolist()) == set(expected[h, :-1].tolist()) \
             or torch.allclose(scores[h, selected[h, :-1]].sort().values, scores[h, expected[h, :-1]].sort().values)
+
+
+@settings(max_examples=40, deadline=None)
+@given(page_size=st.sampled_from([1, 2, 4]), length=st.integers(3, 200), group=st.sampled_from([1, 3]),
+       group_rule=st.sampled_from(["sum", "max", "mass"]), coarse_factor=st.sampled_from([1, 2, 4]),
+       spare_pages=st.integers(0, 9), seed=st.integers(0, 10_000))
+def test_two_level_ranks_pairs_first_then_the_pages_of_the_best_pairs(page_size, length, group, group_rule,
+                                                                      coarse_factor, spare_pages, seed):
+    """Against the definition: a pair of pages is a page of twice the tokens, so it scores as one at 2 * page_size;
+    the candidates are the pages of the best coarse_factor * k / 2 pairs and the current page, and they score as
+    pages do (rule mass's softmax over the candidates alone); every other page scores -inf. The captured form
+    (the page count as a tensor, over a larger capacity) scores the same."""
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(1, 2, length, 16, generator=generator)
+    query = torch.randn(2, group, 16, generator=generator)
+    layer = PagedLayer(page_size, block_pages=5)
+    layer.update(keys, keys)
+    num_pages = layer.num_pages
+    assume(num_pages >= 3)
+    num_selected = int(torch.randint(2, num_pages, (1,), generator=generator))
+    scores = two_level_scores(query, layer.page_bounds[:, :num_pages], group_rule, num_selected, coarse_factor)
+
+    pair_scores = brute_force_scores(query, keys[0], 2 * page_size, group_rule)  # [Hkv, pairs]
+    num_candidates = min(pair_scores.shape[1], -(-coarse_factor * num_selected // 2))
+    ranked = pair_scores.sort(dim=1, descending=True).values
+    if num_candidates < pair_scores.shape[1]:  # no near-tie at the cut (float32 against float64)
+        assume(((ranked[:, num_candidates - 1] - ranked[:, num_candidates]).abs() > 1e-4 * ranked.abs().amax(1)).all())
+    best = pair_scores.topk(num_candidates, dim=1).indices
+    candidates = torch.stack([torch.isin(torch.arange(num_pages) // 2, best[h]) for h in range(2)])
+    candidates[:, -1] = True
+    if group_rule == "mass":
+        logits = torch.stack([brute_force_scores(query[:, g:g + 1], keys[0], page_size, "sum") for g in range(group)])
+        logits = logits.masked_fill(~candidates, -math.inf)
+        expected = torch.softmax(logits * 16 ** -0.5, dim=-1).sum(0)
+    else:
+        expected = brute_force_scores(query, keys[0], page_size, group_rule)
+    expected = expected.masked_fill(~candidates, -math.inf)
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-4, atol=1e-5)
+
+    layer.reserve(length + spare_pages * page_size)
+    pages_tensor = torch.tensor([num_pages])
+    captured = two_level_scores(query, layer.page_bounds, group_rule, num_selected, coarse_factor, pages_tensor)
+    torch.testing.assert_close(captured[:, :num_pages], scores)
+    assert (captured[:, num_pages:] == -math.inf).all()
+
+
+def test_two_level_settings_are_checked():
+    with pytest.raises(ValueError, match="coarse_factor"):
+        QuestConfig(coarse_factor=-1)
+    with pytest.raises(ValueError, match="coarse_factor"):
+        QuestConfig(top_p=0.5, coarse_factor=2)
+
+
+class Recording(TorchBackend):
+    """The torch backend, recording the two-level setting each selection gets."""
+
+    def __init__(self):
+        super().__init__()
+        self.coarse_factors = []
+
+    def select(self, query, layer, num_selected, group_rule, sink_pages=0, coarse_factor=0):
+        self.coarse_factors.append(coarse_factor)
+        return super().select(query, layer, num_selected, group_rule, sink_pages, coarse_factor)
+
+
+def test_a_decode_ranks_in_two_levels_with_coarse_factor_and_every_pair_a_candidate_changes_nothing():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)).eval()
+    prompt = torch.randint(0, 97, (200,)).tolist()
+
+    def greedy(config, backend):
+        cache = QuestCache(model.config.num_hidden_layers, config, backend=backend)
+        return list(decode(model, cache, prefill(model, cache, prompt), 8, cuda_graph=False))
+
+    config = QuestConfig(budget=16, page_size=2, dense_layers=1)
+    recording = Recording()
+    two_level = greedy(config.with_changes(coarse_factor=1), recording)
+    assert len(two_level) == 8 and set(recording.coarse_factors) == {1}
+    assert len(recording.coarse_factors) == 2 * 7  # 2 sparse layers, 7 decode steps (the first token: prefill)
+    assert greedy(config.with_changes(coarse_factor=1000), TorchBackend()) == greedy(config, TorchBackend())
