@@ -57,19 +57,21 @@ def two_level_scores(query: torch.Tensor, page_bounds: torch.Tensor, group_rule:
                      coarse_factor: int, num_pages: torch.Tensor | None = None) -> torch.Tensor:
     """`page_scores` of QuestConfig.coarse_factor's two-level ranking -> scores [Hkv, pages]: the pairs of pages rank
     by their bounds (`pair_bounds`); the pages of the best coarse_factor * num_selected / 2 pairs, and the current
-    page, score by their own bounds, every other page -inf. num_pages as in `page_scores`."""
-    pages = page_bounds.shape[1]
+    page, score by their own bounds (gathered: only theirs are read), every other page -inf. num_pages as in
+    `page_scores`."""
+    num_kv_heads, pages, width = page_bounds.shape
     pair_count = None if num_pages is None else torch.div(num_pages + 1, 2, rounding_mode="floor")
     pair_scores = page_scores(query, pair_bounds(page_bounds), group_rule, pair_count)  # [Hkv, pairs]
     best = pair_scores.topk(min(pair_scores.shape[1], -(-coarse_factor * num_selected // 2)), dim=1).indices
-    candidates = torch.zeros_like(pair_scores, dtype=torch.bool).scatter_(1, best, True)
-    candidates = candidates.repeat_interleave(2, dim=1)[:, :pages]  # [Hkv, pages]
-    index = _page_index(candidates)
-    current = pages - 1 if num_pages is None else num_pages - 1
-    candidates = candidates | (index == current)
-    if num_pages is not None:
-        candidates = candidates & (index < num_pages)
-    return page_scores(query, page_bounds, group_rule, num_pages, candidates)
+    used = pages if num_pages is None else num_pages
+    current = torch.full_like(best[:, :1], pages - 1) if num_pages is None else (num_pages - 1).expand_as(best[:, :1])
+    candidates = torch.cat([(2 * best[..., None] + torch.arange(2, device=best.device)).flatten(1), current], dim=1)
+    valid = candidates < used  # [Hkv, 2C + 1]: an odd last pair's second page, unused pages, are not pages
+    valid[:, -1:] &= ~(best == current // 2).any(dim=1, keepdim=True)  # the current page once
+    candidates = candidates.clamp(max=pages - 1)
+    bounds = page_bounds.gather(1, candidates[..., None].expand(-1, -1, width))  # [Hkv, 2C + 1, 2D]
+    scores = page_scores(query, bounds, group_rule, candidates=valid)
+    return scores.new_full((num_kv_heads, pages), -torch.inf).scatter_reduce_(1, candidates, scores, "amax")
 
 
 def select_pages(scores: torch.Tensor, num_selected: int, num_pages: torch.Tensor | None = None,
