@@ -60,13 +60,9 @@ class TorchBackend:
         among the others; with coarse_factor, ranked in two levels: selection.two_level_scores)."""
         if not coarse_factor:
             scores, num_pages = _scores(query, layer, group_rule)
-        elif layer.device_length is None:
-            num_pages = None
-            scores = two_level_scores(query, layer.page_bounds[:, :layer.num_pages], group_rule, num_selected,
-                                      coarse_factor)
         else:
-            num_pages = _device_pages(layer)
-            scores = two_level_scores(query, layer.page_bounds, group_rule, num_selected, coarse_factor, num_pages)
+            bounds, num_pages = _bounds_in_use(layer)
+            scores = two_level_scores(query, bounds, group_rule, num_selected, coarse_factor, num_pages)
         return select_pages(scores, num_selected, num_pages, sink_pages)
 
     def select_top_p(self, query: torch.Tensor, layer: PagedLayer, top_p: float, min_pages: int,
@@ -104,15 +100,17 @@ class TorchBackend:
 def _scores(query: torch.Tensor, layer: PagedLayer, group_rule: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """query [Hkv, G, D] -> (page scores [Hkv, pages], None) over the pages in use; while a CUDA graph is captured
     (the length is on the GPU) the scores over the cache's capacity and the page count as a tensor."""
+    bounds, num_pages = _bounds_in_use(layer)
+    return page_scores(query, bounds, group_rule, num_pages), num_pages
+
+
+def _bounds_in_use(layer: PagedLayer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(page bounds [Hkv, pages, 2D], None) over the pages in use; while a CUDA graph is captured (the length is on
+    the GPU) the bounds over the cache's capacity and the page count as a one-element long tensor."""
     if layer.device_length is None:
-        return page_scores(query, layer.page_bounds[:, :layer.num_pages], group_rule), None
-    num_pages = _device_pages(layer)
-    return page_scores(query, layer.page_bounds, group_rule, num_pages), num_pages
-
-
-def _device_pages(layer: PagedLayer) -> torch.Tensor:
-    """The pages in use, from the cache length on the GPU (a captured CUDA graph): a one-element long tensor."""
-    return torch.div(layer.device_length + layer.page_size - 1, layer.page_size, rounding_mode="floor")
+        return layer.page_bounds[:, :layer.num_pages], None
+    return layer.page_bounds, torch.div(layer.device_length + layer.page_size - 1, layer.page_size,
+                                        rounding_mode="floor")
 
 
 def _attend(query, keys, values, scaling, mask=None):
