@@ -35,6 +35,11 @@ def llama_8b_shaped(max_context: int):
     return model
 
 
+def random_prompt(vocab_size: int, context: int) -> list[int]:
+    """`context` random token ids, the same in every run (seed 0)."""
+    return torch.randint(0, vocab_size, (context,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
 def hf_generate(model, prompt, new_tokens, static=False):
     """(ttft_s, decode tok/s) of HF `generate`: eager with its dynamic cache, or with a static cache, for which
     transformers compiles the decode step itself (torch.compile, its own fast path); the compile happens in the
@@ -105,8 +110,7 @@ def main():
     quest = default_config(model.config, budget=args.budget)
     rows = []
     for context in args.contexts:
-        prompt = torch.randint(0, model.config.vocab_size, (context,), generator=torch.Generator().manual_seed(0))
-        prompt = prompt.tolist()
+        prompt = random_prompt(model.config.vocab_size, context)
         hf_ttft, hf_speed = hf_generate(model, prompt, args.new_tokens)
         _, hf_static_speed = hf_generate(model, prompt, args.new_tokens, static=True)
         use_quest(model)

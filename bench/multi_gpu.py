@@ -15,7 +15,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.e2e import hf_generate, ours  # noqa: E402
+from bench.e2e import hf_generate, ours, random_prompt  # noqa: E402
 from bench.results import write_section  # noqa: E402
 from quest_core.backends import make_backend  # noqa: E402
 from quest_core.config import default_config  # noqa: E402
@@ -72,8 +72,7 @@ def main():
     quest = default_config(model.config, budget=args.budget)
     rows = []
     for context in args.contexts:
-        prompt = torch.randint(0, model.config.vocab_size, (context,), generator=torch.Generator().manual_seed(0))
-        prompt = prompt.tolist()
+        prompt = random_prompt(model.config.vocab_size, context)
         hf_ttft, hf_speed = hf_generate(model, prompt, args.new_tokens)
         use_quest(model)
         cache = QuestCache(model.config.num_hidden_layers, quest.with_changes(mode="dense"), backend)
