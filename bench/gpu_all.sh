@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole GPU session in one command, for the device tool's H200 (see README, "GPU"): installs the carried
 # wheels (.whl/), restores FlashInfer kernels built by an earlier run (.jit/, carried back from $OUT), builds
-# the rest side by side, then runs what the arguments name: tests, kernels, e2e (default: all three), profile, multi
-# (the 70B-shaped model split over 2 GPUs: bench/multi_gpu.py, on the device tool's 2-GPU H200 machine).
+# the rest side by side, then runs what the arguments name: tests, kernels, e2e (default: all three), batch (batched
+# decode, bench/batch_gpu.py), profile, multi (the 70B-shaped model split over 2 GPUs: bench/multi_gpu.py, on the
+# device tool's 2-GPU H200 machine).
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
@@ -22,10 +23,12 @@ echo "builds: $(( $(date +%s) - start )) s"
 
 for step in ${@:-tests kernels e2e}; do
   case $step in
-    tests) python3 -m pytest -q -rs tests/test_gpu.py tests/test_multi_gpu.py 2>&1 | tee "$OUT/gpu_tests.txt" ;;
+    tests) python3 -m pytest -q -rs tests/test_gpu.py tests/test_gpu_batch.py tests/test_multi_gpu.py 2>&1 \
+             | tee "$OUT/gpu_tests.txt" ;;
     kernels) for shape in llama3-8b llama2-7b smollm2; do python3 bench/attention_kernels.py --shape $shape; done 2>&1 \
                | tee "$OUT/kernels.txt" ;;
     e2e) python3 bench/e2e.py 2>&1 | tee "$OUT/e2e.txt" ;;
+    batch) python3 bench/batch_gpu.py 2>&1 | tee "$OUT/batch.txt" ;;
     profile)  # where our two kernels' time goes (Nsight Compute): one layer of Llama-3.1-8B heads at 128K
       ncu --kernel-name regex:'score_topk|sparse_decode' --launch-skip 20 --launch-count 2 --section SpeedOfLight \
         --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats --section Occupancy \

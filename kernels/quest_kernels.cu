@@ -612,14 +612,15 @@ __global__ void __launch_bounds__(kAttentionThreads) sparse_decode_kernel(
     const T* __restrict__ query, const T* __restrict__ keys, const T* __restrict__ values,
     const int32_t* __restrict__ rows, T* __restrict__ out, float* __restrict__ partial_out,
     float* __restrict__ partial_state, unsigned int* __restrict__ counters, int group, int page_size, int k,
-    int tokens_per_split, float scale_log2, int last_len, const int64_t* __restrict__ device_length) {
+    int tokens_per_split, float scale_log2, int last_len, const int64_t* __restrict__ device_length,
+    int heads_per_length) {
   constexpr int kVec = 16 / sizeof(T), kDim = kTeam * kVec, kTeams = kAttentionThreads / kTeam;
   constexpr int kTile = kGroup <= 2 ? 8 : 4;  // tokens a team has in flight
   extern __shared__ float team_states[];      // [kTeams, group, 2 + kDim]: m, l, output
   __shared__ bool is_last;
   const int h = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
   const int lane = threadIdx.x % kTeam, team = threadIdx.x / kTeam;
-  if (device_length != nullptr) last_len = (int)((device_length[0] - 1) % page_size) + 1;
+  if (device_length != nullptr) last_len = (int)((device_length[h / heads_per_length] - 1) % page_size) + 1;
   const int total = (k - 1) * page_size + last_len;
   const int begin = split * tokens_per_split, end = min(total, begin + tokens_per_split);
   const int32_t* head_rows = rows + (int64_t)h * k;
@@ -772,9 +773,10 @@ __global__ void __launch_bounds__(kAttentionThreads) sparse_decode_kernel(
   if (threadIdx.x == 0) counters[h] = 0;
 }
 
-// query [Hkv, G, D]; keys, values the page-major cache [capacity, Hkv, P, D] (read as one-head rows [capacity *
-// Hkv, P, D]); rows int32 [Hkv, k], the current page last, holding `last_len` tokens, or, with `device_length`
-// (int64 [1], the cache length on the GPU: a captured CUDA graph), ((length - 1) % P) + 1. partial_out float32
+// query [H, G, D]; keys, values the page-major cache [capacity, Hkv, P, D] (read as one-head rows [capacity *
+// Hkv, P, D]); rows int32 [H, k], the current page last, holding `last_len` tokens, or, with `device_length`
+// (int64 [B], the cache lengths on the GPU: a captured CUDA graph, or a batch of B requests whose H = B * Hkv
+// heads are request-major), ((length - 1) % P) + 1 of head h's request, h / (H / B). partial_out float32
 // [>= Hkv * k * G * D], partial_state float32 [>= Hkv * k * G * 2], counters int32 [Hkv] zeros (left so).
 // Returns [Hkv, G, D] in the query's dtype. The grid depends on the shapes only, never on the length.
 torch::Tensor sparse_decode(torch::Tensor query, torch::Tensor keys, torch::Tensor values, torch::Tensor rows,
@@ -786,21 +788,25 @@ torch::Tensor sparse_decode(torch::Tensor query, torch::Tensor keys, torch::Tens
   TORCH_CHECK(keys.scalar_type() == at::kHalf || keys.scalar_type() == at::kBFloat16,
               "sparse_decode takes float16 or bfloat16");
   TORCH_CHECK(!device_length || device_length->scalar_type() == at::kLong);
-  const int num_kv_heads = query.size(0), group = query.size(1), head_dim = query.size(2);
+  const int num_heads = query.size(0), group = query.size(1), head_dim = query.size(2);
   const int page_size = keys.size(2), k = rows.size(1);
-  TORCH_CHECK(keys.dim() == 4 && keys.size(1) == num_kv_heads && keys.size(3) == head_dim);
-  TORCH_CHECK(rows.size(0) == num_kv_heads && reinterpret_cast<uintptr_t>(keys.data_ptr()) % 16 == 0);
+  const int heads_per_length = device_length ? num_heads / std::max<int64_t>(1, device_length->numel()) : 1;
+  TORCH_CHECK(keys.dim() == 4 && num_heads % keys.size(1) == 0 && keys.size(3) == head_dim);
+  TORCH_CHECK(!device_length || (int64_t)heads_per_length * device_length->numel() == num_heads,
+              "device_length holds one length per request: ", num_heads, " heads over ",
+              device_length ? device_length->numel() : 0, " lengths");
+  TORCH_CHECK(rows.size(0) == num_heads && reinterpret_cast<uintptr_t>(keys.data_ptr()) % 16 == 0);
   if (reinterpret_cast<uintptr_t>(query.data_ptr()) % 16 != 0) query = query.clone();  // 16-byte loads
   TORCH_CHECK(head_dim == 64 || head_dim == 128, "sparse_decode takes head_dim 64 or 128, got ", head_dim);
   TORCH_CHECK(group >= 1 && group <= 8, "sparse_decode takes up to 8 query heads per KV head, got ", group);
   TORCH_CHECK(k >= 1 && (device_length || (last_len >= 1 && last_len <= page_size)));
   TORCH_CHECK(partial_out.scalar_type() == at::kFloat && partial_state.scalar_type() == at::kFloat);
-  TORCH_CHECK(partial_out.numel() >= (int64_t)num_kv_heads * k * group * head_dim &&
-              partial_state.numel() >= (int64_t)num_kv_heads * k * group * 2 && counters.numel() >= num_kv_heads);
+  TORCH_CHECK(partial_out.numel() >= (int64_t)num_heads * k * group * head_dim &&
+              partial_state.numel() >= (int64_t)num_heads * k * group * 2 && counters.numel() >= num_heads);
   const int num_sms = device_limits(query.device().index()).num_sms;
   // Splits: about two blocks per SM over all heads, each of whole pages and at least 32 tokens
   const int team = head_dim / 8, teams = kAttentionThreads / team;
-  const int wanted = std::max(1, (2 * num_sms + num_kv_heads - 1) / num_kv_heads);
+  const int wanted = std::max(1, (2 * num_sms + num_heads - 1) / num_heads);
   const int pages_per_split = std::max((k + wanted - 1) / wanted, (32 + page_size - 1) / page_size);
   const int splits = (k + pages_per_split - 1) / pages_per_split;
   TORCH_CHECK(group * splits <= teams * group * (2 + head_dim));  // the last block's weights fit in shared memory
@@ -811,12 +817,12 @@ torch::Tensor sparse_decode(torch::Tensor query, torch::Tensor keys, torch::Tens
   const float scale_log2 = (float)(scale * 1.4426950408889634);
   auto launch = [&](auto kernel, auto type_tag) {
     using T = decltype(type_tag);
-    kernel<<<dim3(num_kv_heads, splits), kAttentionThreads, shared_bytes, stream>>>(
+    kernel<<<dim3(num_heads, splits), kAttentionThreads, shared_bytes, stream>>>(
         reinterpret_cast<const T*>(query.data_ptr()), reinterpret_cast<const T*>(keys.data_ptr()),
         reinterpret_cast<const T*>(values.data_ptr()), rows.data_ptr<int>(), reinterpret_cast<T*>(out.data_ptr()),
         partial_out.data_ptr<float>(), partial_state.data_ptr<float>(),
         reinterpret_cast<unsigned int*>(counters.data_ptr<int>()), group, page_size, k, pages_per_split * page_size,
-        scale_log2, (int)last_len, device_length ? device_length->data_ptr<int64_t>() : nullptr);
+        scale_log2, (int)last_len, device_length ? device_length->data_ptr<int64_t>() : nullptr, heads_per_length);
   };
   auto by_group = [&](auto type_tag, auto team_tag) {
     using T = decltype(type_tag);

@@ -50,6 +50,7 @@ class DeviceState:
     prefill_wrapper: object
     page_range: torch.Tensor  # int32 0, 1, 2, ...: the dense page list
     decode_wrappers: dict = field(default_factory=dict)  # (name, group, page-list buffer) -> DecodeWrapper
+    batch_wrappers: dict = field(default_factory=dict)  # group -> a batch decode wrapper over a PagePool
     rows: dict = field(default_factory=dict)  # (Hkv, k) -> the int32 page-row buffer the scorer writes
 
 
@@ -228,6 +229,53 @@ class FlashInferBackend:
 
     def select_baseline(self, mode, query, layer, num_selected, scaling):
         return layer.one_head_rows(self.reference.select_baseline(mode, query, layer, num_selected, scaling)).int()
+
+    # ---- a batch of requests whose pages share a PagePool (hf._batch_attention) ----
+
+    def decode_batch_dense(self, query: torch.Tensor, layers: list[PagedLayer], scaling: float) -> torch.Tensor:
+        """query [R, Hkv, G, D], one layer per request (the same model layer) -> [R, Hkv, G, D] over every stored
+        token: one FlashInfer batch decode whose page lists are the requests' runs of the pool. Planned once per
+        step (the layers of a step have the same runs and lengths)."""
+        num_requests, num_kv_heads, group, head_dim = query.shape
+        pool, index = layers[0].run.pool, layers[0].pool_index
+        state = self._state(query.device)
+        wrapper = state.batch_wrappers.get(group)
+        if wrapper is None:
+            wrapper = state.batch_wrappers[group] = self.flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                state.workspace, kv_layout="HND", use_tensor_cores=group not in (1, 2, 3, 4, 8))
+        runs = [(layer.run.start, layer.num_pages, layer.last_page_len) for layer in layers]
+        key = (tuple(runs), num_kv_heads, group, head_dim, pool.page_size, query.dtype, scaling)
+        with torch.cuda.device(query.device):
+            if self.plans.get(id(wrapper)) != key:
+                page_counts = self._host(*(pages for _, pages, _ in runs))
+                indptr = torch.cat([self._host(0), page_counts.cumsum(0, dtype=torch.int32)])
+                indices = torch.cat([torch.arange(start, start + pages, dtype=torch.int32) for start, pages, _ in runs])
+                wrapper.plan(indptr, indices.to(query.device), self._host(*(last for _, _, last in runs)),
+                             num_kv_heads * group, num_kv_heads, head_dim, pool.page_size, sm_scale=scaling,
+                             q_data_type=query.dtype, kv_data_type=pool.keys[index].dtype)
+                self.plans[id(wrapper)] = key
+            out = wrapper.run(query.reshape(num_requests, num_kv_heads * group, head_dim),
+                              (pool.keys[index], pool.values[index]))
+        return out.view(num_requests, num_kv_heads, group, head_dim)
+
+    def decode_batch_sparse(self, query: torch.Tensor, layers: list[PagedLayer], selected: torch.Tensor,
+                            scaling: float) -> torch.Tensor:
+        """query [R, Hkv, G, D], selected [R, Hkv, k] (each request's one-head rows, as `select` returns them) ->
+        [R, Hkv, G, D] over the selected pages: our sparse decode kernel once over the R * Hkv heads, their rows
+        moved to the pool's (the run's first page, times Hkv, added) and each head's last page length read from its
+        request's length."""
+        num_requests, num_kv_heads, group, head_dim = query.shape
+        if self.sparse_decode is None or not self.sparse_decode.supports(query[0]):
+            return torch.stack([self.decode_sparse(row, layer, rows, scaling)
+                                for row, layer, rows in zip(query, layers, selected)])
+        pool, index, device = layers[0].run.pool, layers[0].pool_index, query.device
+        offsets = torch.tensor([layer.run.start * num_kv_heads for layer in layers], dtype=torch.int32)
+        rows = selected.to(torch.int32) + offsets.to(device).view(-1, 1, 1)  # [R, Hkv, k] rows of the pool
+        lengths = torch.tensor([layer.length for layer in layers]).to(device)
+        out = self.sparse_decode(query.reshape(num_requests * num_kv_heads, group, head_dim), pool.keys[index],
+                                 pool.values[index], rows.view(num_requests * num_kv_heads, -1), scaling,
+                                 device_length=lengths)
+        return out.view(num_requests, num_kv_heads, group, head_dim)
 
     def page_ids(self, selected: torch.Tensor, layer: PagedLayer) -> torch.Tensor:
         """What `select` returned (one-head rows), as page ids [Hkv, k] (for the trace)."""

@@ -97,6 +97,19 @@ class TorchBackend:
         return _attend(query, keys, values, scaling, mask)
 
 
+    # A batch of requests whose pages share a PagePool (hf._batch_attention), one request after another: the twins
+    # of the flashinfer backend's batch calls.
+    def decode_batch_dense(self, query: torch.Tensor, layers: list[PagedLayer], scaling: float) -> torch.Tensor:
+        """query [R, Hkv, G, D], one layer per request -> [R, Hkv, G, D] over every stored token."""
+        return torch.stack([self.decode_dense(row, layer, scaling) for row, layer in zip(query, layers)])
+
+    def decode_batch_sparse(self, query: torch.Tensor, layers: list[PagedLayer], selected: torch.Tensor,
+                            scaling: float) -> torch.Tensor:
+        """query [R, Hkv, G, D], selected [R, Hkv, k] (what `select` returned for each) -> [R, Hkv, G, D]."""
+        return torch.stack([self.decode_sparse(row, layer, pages, scaling)
+                            for row, layer, pages in zip(query, layers, selected)])
+
+
 def _scores(query: torch.Tensor, layer: PagedLayer, group_rule: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """query [Hkv, G, D] -> (page scores [Hkv, pages], None) over the pages in use; while a CUDA graph is captured
     (the length is on the GPU) the scores over the cache's capacity and the page count as a tensor."""

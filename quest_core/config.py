@@ -67,6 +67,10 @@ class QuestConfig:
     def budget_pages(self) -> int:
         return -(-self.budget // self.page_size)
 
+    def sparse_at(self, layer_idx: int, num_pages: int) -> bool:
+        """Whether a decode step of layer `layer_idx` over `num_pages` pages reads a selection of them."""
+        return self.mode != "dense" and layer_idx >= self.dense_layers and num_pages > self.budget_pages
+
     @property
     def min_budget_pages(self) -> int:
         return -(-self.min_budget // self.page_size)

@@ -14,8 +14,12 @@ A request joins the batch at the step after its prefill and leaves when it ends 
 its session cancels it, or when its consumer closes the stream. The thread starts with the first request and
 ends when none is left.
 
-Backends other than torch (flashinfer on a GPU) run one request at a time here, as before the engine: its whole
-prefill, then `generation.decode`, with CUDA graphs (batched GPU decoding is not built yet).
+On a GPU (the flashinfer backend) the engine decodes together when it is given a page pool (`pool_tokens`): every
+request's K/V pages live in one `PagePool`, so a step's attention is one FlashInfer batch decode for the requests
+that attend densely and one sparse decode (our kernel) for the Quest ones. A request whose answer starts with no
+other in flight decodes alone, with CUDA graphs (`generation.decode`), until another request arrives; then it joins
+the batch at its next token. Batched steps run eagerly (no CUDA graph of a batch yet). Without a pool (a model
+spread over GPUs, or pool_tokens 0) requests run one at a time: the whole prefill, then `generation.decode`.
 """
 import queue
 import threading
@@ -26,8 +30,10 @@ import torch
 from transformers import LogitsProcessorList
 
 from .backend_torch import TorchBackend
+from .config import default_config
 from .generation import decode, next_token
 from .hf import QuestCache, cache_argument, forward, forward_batch, use_quest
+from .paged_cache import PagePool
 from .trace import StepTrace, Trace
 
 
@@ -97,15 +103,17 @@ class Request:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, backend=None):
-        """backend None: the torch backend (the one that decodes requests together)."""
+    def __init__(self, model, tokenizer, backend=None, pool_tokens: int = 0):
+        """backend None: the torch backend. pool_tokens: on a GPU with a backend that batches (flashinfer), the
+        tokens of K/V that all requests share (a PagePool in the model's page size); 0 runs requests one at a time."""
         use_quest(model)
         self.model, self.tokenizer = model, tokenizer
         self.backend = backend or TorchBackend()
-        self.batches = self.backend.name == "torch"  # the torch attention runs per request; the others batch 1
         self.cache_arg = cache_argument(model)
         self.num_layers = model.config.num_hidden_layers
         self.device = next(model.parameters()).device
+        self.pool = self._pool(pool_tokens) if pool_tokens else None
+        self.batches = self.backend.name == "torch" or self.pool is not None
         self._lock = threading.Lock()
         self._arrived: list[Request] = []  # submitted, not yet seen by the loop
         self._thread: threading.Thread | None = None
@@ -117,7 +125,20 @@ class Engine:
         return Session(self.model, self.tokenizer, config, engine=self, **kwargs)
 
     def new_cache(self, config) -> QuestCache:
-        return QuestCache(self.num_layers, config, self.backend)
+        pool = self.pool if self.pool is not None and config.page_size == self.pool.page_size else None
+        return QuestCache(self.num_layers, config, self.backend, pool)
+
+    def _pool(self, pool_tokens: int) -> PagePool | None:
+        """The K/V page pool of `pool_tokens` tokens, or None where the engine cannot batch (the backend has no
+        batch decode, the model spans several GPUs)."""
+        devices = {parameter.device for parameter in self.model.parameters()}
+        if not hasattr(self.backend, "decode_batch_dense") or self.backend.name == "torch" or len(devices) > 1:
+            return None
+        config = self.model.config
+        page_size = default_config(config).page_size
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return PagePool(self.num_layers, -(-pool_tokens // page_size), config.num_key_value_heads, page_size,
+                        head_dim, self.model.dtype, self.device)
 
     def submit(self, request: Request) -> Request:
         """Queue `request`; it joins at the next step. Read its results with `request.items()`."""
@@ -164,7 +185,10 @@ class Engine:
         if newcomers:
             newcomer = min(newcomers, key=lambda r: r.left_to_prefill)
             if self._prefill_chunk(newcomer):
-                self._start_answer(newcomer)
+                if self.pool is not None and len(requests) == 1 and newcomer.max_new_tokens:
+                    self._answer_alone(newcomer, hand_over=True)  # CUDA graphs until another request arrives
+                else:
+                    self._start_answer(newcomer)
         decoding = [r for r in requests if r.last_token is not None and not r.finished.is_set()]
         if decoding:
             self._decode_step(decoding)
@@ -239,7 +263,6 @@ class Engine:
 
     def _run_alone(self, request: Request) -> None:
         """A backend that does not batch: the whole prefill, then `generation.decode` (CUDA graphs where it can)."""
-        cache = request.cache
         while request.left_to_prefill and not request.finished.is_set():
             if request.stopped:
                 self._finish(request)
@@ -250,11 +273,26 @@ class Engine:
         if request.max_new_tokens == 0:
             self._finish(request)
             return
+        self._answer_alone(request, hand_over=False)
+
+    def _answer_alone(self, request: Request, hand_over: bool) -> None:
+        """`request`'s answer from its prefill's logits by `generation.decode` (CUDA graphs where it can). With
+        `hand_over`, it stops after a token once another request has arrived, and goes on in the batch: that token
+        is its `last_token` (not yet in the cache, as decode leaves it)."""
+        cache = request.cache
+        arrived = False
+
+        def should_stop():
+            nonlocal arrived
+            arrived = hand_over and bool(self._arrived)
+            return request.stopped or arrived
+
+        answer = []
         try:
             cache.trace = request.trace
             tokens = decode(self.model, cache, request.logits, request.max_new_tokens, request.stop_ids,
                             request.min_new_tokens, request.temperature, request.top_p, request.generator,
-                            lambda: request.stopped, processors=request.processors)
+                            should_stop, processors=request.processors)
             for index, token_id in enumerate(tokens):
                 now = time.perf_counter()
                 trace = cache.trace
@@ -262,7 +300,12 @@ class Engine:
                     if trace is not None and index else None
                 request.last_time = now
                 request.outbox.put(Token(token_id, cache.length, now, step))
+                answer.append(token_id)
         except Exception as error:
             self._finish(request, error)
+            return
+        if arrived and not request.stopped and len(answer) < request.max_new_tokens:
+            request.answer_ids = torch.tensor([answer], device=self.device)
+            request.last_token = answer[-1]
             return
         self._finish(request)

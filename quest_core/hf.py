@@ -8,7 +8,9 @@ transformers hands on to the attention function untouched (5.17 through 5.24 ali
 
 A decode step over several requests (quest_core/engine.py) passes a `BatchCache` instead: row b of the batch
 appends to request b's own QuestCache, and the attention runs per request on its own pages and settings; the
-weights, projections and MLP run once for the whole batch.
+weights, projections and MLP run once for the whole batch. Where the requests' pages share one `PagePool` and the
+backend batches (`decode_batch`: flashinfer), one call attends for all of them: a batch decode for the dense ones,
+a sparse decode for each budget's Quest ones.
 """
 import inspect
 
@@ -19,7 +21,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from .backend_torch import TorchBackend
 from .config import QuestConfig
-from .paged_cache import GatherBuffer, PagedLayer
+from .paged_cache import GatherBuffer, PagedLayer, PagePool, PoolRun
 
 ATTN_NAME = "quest"
 
@@ -27,7 +29,8 @@ ATTN_NAME = "quest"
 class QuestCache(Cache):
     """One `PagedLayer` per model layer, the Quest settings, the attention backend and an optional trace."""
 
-    def __init__(self, num_layers: int, config: QuestConfig, backend=None):
+    def __init__(self, num_layers: int, config: QuestConfig, backend=None, pool: PagePool | None = None):
+        """pool: keep the pages in this PagePool (an engine's, on a GPU; of the config's page size)."""
         self.backend = backend or TorchBackend()
         gather_buffer = GatherBuffer()
         super().__init__(layers=[PagedLayer(config.page_size, gather_buffer=gather_buffer,
@@ -35,6 +38,11 @@ class QuestCache(Cache):
                                  for _ in range(num_layers)])
         self._check(config)
         self.config = config
+        self.run = None
+        if pool is not None:
+            self.run = PoolRun(pool, self.layers)
+            for index, layer in enumerate(self.layers):
+                layer.use_pool(self.run, index)
         self.trace = None  # a quest_core.trace.Trace while recording
         self.graph_decoder = None  # a quest_core.cuda_graph.GraphDecoder once decoding has used one
 
@@ -60,6 +68,9 @@ class QuestCache(Cache):
         self._check(config)
         for layer in self.layers:
             layer.repage(config.page_size)
+        if self.run is not None and config.page_size != self.run.pool.page_size:  # the pages left the pool
+            self.run.release()
+            self.run = None
         self.config = config
 
     def _check(self, config: QuestConfig) -> None:
@@ -107,6 +118,8 @@ class BatchCache(Cache):
         num_layers = len(caches[0].layers)
         super().__init__(layers=[BatchRows([cache.layers[i] for cache in caches]) for i in range(num_layers)])
         self.caches = caches
+        pools = {id(cache.run.pool) if cache.run is not None else None for cache in caches}
+        self.pool = caches[0].run.pool if len(pools) == 1 and None not in pools else None  # all pages in one
 
     @torch.compiler.disable
     def update(self, *args, **kwargs):
@@ -126,8 +139,11 @@ def quest_attention(module, query, key, value, attention_mask, scaling=None, dro
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"the quest attention does not implement {feature} ({name}={kwargs[name]!r})")
     if isinstance(quest_cache, BatchCache):
-        rows = [_request_attention(module, query[row:row + 1], scaling, cache)
-                for row, cache in enumerate(quest_cache.caches)]
+        caches = quest_cache.caches
+        backend = caches[0].backend
+        if quest_cache.pool is not None and hasattr(backend, "decode_batch_dense"):
+            return _batch_attention(module, query, scaling, caches), None
+        rows = [_request_attention(module, query[row:row + 1], scaling, cache) for row, cache in enumerate(caches)]
         return torch.cat(rows), None
     return _request_attention(module, query, scaling, quest_cache), None
 
@@ -145,7 +161,7 @@ def _request_attention(module, query: torch.Tensor, scaling: float | None, quest
     grouped_query = query[0, :, 0].view(layer.num_kv_heads, -1, head_dim)  # [Hkv, G, D]
     started = trace.start_attention(query.device) if trace is not None else None
     selected_pages = page_counts = None
-    if config.mode != "dense" and layer_idx >= config.dense_layers and layer.num_pages > config.budget_pages:
+    if config.sparse_at(layer_idx, layer.num_pages):
         out, selected_pages, page_counts = _decode_sparse(config, backend, grouped_query, layer, scaling)
     else:
         out = backend.decode_dense(grouped_query, layer, scaling)
@@ -154,6 +170,57 @@ def _request_attention(module, query: torch.Tensor, scaling: float | None, quest
             selected_pages = backend.page_ids(selected_pages, layer)
         trace.record_layer(layer_idx, layer, selected_pages, grouped_query, scaling, started, page_counts)
     return out.reshape(1, 1, num_heads, head_dim)
+
+
+def _batch_attention(module, query: torch.Tensor, scaling: float | None, caches: list[QuestCache]) -> torch.Tensor:
+    """A decode step of requests whose pages share a PagePool: query [B, Hq, 1, D] -> out [B, 1, Hq, D]. One batch
+    decode for the requests that attend densely at this layer, one sparse decode per Quest selection setting (each
+    request's pages selected on its own), the baselines and adaptive budgets one request at a time."""
+    layer_idx = module.layer_idx
+    batch, num_heads, _, head_dim = query.shape
+    scaling = head_dim**-0.5 if scaling is None else scaling
+    backend = caches[0].backend
+    layers = [cache.layers[layer_idx] for cache in caches]
+    grouped_query = query[:, :, 0].reshape(batch, layers[0].num_kv_heads, -1, head_dim)  # [B, Hkv, G, D]
+    groups, alone = {}, []  # a selection setting (None: dense) -> rows of the batch
+    for row, (cache, layer) in enumerate(zip(caches, layers)):
+        config = cache.config
+        if not config.sparse_at(layer_idx, layer.num_pages):
+            groups.setdefault(None, []).append(row)
+        elif config.mode == "quest" and config.top_p is None:
+            setting = (config.budget_pages, config.group_rule, min(config.sink_pages, config.budget_pages - 2),
+                       config.coarse_factor)
+            groups.setdefault(setting, []).append(row)
+        else:
+            alone.append(row)
+    selected_rows = {}  # row -> its one-head page rows [Hkv, k] (for the trace)
+    outs = []  # (rows, out [R, Hkv, G, D])
+    for setting, rows in groups.items():
+        group_query = grouped_query[rows] if len(rows) < batch else grouped_query
+        group_layers = [layers[row] for row in rows]
+        if setting is None:
+            outs.append((rows, backend.decode_batch_dense(group_query, group_layers, scaling)))
+            continue
+        num_selected, group_rule, sink_pages, coarse_factor = setting
+        selected = torch.stack([backend.select(row_query, layer, num_selected, group_rule, sink_pages, coarse_factor)
+                                .clone() for row_query, layer in zip(group_query, group_layers)])  # [R, Hkv, k]
+        selected_rows.update(zip(rows, selected))
+        outs.append((rows, backend.decode_batch_sparse(group_query, group_layers, selected, scaling)))
+    for row in alone:
+        outs.append(([row], _request_attention(module, query[row:row + 1], scaling, caches[row])
+                     .view(1, *grouped_query.shape[1:])))
+    if len(outs) == 1 and len(outs[0][0]) == batch:
+        out = outs[0][1]
+    else:
+        out = torch.empty_like(grouped_query)
+        for rows, group_out in outs:
+            out[rows] = group_out
+    for row, cache in enumerate(caches):
+        if cache.trace is not None and row not in alone:
+            selected = selected_rows.get(row)
+            pages = backend.page_ids(selected, layers[row]) if selected is not None else None
+            cache.trace.record_layer(layer_idx, layers[row], pages, grouped_query[row], scaling)
+    return out.view(batch, 1, num_heads, head_dim)
 
 
 def _decode_sparse(config: QuestConfig, backend, query: torch.Tensor, layer: PagedLayer, scaling: float):

@@ -16,8 +16,14 @@ page scorer reads.
 The cache is for inference only: its methods run under `torch.inference_mode()`.
 Pages are allocated in blocks; unused pages hold page_max = -inf and page_min = +inf, so appending is a fold
 (max/min with the new keys) for a single decode token and for a prefill chunk alike. Batch size is 1.
+
+On a GPU the engine keeps every request's K/V in one `PagePool` (page-major): a cache holds one run of consecutive
+pages there (`PoolRun`), at the same place in every layer, so one FlashInfer batch decode reads the pages of every
+request of a batch. The page bounds stay the cache's own.
 """
+import bisect
 import math
+import weakref
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
@@ -43,6 +49,71 @@ class GatherBuffer:
         return keys[:numel].view(shape), values[:numel].view(shape)
 
 
+class PagePool:
+    """The K/V pages of many caches on one GPU, a tensor pair per model layer: keys, values [num_pages, Hkv, P, D].
+    Runs of consecutive pages are taken first fit and given back when their cache is freed or moves to a larger run."""
+
+    def __init__(self, num_layers: int, num_pages: int, num_kv_heads: int, page_size: int, head_dim: int, dtype,
+                 device):
+        shape = (num_pages, num_kv_heads, page_size, head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty_like(keys) for keys in self.keys]
+        self.num_pages, self.page_size = num_pages, page_size
+        self.free_runs = [(0, num_pages)]  # (start, pages), by start
+
+    @property
+    def free_pages(self) -> int:
+        return sum(pages for _, pages in self.free_runs)
+
+    def take(self, num_pages: int) -> int:
+        """The first page of a free run of `num_pages` pages, now taken."""
+        for index, (start, pages) in enumerate(self.free_runs):
+            if pages >= num_pages:
+                if pages == num_pages:
+                    del self.free_runs[index]
+                else:
+                    self.free_runs[index] = (start + num_pages, pages - num_pages)
+                return start
+        raise MemoryError(f"the KV cache pool has no {num_pages} consecutive free pages ({self.free_pages} of "
+                          f"{self.num_pages} are free): fewer or shorter conversations at once, or a larger pool")
+
+    def give(self, start: int, num_pages: int) -> None:
+        index = bisect.bisect(self.free_runs, (start, num_pages))
+        self.free_runs.insert(index, (start, num_pages))
+        if index + 1 < len(self.free_runs) and start + num_pages == self.free_runs[index + 1][0]:  # join the next
+            self.free_runs[index] = (start, num_pages + self.free_runs.pop(index + 1)[1])
+        if index and sum(self.free_runs[index - 1]) == start:  # join the previous
+            previous_start, previous_pages = self.free_runs[index - 1]
+            self.free_runs[index - 1] = (previous_start, previous_pages + self.free_runs.pop(index)[1])
+
+
+class PoolRun:
+    """One cache's pages in a PagePool: pages start .. start + num_pages - 1 of every layer. Growing takes a larger
+    run and moves every layer there; the run goes back to the pool when the cache is freed."""
+
+    def __init__(self, pool: PagePool, layers: list["PagedLayer"]):
+        self.pool = pool
+        self.layers = [weakref.proxy(layer) for layer in layers]  # the layers hold the run, not the other way
+        self.start = self.num_pages = 0
+        self._give_back = None
+
+    def reserve(self, num_pages: int) -> None:
+        """Room for `num_pages` pages in every layer."""
+        if num_pages <= self.num_pages:
+            return
+        start = self.pool.take(num_pages)
+        for index, layer in enumerate(self.layers):
+            layer.move(self.pool.keys[index][start:start + num_pages], self.pool.values[index][start:start + num_pages])
+        self.release()
+        self.start, self.num_pages = start, num_pages
+        self._give_back = weakref.finalize(self, self.pool.give, start, num_pages)
+
+    def release(self) -> None:
+        if self._give_back is not None:
+            self._give_back()
+        self.start = self.num_pages = 0
+
+
 class PagedLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
@@ -57,6 +128,7 @@ class PagedLayer(CacheLayerMixin):
         if kernels is not None and kv_layout != "page-major":
             raise ValueError("our CUDA kernels write the page-major layout")
         self.page_dim = KV_LAYOUTS.index(kv_layout)  # the storage's page axis: 0 page-major, 1 head-major
+        self.kv_layout_name = kv_layout
         self.page_size = page_size
         self.block_pages = block_pages
         self.gather_buffer = gather_buffer or GatherBuffer()
@@ -64,6 +136,19 @@ class PagedLayer(CacheLayerMixin):
         self.length = 0
         self.page_bounds = None
         self.device_length = None  # while a CUDA graph is captured: the length after this step's append, on the GPU
+        self.run = None  # the cache's PoolRun, where its pages live in an engine's PagePool (`use_pool`)
+
+    def use_pool(self, run: PoolRun, layer_index: int) -> None:
+        """Keep the pages in `run` (empty layer, page-major): layer `layer_index` of its pool."""
+        pool = run.pool
+        keys = pool.keys[layer_index]
+        if self.kv_layout_name != "page-major" or pool.page_size != self.page_size:
+            raise ValueError("a page pool holds page-major pages of its own page size")
+        self.page_size = pool.page_size
+        self.dtype, self.device = keys.dtype, keys.device
+        self._allocate_empty(keys.shape[1], keys.shape[3], keys.dtype, keys.device)
+        self.is_initialized = True
+        self.run, self.pool_index = run, layer_index
 
     # ---- transformers' CacheLayerMixin interface ----
 
@@ -160,10 +245,25 @@ class PagedLayer(CacheLayerMixin):
         if need <= have:
             return
         grow = math.ceil((need - have) / self.block_pages) * self.block_pages
+        if self.run is not None:  # every layer of the cache moves to a larger run of the pool (`move`)
+            self.run.reserve(have + grow)
+            return
         more = list(self.keys.shape)
         more[self.page_dim] = grow
         self.keys = torch.cat([self.keys, self.keys.new_empty(more)], dim=self.page_dim)
         self.values = torch.cat([self.values, self.values.new_empty(more)], dim=self.page_dim)
+        self._grow_bounds(grow)
+
+    def move(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Keep the pages in `keys`, `values` [capacity_pages, Hkv, P, D] (a larger run of the pool) from now on."""
+        used = self.num_pages
+        keys[:used].copy_(self.keys[:used])
+        values[:used].copy_(self.values[:used])
+        grow = keys.shape[0] - self.capacity_pages
+        self.keys, self.values = keys, values
+        self._grow_bounds(grow)
+
+    def _grow_bounds(self, grow: int) -> None:
         empty_bounds = self.page_bounds.new_full((self.num_kv_heads, grow, 2, self.head_dim), math.inf)
         empty_bounds[:, :, 0] = -math.inf
         self.page_bounds = torch.cat([self.page_bounds, empty_bounds.flatten(2)], dim=1)
@@ -221,6 +321,7 @@ class PagedLayer(CacheLayerMixin):
             return
         keys, values = self.dense()
         self.page_size = page_size
+        self.run = None  # pages of another size leave the pool (QuestCache.set_config gives the run back)
         self._allocate_empty(self.num_kv_heads, self.head_dim, keys.dtype, keys.device)
         if keys.shape[1]:
             self.append(keys, values)

@@ -1,0 +1,133 @@
+"""Batched decode on the GPU: aggregate decode tok/s of B requests decoding together over one page pool (the engine's
+batch step, `hf.forward_batch`: one FlashInfer batch decode for dense, our scorer per request and one sparse decode
+for Quest), Llama-3.1-8B shapes with random bf16 weights, ours dense vs ours Quest (budget 2048), each beside its
+bytes floor: the weights once per step plus every request's KV reads, at the copy bandwidth measured in this run.
+
+    python bench/batch_gpu.py      # 32K at batch 1, 4, 8, 16; 128K at batch 1, 2, 4; writes gpu_batch in RESULTS.md
+
+One prompt is prefilled once per context and its pages are copied into every request's run (each request still
+reads its own pages). Batched steps run eagerly: no CUDA graph of a batch yet; the batch-1 row is the same eager
+step, beside bench/e2e.py's batch-1 numbers, which are CUDA-graph replays.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.attention_kernels import copy_bandwidth  # noqa: E402
+from bench.e2e import llama_8b_shaped, random_prompt  # noqa: E402
+from bench.results import write_section  # noqa: E402
+from quest_core.backends import make_backend  # noqa: E402
+from quest_core.config import default_config  # noqa: E402
+from quest_core.generation import prefill  # noqa: E402
+from quest_core.hf import QuestCache, cache_argument, forward_batch, use_quest  # noqa: E402
+from quest_core.paged_cache import PagePool  # noqa: E402
+
+BATCHES = {32768: [1, 4, 8, 16], 131072: [1, 2, 4]}
+
+
+def copy_cache(source: QuestCache, target: QuestCache) -> None:
+    """`target` (an empty cache of the same pool) holds `source`'s tokens: its pages copied into target's run."""
+    target.reserve(source.run.num_pages * source.run.pool.page_size)
+    pool, used = source.run.pool, source.layers[0].num_pages
+    for index, (from_layer, to_layer) in enumerate(zip(source.layers, target.layers)):
+        for storage in (pool.keys[index], pool.values[index]):
+            storage[target.run.start:target.run.start + used].copy_(storage[source.run.start:source.run.start + used])
+        to_layer.page_bounds.copy_(from_layer.page_bounds)
+        to_layer.length = from_layer.length
+
+
+def decode_tok_s(model, caches, steps: int) -> float:
+    """Aggregate tok/s of `steps` greedy batch steps after 2 warm-up steps; the caches end as they began."""
+    cache_arg = cache_argument(model)
+    start_length = caches[0].length
+    tokens = [0] * len(caches)
+    times = []
+    for _ in range(steps + 2):
+        logits = forward_batch(model, caches, tokens, cache_arg)
+        tokens = logits.argmax(-1).tolist()  # the host waits for each step, as the engine does
+        times.append(time.perf_counter())
+    for cache in caches:
+        cache.truncate(start_length)
+    return len(caches) * steps / (times[-1] - times[1])
+
+
+def floor_tok_s(model, batch: int, context: int, budget: int | None, bandwidth: float) -> float:
+    """The bytes floor: a step reads the weights once and each request's KV (Quest: the 2 dense layers whole, the
+    others' selected pages and every page's bounds)."""
+    config = model.config
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    head_dim = config.hidden_size // config.num_attention_heads
+    token_bytes = 2 * config.num_key_value_heads * head_dim * 2  # K and V of one token in one layer, bf16
+    layers = config.num_hidden_layers
+    if budget is None:
+        kv_bytes = layers * context * token_bytes
+    else:
+        bounds_bytes = (context // 16) * config.num_key_value_heads * 2 * head_dim * 2
+        kv_bytes = 2 * context * token_bytes + (layers - 2) * (budget * token_bytes + bounds_bytes)
+    return batch / ((weight_bytes + batch * kv_bytes) / bandwidth)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, nargs="+", default=list(BATCHES))
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--budget", type=int, default=2048)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    new_tokens = args.steps + 8
+    model = llama_8b_shaped(max(args.contexts) + new_tokens)
+    use_quest(model)
+    backend = make_backend("auto", "cuda", model.dtype)
+    quest = default_config(model.config, budget=args.budget)
+    dense = quest.with_changes(mode="dense")
+    bandwidth = copy_bandwidth()
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    pool_tokens = max(max(BATCHES[c]) * (c + 1024) for c in args.contexts)
+    pool = PagePool(config.num_hidden_layers, pool_tokens // quest.page_size, config.num_key_value_heads,
+                    quest.page_size, head_dim, model.dtype, "cuda")
+    rows = []
+    for context in args.contexts:
+        caches = [QuestCache(config.num_hidden_layers, dense, backend, pool) for _ in range(max(BATCHES[context]))]
+        caches[0].reserve(context + new_tokens)
+        prefill(model, caches[0], random_prompt(config.vocab_size, context), chunk_size=8192)
+        for cache in caches[1:]:
+            copy_cache(caches[0], cache)
+        for batch in BATCHES[context]:
+            row = dict(context=context, batch=batch)
+            for name, settings in (("dense", dense), ("quest", quest)):
+                for cache in caches[:batch]:
+                    cache.set_config(settings)
+                row[f"{name}_tok_s"] = decode_tok_s(model, caches[:batch], args.steps)
+                row[f"{name}_floor_tok_s"] = floor_tok_s(model, batch, context,
+                                                         None if name == "dense" else args.budget, bandwidth)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del caches
+        torch.cuda.empty_cache()
+    table = ["| context | batch | ours dense tok/s (floor) | ours Quest tok/s (floor) | Quest / dense | floor ratio |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        table.append(f"| {r['context']} | {r['batch']} | {r['dense_tok_s']:.1f} ({r['dense_floor_tok_s']:.0f}) | "
+                     f"{r['quest_tok_s']:.1f} ({r['quest_floor_tok_s']:.0f}) | "
+                     f"{r['quest_tok_s'] / r['dense_tok_s']:.2f}x | "
+                     f"{r['quest_floor_tok_s'] / r['dense_floor_tok_s']:.2f}x |")
+    body = (f"Llama-3.1-8B shapes (32 layers, 32 q / 8 kv heads, d 128), random bf16 weights; B requests decode "
+            f"together over one page pool, aggregate tok/s over {args.steps} greedy steps after 2 warm-up steps, "
+            f"the host reading each step's tokens; Quest budget {args.budget}, pages of 16, 2 dense layers; backend "
+            f"{backend.describe()}. Batched steps run eagerly (no CUDA graph of a batch yet). Floor: the weights once "
+            f"per step plus each request's KV (Quest: its 2 dense layers whole, its selected pages and every page's "
+            f"bounds in the others) at the copy bandwidth measured in this run, {bandwidth / 1e12:.2f} TB/s.\n\n"
+            + "\n".join(table))
+    if not args.no_write:
+        write_section("gpu_batch", "GPU batched decode: ours dense vs ours Quest, batch 1-16", body)
+    print(json.dumps({"bench": "gpu_batch", "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""A batch of requests on the GPU (the flashinfer backend over an engine's page pool): our sparse decode over the
+heads of several requests, each reading its own length; a batched decode step against each request decoded
+alone; the engine's answers asked at once against the same answers one after another. Skipped without CUDA."""
+import threading
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+from oracles import attention, relative_error  # noqa: E402
+from test_gpu import module, needs_kernels, selected_mask, tiny_llama  # noqa: E402
+
+from quest_core import kernels  # noqa: E402
+from quest_core.backend_flashinfer import FlashInferBackend  # noqa: E402
+from quest_core.config import QuestConfig  # noqa: E402
+from quest_core.engine import Engine, Request  # noqa: E402
+from quest_core.generation import prefill  # noqa: E402
+from quest_core.hf import QuestCache, cache_argument, forward_batch  # noqa: E402
+from quest_core.paged_cache import PagePool  # noqa: E402
+
+PAGE = 16
+# dense; two Quest requests of one setting (one sparse decode); rule mass; contexts of different lengths
+SETTINGS = [QuestConfig(mode="dense", page_size=PAGE), QuestConfig(budget=256, page_size=PAGE),
+            QuestConfig(budget=256, page_size=PAGE), QuestConfig(budget=128, page_size=PAGE, group_rule="mass")]
+PROMPTS = [500, 700, 1100, 903]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sparse_decode_over_the_heads_of_a_batch(dtype):
+    """Three requests' pages in one pool, each with its own length (its current page part-full by a different
+    amount): one call over the 3 * Hkv heads equals float32 attention over each request's selected pages."""
+    num_kv_heads, group, head_dim, k = 2, 4, 128, 40
+    lengths, starts = [1000, 1601, 2047], [5, 80, 200]
+    pool = torch.randn(2, 400, num_kv_heads, PAGE, head_dim, device="cuda").to(dtype)
+    query = torch.randn(3, num_kv_heads, group, head_dim, device="cuda").to(dtype)
+    generator = torch.Generator().manual_seed(0)
+    rows, expected = [], []
+    for length, start in zip(lengths, starts):
+        num_pages = -(-length // PAGE)
+        pages = torch.stack([torch.randperm(num_pages - 1, generator=generator)[:k - 1] for _ in range(num_kv_heads)])
+        pages = torch.cat([pages, torch.full((num_kv_heads, 1), num_pages - 1)], 1).cuda()
+        rows.append((pages + start) * num_kv_heads + torch.arange(num_kv_heads, device="cuda")[:, None])
+        keys, values = (t[start:start + num_pages].transpose(0, 1).reshape(num_kv_heads, -1, head_dim)[:, :length]
+                        for t in pool)
+        expected.append(attention(query[len(expected)], keys, values, head_dim ** -0.5,
+                                  selected_mask(pages, PAGE, length), torch.float32))
+    got = kernels.SparseDecode(module)(query.view(-1, group, head_dim), pool[0], pool[1],
+                                       torch.cat(rows).int(), head_dim ** -0.5,
+                                       device_length=torch.tensor(lengths, device="cuda"))
+    error = relative_error(got.view_as(query), torch.stack(expected))
+    assert error <= {torch.bfloat16: 5e-3, torch.float16: 1e-3}[dtype], error
+
+
+def pooled_caches(model, backend, pool_pages=1024):
+    config = model.config
+    pool = PagePool(config.num_hidden_layers, pool_pages, config.num_key_value_heads, PAGE,
+                    config.hidden_size // config.num_attention_heads, model.dtype, "cuda")
+    return pool, [QuestCache(config.num_hidden_layers, settings, backend, pool) for settings in SETTINGS]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_batched_step_equals_each_request_alone(dtype, capsys):
+    """Teacher-forced on the same 32 tokens: four requests (dense, Quest at two budgets and rules, different
+    lengths) decoded as one batch over the pool give the logits each gives decoded alone in its own cache."""
+    model = tiny_llama(dtype)
+    backend = FlashInferBackend("cuda")
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 256, (n,), generator=generator).tolist() for n in PROMPTS]
+    continuation = torch.randint(0, 256, (32,), generator=generator).tolist()
+    alone = []
+    for settings, prompt in zip(SETTINGS, prompts):
+        cache = QuestCache(4, settings, backend)
+        prefill(model, cache, prompt, chunk_size=256)
+        alone.append(torch.stack([prefill(model, cache, [token]) for token in continuation]).float())
+    pool, caches = pooled_caches(model, backend)
+    for cache, prompt in zip(caches, prompts):
+        prefill(model, cache, prompt, chunk_size=256)
+    with torch.inference_mode():
+        batched = torch.stack([forward_batch(model, caches, [token] * len(caches), cache_argument(model))
+                               for token in continuation], 1)  # [B, 32, vocab]
+    errors = [relative_error(batched[row], alone[row]) for row in range(len(caches))]
+    with capsys.disabled():
+        print(f"\n{dtype}: batched vs alone, logits rel err per request {[round(e, 5) for e in errors]}")
+    assert max(errors) <= {torch.bfloat16: 0.02, torch.float16: 0.005}[dtype]
+    assert all(cache.length == prompt_len + 32 for cache, prompt_len in zip(caches, PROMPTS))
+
+
+@needs_kernels
+def test_engine_answers_asked_at_once_equal_one_after_another():
+    """The engine with a page pool: four greedy answers submitted at once (the first starts alone, on CUDA graphs,
+    and hands over to the batch when the others arrive) equal the answers of an engine without a pool, which runs
+    them one at a time on CUDA graphs. A tame model (few near ties) in float16 keeps the rounding of batched and
+    compiled steps apart from forking them."""
+    model = tiny_llama(torch.float16, initializer_range=0.02, query_key_scale=3.0)
+    backend = FlashInferBackend("cuda")
+    generator = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 256, (n,), generator=generator).tolist() for n in PROMPTS]
+
+    def answers(engine):
+        requests = [engine.submit(Request(engine.new_cache(settings), prompt, max_new_tokens=48,
+                                          min_new_tokens=48, chunk_size=256))
+                    for settings, prompt in zip(SETTINGS, prompts)]
+        out = [None] * len(requests)
+
+        def consume(index):
+            out[index] = [item.token_id for item in requests[index].items() if hasattr(item, "token_id")]
+
+        threads = [threading.Thread(target=consume, args=(index,)) for index in range(len(requests))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(300)
+        return out
+
+    expected = answers(Engine(model, None, backend))
+    engine = Engine(model, None, backend, pool_tokens=1024 * PAGE)
+    assert engine.pool is not None and engine.batches
+    sizes = []
+    original = engine._decode_step
+    engine._decode_step = lambda requests: (sizes.append(len(requests)), original(requests))
+    got = answers(engine)
+    same = [sum(a == b for a, b in zip(g, e)) for g, e in zip(got, expected)]
+    assert max(sizes) >= 3, sizes
+    assert got == expected, same
+    del engine
