@@ -17,7 +17,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from quest_core.engine import Engine
+from quest_core.engine import Engine, pool_tokens
 from quest_core.session import ContextFullError, Session, cut_document, measure_document
 
 from . import figures, looked, views
@@ -52,7 +52,7 @@ class Server:
     engine: Engine | None = None  # None: one on `backend`
 
     def __post_init__(self):
-        self.engine = self.engine or Engine(self.model, self.tokenizer, self.backend)
+        self.engine = self.engine or Engine(self.model, self.tokenizer, self.backend, pool_tokens(self.model))
 
     @property
     def max_context(self) -> int:

@@ -30,6 +30,7 @@ from quest_core.paged_cache import PagePool  # noqa: E402
 BATCHES = {32768: [1, 4, 8, 16], 131072: [1, 2, 4]}
 
 
+@torch.inference_mode()
 def copy_cache(source: QuestCache, target: QuestCache) -> None:
     """`target` (an empty cache of the same pool) holds `source`'s tokens: its pages copied into target's run."""
     target.reserve(source.run.num_pages * source.run.pool.page_size)
@@ -41,6 +42,7 @@ def copy_cache(source: QuestCache, target: QuestCache) -> None:
         to_layer.length = from_layer.length
 
 
+@torch.inference_mode()
 def decode_tok_s(model, caches, steps: int) -> float:
     """Aggregate tok/s of `steps` greedy batch steps after 2 warm-up steps; the caches end as they began."""
     cache_arg = cache_argument(model)

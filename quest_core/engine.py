@@ -37,6 +37,20 @@ from .paged_cache import PagePool
 from .trace import StepTrace, Trace
 
 
+def pool_tokens(model, sessions: int = 8, memory_share: float = 0.5) -> int:
+    """K/V tokens for an engine's page pool on a GPU: `sessions` full contexts of `model`, within `memory_share` of
+    the GPU's free memory; 0 on a CPU (no pool)."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return 0
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    token_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * model.dtype.itemsize
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    return min(sessions * (getattr(config, "max_position_embeddings", None) or 8192),
+               int(memory_share * free_bytes) // token_bytes)
+
+
 @dataclass
 class Token:
     """One new token, as the engine hands it to the request's consumer."""
