@@ -78,6 +78,7 @@ class FlashInferBackend:
         self.step_plans = {}     # id(wrapper) -> (plan, key) functions of the last step, for `plan_step`
         self.last_written = {}   # id(wrapper) -> the cache length its last_page_len buffer was written for
         self.capturing = False   # inside a CUDA-graph capture: plans are made beforehand by plan_step
+        self.batch_values = {}   # device -> (key, pinned host values, their GPU copy): `_batch_values`' last step
         self._state(torch.device(device))  # the model's first GPU, ready before the first layer
 
     def _state(self, device: torch.device) -> DeviceState:
@@ -268,14 +269,26 @@ class FlashInferBackend:
         if self.sparse_decode is None or not self.sparse_decode.supports(query[0]):
             return torch.stack([self.decode_sparse(row, layer, rows, scaling)
                                 for row, layer, rows in zip(query, layers, selected)])
-        pool, index, device = layers[0].run.pool, layers[0].pool_index, query.device
-        offsets = torch.tensor([layer.run.start * num_kv_heads for layer in layers], dtype=torch.int32)
-        rows = selected.to(torch.int32) + offsets.to(device).view(-1, 1, 1)  # [R, Hkv, k] rows of the pool
-        lengths = torch.tensor([layer.length for layer in layers]).to(device)
+        pool, index = layers[0].run.pool, layers[0].pool_index
+        offsets, lengths = self._batch_values(query.device, num_kv_heads, layers)
+        rows = selected.to(torch.int32) + offsets.view(-1, 1, 1)  # [R, Hkv, k] rows of the pool
         out = self.sparse_decode(query.reshape(num_requests * num_kv_heads, group, head_dim), pool.keys[index],
                                  pool.values[index], rows.view(num_requests * num_kv_heads, -1), scaling,
                                  device_length=lengths)
         return out.view(num_requests, num_kv_heads, group, head_dim)
+
+    def _batch_values(self, device, num_kv_heads: int, layers: list[PagedLayer]):
+        """The requests' first pool rows (run start * Hkv, int32 [R]) and lengths (int64 [R]) on the GPU, uploaded
+        once per step (every layer of a step has the same) from pinned memory, so the host does not wait for the
+        GPU."""
+        key = tuple((layer.run.start, layer.length) for layer in layers)
+        cached = self.batch_values.get(device)
+        if cached is None or cached[0] != key:
+            host = torch.tensor([[start * num_kv_heads for start, _ in key], [length for _, length in key]])
+            host = host.pin_memory()
+            cached = self.batch_values[device] = (key, host, host.to(device, non_blocking=True))
+        values = cached[2]
+        return values[0].int(), values[1]
 
     def page_ids(self, selected: torch.Tensor, layer: PagedLayer) -> torch.Tensor:
         """What `select` returned (one-head rows), as page ids [Hkv, k] (for the trace)."""
