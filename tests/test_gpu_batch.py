@@ -1,6 +1,7 @@
 """A batch of requests on the GPU (the flashinfer backend over an engine's page pool): our sparse decode over the
 heads of several requests, each reading its own length; a batched decode step against each request decoded
 alone; the engine's answers asked at once against the same answers one after another. Skipped without CUDA."""
+import contextlib
 import threading
 
 import pytest
@@ -13,7 +14,7 @@ if not torch.cuda.is_available():
 from oracles import attention, relative_error  # noqa: E402
 from test_gpu import module, needs_kernels, selected_mask, tiny_llama  # noqa: E402
 
-from quest_core import kernels  # noqa: E402
+from quest_core import cuda_graph, kernels  # noqa: E402
 from quest_core.backend_flashinfer import FlashInferBackend  # noqa: E402
 from quest_core.config import QuestConfig  # noqa: E402
 from quest_core.engine import Engine, Request  # noqa: E402
@@ -91,13 +92,14 @@ def test_a_batched_step_equals_each_request_alone(dtype, capsys):
 
 
 @needs_kernels
-def test_engine_answers_asked_at_once_equal_one_after_another():
+def test_engine_answers_asked_at_once_equal_one_after_another(monkeypatch):
     """The engine with a page pool: four greedy answers submitted at once (the first starts alone, on CUDA graphs,
-    and hands over to the batch when the others arrive) against the answers of an engine without a pool, which runs
-    them one at a time on CUDA graphs over compiled layers. A batched step itself adds no rounding (the test above:
-    0 error in bf16), but the batch runs the layers eagerly, and compiled layers round differently (0.01 relative
-    error in fp16, test_gpu.py): on a tame model in float16 (few near ties) the first H200 run had 191 of 192 tokens
-    the same, one token of request 0 flipped. So at most 2 tokens of the 192 may differ."""
+    and hands over to the batch when the others arrive) equal, token for token, the answers of an engine without a
+    pool, which runs them one at a time on CUDA graphs. The graphs hold the layers as they are here, not compiled:
+    the batch runs them eagerly, and a batched step rounds as a lone one does (the test above: 0 error), while
+    compiled layers round differently (0.01 relative error in fp16, test_gpu.py), which forked 1 and then 28 of the
+    192 tokens in two H200 runs, as the hand-over fell at different steps."""
+    monkeypatch.setattr(cuda_graph, "compiled_layers", lambda model: contextlib.nullcontext())
     model = tiny_llama(torch.float16, initializer_range=0.02, query_key_scale=3.0)
     backend = FlashInferBackend("cuda")
     generator = torch.Generator().manual_seed(2)
@@ -126,7 +128,6 @@ def test_engine_answers_asked_at_once_equal_one_after_another():
     original = engine._decode_step
     engine._decode_step = lambda requests: (sizes.append(len(requests)), original(requests))
     got = answers(engine)
-    assert [len(answer) for answer in got] == [48] * 4 and max(sizes) >= 3, sizes
-    differing = sum(a != b for g, e in zip(got, expected) for a, b in zip(g, e))
-    assert differing <= 2, (differing, got, expected)
+    assert max(sizes) >= 3, sizes
+    assert got == expected, [sum(a == b for a, b in zip(g, e)) for g, e in zip(got, expected)]
     del engine
