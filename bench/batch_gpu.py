@@ -6,8 +6,8 @@ bytes floor: the weights once per step plus every request's KV reads, at the cop
     python bench/batch_gpu.py      # 32K at batch 1, 4, 8, 16; 128K at batch 1, 2, 4; writes gpu_batch in RESULTS.md
 
 One prompt is prefilled once per context and its pages are copied into every request's run (each request still
-reads its own pages). Batched steps run eagerly: no CUDA graph of a batch yet; the batch-1 row is the same eager
-step, beside bench/e2e.py's batch-1 numbers, which are CUDA-graph replays.
+reads its own pages). Each batch's steps replay a CUDA graph of the batch (the engine's BatchGraphDecoder), and
+again eagerly for comparison.
 """
 import argparse
 import json
@@ -23,6 +23,7 @@ from bench.e2e import llama_8b_shaped, random_prompt  # noqa: E402
 from bench.results import write_section  # noqa: E402
 from quest_core.backends import make_backend  # noqa: E402
 from quest_core.config import default_config  # noqa: E402
+from quest_core.cuda_graph import BatchGraphDecoder  # noqa: E402
 from quest_core.generation import prefill  # noqa: E402
 from quest_core.hf import QuestCache, cache_argument, forward_batch, use_quest  # noqa: E402
 from quest_core.paged_cache import PagePool  # noqa: E402
@@ -43,14 +44,15 @@ def copy_cache(source: QuestCache, target: QuestCache) -> None:
 
 
 @torch.inference_mode()
-def decode_tok_s(model, caches, steps: int) -> float:
-    """Aggregate tok/s of `steps` greedy batch steps after 2 warm-up steps; the caches end as they began."""
+def decode_tok_s(model, caches, steps: int, graph: BatchGraphDecoder | None) -> float:
+    """Aggregate tok/s of `steps` greedy batch steps after 2 warm-up steps (with `graph`: its eager step and its
+    capture), replayed from `graph` or eager; the caches end as they began."""
     cache_arg = cache_argument(model)
     start_length = caches[0].length
     tokens = [0] * len(caches)
     times = []
     for _ in range(steps + 2):
-        logits = forward_batch(model, caches, tokens, cache_arg)
+        logits = graph.step(caches, tokens) if graph else forward_batch(model, caches, tokens, cache_arg)
         tokens = logits.argmax(-1).tolist()  # the host waits for each step, as the engine does
         times.append(time.perf_counter())
     for cache in caches:
@@ -93,6 +95,7 @@ def main():
     pool_tokens = max(max(BATCHES[c]) * (c + 1024) for c in args.contexts)
     pool = PagePool(config.num_hidden_layers, pool_tokens // quest.page_size, config.num_key_value_heads,
                     quest.page_size, head_dim, model.dtype, "cuda")
+    graph = BatchGraphDecoder(model, cache_argument(model))
     rows = []
     for context in args.contexts:
         caches = [QuestCache(config.num_hidden_layers, dense, backend, pool) for _ in range(max(BATCHES[context]))]
@@ -105,24 +108,31 @@ def main():
             for name, settings in (("dense", dense), ("quest", quest)):
                 for cache in caches[:batch]:
                     cache.set_config(settings)
-                row[f"{name}_tok_s"] = decode_tok_s(model, caches[:batch], args.steps)
+                row[f"{name}_tok_s"] = decode_tok_s(model, caches[:batch], args.steps, graph)
+                row[f"{name}_eager_tok_s"] = decode_tok_s(model, caches[:batch], args.steps, None)
+                row["graph"] = not graph.failed
                 row[f"{name}_floor_tok_s"] = floor_tok_s(model, batch, context,
                                                          None if name == "dense" else args.budget, bandwidth)
             rows.append(row)
             print(json.dumps(row), flush=True)
+        graph.reset()
         del caches
         torch.cuda.empty_cache()
-    table = ["| context | batch | ours dense tok/s (floor) | ours Quest tok/s (floor) | Quest / dense | floor ratio |",
-             "|---:|---:|---:|---:|---:|---:|"]
+    table = ["| context | batch | ours dense tok/s (floor) | ours Quest tok/s (floor) | Quest / dense | floor ratio | "
+             "eager dense / Quest tok/s |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         table.append(f"| {r['context']} | {r['batch']} | {r['dense_tok_s']:.1f} ({r['dense_floor_tok_s']:.0f}) | "
                      f"{r['quest_tok_s']:.1f} ({r['quest_floor_tok_s']:.0f}) | "
                      f"{r['quest_tok_s'] / r['dense_tok_s']:.2f}x | "
-                     f"{r['quest_floor_tok_s'] / r['dense_floor_tok_s']:.2f}x |")
+                     f"{r['quest_floor_tok_s'] / r['dense_floor_tok_s']:.2f}x | "
+                     f"{r['dense_eager_tok_s']:.1f} / {r['quest_eager_tok_s']:.1f} |")
     body = (f"Llama-3.1-8B shapes (32 layers, 32 q / 8 kv heads, d 128), random bf16 weights; B requests decode "
             f"together over one page pool, aggregate tok/s over {args.steps} greedy steps after 2 warm-up steps, "
             f"the host reading each step's tokens; Quest budget {args.budget}, pages of 16, 2 dense layers; backend "
-            f"{backend.describe()}. Batched steps run eagerly (no CUDA graph of a batch yet). Floor: the weights once "
+            f"{backend.describe()}. Each batch's steps replay a CUDA graph captured for it (quest_core/cuda_graph.py's "
+            f"BatchGraphDecoder: {'captured' if all(r['graph'] for r in rows) else 'capture FAILED: eager'}; the "
+            "layers as they are, not compiled); the last column runs the same steps eagerly. Floor: the weights once "
             f"per step plus each request's KV (Quest: its 2 dense layers whole, its selected pages and every page's "
             f"bounds in the others) at the copy bandwidth measured in this run, {bandwidth / 1e12:.2f} TB/s.\n\n"
             + "\n".join(table))

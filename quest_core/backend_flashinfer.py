@@ -50,7 +50,7 @@ class DeviceState:
     prefill_wrapper: object
     page_range: torch.Tensor  # int32 0, 1, 2, ...: the dense page list
     decode_wrappers: dict = field(default_factory=dict)  # (name, group, page-list buffer) -> DecodeWrapper
-    batch_wrappers: dict = field(default_factory=dict)  # group -> a batch decode wrapper over a PagePool
+    batch_wrappers: dict = field(default_factory=dict)  # (group, requests, pool pages) -> a batch decode wrapper
     rows: dict = field(default_factory=dict)  # (Hkv, k) -> the int32 page-row buffer the scorer writes
 
 
@@ -78,7 +78,8 @@ class FlashInferBackend:
         self.step_plans = {}     # id(wrapper) -> (plan, key) functions of the last step, for `plan_step`
         self.last_written = {}   # id(wrapper) -> the cache length its last_page_len buffer was written for
         self.capturing = False   # inside a CUDA-graph capture: plans are made beforehand by plan_step
-        self.batch_values = {}   # device -> (key, pinned host values, their GPU copy): `_batch_values`' last step
+        self.batch_offsets = {}  # (device, the requests' run starts) -> their first pool rows: `_batch_values`
+        self.batch_lengths = {}  # device -> (lengths, on the GPU): `_batch_values`' last eager step
         self._state(torch.device(device))  # the model's first GPU, ready before the first layer
 
     def _state(self, device: torch.device) -> DeviceState:
@@ -92,6 +93,12 @@ class FlashInferBackend:
             page_range = torch.arange(1 << 16, dtype=torch.int32, device=device)
             state = self.devices[device] = DeviceState(workspace, prefill_wrapper, page_range)
         return state
+
+    @property
+    def scratch_generation(self) -> tuple:
+        """Changes when our kernels' scratch is reallocated (a longer context, a larger batch): a CUDA graph that
+        holds the old buffers' addresses must be captured again (quest_core/cuda_graph.py keys its graphs on it)."""
+        return tuple(kernel.generation for kernel in (self.score_topk, self.sparse_decode) if kernel is not None)
 
     def describe(self) -> str:
         if self.append_kernels is None:
@@ -138,9 +145,11 @@ class FlashInferBackend:
             buffer.fill_(layer.last_page_len)
             self.last_written[id(wrapper)] = layer.length
 
-    def plan_step(self) -> None:
-        """Before a graph replay: plan the decode wrappers of the last step whose keys changed."""
-        for wrapper_id, (plan, key) in self.step_plans.items():
+    def plan_step(self, step_plans: dict | None = None) -> None:
+        """Before a graph replay: plan the decode wrappers of `step_plans` (what `step_plans` held after the
+        graph's eager step; None: the last step's) whose keys changed. A graph keeps its own: the wrappers are
+        shared, and another cache's step in between records the plans of its own layers."""
+        for wrapper_id, (plan, key) in (self.step_plans if step_plans is None else step_plans).items():
             if self.plans.get(wrapper_id) != key():
                 plan()
                 self.plans[wrapper_id] = key()
@@ -235,29 +244,54 @@ class FlashInferBackend:
 
     def decode_batch_dense(self, query: torch.Tensor, layers: list[PagedLayer], scaling: float) -> torch.Tensor:
         """query [R, Hkv, G, D], one layer per request (the same model layer) -> [R, Hkv, G, D] over every stored
-        token: one FlashInfer batch decode whose page lists are the requests' runs of the pool. Planned once per
-        step (the layers of a step have the same runs and lengths)."""
+        token: one FlashInfer batch decode whose page lists are the requests' runs of the pool, in CUDA-graph mode
+        (fixed buffers, so a batched step can be captured). Planned once per step on the host (every layer of a step
+        has the same runs and lengths; before a graph replay, by `plan_step`)."""
         num_requests, num_kv_heads, group, head_dim = query.shape
-        pool, index = layers[0].run.pool, layers[0].pool_index
-        state = self._state(query.device)
-        wrapper = state.batch_wrappers.get(group)
-        if wrapper is None:
-            wrapper = state.batch_wrappers[group] = self.flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                state.workspace, kv_layout="HND", use_tensor_cores=group not in (1, 2, 3, 4, 8))
-        runs = [(layer.run.start, layer.num_pages, layer.last_page_len) for layer in layers]
-        key = (tuple(runs), num_kv_heads, group, head_dim, pool.page_size, query.dtype, scaling)
-        with torch.cuda.device(query.device):
-            if self.plans.get(id(wrapper)) != key:
-                page_counts = self._host(*(pages for _, pages, _ in runs))
-                indptr = torch.cat([self._host(0), page_counts.cumsum(0, dtype=torch.int32)])
-                indices = torch.cat([torch.arange(start, start + pages, dtype=torch.int32) for start, pages, _ in runs])
-                wrapper.plan(indptr, indices.to(query.device), self._host(*(last for _, _, last in runs)),
-                             num_kv_heads * group, num_kv_heads, head_dim, pool.page_size, sm_scale=scaling,
-                             q_data_type=query.dtype, kv_data_type=pool.keys[index].dtype)
-                self.plans[id(wrapper)] = key
+        pool, index, device = layers[0].run.pool, layers[0].pool_index, query.device
+        state = self._state(device)
+        wrapper = self._batch_wrapper(state, group, num_requests, pool.num_pages)
+        layers = [weakref.proxy(layer) for layer in layers]  # the plan functions outlive the step
+
+        def runs():
+            return tuple((layer.run.start, layer.num_pages, layer.last_page_len) for layer in layers)
+
+        def key():
+            return runs(), num_kv_heads, group, head_dim, pool.page_size, query.dtype, scaling
+
+        def plan():
+            page_lists = runs()
+            page_counts = self._host(*(pages for _, pages, _ in page_lists))
+            all_pages = self._all_pages(state, max(start + pages for start, pages, _ in page_lists))
+            with torch.cuda.device(device):
+                wrapper.plan(torch.cat([self._host(0), page_counts.cumsum(0, dtype=torch.int32)]),
+                             torch.cat([all_pages[start:start + pages] for start, pages, _ in page_lists]),
+                             self._host(*(last for _, _, last in page_lists)), num_kv_heads * group, num_kv_heads,
+                             head_dim, pool.page_size, sm_scale=scaling, q_data_type=query.dtype,
+                             kv_data_type=pool.keys[index].dtype)
+
+        self.step_plans[id(wrapper)] = (plan, key)
+        if not self.capturing and self.plans.get(id(wrapper)) != key():
+            plan()
+            self.plans[id(wrapper)] = key()
+        with torch.cuda.device(device):
             out = wrapper.run(query.reshape(num_requests, num_kv_heads * group, head_dim),
                               (pool.keys[index], pool.values[index]))
         return out.view(num_requests, num_kv_heads, group, head_dim)
+
+    def _batch_wrapper(self, state: DeviceState, group: int, num_requests: int, pool_pages: int):
+        """The batch decode wrapper for `num_requests` requests of query groups of `group`, in CUDA-graph mode over
+        buffers of its own (its page list as long as the pool), made once."""
+        key = (group, num_requests, pool_pages)
+        wrapper = state.batch_wrappers.get(key)
+        if wrapper is None:
+            device = state.workspace.device
+            wrapper = state.batch_wrappers[key] = self.flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                state.workspace, kv_layout="HND", use_cuda_graph=True, use_tensor_cores=group not in (1, 2, 3, 4, 8),
+                paged_kv_indptr_buffer=self._int32(device, num_requests + 1),
+                paged_kv_indices_buffer=self._int32(device, pool_pages),
+                paged_kv_last_page_len_buffer=self._int32(device, num_requests))
+        return wrapper
 
     def decode_batch_sparse(self, query: torch.Tensor, layers: list[PagedLayer], selected: torch.Tensor,
                             scaling: float) -> torch.Tensor:
@@ -278,17 +312,27 @@ class FlashInferBackend:
         return out.view(num_requests, num_kv_heads, group, head_dim)
 
     def _batch_values(self, device, num_kv_heads: int, layers: list[PagedLayer]):
-        """The requests' first pool rows (run start * Hkv, int32 [R]) and lengths (int64 [R]) on the GPU, uploaded
-        once per step (every layer of a step has the same) from pinned memory, so the host does not wait for the
-        GPU."""
-        key = tuple((layer.run.start, layer.length) for layer in layers)
-        cached = self.batch_values.get(device)
-        if cached is None or cached[0] != key:
-            host = torch.tensor([[start * num_kv_heads for start, _ in key], [length for _, length in key]])
-            host = host.pin_memory()
-            cached = self.batch_values[device] = (key, host, host.to(device, non_blocking=True))
-        values = cached[2]
-        return values[0].int(), values[1]
+        """The requests' first pool rows (run start * Hkv, int32 [R]) and lengths (int64 [R]) on the GPU. The rows
+        are uploaded once per batch (from pinned memory: the host does not wait), the lengths once per step, or,
+        in a captured step, gathered from the layers' lengths on the GPU."""
+        starts = tuple(layer.run.start for layer in layers)
+        offsets = self.batch_offsets.get((device, starts))
+        if offsets is None:  # never inside a capture: the eager step before it made them
+            if len(self.batch_offsets) > 64:
+                self.batch_offsets.clear()
+            offsets = self.batch_offsets[(device, starts)] = self._upload(device, [s * num_kv_heads for s in starts])
+        if layers[0].device_length is not None:
+            return offsets.int(), torch.cat([layer.device_length for layer in layers])
+        lengths = tuple(layer.length for layer in layers)
+        cached = self.batch_lengths.get(device)
+        if cached is None or cached[0] != lengths:
+            cached = self.batch_lengths[device] = (lengths, self._upload(device, lengths))
+        return offsets.int(), cached[1]
+
+    @staticmethod
+    def _upload(device, values) -> torch.Tensor:
+        """int64 `values` on `device`, copied from pinned memory without the host waiting for the GPU."""
+        return torch.tensor(values).pin_memory().to(device, non_blocking=True)
 
     def page_ids(self, selected: torch.Tensor, layer: PagedLayer) -> torch.Tensor:
         """What `select` returned (one-head rows), as page ids [Hkv, k] (for the trace)."""

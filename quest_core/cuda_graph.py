@@ -8,7 +8,8 @@ greedy decoding (`GraphDecoder.greedy`) queues step i + 1 before the host reads 
 wait for the host between tokens; sampling writes the host's token over the pick (`GraphDecoder.step`).
 FlashInfer is planned on the host before each replay (its wrappers keep fixed buffers), and the host advances the
 layers' lengths. A graph holds for one shape: the settings, the cache's capacity (reserved for the whole answer up
-front, so no tensor moves), whether the step is dense or sparse and whether it is traced. The first step of a shape
+front, so no tensor moves), whether the step is dense or sparse, whether it is traced, and our kernels' scratch
+buffers (another cache's longer context may grow them). The first step of a shape
 runs eagerly (it also warms up kernels and plans), the next one captures; if capture fails, decoding goes on
 eagerly, with a log line. Both run the decoder layers compiled (quest_core/compiled_layers.py), so the graph holds
 Inductor's fused kernels; if compiling fails, the layers run as they are, with a log line.
@@ -23,7 +24,7 @@ import weakref
 import torch
 
 from .compiled_layers import compiled_layers
-from .hf import QuestCache, forward
+from .hf import QuestCache, forward, forward_batch
 from .trace import Trace
 
 log = logging.getLogger(__name__)
@@ -61,13 +62,15 @@ class GraphDecoder:
         self.stop_bias = torch.zeros(vocab_size, device=device)  # -inf at the stop ids while they are blocked
         self.planned = torch.cuda.Event()  # after a step's plans: FlashInfer's pinned buffers are free again
         self.shape = self.graph = self.logits = None
+        self.step_plans = {}  # the plans of the eager step, re-run before each replay (backend.plan_step)
         self.traced_pages = {}  # layer index -> the selected pages [Hkv, k] the graph writes (sparse layers)
         self.compile_layers = compile_layers
 
     def _shape(self, length: int) -> tuple:
         config, layer = self.cache.config, self.cache.layers[0]
         sparse = config.mode == "quest" and -(-length // layer.page_size) > config.budget_pages
-        return config, layer.capacity_pages, sparse, self.cache.trace is not None
+        scratch = getattr(self.cache.backend, "scratch_generation", None)  # another cache may have grown it
+        return config, layer.capacity_pages, sparse, self.cache.trace is not None, scratch
 
     def step(self, token_id: int) -> torch.Tensor:
         """Append `token_id` and run the model on it; returns the logits [vocab] float32 (the graph's output
@@ -172,6 +175,7 @@ class GraphDecoder:
             self.cache.truncate(position)  # the layers before the failure appended the token
             self.cache.backend.step_plans.clear()
             logits = self._forward()
+        self.step_plans = dict(self.cache.backend.step_plans)
         self.planned.record()
         return logits
 
@@ -179,7 +183,7 @@ class GraphDecoder:
         """The host's part of a step: the layers' lengths, FlashInfer's plans."""
         for layer in self.cache.layers:
             layer.length = position + 1
-        self.cache.backend.plan_step()
+        self.cache.backend.plan_step(self.step_plans)
         self.planned.record()
 
     def _capture(self, position: int):
@@ -215,3 +219,131 @@ class GraphDecoder:
             self.cache.trace = trace
             for layer in layers:
                 layer.device_length = None
+
+
+class BatchGraphDecoder:
+    """The engine's batched decode step (hf.forward_batch over caches whose pages share a PagePool) captured as a
+    CUDA graph, for one batch at a time: the same requests with the same settings, runs and capacities. Each
+    request's token, position and length live on the GPU (`step_values` [3, B]), which the KV append, the scorer and
+    the sparse decode read there; before each replay the host advances the layers' lengths and re-plans FlashInfer's
+    batch decode. A new batch (a request joins or leaves, turns sparse, moves its run) runs its first step eagerly and
+    captures the next; if capture fails, batched steps stay eager, with a log line. The layers run as they are
+    (compiled, Dynamo would compile them again for every batch size). The decoder holds the batch's caches while
+    its graph lives (the graph holds their tensors' addresses); `reset` lets them go."""
+
+    def __init__(self, model, cache_arg: str):
+        self.model, self.cache_arg = model, cache_arg
+        self.caches = self.shape = self.graph = self.logits = self.step_values = self.host_values = None
+        self.step_plans = {}  # the plans of the eager step, re-run before each replay
+        self.launched = None  # a CUDA event after the last step: its uploads and plans are done with
+        self.failed = False
+
+    @staticmethod
+    def takes(caches: list[QuestCache]) -> bool:
+        """Whether a step of `caches` can be captured: untraced dense or fixed-budget Quest requests whose pages
+        share one pool, on a backend whose calls capture."""
+        first = caches[0]
+        return first.backend.graph_capturable and first.run is not None and all(
+            cache.run is not None and cache.run.pool is first.run.pool and cache.trace is None
+            and cache.config.mode in ("dense", "quest") and cache.config.top_p is None for cache in caches)
+
+    @staticmethod
+    def _shape(caches: list[QuestCache]) -> tuple:
+        """What a graph holds: our kernels' scratch; each request's cache, settings, run and capacity, and whether its
+        step is sparse."""
+        shape = [caches[0].backend.scratch_generation]  # our kernels' scratch, which another step may have grown
+        for cache in caches:
+            config, pages = cache.config, -(-(cache.length + 1) // cache.config.page_size)  # after the step's token
+            shape.append((id(cache), config, cache.run.start, cache.layers[0].capacity_pages,
+                          config.sparse_at(config.dense_layers, pages)))
+        return tuple(shape)
+
+    @torch.inference_mode()
+    def step(self, caches: list[QuestCache], token_ids: list[int]) -> torch.Tensor:
+        """Append token_ids[b] to caches[b] and run the model on them; returns the logits [B, vocab] in float32 (a
+        replay's are the graph's output buffer, valid until the next step)."""
+        if self.launched is not None:
+            self.launched.synchronize()
+        positions = [cache.length for cache in caches]
+        shape = self._shape(caches)
+        if shape != self.shape or self.failed:
+            self.reset()
+            self.caches, self.shape = caches, shape
+            device = caches[0].layers[0].keys.device
+            self.step_values = torch.zeros(3, len(caches), dtype=torch.long, device=device)
+            self.host_values = torch.zeros(3, len(caches), dtype=torch.long, pin_memory=True)
+            self._write(token_ids, positions)
+            return self._eager(caches)
+        self._write(token_ids, positions)
+        if self.graph is None:
+            self.graph = self._capture(caches, positions)
+            if self.graph is None:
+                return self._eager(caches)
+        else:
+            self._advance(caches, positions)
+        self.graph.replay()
+        self._launched()
+        return self.logits
+
+    def reset(self) -> None:
+        """Drop the graph and let the batch's caches go."""
+        self.caches = self.shape = self.graph = self.logits = None
+
+    def _write(self, token_ids: list[int], positions: list[int]) -> None:
+        self.host_values[0] = torch.tensor(token_ids)
+        self.host_values[1] = torch.tensor(positions)
+        self.host_values[2] = self.host_values[1] + 1
+        self.step_values.copy_(self.host_values, non_blocking=True)
+
+    def _forward(self, caches: list[QuestCache]) -> torch.Tensor:
+        batch = len(caches)
+        return forward_batch(self.model, caches, self.step_values[0].view(batch, 1), self.cache_arg,
+                             position_ids=self.step_values[1].view(batch, 1))
+
+    def _eager(self, caches: list[QuestCache]) -> torch.Tensor:
+        backend = caches[0].backend
+        backend.step_plans.clear()  # this step records the plans that the replays re-run
+        logits = self._forward(caches)
+        self.step_plans = dict(backend.step_plans)
+        self._launched()
+        return logits
+
+    def _launched(self) -> None:
+        self.launched = torch.cuda.Event()
+        self.launched.record()
+
+    def _advance(self, caches: list[QuestCache], positions: list[int]) -> None:
+        """The host's part of a step: the layers' lengths, FlashInfer's plans."""
+        for cache, position in zip(caches, positions):
+            for layer in cache.layers:
+                layer.length = position + 1
+        caches[0].backend.plan_step(self.step_plans)
+
+    def _capture(self, caches: list[QuestCache], positions: list[int]):
+        backend = caches[0].backend
+        self._advance(caches, positions)
+        graph = torch.cuda.CUDAGraph()
+        backend.capturing = True
+        for index, cache in enumerate(caches):
+            for layer in cache.layers:
+                layer.device_length = self.step_values[2, index:index + 1]
+        collecting = gc.isenabled()
+        gc.disable()  # no destructor of unrelated CUDA objects may run inside the capture
+        try:
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.logits = self._forward(caches)
+            return graph
+        except Exception as error:  # an op that cannot be captured: batched steps run eagerly from here on
+            log.warning("CUDA-graph capture of a batched step failed (%s); batched steps run eagerly", error)
+            self.failed = True
+            for cache, position in zip(caches, positions):
+                for layer in cache.layers:
+                    layer.length = position
+            return None
+        finally:
+            if collecting:
+                gc.enable()
+            backend.capturing = False
+            for cache in caches:
+                for layer in cache.layers:
+                    layer.device_length = None

@@ -18,8 +18,9 @@ On a GPU (the flashinfer backend) the engine decodes together when it is given a
 request's K/V pages live in one `PagePool`, so a step's attention is one FlashInfer batch decode for the requests
 that attend densely and one sparse decode (our kernel) for the Quest ones. A request whose answer starts with no
 other in flight decodes alone, with CUDA graphs (`generation.decode`), until another request arrives; then it joins
-the batch at its next token. Batched steps run eagerly (no CUDA graph of a batch yet). Without a pool (a model
-spread over GPUs, or pool_tokens 0) requests run one at a time: the whole prefill, then `generation.decode`.
+the batch at its next token. A batch's steps replay a CUDA graph captured for it (`cuda_graph.BatchGraphDecoder`),
+traced requests' eagerly. Without a pool (a model spread over GPUs, or pool_tokens 0) requests run one at a time:
+the whole prefill, then `generation.decode`.
 """
 import queue
 import threading
@@ -31,6 +32,7 @@ from transformers import LogitsProcessorList
 
 from .backend_torch import TorchBackend
 from .config import default_config
+from .cuda_graph import BatchGraphDecoder
 from .generation import decode, next_token
 from .hf import QuestCache, cache_argument, forward, forward_batch, use_quest
 from .paged_cache import PagePool
@@ -128,6 +130,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.pool = self._pool(pool_tokens) if pool_tokens else None
         self.batches = self.backend.name == "torch" or self.pool is not None
+        self.batch_graph = BatchGraphDecoder(model, self.cache_arg) if self.pool is not None else None
         self._lock = threading.Lock()
         self._arrived: list[Request] = []  # submitted, not yet seen by the loop
         self._thread: threading.Thread | None = None
@@ -178,6 +181,8 @@ class Engine:
                 self._arrived = []
                 if not requests:
                     self._thread = None
+                    if self.batch_graph is not None:
+                        self.batch_graph.reset()  # the last batch's caches go
                     return
             try:
                 requests = self._iterate(requests)
@@ -236,9 +241,12 @@ class Engine:
 
     def _decode_step(self, requests: list[Request]) -> None:
         """One forward for all of `requests` (each after its last token), then each one's next token."""
+        caches, tokens = [r.cache for r in requests], [r.last_token for r in requests]
         try:
-            logits = forward_batch(self.model, [r.cache for r in requests], [r.last_token for r in requests],
-                                   self.cache_arg)  # [B, vocab]
+            if self.batch_graph is not None and BatchGraphDecoder.takes(caches):
+                logits = self.batch_graph.step(caches, tokens)  # [B, vocab]
+            else:
+                logits = forward_batch(self.model, caches, tokens, self.cache_arg)
         except Exception as error:
             for request in requests:
                 self._finish(request, error)

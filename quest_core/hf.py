@@ -12,6 +12,7 @@ weights, projections and MLP run once for the whole batch. Where the requests' p
 backend batches (`decode_batch`: flashinfer), one call attends for all of them: a batch decode for the dense ones,
 a sparse decode for each budget's Quest ones.
 """
+import functools
 import inspect
 
 import torch
@@ -196,7 +197,8 @@ def _batch_attention(module, query: torch.Tensor, scaling: float | None, caches:
     selected_rows = {}  # row -> its one-head page rows [Hkv, k] (for the trace)
     outs = []  # (rows, out [R, Hkv, G, D])
     for setting, rows in groups.items():
-        group_query = grouped_query[rows] if len(rows) < batch else grouped_query
+        group_query = grouped_query.index_select(0, _row_index(rows, query.device)) if len(rows) < batch \
+            else grouped_query
         group_layers = [layers[row] for row in rows]
         if setting is None:
             outs.append((rows, backend.decode_batch_dense(group_query, group_layers, scaling)))
@@ -214,13 +216,24 @@ def _batch_attention(module, query: torch.Tensor, scaling: float | None, caches:
     else:
         out = torch.empty_like(grouped_query)
         for rows, group_out in outs:
-            out[rows] = group_out
+            out.index_copy_(0, _row_index(rows, query.device), group_out)
     for row, cache in enumerate(caches):
         if cache.trace is not None and row not in alone:
             selected = selected_rows.get(row)
             pages = backend.page_ids(selected, layers[row]) if selected is not None else None
             cache.trace.record_layer(layer_idx, layers[row], pages, grouped_query[row], scaling)
     return out.view(batch, 1, num_heads, head_dim)
+
+
+def _row_index(rows: list[int], device) -> torch.Tensor:
+    """Rows of a batch as an index on the device, made once per batch's grouping: a captured step finds the ones
+    its eager step made (an upload inside a capture would fail)."""
+    return _row_indices(tuple(rows), device)
+
+
+@functools.lru_cache(maxsize=256)
+def _row_indices(rows: tuple, device) -> torch.Tensor:
+    return torch.tensor(rows, device=device)
 
 
 def _decode_sparse(config: QuestConfig, backend, query: torch.Tensor, layer: PagedLayer, scaling: float):
@@ -298,14 +311,17 @@ def forward(model, cache: QuestCache, input_ids: torch.Tensor, cache_arg: str, p
     return output.logits[0, -1].float()
 
 
-def forward_batch(model, caches: list[QuestCache], token_ids: list[int], cache_arg: str) -> torch.Tensor:
+def forward_batch(model, caches: list[QuestCache], token_ids, cache_arg: str, position_ids=None) -> torch.Tensor:
     """One decode step for several requests: token_ids[b] after caches[b]'s tokens, at its own position; returns
-    the logits [B, vocab] in float32."""
+    the logits [B, vocab] in float32. token_ids: a list, or [B, 1] on the device, then with position_ids [B, 1]
+    there too (a step captured in a CUDA graph: quest_core/cuda_graph.py)."""
     device = next(model.parameters()).device
-    position_ids = torch.tensor([[cache.length] for cache in caches], device=device)  # [B, 1]
+    if position_ids is None:
+        position_ids = torch.tensor([[cache.length] for cache in caches], device=device)  # [B, 1]
+    input_ids = token_ids if torch.is_tensor(token_ids) else torch.tensor(token_ids, device=device)[:, None]
     batch = BatchCache(caches)
     output = model(
-        input_ids=torch.tensor(token_ids, device=device)[:, None],  # [B, 1]
+        input_ids=input_ids,
         position_ids=position_ids,
         use_cache=True,
         logits_to_keep=1,

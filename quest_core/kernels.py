@@ -56,6 +56,7 @@ class ScoreTopK:
     def __init__(self, module):
         self.module = module
         self.scratch = {}  # device -> TopKScratch
+        self.generation = 0  # bumped when scratch is (re)allocated: a CUDA graph holding the old one is stale
 
     def __call__(self, query, page_bounds, num_pages: int, k: int, out: torch.Tensor, device_length=None,
                  page_size: int = 16, group_rule: str = "sum", sink_pages: int = 0) -> torch.Tensor:
@@ -67,11 +68,13 @@ class ScoreTopK:
                 torch.empty(num_kv_heads, capacity, dtype=torch.float32, device=device),
                 torch.tensor([-1, 0], dtype=torch.int32, device=device).repeat(num_kv_heads, 1),
                 torch.zeros(num_kv_heads, dtype=torch.int32, device=device))
+            self.generation += 1
         group_scores = None
         if group_rule == "mass":
             size = num_kv_heads * query.shape[1] * capacity
             if scratch.group_scores is None or scratch.group_scores.numel() < size:
                 scratch.group_scores = torch.empty(size, dtype=torch.float32, device=device)
+                self.generation += 1
             group_scores = scratch.group_scores
         self.module.score_topk(query, page_bounds, num_pages, k, scratch.scores, scratch.key_ranges, scratch.counters,
                                out, device_length, page_size, GROUP_RULES.index(group_rule), group_scores,
@@ -100,6 +103,7 @@ class SparseDecode:
     def __init__(self, module):
         self.module = module
         self.scratch = {}  # device -> DecodeScratch
+        self.generation = 0  # bumped when scratch is (re)allocated: a CUDA graph holding the old one is stale
 
     @staticmethod
     def supports(query: torch.Tensor) -> bool:
@@ -117,6 +121,7 @@ class SparseDecode:
                 torch.empty(size * head_dim, dtype=torch.float32, device=device),
                 torch.empty(2 * size, dtype=torch.float32, device=device),
                 torch.zeros(num_kv_heads, dtype=torch.int32, device=device))
+            self.generation += 1
         page_size = keys.shape[2]
         last_len = (length - 1) % page_size + 1 if device_length is None else 0
         return self.module.sparse_decode(query.contiguous(), keys, values, rows, scaling, last_len,

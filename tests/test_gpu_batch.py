@@ -1,6 +1,7 @@
 """A batch of requests on the GPU (the flashinfer backend over an engine's page pool): our sparse decode over the
 heads of several requests, each reading its own length; a batched decode step against each request decoded
-alone; the engine's answers asked at once against the same answers one after another. Skipped without CUDA."""
+alone; a batch's CUDA graph against its eager steps; two caches' graphs replayed in turn; the engine's answers
+asked at once against the same answers one after another. Skipped without CUDA."""
 import contextlib
 import threading
 
@@ -17,8 +18,9 @@ from test_gpu import module, needs_kernels, selected_mask, tiny_llama  # noqa: E
 from quest_core import cuda_graph, kernels  # noqa: E402
 from quest_core.backend_flashinfer import FlashInferBackend  # noqa: E402
 from quest_core.config import QuestConfig  # noqa: E402
+from quest_core.cuda_graph import BatchGraphDecoder, graph_decoder  # noqa: E402
 from quest_core.engine import Engine, Request  # noqa: E402
-from quest_core.generation import prefill  # noqa: E402
+from quest_core.generation import decode, prefill  # noqa: E402
 from quest_core.hf import QuestCache, cache_argument, forward_batch  # noqa: E402
 from quest_core.paged_cache import PagePool  # noqa: E402
 
@@ -89,6 +91,67 @@ def test_a_batched_step_equals_each_request_alone(dtype, capsys):
         print(f"\n{dtype}: batched vs alone, logits rel err per request {[round(e, 5) for e in errors]}")
     assert max(errors) <= {torch.bfloat16: 0.02, torch.float16: 0.005}[dtype]
     assert all(cache.length == prompt_len + 32 for cache, prompt_len in zip(caches, PROMPTS))
+
+
+@needs_kernels
+def test_a_batch_replayed_from_a_cuda_graph_equals_eager_batched_steps():
+    """The same four requests twice in one pool: one copy steps through the batch graph decoder (an eager step,
+    the capture, then replays), the other eagerly, fed the same tokens for 40 steps. The Quest request at budget
+    256 over a 240-token prompt turns sparse on the way (a new graph), and pages fill and begin."""
+    model = tiny_llama(torch.bfloat16)
+    backend = FlashInferBackend("cuda")
+    settings = [SETTINGS[0], SETTINGS[1], QuestConfig(budget=256, page_size=PAGE), SETTINGS[3]]
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 256, (n,), generator=generator).tolist() for n in (500, 700, 240, 903)]
+    pool = PagePool(4, 2048, 2, PAGE, 64, model.dtype, "cuda")
+    twins = [[QuestCache(4, config, backend, pool) for config in settings] for _ in range(2)]
+    for caches in twins:
+        for cache, prompt in zip(caches, prompts):
+            cache.reserve(len(prompt) + 64)
+            prefill(model, cache, prompt, chunk_size=256)
+    decoder = BatchGraphDecoder(model, cache_argument(model))
+    assert decoder.takes(twins[0])
+    graphed, eager = twins
+    tokens = [7, 8, 9, 10]
+    captures = []
+    capture = decoder._capture
+    decoder._capture = lambda *args: captures.append(capture(*args)) or captures[-1]
+    with torch.inference_mode():
+        for step in range(40):
+            got = decoder.step(graphed, tokens).clone()
+            torch.cuda.synchronize()  # the eager step's plan below reuses FlashInfer's pinned buffers
+            expected = forward_batch(model, eager, tokens, cache_argument(model))
+            assert torch.equal(got, expected), (step, relative_error(got, expected))
+            tokens = expected.argmax(-1).tolist()
+    assert not decoder.failed and len(captures) == 2 and decoder.graph is captures[-1]  # dense, then sparse
+    assert [cache.length for cache in graphed] == [cache.length for cache in eager]
+
+
+@needs_kernels
+def test_two_caches_graphs_replay_their_own_plans(monkeypatch):
+    """Two caches decode in turn on CUDA graphs, and the FlashInfer wrappers are shared: A's second answer replays
+    A's graph right after B's answer, so its replays must re-plan A's pages, not B's (the last eager step's). It
+    equals A's answers decoded eagerly (the graphs hold the layers uncompiled, as the eager steps run them)."""
+    monkeypatch.setattr(cuda_graph, "compiled_layers", lambda model: contextlib.nullcontext())
+    model = tiny_llama(torch.bfloat16)
+    backend = FlashInferBackend("cuda")
+    generator = torch.Generator().manual_seed(4)
+    first, second = (torch.randint(0, 256, (n,), generator=generator).tolist() for n in (600, 1500))
+    caches = [QuestCache(4, QuestConfig(mode="dense", page_size=PAGE), backend) for _ in range(3)]
+    for cache, prompt in zip(caches, (first, second, first)):
+        prefill(model, cache, prompt, chunk_size=256)
+        cache.reserve(4096)  # one shape for both of A's answers
+
+    def answer(cache, cuda_graph):
+        return list(decode(model, cache, torch.zeros(256, device="cuda"), 16, min_new_tokens=16,
+                           cuda_graph=cuda_graph))
+
+    a, b, a_eagerly = caches
+    a_answers = [answer(a, True)]
+    answer(b, True)
+    assert graph_decoder(model, a, cache_argument(model)).graph is not None
+    a_answers.append(answer(a, True))
+    assert a_answers == [answer(a_eagerly, False), answer(a_eagerly, False)]
 
 
 @needs_kernels
