@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.attention_kernels import copy_bandwidth  # noqa: E402
-from bench.e2e import llama_8b_shaped, random_prompt  # noqa: E402
+from bench.e2e import KERNEL_KINDS, llama_8b_shaped, random_prompt  # noqa: E402
 from bench.results import write_section  # noqa: E402
 from quest_core.backends import make_backend  # noqa: E402
 from quest_core.config import default_config  # noqa: E402
@@ -29,6 +29,7 @@ from quest_core.hf import QuestCache, cache_argument, forward_batch, use_quest  
 from quest_core.paged_cache import PagePool  # noqa: E402
 
 BATCHES = {32768: [1, 4, 8, 16], 131072: [1, 2, 4]}
+PROFILED = {(32768, 8), (131072, 4)}  # the batches of the issue's targets: where each step's time goes
 
 
 @torch.inference_mode()
@@ -58,6 +59,32 @@ def decode_tok_s(model, caches, steps: int, graph: BatchGraphDecoder | None) -> 
     for cache in caches:
         cache.truncate(start_length)
     return len(caches) * steps / (times[-1] - times[1])
+
+
+@torch.inference_mode()
+def profile_step(model, caches, graph: BatchGraphDecoder, steps: int = 4) -> tuple[dict, float]:
+    """({kind: GPU us per step}, wall ms per step) over `steps` graph replays under the profiler (after the eager
+    step and the capture); the caches end as they began."""
+    start_length = caches[0].length
+    tokens = [0] * len(caches)
+    for _ in range(2):
+        tokens = graph.step(caches, tokens).argmax(-1).tolist()
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+    torch.cuda.synchronize()
+    profiler.start()
+    started = time.perf_counter()
+    for _ in range(steps):
+        tokens = graph.step(caches, tokens).argmax(-1).tolist()
+    wall_ms = 1e3 * (time.perf_counter() - started) / steps
+    profiler.stop()
+    for cache in caches:
+        cache.truncate(start_length)
+    by_kind = dict.fromkeys([*KERNEL_KINDS, "other"], 0.0)
+    for event in profiler.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kind = next((k for k, names in KERNEL_KINDS.items() if any(n in event.name for n in names)), "other")
+            by_kind[kind] += event.device_time / steps
+    return by_kind, wall_ms
 
 
 def floor_tok_s(model, batch: int, context: int, budget: int | None, bandwidth: float) -> float:
@@ -111,6 +138,8 @@ def main():
                 row[f"{name}_tok_s"] = decode_tok_s(model, caches[:batch], args.steps, graph)
                 row[f"{name}_eager_tok_s"] = decode_tok_s(model, caches[:batch], args.steps, None)
                 row["graph"] = not graph.failed
+                if (context, batch) in PROFILED:
+                    row[f"{name}_gpu_us"], row[f"{name}_profiled_ms"] = profile_step(model, caches[:batch], graph)
                 row[f"{name}_floor_tok_s"] = floor_tok_s(model, batch, context,
                                                          None if name == "dense" else args.budget, bandwidth)
             rows.append(row)
@@ -127,6 +156,16 @@ def main():
                      f"{r['quest_tok_s'] / r['dense_tok_s']:.2f}x | "
                      f"{r['quest_floor_tok_s'] / r['dense_floor_tok_s']:.2f}x | "
                      f"{r['dense_eager_tok_s']:.1f} / {r['quest_eager_tok_s']:.1f} |")
+    kinds = [*KERNEL_KINDS, "other"]
+    profile = ["| context | batch | engine | " + " | ".join(f"{kind} ms" for kind in kinds) + " | GPU total ms | "
+               "step ms | floor ms |", "|---:|---:|---|" + "---:|" * (len(kinds) + 3)]
+    for r in (r for r in rows if (r["context"], r["batch"]) in PROFILED):
+        for name in ("dense", "quest"):
+            times = r[f"{name}_gpu_us"]
+            profile.append(f"| {r['context']} | {r['batch']} | {name} | " +
+                           " | ".join(f"{times[k] / 1e3:.2f}" for k in kinds) +
+                           f" | {sum(times.values()) / 1e3:.2f} | {r[f'{name}_profiled_ms']:.2f} | "
+                           f"{1e3 * r['batch'] / r[f'{name}_floor_tok_s']:.2f} |")
     body = (f"Llama-3.1-8B shapes (32 layers, 32 q / 8 kv heads, d 128), random bf16 weights; B requests decode "
             f"together over one page pool, aggregate tok/s over {args.steps} greedy steps after 2 warm-up steps, "
             f"the host reading each step's tokens; Quest budget {args.budget}, pages of 16, 2 dense layers; backend "
@@ -135,7 +174,12 @@ def main():
             "layers as they are, not compiled); the last column runs the same steps eagerly. Floor: the weights once "
             f"per step plus each request's KV (Quest: its 2 dense layers whole, its selected pages and every page's "
             f"bounds in the others) at the copy bandwidth measured in this run, {bandwidth / 1e12:.2f} TB/s.\n\n"
-            + "\n".join(table))
+            + "\n".join(table) +
+            "\n\nWhere a step's time goes at the targets' batches: GPU kernel time per step by kind from the profiler "
+            "over 4 graph replays (our kernels: the scorer per request, the sparse decode, the KV append; other: "
+            "copies, PyTorch's element-wise kernels of the uncompiled layers), the step's wall time under the "
+            "profiler (the host reading each step's tokens and planning the next) and the bytes floor.\n\n"
+            + "\n".join(profile))
     if not args.no_write:
         write_section("gpu_batch", "GPU batched decode: ours dense vs ours Quest, batch 1-16", body)
     print(json.dumps({"bench": "gpu_batch", "rows": rows}))
