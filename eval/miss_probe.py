@@ -117,6 +117,7 @@ def main():
     parser.add_argument("--out", default="/tmp/miss_probe.jsonl")
     parser.add_argument("--variants", default="selection",
                         choices=["selection", "sinks", "oracle", "ranking", "two-level"])
+    parser.add_argument("--budget", type=int, default=128, help="the budget of the ranking and two-level variants")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, tokenizer = load_model()
@@ -131,8 +132,8 @@ def main():
     rows = dict(selection=lambda: variants(model.config, [128, 256]),
                 sinks=lambda: sink_variants(model.config, [128, 256, 1024]),
                 oracle=lambda: oracle_variants(model.config, [128, 256]),
-                ranking=lambda: ranking_variants(model.config, 128),
-                **{"two-level": lambda: two_level_variants(model.config, 128)})[args.variants]()
+                ranking=lambda: ranking_variants(model.config, args.budget),
+                **{"two-level": lambda: two_level_variants(model.config, args.budget)})[args.variants]()
     with open(args.out, "a") as out:
         for seed, filler, context in pairs:
             rng = random.Random(seed)

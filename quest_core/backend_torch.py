@@ -62,7 +62,9 @@ class TorchBackend:
             scores, num_pages = _scores(query, layer, group_rule)
         else:
             bounds, num_pages = _bounds_in_use(layer)
-            scores = two_level_scores(query, bounds, group_rule, num_selected, coarse_factor, num_pages)
+            pairs = None if layer.pair_bounds is None or num_pages is not None else \
+                layer.pair_bounds[:, :-(-layer.num_pages // 2)]  # kept as tokens arrive (PagedLayer.keep_pairs)
+            scores = two_level_scores(query, bounds, group_rule, num_selected, coarse_factor, num_pages, pairs)
         return select_pages(scores, num_selected, num_pages, sink_pages)
 
     def select_top_p(self, query: torch.Tensor, layer: PagedLayer, top_p: float, min_pages: int,

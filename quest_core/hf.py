@@ -39,6 +39,8 @@ class QuestCache(Cache):
                                  for _ in range(num_layers)])
         self._check(config)
         self.config = config
+        for layer in self.layers:
+            layer.keep_pairs(config.coarse_factor > 0)
         self.run = None
         if pool is not None:
             self.run = PoolRun(pool, self.layers)
@@ -68,6 +70,7 @@ class QuestCache(Cache):
         """New settings for the next step; a new page size re-lays the stored KV out, nothing is recomputed."""
         self._check(config)
         for layer in self.layers:
+            layer.keep_pairs(config.coarse_factor > 0)
             layer.repage(config.page_size)
         if self.run is not None and config.page_size != self.run.pool.page_size:  # the pages left the pool
             self.run.release()

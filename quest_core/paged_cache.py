@@ -5,6 +5,8 @@ Layout, one of two, chosen by the attention backend (`kv_layout`):
     "head-major" (the torch backend)                keys, values [Hkv, capacity_pages, P, D]
     page_bounds    [Hkv, capacity_pages, 2 * D]   the page's element-wise key max, then its key min
     page_max, page_min are the two halves of page_bounds (views): [Hkv, capacity_pages, D]
+    pair_bounds    [Hkv, ceil(capacity_pages / 2), 2 * D]   with `keep_pairs` (QuestConfig.coarse_factor's two-level
+                   ranking, torch appends): the bounds of the pairs of pages (0, 1), (2, 3), ..., kept up to date
 `key_pages` / `value_pages` view either as [capacity_pages, Hkv, P, D]. Head-major keeps each KV head's tokens in
 order in one stretch of memory, so dense attention reads them in place (`dense()` is a view, no copy). Both are
 also read as one-head pages [capacity_pages * Hkv, P, D], whose row for (page, KV head) is `one_head_rows`.
@@ -27,6 +29,8 @@ import weakref
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
+
+from .selection import pair_bounds
 
 KV_LAYOUTS = ("page-major", "head-major")
 
@@ -137,6 +141,19 @@ class PagedLayer(CacheLayerMixin):
         self.page_bounds = None
         self.device_length = None  # while a CUDA graph is captured: the length after this step's append, on the GPU
         self.run = None  # the cache's PoolRun, where its pages live in an engine's PagePool (`use_pool`)
+        self.pair_bounds = None  # with keep_pairs
+        self.keeps_pairs = False
+
+    def keep_pairs(self, keep: bool) -> None:
+        """Keep `pair_bounds` up to date from now on (or drop them): the two-level ranking reads them instead of
+        folding every page's bounds at each step. Only where the torch code appends (our append kernel and a
+        captured step do not update them)."""
+        self.keeps_pairs = keep and self.kernels is None
+        self.pair_bounds = None
+        if self.keeps_pairs and self.page_bounds is not None:
+            self.pair_bounds = self.page_bounds.new_empty(self.num_kv_heads, -(-self.capacity_pages // 2),
+                                                          self.page_bounds.shape[2])
+            self._refresh_pairs(0)
 
     def use_pool(self, run: PoolRun, layer_index: int) -> None:
         """Keep the pages in `run` (empty layer, page-major): layer `layer_index` of its pool."""
@@ -169,6 +186,7 @@ class PagedLayer(CacheLayerMixin):
         self.page_bounds = torch.empty(num_kv_heads, 0, 2 * head_dim, dtype=bounds_dtype, device=device)
         self.head_rows = torch.arange(num_kv_heads, device=device).unsqueeze(1)  # [Hkv, 1]
         self.length = 0
+        self.keep_pairs(self.keeps_pairs)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append `key_states`, `value_states` [1, Hkv, T, D]; returns the page tensors [pages, Hkv, P, D]."""
@@ -266,7 +284,18 @@ class PagedLayer(CacheLayerMixin):
     def _grow_bounds(self, grow: int) -> None:
         empty_bounds = self.page_bounds.new_full((self.num_kv_heads, grow, 2, self.head_dim), math.inf)
         empty_bounds[:, :, 0] = -math.inf
+        old_capacity = self.page_bounds.shape[1]
         self.page_bounds = torch.cat([self.page_bounds, empty_bounds.flatten(2)], dim=1)
+        if self.pair_bounds is not None:  # new pairs hold no token; an odd last pair gains an empty page
+            new_pairs = -(-self.page_bounds.shape[1] // 2) - -(-old_capacity // 2)
+            self.pair_bounds = torch.cat([self.pair_bounds, empty_bounds[:, :new_pairs].flatten(2)], dim=1)
+
+    def _refresh_pairs(self, first_page: int) -> None:
+        """Fold the page bounds into `pair_bounds` again from the pair of `first_page` to the last pair in use."""
+        first_pair, end_pair = first_page // 2, -(-self.num_pages // 2)
+        if self.pair_bounds is not None and end_pair > first_pair:
+            self.pair_bounds[:, first_pair:end_pair] = pair_bounds(
+                self.page_bounds[:, 2 * first_pair:min(2 * end_pair, self.capacity_pages)])
 
     @torch.inference_mode()
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -295,6 +324,7 @@ class PagedLayer(CacheLayerMixin):
             self.page_max.scatter_reduce_(1, index, new_keys, "amax")
             self.page_min.scatter_reduce_(1, index, new_keys, "amin")
         self.length = start + num_new
+        self._refresh_pairs(start // self.page_size)
 
     @torch.inference_mode()
     def truncate(self, length: int) -> None:
@@ -309,6 +339,7 @@ class PagedLayer(CacheLayerMixin):
             page_keys = self.key_pages[first_dropped_page, :, :kept]  # [Hkv, kept, D]
             self.page_max[:, first_dropped_page] = page_keys.amax(dim=1)
             self.page_min[:, first_dropped_page] = page_keys.amin(dim=1)
+        self._refresh_pairs(first_dropped_page)  # over the old pages in use: the dropped pairs empty again
         self.length = length
 
     @torch.inference_mode()

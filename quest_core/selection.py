@@ -54,14 +54,16 @@ def pair_bounds(page_bounds: torch.Tensor) -> torch.Tensor:
 
 
 def two_level_scores(query: torch.Tensor, page_bounds: torch.Tensor, group_rule: str, num_selected: int,
-                     coarse_factor: int, num_pages: torch.Tensor | None = None) -> torch.Tensor:
+                     coarse_factor: int, num_pages: torch.Tensor | None = None,
+                     pairs: torch.Tensor | None = None) -> torch.Tensor:
     """`page_scores` of QuestConfig.coarse_factor's two-level ranking -> scores [Hkv, pages]: the pairs of pages rank
-    by their bounds (`pair_bounds`); the pages of the best coarse_factor * num_selected / 2 pairs, and the current
-    page, score by their own bounds (gathered: only theirs are read), every other page -inf. num_pages as in
-    `page_scores`."""
+    by their bounds (`pairs`, else `pair_bounds(page_bounds)`); the pages of the best coarse_factor * num_selected / 2
+    pairs, and the current page, score by their own bounds (gathered: only theirs are read), every other page -inf.
+    num_pages as in `page_scores`."""
     num_kv_heads, pages, width = page_bounds.shape
     pair_count = None if num_pages is None else torch.div(num_pages + 1, 2, rounding_mode="floor")
-    pair_scores = page_scores(query, pair_bounds(page_bounds), group_rule, pair_count)  # [Hkv, pairs]
+    pairs = pair_bounds(page_bounds) if pairs is None else pairs
+    pair_scores = page_scores(query, pairs, group_rule, pair_count)  # [Hkv, pairs]
     best = pair_scores.topk(min(pair_scores.shape[1], -(-coarse_factor * num_selected // 2)), dim=1).indices
     used = pages if num_pages is None else num_pages
     current = torch.full_like(best[:, :1], pages - 1) if num_pages is None else (num_pages - 1).expand_as(best[:, :1])
@@ -69,7 +71,7 @@ def two_level_scores(query: torch.Tensor, page_bounds: torch.Tensor, group_rule:
     valid = candidates < used  # [Hkv, 2C + 1]: an odd last pair's second page, unused pages, are not pages
     valid[:, -1:] &= ~(best == current // 2).any(dim=1, keepdim=True)  # the current page once
     candidates = candidates.clamp(max=pages - 1)
-    bounds = page_bounds.gather(1, candidates[..., None].expand(-1, -1, width))  # [Hkv, 2C + 1, 2D]
+    bounds = torch.stack([head.index_select(0, rows) for head, rows in zip(page_bounds, candidates)])  # [Hkv, 2C+1, 2D]
     scores = page_scores(query, bounds, group_rule, candidates=valid)
     return scores.new_full((num_kv_heads, pages), -torch.inf).scatter_reduce_(1, candidates, scores, "amax")
 

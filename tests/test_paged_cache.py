@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quest_core.paged_cache import KV_LAYOUTS, PagedLayer
+from quest_core.selection import pair_bounds
 
 
 def fill(page_size, chunk_lengths, num_kv_heads=2, head_dim=8, dtype=torch.float32, seed=0, kv_layout="page-major"):
@@ -105,3 +106,26 @@ def test_head_major_dense_reads_are_views_of_the_cache():
     assert torch.equal(dense_keys, keys) and torch.equal(dense_values, values)
     assert dense_keys.untyped_storage().data_ptr() == layer.keys.untyped_storage().data_ptr()
     assert dense_values.untyped_storage().data_ptr() == layer.values.untyped_storage().data_ptr()
+
+
+@settings(max_examples=50, deadline=None)
+@given(page_size=st.sampled_from([1, 2, 4]), steps=st.lists(st.tuples(st.sampled_from(["append", "truncate", "repage"]),
+                                                                     st.integers(1, 40)), min_size=1, max_size=10),
+       kv_layout=st.sampled_from(KV_LAYOUTS), seed=st.integers(0, 10_000))
+def test_kept_pair_bounds_equal_the_pairs_of_the_page_bounds(page_size, steps, kv_layout, seed):
+    """With keep_pairs (the two-level ranking), after any appends (one token or a chunk), truncations and re-pagings,
+    over a capacity grown in odd blocks: the kept pair bounds are the pairs folded from the page bounds (every pair,
+    the empty ones too), exactly."""
+    generator = torch.Generator().manual_seed(seed)
+    layer = PagedLayer(page_size, block_pages=3, kv_layout=kv_layout)
+    layer.keep_pairs(True)
+    for action, amount in steps:
+        if action == "append":
+            keys, values = torch.randn(2, 1, 2, amount if amount % 3 else 1, 8, generator=generator)
+            layer.update(keys, values)
+        elif action == "truncate":
+            layer.truncate(layer.length * amount // 41)
+        elif layer.is_initialized:
+            layer.repage(1 + amount % 4)
+        if layer.is_initialized:
+            assert torch.equal(layer.pair_bounds, pair_bounds(layer.page_bounds)), (action, amount)
