@@ -71,6 +71,15 @@ class QuestConfig:
         """Whether a decode step of layer `layer_idx` over `num_pages` pages reads a selection of them."""
         return self.mode != "dense" and layer_idx >= self.dense_layers and num_pages > self.budget_pages
 
+    def bounds_read(self, num_pages: int) -> int:
+        """Rows of bounds (a page's or a pair's max and min) a sparse step reads over `num_pages` pages: every page's,
+        or with coarse_factor the pairs' and then the candidates' (selection.two_level_scores)."""
+        if not self.coarse_factor:
+            return num_pages
+        pairs = -(-num_pages // 2)
+        candidates = min(pairs, -(-self.coarse_factor * self.budget_pages // 2))
+        return pairs + min(num_pages, 2 * candidates + 1)
+
     @property
     def min_budget_pages(self) -> int:
         return -(-self.min_budget // self.page_size)

@@ -139,7 +139,8 @@ class GraphDecoder:
         self.graph.replay()
         if self.cache.trace is not None:  # what the attention would have recorded: the host's part, the graph's pages
             for index, layer in enumerate(self.cache.layers):
-                self.cache.trace.record_layer(index, layer, self.traced_pages.get(index))
+                self.cache.trace.record_layer(index, layer, self.traced_pages.get(index),
+                                              bounds_read=self.cache.config.bounds_read(layer.num_pages))
         return self.logits
 
     def _layers(self):

@@ -172,7 +172,8 @@ def _request_attention(module, query: torch.Tensor, scaling: float | None, quest
     if trace is not None:
         if selected_pages is not None:
             selected_pages = backend.page_ids(selected_pages, layer)
-        trace.record_layer(layer_idx, layer, selected_pages, grouped_query, scaling, started, page_counts)
+        trace.record_layer(layer_idx, layer, selected_pages, grouped_query, scaling, started, page_counts,
+                           config.bounds_read(layer.num_pages))
     return out.reshape(1, 1, num_heads, head_dim)
 
 
@@ -224,7 +225,8 @@ def _batch_attention(module, query: torch.Tensor, scaling: float | None, caches:
         if cache.trace is not None and row not in alone:
             selected = selected_rows.get(row)
             pages = backend.page_ids(selected, layers[row]) if selected is not None else None
-            cache.trace.record_layer(layer_idx, layers[row], pages, grouped_query[row], scaling)
+            cache.trace.record_layer(layer_idx, layers[row], pages, grouped_query[row], scaling,
+                                     bounds_read=cache.config.bounds_read(layers[row].num_pages))
     return out.view(batch, 1, num_heads, head_dim)
 
 

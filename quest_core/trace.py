@@ -63,10 +63,11 @@ class Trace:
         return start
 
     def record_layer(self, layer_idx: int, layer, selected_pages: torch.Tensor | None, query=None, scaling=1.0,
-                     started=None, page_counts: torch.Tensor | None = None):
+                     started=None, page_counts: torch.Tensor | None = None, bounds_read: int | None = None):
         """selected_pages [Hkv, k] page ids or None (dense); page_counts [Hkv] with top_p (selection.read_slots
         says which slots a head read); query [Hkv, G, D] is needed only when inspecting; `started` is what
-        `start_attention` returned."""
+        `start_attention` returned; bounds_read: the rows of bounds the selection read per KV head
+        (QuestConfig.bounds_read; None: every page's)."""
         if isinstance(started, float):
             self._attention_s += time.perf_counter() - started
         elif started is not None:
@@ -83,7 +84,8 @@ class Trace:
             return
         width = selected_pages.shape[1]
         bounds = layer.page_bounds
-        self._read_bytes += layer.num_pages * bounds.shape[-1] * layer.num_kv_heads * bounds.element_size()
+        rows = layer.num_pages if bounds_read is None else bounds_read
+        self._read_bytes += rows * bounds.shape[-1] * layer.num_kv_heads * bounds.element_size()
         if page_counts is None:
             tokens = (width - 1) * layer.page_size + layer.last_page_len
             self._read_bytes += tokens * layer.num_kv_heads * head_token_bytes

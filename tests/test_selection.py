@@ -13,6 +13,7 @@ from quest_core.generation import decode, prefill
 from quest_core.hf import QuestCache
 from quest_core.paged_cache import PagedLayer
 from quest_core.selection import page_scores, select_pages, two_level_scores
+from quest_core.trace import Trace
 
 
 def brute_force_scores(query, keys, page_size, group_rule):
@@ -209,3 +210,24 @@ def test_a_decode_ranks_in_two_levels_with_coarse_factor_and_every_pair_a_candid
     assert len(two_level) == 8 and set(recording.coarse_factors) == {1}
     assert len(recording.coarse_factors) == 2 * 7  # 2 sparse layers, 7 decode steps (the first token: prefill)
     assert greedy(config.with_changes(coarse_factor=1000), TorchBackend()) == greedy(config, TorchBackend())
+
+
+@pytest.mark.parametrize("coarse_factor, budget", [(0, 16), (2, 16), (4, 40)])
+def test_the_trace_counts_the_bounds_a_step_reads(coarse_factor, budget):
+    """A traced decode step's bytes: the dense layer's KV, then in each sparse layer the bounds the selection read
+    (every page's; in two levels the pairs' and the candidates') and the selected pages' KV."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    config = QuestConfig(budget=budget, page_size=2, dense_layers=1, coarse_factor=coarse_factor)
+    cache = QuestCache(3, config)
+    prefill(model, cache, torch.randint(0, 97, (301,)).tolist())
+    cache.trace = Trace()
+    prefill(model, cache, [5])  # one token: a decode step, 302 tokens, 151 pages of 2
+    step = cache.trace.end_step(cache.length, 0.0, 3)
+    head_token_bytes = 2 * 16 * 4  # K and V of one token of one KV head: 16 dims, float32
+    pairs, k = 76, budget // 2
+    rows = 151 if not coarse_factor else pairs + 2 * min(pairs, -(-coarse_factor * k // 2)) + 1
+    bounds_bytes = rows * 2 * 16 * 4 * 2  # [2D] float32 per row, 2 KV heads
+    expected = 302 * 2 * head_token_bytes + 2 * (bounds_bytes + k * 2 * 2 * head_token_bytes)
+    assert step.read_bytes == expected
