@@ -1,6 +1,7 @@
 """Decode speed on the default model: HF `generate` vs our dense vs our Quest, side by side, in one run. Quest runs
-twice: with `--page-size` and rule sum, and with the app's default for this model (quest_core.config.default_config:
-pages of 4, rule mass).
+with `--page-size` and rule sum, and with the app's default for this model (quest_core.config.default_config: pages
+of 4, rule mass) beside the two-level ranking (pages of 2, coarse_factor 4, rule mass), both at `--budget` and at
+`--small-budget`, where the two-level ranking is meant to help.
 
 Each context length is prefilled once per engine (HF through a reused DynamicCache prefix, ours through the
 paged cache); every timed run then decodes `--new-tokens` tokens (EOS suppressed) from the same prompt.
@@ -78,6 +79,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 8000])
     parser.add_argument("--budget", type=int, default=1024)
+    parser.add_argument("--small-budget", type=int, default=128)
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
@@ -93,6 +95,7 @@ def main():
     document_ids = tokenizer(document, add_special_tokens=False)["input_ids"]
     quest = QuestConfig(mode="quest", budget=args.budget, page_size=args.page_size)
     quest_app = default_config(model.config).with_changes(budget=args.budget)
+    two_level = quest_app.with_changes(page_size=2, coarse_factor=4)
     app_label = f"page {quest_app.page_size}, {quest_app.group_rule}"
     rows = []
     for context in args.contexts:
@@ -106,9 +109,11 @@ def main():
         dense = ours_runs(model, cache, prompt, args.new_tokens, args.runs)
         cache.set_config(quest)
         sparse = ours_runs(model, cache, prompt, args.new_tokens, args.runs)
-        cache.set_config(quest_app)
-        sparse_app = ours_runs(model, cache, prompt, args.new_tokens, args.runs)
-        runs = {"hf_generate": hf, "ours_dense": dense, "ours_quest": sparse, "ours_quest_app": sparse_app}
+        runs = {"hf_generate": hf, "ours_dense": dense, "ours_quest": sparse}
+        for name, config in (("ours_quest_app", quest_app), ("ours_two_level", two_level)):
+            for suffix, budget in (("", args.budget), ("_small", args.small_budget)):
+                cache.set_config(config.with_changes(budget=budget))
+                runs[name + suffix] = ours_runs(model, cache, prompt, args.new_tokens, args.runs)
         row = {"context": context, **{name: statistics.median(speeds) for name, speeds in runs.items()}, "runs": runs}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -121,6 +126,14 @@ def main():
                      f"| {r['ours_quest_app']:.1f} | {r['ours_quest'] / r['hf_generate']:.2f}x "
                      f"| {r['ours_quest'] / r['ours_dense']:.2f}x | {r['ours_quest_app'] / r['ours_dense']:.2f}x "
                      f"| {r['ours_dense'] / r['hf_generate']:.2f}x |")
+    levels = [f"| context | {app_label} @{args.budget} | two-level @{args.budget} | two-level / {app_label} | "
+              f"{app_label} @{args.small_budget} | two-level @{args.small_budget} | two-level / {app_label} |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        app, small_app = r["ours_quest_app"], r["ours_quest_app_small"]
+        levels.append(f"| {r['context']} | {app:.1f} | {r['ours_two_level']:.1f} | {r['ours_two_level'] / app:.2f}x | "
+                      f"{small_app:.1f} | {r['ours_two_level_small']:.1f} | "
+                      f"{r['ours_two_level_small'] / small_app:.2f}x |")
     body = (f"Default model (SmolLM2-135M-Instruct, {model.dtype}), batch 1, {args.new_tokens} new tokens per run, "
             f"median of {args.runs} runs after a warm-up; Quest budget {args.budget}, dense layers "
             f"{quest.dense_layers}, pages of {args.page_size} with group rule sum (the engine's default), and pages "
@@ -130,7 +143,10 @@ def main():
             f"{os.getloadavg()[0]:.1f} (the end figure counts this run's own "
             f"{torch.get_num_threads()} threads; a start figure near the core count would mean other work shared "
             "the cores).\n\n"
-            + "\n".join(table))
+            + "\n".join(table) +
+            "\n\nThe two-level ranking (`QuestConfig(page_size=2, coarse_factor=4)`: pairs of pages of 2 first, from "
+            "their bounds kept as tokens arrive, then the pages of the best pairs; rule mass) against the app's "
+            "default, decode tok/s:\n\n" + "\n".join(levels))
     if not args.no_write:
         write_section("cpu_decode", "CPU decode: HF generate vs ours dense vs ours Quest", body)
     print(json.dumps({"bench": "cpu_decode", "rows": [{k: v for k, v in r.items() if k != "runs"} for r in rows]}))
