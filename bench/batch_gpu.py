@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.attention_kernels import copy_bandwidth  # noqa: E402
-from bench.e2e import KERNEL_KINDS, llama_8b_shaped, random_prompt  # noqa: E402
+from bench.e2e import KERNEL_KINDS, kernel_time_by_kind, llama_8b_shaped, random_prompt  # noqa: E402
 from bench.results import write_section  # noqa: E402
 from quest_core.backends import make_backend  # noqa: E402
 from quest_core.config import default_config  # noqa: E402
@@ -79,12 +79,7 @@ def profile_step(model, caches, graph: BatchGraphDecoder, steps: int = 4) -> tup
     profiler.stop()
     for cache in caches:
         cache.truncate(start_length)
-    by_kind = dict.fromkeys([*KERNEL_KINDS, "other"], 0.0)
-    for event in profiler.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            kind = next((k for k, names in KERNEL_KINDS.items() if any(n in event.name for n in names)), "other")
-            by_kind[kind] += event.device_time / steps
-    return by_kind, wall_ms
+    return kernel_time_by_kind(profiler, steps), wall_ms
 
 
 def floor_tok_s(model, batch: int, context: int, budget: int | None, bandwidth: float) -> float:

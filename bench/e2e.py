@@ -89,12 +89,17 @@ def gpu_time_by_kind(model, cache, steps=4):
     torch.cuda.synchronize()
     wall_ms = 1e3 * (time.perf_counter() - started) / steps
     profiler.stop()
+    return kernel_time_by_kind(profiler, steps), wall_ms
+
+
+def kernel_time_by_kind(profiler, steps: int) -> dict:
+    """{kind: GPU us per step} of the kernels a stopped profiler saw over `steps` steps (KERNEL_KINDS, else other)."""
     by_kind = dict.fromkeys([*KERNEL_KINDS, "other"], 0.0)
     for event in profiler.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             kind = next((k for k, names in KERNEL_KINDS.items() if any(n in event.name for n in names)), "other")
             by_kind[kind] += event.device_time / steps
-    return by_kind, wall_ms
+    return by_kind
 
 
 def main():
