@@ -22,7 +22,7 @@ from bench.attention_kernels import copy_bandwidth  # noqa: E402
 from bench.e2e import KERNEL_KINDS, kernel_time_by_kind, llama_8b_shaped, random_prompt  # noqa: E402
 from bench.results import write_section  # noqa: E402
 from quest_core.backends import make_backend  # noqa: E402
-from quest_core.config import default_config  # noqa: E402
+from quest_core.config import default_config, head_dim  # noqa: E402
 from quest_core.cuda_graph import BatchGraphDecoder  # noqa: E402
 from quest_core.generation import prefill  # noqa: E402
 from quest_core.hf import QuestCache, cache_argument, forward_batch, use_quest  # noqa: E402
@@ -87,13 +87,12 @@ def floor_tok_s(model, batch: int, context: int, budget: int | None, bandwidth: 
     others' selected pages and every page's bounds)."""
     config = model.config
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    head_dim = config.hidden_size // config.num_attention_heads
-    token_bytes = 2 * config.num_key_value_heads * head_dim * 2  # K and V of one token in one layer, bf16
+    token_bytes = 2 * config.num_key_value_heads * head_dim(config) * 2  # K and V of one token in one layer, bf16
     layers = config.num_hidden_layers
     if budget is None:
         kv_bytes = layers * context * token_bytes
     else:
-        bounds_bytes = (context // 16) * config.num_key_value_heads * 2 * head_dim * 2
+        bounds_bytes = (context // 16) * config.num_key_value_heads * 2 * head_dim(config) * 2
         kv_bytes = 2 * context * token_bytes + (layers - 2) * (budget * token_bytes + bounds_bytes)
     return batch / ((weight_bytes + batch * kv_bytes) / bandwidth)
 
@@ -113,10 +112,9 @@ def main():
     dense = quest.with_changes(mode="dense")
     bandwidth = copy_bandwidth()
     config = model.config
-    head_dim = config.hidden_size // config.num_attention_heads
     pool_tokens = max(max(BATCHES[c]) * (c + 1024) for c in args.contexts)
     pool = PagePool(config.num_hidden_layers, pool_tokens // quest.page_size, config.num_key_value_heads,
-                    quest.page_size, head_dim, model.dtype, "cuda")
+                    quest.page_size, head_dim(config), model.dtype, "cuda")
     graph = BatchGraphDecoder(model, cache_argument(model))
     rows = []
     for context in args.contexts:

@@ -99,9 +99,13 @@ def default_config(model_config, **changes) -> QuestConfig:
     attention finds at small budgets (eval/RESULTS.md). Larger heads keep the paper's pages of 16 and the rule sum.
     `sink_pages` stays 0: keeping the first page finds more passkeys at budget 128 on the report split (46/60
     against 37/60) but one fewer at 256 (57/60 against 58/60; eval/RESULTS.md) and the same at the default budget."""
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-    config = QuestConfig(page_size=4, group_rule="mass") if head_dim <= 64 else QuestConfig()
+    config = QuestConfig(page_size=4, group_rule="mass") if head_dim(model_config) <= 64 else QuestConfig()
     return config.with_changes(**changes)
+
+
+def head_dim(model_config) -> int:
+    """The attention heads' width of a transformers config (its `head_dim`, else hidden size / heads)."""
+    return getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from .backend_torch import TorchBackend
-from .config import default_config
+from .config import default_config, head_dim
 from .cuda_graph import BatchGraphDecoder
 from .generation import decode, next_token
 from .hf import QuestCache, cache_argument, forward, forward_batch, use_quest
@@ -46,8 +46,7 @@ def pool_tokens(model, sessions: int = 8, memory_share: float = 0.5) -> int:
     if device.type != "cuda":
         return 0
     config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    token_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * model.dtype.itemsize
+    token_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim(config) * model.dtype.itemsize
     free_bytes, _ = torch.cuda.mem_get_info(device)
     return min(sessions * (getattr(config, "max_position_embeddings", None) or 8192),
                int(memory_share * free_bytes) // token_bytes)
@@ -146,16 +145,15 @@ class Engine:
         return QuestCache(self.num_layers, config, self.backend, pool)
 
     def _pool(self, pool_tokens: int) -> PagePool | None:
-        """The K/V page pool of `pool_tokens` tokens, or None where the engine cannot batch (the backend has no
-        batch decode, the model spans several GPUs)."""
+        """The K/V page pool of `pool_tokens` tokens, or None where the engine cannot batch on a GPU (the torch
+        backend, a model over several GPUs)."""
         devices = {parameter.device for parameter in self.model.parameters()}
-        if not hasattr(self.backend, "decode_batch_dense") or self.backend.name == "torch" or len(devices) > 1:
+        if self.backend.name == "torch" or len(devices) > 1:
             return None
         config = self.model.config
         page_size = default_config(config).page_size
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return PagePool(self.num_layers, -(-pool_tokens // page_size), config.num_key_value_heads, page_size,
-                        head_dim, self.model.dtype, self.device)
+                        head_dim(config), self.model.dtype, self.device)
 
     def submit(self, request: Request) -> Request:
         """Queue `request`; it joins at the next step. Read its results with `request.items()`."""

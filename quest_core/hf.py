@@ -8,9 +8,9 @@ transformers hands on to the attention function untouched (5.17 through 5.24 ali
 
 A decode step over several requests (quest_core/engine.py) passes a `BatchCache` instead: row b of the batch
 appends to request b's own QuestCache, and the attention runs per request on its own pages and settings; the
-weights, projections and MLP run once for the whole batch. Where the requests' pages share one `PagePool` and the
-backend batches (`decode_batch`: flashinfer), one call attends for all of them: a batch decode for the dense ones,
-a sparse decode for each budget's Quest ones.
+weights, projections and MLP run once for the whole batch. Where the requests' pages share one `PagePool` (an
+engine's on a GPU), one call attends for all of them: a batch decode for the dense ones (`decode_batch_dense`), a
+sparse decode for each setting's Quest ones (`decode_batch_sparse`).
 """
 import functools
 import inspect
@@ -144,8 +144,7 @@ def quest_attention(module, query, key, value, attention_mask, scaling=None, dro
             raise NotImplementedError(f"the quest attention does not implement {feature} ({name}={kwargs[name]!r})")
     if isinstance(quest_cache, BatchCache):
         caches = quest_cache.caches
-        backend = caches[0].backend
-        if quest_cache.pool is not None and hasattr(backend, "decode_batch_dense"):
+        if quest_cache.pool is not None:
             return _batch_attention(module, query, scaling, caches), None
         rows = [_request_attention(module, query[row:row + 1], scaling, cache) for row, cache in enumerate(caches)]
         return torch.cat(rows), None
