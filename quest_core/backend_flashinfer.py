@@ -17,8 +17,9 @@ it (`adaptive_budget = False`: the cache refuses such settings, naming the backe
 Our sparse decode kernel could read the counts on the GPU instead; it does not yet.
 
 Every decode wrapper runs in FlashInfer's CUDA-graph mode (fixed buffers), so a decode step can be captured in a
-CUDA graph (quest_core/cuda_graph.py): the backend keeps the plan functions of the last step, and `plan_step()`
-re-runs them on the host before each replay, for the layers' new lengths.
+CUDA graph (quest_core/cuda_graph.py): the backend records the plan functions of a step (`step_plans`), each graph
+keeps those of its eager step, and `plan_step` re-runs them on the host before each replay, for the layers' new
+lengths.
 
 A model spread over GPUs (accelerate's device map) has layers on several devices: the backend keeps a workspace,
 wrappers and buffers per device (`DeviceState`), made at the first call of a layer there, and runs each call with
@@ -145,11 +146,11 @@ class FlashInferBackend:
             buffer.fill_(layer.last_page_len)
             self.last_written[id(wrapper)] = layer.length
 
-    def plan_step(self, step_plans: dict | None = None) -> None:
-        """Before a graph replay: plan the decode wrappers of `step_plans` (what `step_plans` held after the
-        graph's eager step; None: the last step's) whose keys changed. A graph keeps its own: the wrappers are
-        shared, and another cache's step in between records the plans of its own layers."""
-        for wrapper_id, (plan, key) in (self.step_plans if step_plans is None else step_plans).items():
+    def plan_step(self, step_plans: dict) -> None:
+        """Before a graph replay: plan the decode wrappers of `step_plans` (what `self.step_plans` held after the
+        graph's eager step) whose keys changed. A graph keeps its own: the wrappers are shared, and another cache's
+        step in between records the plans of its own layers."""
+        for wrapper_id, (plan, key) in step_plans.items():
             if self.plans.get(wrapper_id) != key():
                 plan()
                 self.plans[wrapper_id] = key()

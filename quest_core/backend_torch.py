@@ -34,7 +34,7 @@ class TorchBackend:
     def describe(self) -> str:
         return f"torch (fallback: {self.fallback_reason})" if self.fallback_reason else "torch"
 
-    def plan_step(self, step_plans: dict | None = None) -> None:
+    def plan_step(self, step_plans: dict) -> None:
         """Nothing to plan: the torch attention reads the lengths as it runs."""
 
     def prefill(self, query: torch.Tensor, layer: PagedLayer, scaling: float) -> torch.Tensor:

@@ -32,9 +32,9 @@ class AttentionBackend(Protocol):
     def describe(self) -> str:
         """What runs, for people: the name, and the fallback or missing kernels if any."""
 
-    def plan_step(self, step_plans: dict | None = None) -> None:
+    def plan_step(self, step_plans: dict) -> None:
         """Before a CUDA-graph replay: re-plan, on the host, what the graph's step needs (`step_plans`, kept from
-        its eager step; None: the last step's)."""
+        its eager step)."""
 
     def prefill(self, query: torch.Tensor, layer: PagedLayer, scaling: float) -> torch.Tensor:
         """query [Hq, T, D] for the last T stored tokens -> out [Hq, T, D], causal over the whole cache."""

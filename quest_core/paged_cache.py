@@ -132,7 +132,6 @@ class PagedLayer(CacheLayerMixin):
         if kernels is not None and kv_layout != "page-major":
             raise ValueError("our CUDA kernels write the page-major layout")
         self.page_dim = KV_LAYOUTS.index(kv_layout)  # the storage's page axis: 0 page-major, 1 head-major
-        self.kv_layout_name = kv_layout
         self.page_size = page_size
         self.block_pages = block_pages
         self.gather_buffer = gather_buffer or GatherBuffer()
@@ -159,9 +158,8 @@ class PagedLayer(CacheLayerMixin):
         """Keep the pages in `run` (empty layer, page-major): layer `layer_index` of its pool."""
         pool = run.pool
         keys = pool.keys[layer_index]
-        if self.kv_layout_name != "page-major" or pool.page_size != self.page_size:
+        if self.page_dim or pool.page_size != self.page_size:
             raise ValueError("a page pool holds page-major pages of its own page size")
-        self.page_size = pool.page_size
         self.dtype, self.device = keys.dtype, keys.device
         self._allocate_empty(keys.shape[1], keys.shape[3], keys.dtype, keys.device)
         self.is_initialized = True
