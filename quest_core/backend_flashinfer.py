@@ -321,14 +321,15 @@ class FlashInferBackend:
         if offsets is None:  # never inside a capture: the eager step before it made them
             if len(self.batch_offsets) > 64:
                 self.batch_offsets.clear()
-            offsets = self.batch_offsets[(device, starts)] = self._upload(device, [s * num_kv_heads for s in starts])
+            offsets = self._upload(device, [s * num_kv_heads for s in starts]).int()
+            self.batch_offsets[(device, starts)] = offsets
         if layers[0].device_length is not None:
-            return offsets.int(), torch.cat([layer.device_length for layer in layers])
+            return offsets, torch.cat([layer.device_length for layer in layers])
         lengths = tuple(layer.length for layer in layers)
         cached = self.batch_lengths.get(device)
         if cached is None or cached[0] != lengths:
             cached = self.batch_lengths[device] = (lengths, self._upload(device, lengths))
-        return offsets.int(), cached[1]
+        return offsets, cached[1]
 
     @staticmethod
     def _upload(device, values) -> torch.Tensor:

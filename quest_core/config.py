@@ -67,6 +67,11 @@ class QuestConfig:
     def budget_pages(self) -> int:
         return -(-self.budget // self.page_size)
 
+    @property
+    def kept_sink_pages(self) -> int:
+        """The sink pages a fixed budget reads: as many as it holds beside the current page and one chosen page."""
+        return min(self.sink_pages, self.budget_pages - 2)
+
     def sparse_at(self, layer_idx: int, num_pages: int) -> bool:
         """Whether a decode step of layer `layer_idx` over `num_pages` pages reads a selection of them."""
         return self.mode != "dense" and layer_idx >= self.dense_layers and num_pages > self.budget_pages

@@ -68,7 +68,7 @@ class GraphDecoder:
 
     def _shape(self, length: int) -> tuple:
         config, layer = self.cache.config, self.cache.layers[0]
-        sparse = config.mode == "quest" and -(-length // layer.page_size) > config.budget_pages
+        sparse = config.sparse_at(config.dense_layers, -(-length // layer.page_size))
         scratch = getattr(self.cache.backend, "scratch_generation", None)  # another cache may have grown it
         return config, layer.capacity_pages, sparse, self.cache.trace is not None, scratch
 

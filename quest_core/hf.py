@@ -192,15 +192,14 @@ def _batch_attention(module, query: torch.Tensor, scaling: float | None, caches:
         if not config.sparse_at(layer_idx, layer.num_pages):
             groups.setdefault(None, []).append(row)
         elif config.mode == "quest" and config.top_p is None:
-            setting = (config.budget_pages, config.group_rule, min(config.sink_pages, config.budget_pages - 2),
-                       config.coarse_factor)
+            setting = (config.budget_pages, config.group_rule, config.kept_sink_pages, config.coarse_factor)
             groups.setdefault(setting, []).append(row)
         else:
             alone.append(row)
     selected_rows = {}  # row -> its one-head page rows [Hkv, k] (for the trace)
     outs = []  # (rows, out [R, Hkv, G, D])
     for setting, rows in groups.items():
-        group_query = grouped_query.index_select(0, _row_index(rows, query.device)) if len(rows) < batch \
+        group_query = grouped_query.index_select(0, _row_index(tuple(rows), query.device)) if len(rows) < batch \
             else grouped_query
         group_layers = [layers[row] for row in rows]
         if setting is None:
@@ -219,7 +218,7 @@ def _batch_attention(module, query: torch.Tensor, scaling: float | None, caches:
     else:
         out = torch.empty_like(grouped_query)
         for rows, group_out in outs:
-            out.index_copy_(0, _row_index(rows, query.device), group_out)
+            out.index_copy_(0, _row_index(tuple(rows), query.device), group_out)
     for row, cache in enumerate(caches):
         if cache.trace is not None and row not in alone:
             selected = selected_rows.get(row)
@@ -229,14 +228,10 @@ def _batch_attention(module, query: torch.Tensor, scaling: float | None, caches:
     return out.view(batch, 1, num_heads, head_dim)
 
 
-def _row_index(rows: list[int], device) -> torch.Tensor:
+@functools.lru_cache(maxsize=256)
+def _row_index(rows: tuple[int, ...], device) -> torch.Tensor:
     """Rows of a batch as an index on the device, made once per batch's grouping: a captured step finds the ones
     its eager step made (an upload inside a capture would fail)."""
-    return _row_indices(tuple(rows), device)
-
-
-@functools.lru_cache(maxsize=256)
-def _row_indices(rows: tuple, device) -> torch.Tensor:
     return torch.tensor(rows, device=device)
 
 
@@ -249,8 +244,8 @@ def _decode_sparse(config: QuestConfig, backend, query: torch.Tensor, layer: Pag
                                                      num_selected, sink_pages)
         return backend.decode_sparse(query, layer, selected, scaling, page_counts), selected, page_counts
     if config.mode == "quest":
-        sink_pages = min(config.sink_pages, num_selected - 2)  # room for the current page and a chosen page
-        selected = backend.select(query, layer, num_selected, config.group_rule, sink_pages, config.coarse_factor)
+        selected = backend.select(query, layer, num_selected, config.group_rule, config.kept_sink_pages,
+                                  config.coarse_factor)
     else:
         selected = backend.select_baseline(config.mode, query, layer, num_selected, scaling)
     return backend.decode_sparse(query, layer, selected, scaling), selected, None
