@@ -62,6 +62,21 @@ def ask(session, index, **kwargs):
                        trace=True, **kwargs)
 
 
+def asked_at_once(sessions, ask) -> list[list[int]]:
+    """Each session's answer tokens, `ask(session, index)` asked for all of them at once, a thread each."""
+    tokens = [None] * len(sessions)
+
+    def consume(index):
+        tokens[index] = [step.token_id for step in ask(sessions[index], index)]
+
+    threads = [threading.Thread(target=consume, args=(index,)) for index in range(len(sessions))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return tokens
+
+
 def record_batches(monkeypatch, decode_s: float = 0.0) -> list:
     """The engine's forwards, in order: ("decode", batch size) or ("prefill", the cache's id); a decode step takes
     at least `decode_s`."""
@@ -189,15 +204,5 @@ def test_an_engine_that_does_not_batch_gives_the_same_answers(model, tokenizer):
     engine = Engine(model, tokenizer)
     engine.batches = False
     sessions = loaded_sessions(engine, tokenizer)
-    tokens = [None] * len(sessions)
-
-    def consume(index):
-        tokens[index] = [step.token_id for step in ask(sessions[index], index)]
-
-    threads = [threading.Thread(target=consume, args=(index,)) for index in range(len(sessions))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert tokens == expected
+    assert asked_at_once(sessions, ask) == expected
     assert all(step.trace is not None for session in sessions for step in session.last_run.steps[1:])

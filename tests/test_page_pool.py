@@ -4,11 +4,10 @@ backend over a pool (the flashinfer backend's batch calls have their twins there
 equal the same answers one after another, in fp32; runs move as caches grow and go back when sessions end."""
 import gc
 import random
-import threading
 
 import pytest
 import torch
-from test_batch import document_of, model, tokenizer  # noqa: F401 (fixtures)
+from test_batch import asked_at_once, document_of, model, tokenizer  # noqa: F401 (fixtures)
 
 from quest_core import hf
 from quest_core.backend_torch import TorchBackend
@@ -111,16 +110,7 @@ def test_pooled_batch_equals_one_after_another(model, tokenizer, monkeypatch):  
         return decode_batch_sparse(query, layers, selected, scaling)
 
     monkeypatch.setattr(engine.backend, "decode_batch_sparse", recorded_sparse)
-    tokens = [None] * len(sessions)
-
-    def consume(index):
-        tokens[index] = [step.token_id for step in ask(sessions[index], index)]
-
-    threads = [threading.Thread(target=consume, args=(index,)) for index in range(len(sessions))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    tokens = asked_at_once(sessions, ask)
     for index in range(len(sessions)):
         assert tokens[index] == expected[index], f"request {index}"
         assert len(sessions[index].token_ids) == sessions[index].cache.length
