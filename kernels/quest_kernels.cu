@@ -80,22 +80,29 @@ void allow_max_shared(Kernel kernel, int device, int max_shared) {
 // walks its tokens in order, so no two blocks touch one page's bounds: no atomics. Bounds are exact values of T
 // (or +-inf), so the float round trip is exact. The new tokens start at `start`, or, when `device_length` is
 // given (a captured CUDA graph), at device_length[0] - num_new: the cache length after the append, on the GPU.
+// A batch of R requests whose pages share a pool (a bounds table as score_topk's, and each request's first pool row
+// `row_offsets[r]`, run start * Hkv) appends each request's tokens in one grid of R * Hkv head rows, each reading
+// its request's length in device_length[r].
 template <typename T>
 __global__ void append_kv_kernel(const T* __restrict__ new_keys, const T* __restrict__ new_values,
                                  T* __restrict__ keys, T* __restrict__ values, T* __restrict__ bounds,
                                  int64_t start, const int64_t* __restrict__ device_length, int num_new,
-                                 int num_kv_heads, int page_size, int head_dim, int64_t capacity) {
-  const int h = blockIdx.x, d = threadIdx.x;
-  if (device_length != nullptr) start = device_length[0] - num_new;
+                                 int num_kv_heads, int page_size, int head_dim, int64_t capacity,
+                                 const int64_t* __restrict__ bounds_table, const int* __restrict__ row_offsets) {
+  const int request = blockIdx.x / num_kv_heads, h = blockIdx.x % num_kv_heads, d = threadIdx.x;
+  if (device_length != nullptr) start = device_length[request] - num_new;
   const int64_t page = start / page_size + blockIdx.y;
   const int64_t first = max(start, page * page_size), last = min(start + num_new, (page + 1) * page_size);
   if (first >= last || d >= head_dim) return;
-  T* page_max = bounds + ((int64_t)h * capacity + page) * 2 * head_dim;
+  T* page_max = bounds_table == nullptr
+      ? bounds + ((int64_t)h * capacity + page) * 2 * head_dim
+      : reinterpret_cast<T*>(bounds_table[2 * request]) + (h * bounds_table[2 * request + 1] + page) * 2 * head_dim;
   T* page_min = page_max + head_dim;
+  const int64_t first_row = row_offsets == nullptr ? 0 : row_offsets[request];
   float kmax = to_float(page_max[d]), kmin = to_float(page_min[d]);
   for (int64_t t = first; t < last; ++t) {
-    const int64_t src = ((int64_t)h * num_new + (t - start)) * head_dim + d;
-    const int64_t dst = ((page * num_kv_heads + h) * page_size + (t - page * page_size)) * head_dim + d;
+    const int64_t src = ((int64_t)blockIdx.x * num_new + (t - start)) * head_dim + d;
+    const int64_t dst = ((first_row + page * num_kv_heads + h) * page_size + (t - page * page_size)) * head_dim + d;
     const T k = new_keys[src];
     keys[dst] = k;
     values[dst] = new_values[src];
@@ -106,18 +113,27 @@ __global__ void append_kv_kernel(const T* __restrict__ new_keys, const T* __rest
   page_min[d] = from_float<T>(kmin);
 }
 
+// new_keys, new_values [Hkv, T, D] (a batch: [R * Hkv, T, D], with bounds_table [R, 2], row_offsets int32 [R] and
+// device_length [R]; keys, values are then the pool's whole layer).
 void append_kv(torch::Tensor new_keys, torch::Tensor new_values, torch::Tensor keys, torch::Tensor values,
-               torch::Tensor bounds, int64_t start, std::optional<torch::Tensor> device_length) {
+               torch::Tensor bounds, int64_t start, std::optional<torch::Tensor> device_length,
+               std::optional<torch::Tensor> bounds_table, std::optional<torch::Tensor> row_offsets) {
   TORCH_CHECK(keys.is_cuda() && keys.is_contiguous() && values.is_contiguous() && bounds.is_contiguous());
   TORCH_CHECK(new_keys.scalar_type() == keys.scalar_type() && bounds.scalar_type() == keys.scalar_type());
   TORCH_CHECK(!device_length || device_length->scalar_type() == at::kLong);
   new_keys = new_keys.contiguous();
   new_values = new_values.contiguous();
   const int num_kv_heads = keys.size(1), page_size = keys.size(2), head_dim = keys.size(3);
-  const int num_new = new_keys.size(1);
+  const int num_new = new_keys.size(1), requests = bounds_table ? bounds_table->size(0) : 1;
+  TORCH_CHECK(new_keys.size(0) == requests * num_kv_heads && new_values.sizes() == new_keys.sizes());
+  TORCH_CHECK(!bounds_table || (bounds_table->scalar_type() == at::kLong && bounds_table->is_contiguous() &&
+                                row_offsets && row_offsets->scalar_type() == at::kInt &&
+                                row_offsets->numel() == requests && device_length &&
+                                device_length->numel() == requests),
+              "a batch's append takes bounds_table [R, 2], row_offsets [R] and device_length [R]");
   TORCH_CHECK(head_dim <= 1024 && (device_length || (start + num_new + page_size - 1) / page_size <= keys.size(0)));
   const c10::cuda::CUDAGuard guard(keys.device());
-  const dim3 grid(num_kv_heads, (num_new + page_size - 2) / page_size + 1);  // pages a run of tokens can touch
+  const dim3 grid(requests * num_kv_heads, (num_new + page_size - 2) / page_size + 1);  // pages a run can touch
   const int threads = (head_dim + 31) / 32 * 32;
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_kv_type(keys.scalar_type(), [&](auto type_tag) {
@@ -127,13 +143,14 @@ void append_kv(torch::Tensor new_keys, torch::Tensor new_values, torch::Tensor k
         reinterpret_cast<T*>(keys.data_ptr()), reinterpret_cast<T*>(values.data_ptr()),
         reinterpret_cast<T*>(bounds.data_ptr()), start,
         device_length ? device_length->data_ptr<int64_t>() : nullptr, num_new, num_kv_heads, page_size, head_dim,
-        bounds.size(1));
+        bounds.size(1), bounds_table ? bounds_table->data_ptr<int64_t>() : nullptr,
+        row_offsets ? row_offsets->data_ptr<int>() : nullptr);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // ---- (b) page scoring fused with top-k selection ----
-// Grid (Hkv, blocks per head: about one block per SM in all), 1024 threads. Scoring: a team of lanes (up to a
+// Grid (Hkv, blocks per head: at most one block per SM in all), 1024 threads. Scoring: a team of lanes (up to a
 // warp) per page reads the page's bounds in 16-byte vectors against split queries in shared memory, four pages
 // in flight per team. Group rule sum: one split query, the group's sum; the page's score goes to `scores`. Rule
 // max: one split query per head, the largest of the G bounds goes to `scores`. For these two each block folds its
@@ -149,6 +166,9 @@ void append_kv(torch::Tensor new_keys, torch::Tensor new_values, torch::Tensor k
 // page last, and leaves the counter and key range reset for the next call. The first `sink_pages` pages (attention
 // sinks, QuestConfig.sink_pages) are always selected: they take the slots before the current page and stay out of
 // the top-k, which picks the other k - 1 - sink_pages.
+// A batch of R requests (a bounds table: each request's bounds address and capacity, and a length per request on
+// the GPU) runs as R * Hkv heads in one grid: head row r * Hkv + h scores request r's KV head h, so the selection's
+// latency (one block per head) is paid once for the batch, not once per request.
 constexpr int kThreads = 1024;  // the selection runs in one block per head: as many threads as fit
 constexpr int kUnroll = 4;        // pages in flight per team
 constexpr int kMaxChunks = 4;     // 16-byte vectors per lane and page: 2D <= 4 * 32 * (16 / sizeof(T))
@@ -280,9 +300,10 @@ __device__ void mass_scores(const float* group_scores, float* head_scores, int g
 // rule's kernel holds only its own code (one kernel for all three spilled registers at 1024 threads: nvcc -Xptxas -v)
 template <typename T, int kChunks, int kRule>
 __global__ void __launch_bounds__(kThreads) score_topk_kernel(
-    const T* __restrict__ query, const T* __restrict__ bounds, float* __restrict__ scores,
-    float* __restrict__ group_scores, unsigned int* __restrict__ key_ranges, unsigned int* __restrict__ counters,
-    int32_t* __restrict__ out, int group, int head_dim, int64_t capacity, int num_pages,
+    const T* __restrict__ query, const T* __restrict__ bounds, int64_t bounds_capacity,
+    const int64_t* __restrict__ bounds_table, float* __restrict__ scores, float* __restrict__ group_scores,
+    unsigned int* __restrict__ key_ranges, unsigned int* __restrict__ counters, int32_t* __restrict__ out, int group,
+    int head_dim, int64_t capacity, int num_pages,
     const int64_t* __restrict__ device_length, int page_size, int k, int num_kv_heads, int pages_per_block,
     int list_capacity, float mass_scale, int sink_pages) {
   constexpr int kVec = 16 / sizeof(T);
@@ -300,8 +321,12 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
   __shared__ bool is_last;
   __shared__ float warp_max_logit[kMaxPairs], warp_sum[kMaxPairs];  // rule mass: a softmax state per (head, part)
   __shared__ float head_max_logit[kMaxMassGroup], head_inverse_sum[kMaxMassGroup];
-  const int h = blockIdx.x;
-  if (device_length != nullptr) num_pages = (int)((device_length[0] + page_size - 1) / page_size);
+  const int h = blockIdx.x;  // the head row (request * Hkv + KV head); rows of scratch and output are indexed by it
+  const int request = h / num_kv_heads, kv_head = h % num_kv_heads;  // request 0 without a bounds table
+  const T* head_bounds = bounds_table == nullptr
+      ? bounds + (int64_t)h * bounds_capacity * 2 * head_dim
+      : reinterpret_cast<const T*>(bounds_table[2 * request]) + kv_head * bounds_table[2 * request + 1] * 2 * head_dim;
+  if (device_length != nullptr) num_pages = (int)((device_length[request] + page_size - 1) / page_size);
   const int candidates = num_pages - 1;  // the full pages; the current page is always selected
 
   // Split query row r: relu(q), then min(q, 0), of query head r (rules max, mass) or summed over the group (sum)
@@ -346,7 +371,7 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int p = base + u * teams + team_index;
-      const uint4* page = reinterpret_cast<const uint4*>(bounds + ((int64_t)h * capacity + p) * 2 * head_dim);
+      const uint4* page = reinterpret_cast<const uint4*>(head_bounds + (int64_t)p * 2 * head_dim);
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {
         const int v = member + c * team;
@@ -461,7 +486,7 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
       if (p < sink_pages) continue;
       const unsigned int digit = keys[j] >> shift;
       if (digit > first_digit) {
-        head_out[atomicAdd(&taken_greater, 1u)] = p * num_kv_heads + h;
+        head_out[atomicAdd(&taken_greater, 1u)] = p * num_kv_heads + kv_head;
       } else if (use_list && digit == first_digit) {
         const unsigned int slot = atomicAdd(&list_length, 1u);
         list_keys[slot] = keys[j];
@@ -470,8 +495,9 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
     }
   }
   __syncthreads();
-  if (threadIdx.x == 0) head_out[k - 1] = (num_pages - 1) * num_kv_heads + h;
-  for (int i = threadIdx.x; i < sink_pages; i += kThreads) head_out[k - 1 - sink_pages + i] = i * num_kv_heads + h;
+  if (threadIdx.x == 0) head_out[k - 1] = (num_pages - 1) * num_kv_heads + kv_head;
+  for (int i = threadIdx.x; i < sink_pages; i += kThreads)
+    head_out[k - 1 - sink_pages + i] = i * num_kv_heads + kv_head;
   const int length = use_list ? (int)list_length : candidates;
   if (use_list && length <= kThreads) {  // a short list (the rule): rank its keys against each other in one pass
     if (threadIdx.x < length) {
@@ -479,7 +505,7 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
       const int page = list_pages[threadIdx.x];
       unsigned int rank = 0;  // the list's keys above this one, ties to the lower page (the list's order is not fixed)
       for (int j = 0; j < length; ++j) rank += list_keys[j] > key || (list_keys[j] == key && list_pages[j] < page);
-      if (rank < remaining) head_out[atomicAdd(&taken_greater, 1u)] = list_pages[threadIdx.x] * num_kv_heads + h;
+      if (rank < remaining) head_out[atomicAdd(&taken_greater, 1u)] = page * num_kv_heads + kv_head;
     }
     return;
   }
@@ -510,16 +536,19 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
     const unsigned int key = key_at(i);
     if ((key & first_mask) != first_prefix || is_sink(i)) continue;  // (without the list) taken in the sweep, or below
     if (key > prefix) {
-      head_out[atomicAdd(&taken_greater, 1u)] = page_at(i) * num_kv_heads + h;
+      head_out[atomicAdd(&taken_greater, 1u)] = page_at(i) * num_kv_heads + kv_head;
     } else if (key == prefix) {
       const unsigned int slot = atomicAdd(&taken_equal, 1u);
-      if (slot < equal_quota) head_out[greater + slot] = page_at(i) * num_kv_heads + h;
+      if (slot < equal_quota) head_out[greater + slot] = page_at(i) * num_kv_heads + kv_head;
     }
   }
 }
 
 // num_pages: the pages in use (the last one is the current page), or, with `device_length`, an upper bound on
 // them that sizes the grid (the kernel reads the length from the GPU: a captured CUDA graph).
+// bounds_table: a batch of R requests, int64 [R, 2]: each one's page bounds address and capacity (`bounds` then
+// only gives the type); query [R * Hkv, G, D], device_length [R] (required), scratch and out rows R * Hkv, the
+// scratch's rows `scores.size(1)` long; the rows written are each request's own one-head rows p * Hkv + h.
 // key_ranges: int32 [Hkv, 2], (-1, 0) before the first call; each call leaves it so.
 // rule: 0 sum, 1 max, 2 mass; group_scores: float32 [Hkv, G, capacity] for rule mass (else unused);
 // mass_scale: the softmax scale of rule mass (1/sqrt(D), as the twin).
@@ -527,21 +556,29 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
 void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, int64_t k, torch::Tensor scores,
                 torch::Tensor key_ranges, torch::Tensor counters, torch::Tensor out,
                 std::optional<torch::Tensor> device_length, int64_t page_size, int64_t rule,
-                std::optional<torch::Tensor> group_scores, double mass_scale, int64_t sink_pages) {
+                std::optional<torch::Tensor> group_scores, double mass_scale, int64_t sink_pages,
+                std::optional<torch::Tensor> bounds_table) {
   TORCH_CHECK(query.is_cuda() && bounds.is_contiguous() && scores.is_contiguous() && out.is_contiguous());
   TORCH_CHECK(query.scalar_type() == bounds.scalar_type() && scores.scalar_type() == at::kFloat);
   TORCH_CHECK(out.scalar_type() == at::kInt && counters.scalar_type() == at::kInt);
-  TORCH_CHECK(key_ranges.scalar_type() == at::kInt && key_ranges.numel() >= 2 * bounds.size(0));
-  TORCH_CHECK(k >= 2 && k < num_pages && num_pages <= bounds.size(1) && scores.size(1) >= bounds.size(1));
+  TORCH_CHECK(key_ranges.scalar_type() == at::kInt && key_ranges.numel() >= 2 * query.size(0));
+  TORCH_CHECK(counters.numel() >= query.size(0) && out.numel() == query.size(0) * k);
+  const int requests = bounds_table ? bounds_table->size(0) : 1;
+  TORCH_CHECK(!bounds_table || (bounds_table->scalar_type() == at::kLong && bounds_table->is_contiguous() &&
+                                bounds_table->size(1) == 2 && device_length && device_length->numel() == requests &&
+                                query.size(0) % requests == 0),
+              "a bounds table [R, 2] int64 takes query [R * Hkv, G, D] and device_length [R]");
+  const int64_t capacity = bounds_table ? scores.size(1) : bounds.size(1);  // the scratch's row length
+  TORCH_CHECK(k >= 2 && k < num_pages && num_pages <= capacity && scores.size(1) >= capacity);
   TORCH_CHECK(sink_pages >= 0 && sink_pages <= k - 2, "sink_pages leaves room for a chosen page: 0..k-2, got ",
               sink_pages);
   TORCH_CHECK(!device_length || device_length->scalar_type() == at::kLong);
   TORCH_CHECK(rule == kSum || rule == kMax || rule == kMass, "rule: 0 sum, 1 max, 2 mass, got ", rule);
   query = query.contiguous();
-  const int num_kv_heads = query.size(0), group = query.size(1), head_dim = query.size(2);
+  const int heads = query.size(0), num_kv_heads = heads / requests, group = query.size(1), head_dim = query.size(2);
   TORCH_CHECK(rule != kMass || (group <= kMaxMassGroup && group_scores && group_scores->is_contiguous() &&
                                 group_scores->scalar_type() == at::kFloat &&
-                                group_scores->numel() >= (int64_t)num_kv_heads * group * bounds.size(1)),
+                                group_scores->numel() >= (int64_t)heads * group * capacity),
               "rule mass takes up to ", kMaxMassGroup, " query heads per KV head and group_scores [Hkv, G, capacity]");
   const int vector = 16 / query.element_size();
   TORCH_CHECK((2 * head_dim) % vector == 0 && 2 * head_dim <= kMaxChunks * 32 * vector,
@@ -554,10 +591,11 @@ void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, in
   const int device = query.device().index();
   const DeviceLimits limits = device_limits(device);
   const int max_shared = limits.max_shared, num_sms = limits.num_sms;
-  // About one block per SM over all heads, each scoring a whole number of rounds (a page per team and unroll);
-  // the current page too (rule mass scores it)
+  // At most one block per SM over all heads (a block of 1024 threads fills an SM's registers: one more block would
+  // wait for a second wave), each scoring a whole number of rounds (a page per team and unroll); the current page
+  // too (rule mass scores it)
   const int round = (kThreads / team) * kUnroll, rounds = (int)((num_pages + round - 1) / round);
-  const int spread = std::max(1, std::min((num_sms + num_kv_heads - 1) / num_kv_heads, rounds));
+  const int spread = std::max(1, std::min(num_sms / heads, rounds));
   const int pages_per_block = (rounds + spread - 1) / spread * round;
   const int blocks_per_head = std::max<int>(1, (num_pages + pages_per_block - 1) / pages_per_block);
   const int fixed = (2 * head_dim * (rule == kSum ? 1 : group) + kFirstBins) * 4;
@@ -577,12 +615,13 @@ void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, in
         {score_topk_kernel<T, 1, kMass>, score_topk_kernel<T, 2, kMass>, score_topk_kernel<T, 4, kMass>}};
       const Kernel kernel = kernels[rule][chunks == 1 ? 0 : chunks == 2 ? 1 : 2];
       allow_max_shared(kernel, device, max_shared);  // each kernel over 48 KB of shared memory, on this GPU
-      kernel<<<dim3(num_kv_heads, blocks_per_head), kThreads, shared_bytes, stream>>>(
-          reinterpret_cast<const T*>(query.data_ptr()), reinterpret_cast<const T*>(bounds.data_ptr()),
-          scores.data_ptr<float>(), rule == kMass ? group_scores->data_ptr<float>() : nullptr,
+      kernel<<<dim3(heads, blocks_per_head), kThreads, shared_bytes, stream>>>(
+          reinterpret_cast<const T*>(query.data_ptr()), reinterpret_cast<const T*>(bounds.data_ptr()), bounds.size(1),
+          bounds_table ? bounds_table->data_ptr<int64_t>() : nullptr, scores.data_ptr<float>(),
+          rule == kMass ? group_scores->data_ptr<float>() : nullptr,
           reinterpret_cast<unsigned int*>(key_ranges.data_ptr<int>()),
           reinterpret_cast<unsigned int*>(counters.data_ptr<int>()), out.data_ptr<int>(), group, head_dim,
-          bounds.size(1), num_pages, device_length ? device_length->data_ptr<int64_t>() : nullptr, page_size, k,
+          capacity, num_pages, device_length ? device_length->data_ptr<int64_t>() : nullptr, page_size, k,
           num_kv_heads, pages_per_block, list_capacity, (float)mass_scale, (int)sink_pages);
     }
   });
@@ -845,12 +884,13 @@ torch::Tensor sparse_decode(torch::Tensor query, torch::Tensor keys, torch::Tens
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("append_kv", &append_kv, "write new K/V into their pages and fold them into the page bounds",
         py::arg("new_keys"), py::arg("new_values"), py::arg("keys"), py::arg("values"), py::arg("bounds"),
-        py::arg("start"), py::arg("device_length") = py::none());
+        py::arg("start"), py::arg("device_length") = py::none(), py::arg("bounds_table") = py::none(),
+        py::arg("row_offsets") = py::none());
   m.def("score_topk", &score_topk, "score every full page and write the top pages' one-head rows, current last",
         py::arg("query"), py::arg("bounds"), py::arg("num_pages"), py::arg("k"), py::arg("scores"),
         py::arg("key_ranges"), py::arg("counters"), py::arg("out"), py::arg("device_length") = py::none(),
         py::arg("page_size") = 16, py::arg("rule") = 0, py::arg("group_scores") = py::none(),
-        py::arg("mass_scale") = 1.0, py::arg("sink_pages") = 0);
+        py::arg("mass_scale") = 1.0, py::arg("sink_pages") = 0, py::arg("bounds_table") = py::none());
   m.def("sparse_decode", &sparse_decode, "decode attention of each KV head's query group over its selected pages",
         py::arg("query"), py::arg("keys"), py::arg("values"), py::arg("rows"), py::arg("scale"), py::arg("last_len"),
         py::arg("partial_out"), py::arg("partial_state"), py::arg("counters"), py::arg("device_length") = py::none());

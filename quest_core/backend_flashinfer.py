@@ -52,7 +52,7 @@ class DeviceState:
     page_range: torch.Tensor  # int32 0, 1, 2, ...: the dense page list
     decode_wrappers: dict = field(default_factory=dict)  # (name, group, page-list buffer) -> DecodeWrapper
     batch_wrappers: dict = field(default_factory=dict)  # (group, requests, pool pages) -> a batch decode wrapper
-    rows: dict = field(default_factory=dict)  # (Hkv, k) -> the int32 page-row buffer the scorer writes
+    rows: dict = field(default_factory=dict)  # (Hkv, k) or (R, Hkv, k) -> the int32 page rows the scorer writes
 
 
 class FlashInferBackend:
@@ -79,8 +79,9 @@ class FlashInferBackend:
         self.step_plans = {}     # id(wrapper) -> (plan, key) functions of the last step, for `plan_step`
         self.last_written = {}   # id(wrapper) -> the cache length its last_page_len buffer was written for
         self.capturing = False   # inside a CUDA-graph capture: plans are made beforehand by plan_step
-        self.batch_offsets = {}  # (device, the requests' run starts) -> their first pool rows: `_batch_values`
-        self.batch_lengths = {}  # device -> (lengths, on the GPU): `_batch_values`' last eager step
+        self.batch_offsets = {}  # (device, the requests' run starts) -> their first pool rows: `_batch_offsets`
+        self.batch_lengths = {}  # device -> (lengths, on the GPU): `_batch_lengths`' last eager step
+        self.bounds_tables = {}  # the requests' (bounds address, capacity) -> on the GPU: `_bounds_table`
         self._state(torch.device(device))  # the model's first GPU, ready before the first layer
 
     def _state(self, device: torch.device) -> DeviceState:
@@ -227,8 +228,7 @@ class FlashInferBackend:
         """query [Hkv, G, D] -> one-head page rows [Hkv, k] int32 (`layer.one_head_rows`), the current page last,
         the first sink_pages pages among the others. The two-level ranking (coarse_factor) runs on the torch twin:
         our scorer does not rank pairs first yet."""
-        if self.score_topk is not None and layer.head_dim % 4 == 0 and (group_rule != "mass" or query.shape[1] <= 32) \
-                and not coarse_factor:
+        if self._scorer_takes(query, layer, group_rule, coarse_factor):
             rows = self._rows(self._state(layer.keys.device), layer.num_kv_heads, num_selected)
             if layer.device_length is not None:  # captured: the kernel reads the length on the GPU
                 return self.score_topk(query, layer.page_bounds, layer.capacity_pages, num_selected, rows,
@@ -238,10 +238,30 @@ class FlashInferBackend:
         selected = self.reference.select(query, layer, num_selected, group_rule, sink_pages, coarse_factor)
         return layer.one_head_rows(selected).int()
 
+    def _scorer_takes(self, query: torch.Tensor, layer: PagedLayer, group_rule: str, coarse_factor: int) -> bool:
+        """Whether our scorer takes the selection (else its torch twin runs)."""
+        return (self.score_topk is not None and layer.head_dim % 4 == 0 and not coarse_factor
+                and (group_rule != "mass" or query.shape[-2] <= 32))
+
     def select_baseline(self, mode, query, layer, num_selected, scaling):
         return layer.one_head_rows(self.reference.select_baseline(mode, query, layer, num_selected, scaling)).int()
 
     # ---- a batch of requests whose pages share a PagePool (hf._batch_attention) ----
+
+    def append_batch(self, keys: torch.Tensor, values: torch.Tensor, layers: list[PagedLayer]) -> None:
+        """keys, values [R, Hkv, 1, D], one layer per request: each request's token appended to its layer. In a
+        captured step, our append kernel once over the R * Hkv heads (each writing at its request's length on the
+        GPU, into its run and bounds); else one request after another."""
+        first = layers[0]
+        if first.device_length is None or first.kernels is None:
+            for row, layer in enumerate(layers):
+                layer.update(keys[row:row + 1], values[row:row + 1])
+            return
+        device, bounds = keys.device, [layer.page_bounds for layer in layers]
+        first.kernels.append_kv(keys.flatten(0, 1), values.flatten(0, 1), first.run.pool.keys[first.pool_index],
+                                first.run.pool.values[first.pool_index], first.page_bounds, 0,
+                                self._batch_lengths(device, layers), self._bounds_table(device, bounds),
+                                self._batch_offsets(device, first.num_kv_heads, layers))
 
     def decode_batch_dense(self, query: torch.Tensor, layers: list[PagedLayer], scaling: float) -> torch.Tensor:
         """query [R, Hkv, G, D], one layer per request (the same model layer) -> [R, Hkv, G, D] over every stored
@@ -280,6 +300,35 @@ class FlashInferBackend:
                               (pool.keys[index], pool.values[index]))
         return out.view(num_requests, num_kv_heads, group, head_dim)
 
+    def select_batch(self, query: torch.Tensor, layers: list[PagedLayer], num_selected: int, group_rule: str,
+                     sink_pages: int = 0, coarse_factor: int = 0) -> torch.Tensor:
+        """query [R, Hkv, G, D], one layer per request -> each request's `select` [R, Hkv, k] int32: our scorer in one
+        launch over the R * Hkv heads (each reading its request's bounds and length), valid until the next call."""
+        num_requests, num_kv_heads = query.shape[:2]
+        if not self._scorer_takes(query, layers[0], group_rule, coarse_factor):
+            return torch.stack([self.select(row, layer, num_selected, group_rule, sink_pages, coarse_factor).clone()
+                                for row, layer in zip(query, layers)])
+        state = self._state(query.device)
+        rows = state.rows.get((num_requests, num_kv_heads, num_selected))
+        if rows is None:
+            rows = torch.empty(num_requests, num_kv_heads, num_selected, dtype=torch.int32, device=query.device)
+            state.rows[(num_requests, num_kv_heads, num_selected)] = rows
+        bounds = [layer.page_bounds for layer in layers]
+        return self.score_topk.batch(query, bounds, self._bounds_table(query.device, bounds), num_selected, rows,
+                                     self._batch_lengths(query.device, layers), layers[0].page_size, group_rule,
+                                     sink_pages)
+
+    def _bounds_table(self, device, bounds: list[torch.Tensor]) -> torch.Tensor:
+        """The requests' page bounds addresses and capacities (int64 [R, 2] on the GPU) for the batched scorer,
+        uploaded once per batch and layer (never inside a capture: the eager step before it made them)."""
+        key = tuple((b.data_ptr(), b.shape[1]) for b in bounds)
+        table = self.bounds_tables.get(key)
+        if table is None:
+            if len(self.bounds_tables) > 1024:
+                self.bounds_tables.clear()
+            table = self.bounds_tables[key] = self._upload(device, key)
+        return table
+
     def _batch_wrapper(self, state: DeviceState, group: int, num_requests: int, pool_pages: int):
         """The batch decode wrapper for `num_requests` requests of query groups of `group`, in CUDA-graph mode over
         buffers of its own (its page list as long as the pool), made once."""
@@ -305,31 +354,35 @@ class FlashInferBackend:
             return torch.stack([self.decode_sparse(row, layer, rows, scaling)
                                 for row, layer, rows in zip(query, layers, selected)])
         pool, index = layers[0].run.pool, layers[0].pool_index
-        offsets, lengths = self._batch_values(query.device, num_kv_heads, layers)
+        offsets = self._batch_offsets(query.device, num_kv_heads, layers)
         rows = selected.to(torch.int32) + offsets.view(-1, 1, 1)  # [R, Hkv, k] rows of the pool
         out = self.sparse_decode(query.reshape(num_requests * num_kv_heads, group, head_dim), pool.keys[index],
                                  pool.values[index], rows.view(num_requests * num_kv_heads, -1), scaling,
-                                 device_length=lengths)
+                                 device_length=self._batch_lengths(query.device, layers))
         return out.view(num_requests, num_kv_heads, group, head_dim)
 
-    def _batch_values(self, device, num_kv_heads: int, layers: list[PagedLayer]):
-        """The requests' first pool rows (run start * Hkv, int32 [R]) and lengths (int64 [R]) on the GPU. The rows
-        are uploaded once per batch (from pinned memory: the host does not wait), the lengths once per step, or,
-        in a captured step, gathered from the layers' lengths on the GPU."""
+    def _batch_offsets(self, device, num_kv_heads: int, layers: list[PagedLayer]) -> torch.Tensor:
+        """The requests' first pool rows (run start * Hkv, int32 [R]) on the GPU, uploaded once per batch (from
+        pinned memory: the host does not wait; never inside a capture: the eager step before it made them)."""
         starts = tuple(layer.run.start for layer in layers)
         offsets = self.batch_offsets.get((device, starts))
-        if offsets is None:  # never inside a capture: the eager step before it made them
+        if offsets is None:
             if len(self.batch_offsets) > 64:
                 self.batch_offsets.clear()
             offsets = self._upload(device, [s * num_kv_heads for s in starts]).int()
             self.batch_offsets[(device, starts)] = offsets
+        return offsets
+
+    def _batch_lengths(self, device, layers: list[PagedLayer]) -> torch.Tensor:
+        """The requests' lengths (int64 [R]) on the GPU: uploaded once per step, or, in a captured step, gathered
+        from the layers' lengths on the GPU."""
         if layers[0].device_length is not None:
-            return offsets, torch.cat([layer.device_length for layer in layers])
+            return torch.cat([layer.device_length for layer in layers])
         lengths = tuple(layer.length for layer in layers)
         cached = self.batch_lengths.get(device)
         if cached is None or cached[0] != lengths:
             cached = self.batch_lengths[device] = (lengths, self._upload(device, lengths))
-        return offsets, cached[1]
+        return cached[1]
 
     @staticmethod
     def _upload(device, values) -> torch.Tensor:

@@ -101,9 +101,20 @@ class TorchBackend:
 
     # A batch of requests whose pages share a PagePool (hf._batch_attention), one request after another: the twins
     # of the flashinfer backend's batch calls.
+    def append_batch(self, keys: torch.Tensor, values: torch.Tensor, layers: list[PagedLayer]) -> None:
+        """keys, values [R, Hkv, 1, D], one layer per request: each request's token appended to its layer."""
+        for row, layer in enumerate(layers):
+            layer.update(keys[row:row + 1], values[row:row + 1])
+
     def decode_batch_dense(self, query: torch.Tensor, layers: list[PagedLayer], scaling: float) -> torch.Tensor:
         """query [R, Hkv, G, D], one layer per request -> [R, Hkv, G, D] over every stored token."""
         return torch.stack([self.decode_dense(row, layer, scaling) for row, layer in zip(query, layers)])
+
+    def select_batch(self, query: torch.Tensor, layers: list[PagedLayer], num_selected: int, group_rule: str,
+                     sink_pages: int = 0, coarse_factor: int = 0) -> torch.Tensor:
+        """query [R, Hkv, G, D], one layer per request -> each request's `select` [R, Hkv, k]."""
+        return torch.stack([self.select(row, layer, num_selected, group_rule, sink_pages, coarse_factor)
+                            for row, layer in zip(query, layers)])
 
     def decode_batch_sparse(self, query: torch.Tensor, layers: list[PagedLayer], selected: torch.Tensor,
                             scaling: float) -> torch.Tensor:

@@ -8,8 +8,11 @@ timing Triton's kernels against cuBLAS for each shape: on the H200 an 8B decode 
 note). Our parts stay outside the compiled graphs: `QuestCache.update`
 and the quest attention are `torch.compiler.disable`d, so Dynamo breaks the graph around them (quest_core/hf.py).
 
-Only the graph decoder's eager warm-up step and its capture run the compiled layers, which the replays then
-repeat; prefill and every other path run the model as it is.
+Only the graph decoders' eager warm-up steps and their captures run the compiled layers, which the replays then
+repeat; prefill and every other path run the model as it is. The batch graphs (several requests a step) compile
+without autotuning: on the H200 with Llama-3.1-8B shapes, 8 requests at 32K, the matrix products of a step took
+4.84 ms autotuned (Triton's kernels won most shapes when timed alone) and 4.48 ms on cuBLAS (two runs of
+bench/batch_gpu.py on 2026-11-30; the second is in bench/RESULTS.md), and compiling skips the timing.
 """
 import contextlib
 import functools
@@ -20,14 +23,15 @@ _compiled_forward = {}  # (decoder layer class, mode) -> its compiled forward (D
 
 
 @contextlib.contextmanager
-def compiled_layers(model):
-    """Within the block, `model`'s decoder layers run their compiled forward. Layers whose forward is already
-    replaced on the object (accelerate's device-map hooks do that) are left as they are."""
+def compiled_layers(model, autotune: bool = True):
+    """Within the block, `model`'s decoder layers run their compiled forward (on CUDA with `autotune`, the matrix
+    products autotuned). Layers whose forward is already replaced on the object (accelerate's device-map hooks do
+    that) are left as they are."""
     layers = model.get_decoder().layers
     if any("forward" in vars(layer) for layer in layers):
         yield
         return
-    mode = "max-autotune-no-cudagraphs" if next(model.parameters()).is_cuda else None
+    mode = "max-autotune-no-cudagraphs" if autotune and next(model.parameters()).is_cuda else None
     for layer in layers:
         key = type(layer), mode
         if key not in _compiled_forward:

@@ -228,12 +228,14 @@ class BatchGraphDecoder:
     request's token, position and length live on the GPU (`step_values` [3, B]), which the KV append, the scorer and
     the sparse decode read there; before each replay the host advances the layers' lengths and re-plans FlashInfer's
     batch decode. A new batch (a request joins or leaves, turns sparse, moves its run) runs its first step eagerly and
-    captures the next; if capture fails, batched steps stay eager, with a log line. The layers run as they are
-    (compiled, Dynamo would compile them again for every batch size). The decoder holds the batch's caches while
-    its graph lives (the graph holds their tensors' addresses); `reset` lets them go."""
+    captures the next; if capture fails, batched steps stay eager, with a log line. Both run the decoder layers
+    compiled, without autotuning (compiled_layers.py; Dynamo compiles a layer for the first batch size and once more
+    with the batch dimension dynamic for the others); if compiling fails, the layers run as they are, with a log
+    line. The decoder holds the batch's caches while its graph lives (the graph holds their tensors' addresses);
+    `reset` lets them go."""
 
-    def __init__(self, model, cache_arg: str):
-        self.model, self.cache_arg = model, cache_arg
+    def __init__(self, model, cache_arg: str, compile_layers: bool = True):
+        self.model, self.cache_arg, self.compile_layers = model, cache_arg, compile_layers
         self.caches = self.shape = self.graph = self.logits = self.step_values = self.host_values = None
         self.step_plans = {}  # the plans of the eager step, re-run before each replay
         self.launched = None  # a CUDA event after the last step: its uploads and plans are done with
@@ -296,6 +298,9 @@ class BatchGraphDecoder:
         self.host_values[2] = self.host_values[1] + 1
         self.step_values.copy_(self.host_values, non_blocking=True)
 
+    def _layers(self):
+        return compiled_layers(self.model, autotune=False) if self.compile_layers else contextlib.nullcontext()
+
     def _forward(self, caches: list[QuestCache]) -> torch.Tensor:
         batch = len(caches)
         return forward_batch(self.model, caches, self.step_values[0].view(batch, 1), self.cache_arg,
@@ -304,7 +309,18 @@ class BatchGraphDecoder:
     def _eager(self, caches: list[QuestCache]) -> torch.Tensor:
         backend = caches[0].backend
         backend.step_plans.clear()  # this step records the plans that the replays re-run
-        logits = self._forward(caches)
+        try:
+            with self._layers():
+                logits = self._forward(caches)
+        except Exception as error:  # compiling: Inductor or Triton missing, a model Dynamo cannot trace
+            if not self.compile_layers:
+                raise
+            log.warning("compiling the decoder layers of a batched step failed (%s); running them as they are", error)
+            self.compile_layers = False
+            for cache, position in zip(caches, self.host_values[1].tolist()):
+                cache.truncate(position)  # the layers before the failure appended the token
+            backend.step_plans.clear()
+            logits = self._forward(caches)
         self.step_plans = dict(backend.step_plans)
         self._launched()
         return logits
@@ -331,7 +347,9 @@ class BatchGraphDecoder:
         collecting = gc.isenabled()
         gc.disable()  # no destructor of unrelated CUDA objects may run inside the capture
         try:
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            # nothing compiles inside the capture: a layer whose guards fail runs as it is
+            with self._layers(), torch.compiler.set_stance("eager_on_recompile"), \
+                    torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.logits = self._forward(caches)
             return graph
         except Exception as error:  # an op that cannot be captured: batched steps run eagerly from here on

@@ -89,9 +89,9 @@ class BatchRows(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, layers: list[PagedLayer]):
+    def __init__(self, layers: list[PagedLayer], backend):
         super().__init__()
-        self.request_layers = layers
+        self.request_layers, self.backend = layers, backend
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -99,8 +99,7 @@ class BatchRows(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """key_states, value_states [B, Hkv, 1, D]; returns them (the attention reads each request's pages)."""
-        for row, layer in enumerate(self.request_layers):
-            layer.update(key_states[row:row + 1], value_states[row:row + 1])
+        self.backend.append_batch(key_states, value_states, self.request_layers)
         return key_states, value_states
 
     # The requests have lengths of their own (forward_batch passes their positions); transformers reads these
@@ -120,7 +119,8 @@ class BatchCache(Cache):
 
     def __init__(self, caches: list[QuestCache]):
         num_layers = len(caches[0].layers)
-        super().__init__(layers=[BatchRows([cache.layers[i] for cache in caches]) for i in range(num_layers)])
+        super().__init__(layers=[BatchRows([cache.layers[i] for cache in caches], caches[0].backend)
+                                 for i in range(num_layers)])
         self.caches = caches
         pools = {id(cache.run.pool) if cache.run is not None else None for cache in caches}
         self.pool = caches[0].run.pool if len(pools) == 1 and None not in pools else None  # all pages in one
@@ -196,7 +196,7 @@ def _batch_attention(module, query: torch.Tensor, scaling: float | None, caches:
             groups.setdefault(setting, []).append(row)
         else:
             alone.append(row)
-    selected_rows = {}  # row -> its one-head page rows [Hkv, k] (for the trace)
+    traced_pages = {}  # row -> its selected page ids [Hkv, k] (for the trace)
     outs = []  # (rows, out [R, Hkv, G, D])
     for setting, rows in groups.items():
         group_query = grouped_query.index_select(0, _row_index(tuple(rows), query.device)) if len(rows) < batch \
@@ -206,9 +206,10 @@ def _batch_attention(module, query: torch.Tensor, scaling: float | None, caches:
             outs.append((rows, backend.decode_batch_dense(group_query, group_layers, scaling)))
             continue
         num_selected, group_rule, sink_pages, coarse_factor = setting
-        selected = torch.stack([backend.select(row_query, layer, num_selected, group_rule, sink_pages, coarse_factor)
-                                .clone() for row_query, layer in zip(group_query, group_layers)])  # [R, Hkv, k]
-        selected_rows.update(zip(rows, selected))
+        selected = backend.select_batch(group_query, group_layers, num_selected, group_rule, sink_pages,
+                                        coarse_factor)  # [R, Hkv, k]
+        traced_pages.update((row, backend.page_ids(rows_selected, layers[row])) for row, rows_selected
+                            in zip(rows, selected) if caches[row].trace is not None)
         outs.append((rows, backend.decode_batch_sparse(group_query, group_layers, selected, scaling)))
     for row in alone:
         outs.append(([row], _request_attention(module, query[row:row + 1], scaling, caches[row])
@@ -221,9 +222,7 @@ def _batch_attention(module, query: torch.Tensor, scaling: float | None, caches:
             out.index_copy_(0, _row_index(tuple(rows), query.device), group_out)
     for row, cache in enumerate(caches):
         if cache.trace is not None and row not in alone:
-            selected = selected_rows.get(row)
-            pages = backend.page_ids(selected, layers[row]) if selected is not None else None
-            cache.trace.record_layer(layer_idx, layers[row], pages, grouped_query[row], scaling,
+            cache.trace.record_layer(layer_idx, layers[row], traced_pages.get(row), grouped_query[row], scaling,
                                      bounds_read=cache.config.bounds_read(layers[row].num_pages))
     return out.view(batch, 1, num_heads, head_dim)
 

@@ -37,21 +37,21 @@ GROUP_RULES = ("sum", "max", "mass")  # the kernel's rule numbers, as quest_core
 @dataclass
 class TopKScratch:
     """`score_topk`'s scratch on one device."""
-    scores: torch.Tensor      # float32 [Hkv, capacity]
-    key_ranges: torch.Tensor  # int32 [Hkv, 2]
-    counters: torch.Tensor    # int32 [Hkv], zeros (the kernel leaves them so)
-    group_scores: torch.Tensor | None = None  # rule mass: float32, at least Hkv * G * capacity
+    scores: torch.Tensor      # float32, at least heads * capacity (heads: Hkv, or R * Hkv for a batch)
+    key_ranges: torch.Tensor  # int32 [heads, 2]
+    counters: torch.Tensor    # int32 [heads], zeros (the kernel leaves them so)
+    group_scores: torch.Tensor | None = None  # rule mass: float32, at least heads * G * capacity
 
 
 class ScoreTopK:
     """Scratch buffers for `score_topk`, one set per device (a model spread over GPUs scores on each), grown as the
-    context grows; the call writes FlashInfer's one-head page rows (p * Hkv + h, the current page last) into `out`
-    [Hkv, k] int32 without a host sync, for the group rule `group_rule`, the first `sink_pages` pages always among
-    them (its twin: selection.page_scores, then select_pages).
+    context or the batch grows; the call writes FlashInfer's one-head page rows (p * Hkv + h, the current page last)
+    into `out` [Hkv, k] int32 without a host sync, for the group rule `group_rule`, the first `sink_pages` pages
+    always among them (its twin: selection.page_scores, then select_pages).
 
     With `device_length` (int64 [1] on the GPU: the cache length, the current token included) the kernel reads
     the number of pages there and `num_pages` only bounds it: the call can be captured in a CUDA graph once and
-    replayed as the context grows."""
+    replayed as the context grows. `batch` scores several requests' caches in one launch."""
 
     def __init__(self, module):
         self.module = module
@@ -60,26 +60,47 @@ class ScoreTopK:
 
     def __call__(self, query, page_bounds, num_pages: int, k: int, out: torch.Tensor, device_length=None,
                  page_size: int = 16, group_rule: str = "sum", sink_pages: int = 0) -> torch.Tensor:
-        num_kv_heads, capacity = page_bounds.shape[:2]
+        scratch, scores, group_scores = self._scratch(query, query.shape[0], page_bounds.shape[1], group_rule)
+        self.module.score_topk(query, page_bounds, num_pages, k, scores, scratch.key_ranges, scratch.counters,
+                               out, device_length, page_size, GROUP_RULES.index(group_rule), group_scores,
+                               query.shape[-1] ** -0.5, sink_pages)
+        return out
+
+    def batch(self, query, bounds: list[torch.Tensor], bounds_table, k: int, out: torch.Tensor, device_length,
+              page_size: int = 16, group_rule: str = "sum", sink_pages: int = 0) -> torch.Tensor:
+        """R requests at once: query [R, Hkv, G, D], each one's page bounds [Hkv, capacity_r, 2D] (`bounds`, and
+        `bounds_table`: int64 [R, 2] on the GPU, their addresses and capacities), device_length int64 [R] -> out
+        [R, Hkv, k], each request's own one-head rows."""
+        capacity = max(b.shape[1] for b in bounds)
+        heads = query.shape[0] * query.shape[1]
+        scratch, scores, group_scores = self._scratch(query, heads, capacity, group_rule)
+        self.module.score_topk(query.reshape(heads, *query.shape[2:]), bounds[0], capacity, k, scores,
+                               scratch.key_ranges, scratch.counters, out, device_length, page_size,
+                               GROUP_RULES.index(group_rule), group_scores, query.shape[-1] ** -0.5, sink_pages,
+                               bounds_table)
+        return out
+
+    def _scratch(self, query, heads: int, capacity: int, group_rule: str):
+        """(the device's scratch, grown for `heads` rows of `capacity` scores; its scores as [heads, capacity]; rule
+        mass's group scores or None)."""
         device = query.device
         scratch = self.scratch.get(device)
-        if scratch is None or scratch.scores.shape[0] != num_kv_heads or scratch.scores.shape[1] < capacity:
+        if scratch is None or scratch.counters.numel() < heads or scratch.scores.numel() < heads * capacity:
+            rows = max(heads, 0 if scratch is None else scratch.counters.numel())
+            size = max(heads * capacity, 0 if scratch is None else scratch.scores.numel())
             scratch = self.scratch[device] = TopKScratch(
-                torch.empty(num_kv_heads, capacity, dtype=torch.float32, device=device),
-                torch.tensor([-1, 0], dtype=torch.int32, device=device).repeat(num_kv_heads, 1),
-                torch.zeros(num_kv_heads, dtype=torch.int32, device=device))
+                torch.empty(size, dtype=torch.float32, device=device),
+                torch.tensor([-1, 0], dtype=torch.int32, device=device).repeat(rows, 1),
+                torch.zeros(rows, dtype=torch.int32, device=device))
             self.generation += 1
         group_scores = None
         if group_rule == "mass":
-            size = num_kv_heads * query.shape[1] * capacity
+            size = heads * query.shape[-2] * capacity
             if scratch.group_scores is None or scratch.group_scores.numel() < size:
                 scratch.group_scores = torch.empty(size, dtype=torch.float32, device=device)
                 self.generation += 1
             group_scores = scratch.group_scores
-        self.module.score_topk(query, page_bounds, num_pages, k, scratch.scores, scratch.key_ranges, scratch.counters,
-                               out, device_length, page_size, GROUP_RULES.index(group_rule), group_scores,
-                               query.shape[-1] ** -0.5, sink_pages)
-        return out
+        return scratch, scratch.scores[:heads * capacity].view(heads, capacity), group_scores
 
 
 @dataclass
