@@ -1,13 +1,14 @@
 """Batched decode on the GPU: aggregate decode tok/s of B requests decoding together over one page pool (the engine's
-batch step, `hf.forward_batch`: one FlashInfer batch decode for dense, our scorer per request and one sparse decode
-for Quest), Llama-3.1-8B shapes with random bf16 weights, ours dense vs ours Quest (budget 2048), each beside its
-bytes floor: the weights once per step plus every request's KV reads, at the copy bandwidth measured in this run.
+batch step, `hf.forward_batch`: one FlashInfer batch decode for dense, our scorer and our sparse decode each once
+over the batch for Quest), Llama-3.1-8B shapes with random bf16 weights, ours dense vs ours Quest (budget 2048), each
+beside its bytes floor: the weights once per step plus every request's KV reads, at the copy bandwidth measured in
+this run.
 
     python bench/batch_gpu.py      # 32K at batch 1, 4, 8, 16; 128K at batch 1, 2, 4; writes gpu_batch in RESULTS.md
 
 One prompt is prefilled once per context and its pages are copied into every request's run (each request still
-reads its own pages). Each batch's steps replay a CUDA graph of the batch (the engine's BatchGraphDecoder), and
-again eagerly for comparison.
+reads its own pages). Each batch's steps replay a CUDA graph of the batch (the engine's BatchGraphDecoder, the decoder
+layers compiled), and again eagerly for comparison. HF `generate` at the same batches: bench/batch_hf.py.
 """
 import argparse
 import json
@@ -130,7 +131,7 @@ def main():
                     cache.set_config(settings)
                 row[f"{name}_tok_s"] = decode_tok_s(model, caches[:batch], args.steps, graph)
                 row[f"{name}_eager_tok_s"] = decode_tok_s(model, caches[:batch], args.steps, None)
-                row["graph"] = not graph.failed
+                row["graph"], row["compiled"] = not graph.failed, graph.compile_layers
                 if (context, batch) in PROFILED:
                     row[f"{name}_gpu_us"], row[f"{name}_profiled_ms"] = profile_step(model, caches[:batch], graph)
                 row[f"{name}_floor_tok_s"] = floor_tok_s(model, batch, context,
@@ -164,14 +165,15 @@ def main():
             f"the host reading each step's tokens; Quest budget {args.budget}, pages of 16, 2 dense layers; backend "
             f"{backend.describe()}. Each batch's steps replay a CUDA graph captured for it (quest_core/cuda_graph.py's "
             f"BatchGraphDecoder: {'captured' if all(r['graph'] for r in rows) else 'capture FAILED: eager'}; the "
-            "layers as they are, not compiled); the last column runs the same steps eagerly. Floor: the weights once "
+            f"decoder layers {'compiled' if all(r['compiled'] for r in rows) else 'NOT compiled (compiling failed)'}"
+            "); the last column runs the same steps eagerly, the layers as they are. Floor: the weights once "
             f"per step plus each request's KV (Quest: its 2 dense layers whole, its selected pages and every page's "
             f"bounds in the others) at the copy bandwidth measured in this run, {bandwidth / 1e12:.2f} TB/s.\n\n"
             + "\n".join(table) +
             "\n\nWhere a step's time goes at the targets' batches: GPU kernel time per step by kind from the profiler "
-            "over 4 graph replays (our kernels: the scorer per request, the sparse decode, the KV append; other: "
-            "copies, PyTorch's element-wise kernels of the uncompiled layers), the step's wall time under the "
-            "profiler (the host reading each step's tokens and planning the next) and the bytes floor.\n\n"
+            "over 4 graph replays (our kernels: the scorer and the sparse decode, each once per layer over the batch, "
+            "the KV append per request; other: copies and PyTorch's element-wise kernels), the step's wall time under "
+            "the profiler (the host reading each step's tokens and planning the next) and the bytes floor.\n\n"
             + "\n".join(profile))
     if not args.no_write:
         write_section("gpu_batch", "GPU batched decode: ours dense vs ours Quest, batch 1-16", body)

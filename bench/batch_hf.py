@@ -1,0 +1,65 @@
+"""HF `generate` batched, with a static cache and torch.compile (transformers' own fast path), at the batches and
+contexts of bench/batch_gpu.py: the reference beside our dense and Quest there (a run of its own: with its compile
+per shape it does not fit beside them in one device call). Llama-3.1-8B shapes, random bf16 weights, B copies of one
+random prompt, aggregate decode tok/s after the first decode step (the compile), beside the dense bytes floor.
+
+    python bench/batch_hf.py      # writes gpu_batch_hf in RESULTS.md
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.attention_kernels import copy_bandwidth  # noqa: E402
+from bench.batch_gpu import BATCHES, floor_tok_s  # noqa: E402
+from bench.e2e import hf_generate, llama_8b_shaped, random_prompt  # noqa: E402
+from bench.results import write_section  # noqa: E402
+
+TARGETS_FIRST = [(32768, 8), (131072, 4)]  # the batches of the issue's targets, measured first
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, nargs="+", default=list(BATCHES))
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    model = llama_8b_shaped(max(args.contexts) + args.new_tokens)
+    bandwidth = copy_bandwidth()
+    runs = [(c, b) for c in args.contexts for b in BATCHES[c]]
+    runs = [run for run in TARGETS_FIRST if run in runs] + [run for run in runs if run not in TARGETS_FIRST]
+    rows = []
+    for context, batch in runs:
+        prompt = random_prompt(model.config.vocab_size, context)
+        row = dict(context=context, batch=batch, floor_tok_s=floor_tok_s(model, batch, context, None, bandwidth))
+        try:
+            row["hf_static_tok_s"] = hf_generate(model, prompt, args.new_tokens, static=True, batch=batch)[1]
+        except torch.OutOfMemoryError:
+            row["hf_static_tok_s"] = None  # its prefill (one forward over every prompt token) does not fit
+        torch.cuda.empty_cache()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if not args.no_write:  # after each batch: a run stopped part-way keeps what it measured
+            write_section("gpu_batch_hf", "GPU batched decode: HF generate, static cache + torch.compile",
+                          report(rows, args.new_tokens, bandwidth))
+    print(json.dumps({"bench": "gpu_batch_hf", "rows": rows}))
+
+
+def report(rows: list[dict], new_tokens: int, bandwidth: float) -> str:
+    table = ["| context | batch | HF static cache + compile tok/s | dense bytes floor tok/s |", "|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["context"], r["batch"])):
+        speed = "out of memory" if r["hf_static_tok_s"] is None else f"{r['hf_static_tok_s']:.1f}"
+        table.append(f"| {r['context']} | {r['batch']} | {speed} | {r['floor_tok_s']:.0f} |")
+    return (f"Llama-3.1-8B shapes, random bf16 weights, `generate` over B copies of one random prompt with "
+            f"cache_implementation=\"static\" (transformers compiles the decode step), SDPA attention, "
+            f"{new_tokens} new tokens, aggregate tok/s over the decode steps after the first (the compile). "
+            f"Floor: the weights once per step plus every request's whole KV at the copy bandwidth measured in this "
+            f"run, {bandwidth / 1e12:.2f} TB/s. Our dense and Quest at the same batches: the section above.\n\n"
+            + "\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
