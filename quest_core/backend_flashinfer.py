@@ -253,15 +253,17 @@ class FlashInferBackend:
         captured step, our append kernel once over the R * Hkv heads (each writing at its request's length on the
         GPU, into its run and bounds); else one request after another."""
         first = layers[0]
-        if first.device_length is None or first.kernels is None:
-            for row, layer in enumerate(layers):
-                layer.update(keys[row:row + 1], values[row:row + 1])
-            return
-        device, bounds = keys.device, [layer.page_bounds for layer in layers]
-        first.kernels.append_kv(keys.flatten(0, 1), values.flatten(0, 1), first.run.pool.keys[first.pool_index],
-                                first.run.pool.values[first.pool_index], first.page_bounds, 0,
-                                self._batch_lengths(device, layers), self._bounds_table(device, bounds),
-                                self._batch_offsets(device, first.num_kv_heads, layers))
+        if first.kernels is not None and first.run is not None:
+            # made in the eager step before a capture too (`_upload`)
+            table = self._bounds_table(keys.device, [layer.page_bounds for layer in layers])
+            offsets = self._batch_offsets(keys.device, first.num_kv_heads, layers)
+            if first.device_length is not None:
+                first.kernels.append_kv(keys.flatten(0, 1), values.flatten(0, 1), first.run.pool.keys[first.pool_index],
+                                        first.run.pool.values[first.pool_index], first.page_bounds, 0,
+                                        self._batch_lengths(keys.device, layers), table, offsets)
+                return
+        for row, layer in enumerate(layers):
+            layer.update(keys[row:row + 1], values[row:row + 1])
 
     def decode_batch_dense(self, query: torch.Tensor, layers: list[PagedLayer], scaling: float) -> torch.Tensor:
         """query [R, Hkv, G, D], one layer per request (the same model layer) -> [R, Hkv, G, D] over every stored
@@ -386,7 +388,11 @@ class FlashInferBackend:
 
     @staticmethod
     def _upload(device, values) -> torch.Tensor:
-        """int64 `values` on `device`, copied from pinned memory without the host waiting for the GPU."""
+        """int64 `values` on `device`, copied from pinned memory without the host waiting for the GPU. Never inside
+        a CUDA-graph capture: each replay would copy again from the pinned buffer, which the allocator hands out
+        again once the copy is done (a capture that tries fails, and the steps run eagerly with a log line)."""
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("an upload inside a CUDA-graph capture: the eager step before it makes what it needs")
         return torch.tensor(values).pin_memory().to(device, non_blocking=True)
 
     def page_ids(self, selected: torch.Tensor, layer: PagedLayer) -> torch.Tensor:
