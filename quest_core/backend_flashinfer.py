@@ -79,6 +79,7 @@ class FlashInferBackend:
         self.step_plans = {}     # id(wrapper) -> (plan, key) functions of the last step, for `plan_step`
         self.last_written = {}   # id(wrapper) -> the cache length its last_page_len buffer was written for
         self.capturing = False   # inside a CUDA-graph capture: plans are made beforehand by plan_step
+        self.captured_inputs = []  # the cached uploads a capture read: its graph keeps them (`_captured`)
         self.batch_offsets = {}  # (device, the requests' run starts) -> their first pool rows: `_batch_offsets`
         self.batch_lengths = {}  # device -> (lengths, on the GPU): `_batch_lengths`' last eager step
         self.bounds_tables = {}  # the requests' (bounds address, capacity) -> on the GPU: `_bounds_table`
@@ -321,15 +322,10 @@ class FlashInferBackend:
                                      sink_pages)
 
     def _bounds_table(self, device, bounds: list[torch.Tensor]) -> torch.Tensor:
-        """The requests' page bounds addresses and capacities (int64 [R, 2] on the GPU) for the batched scorer,
-        uploaded once per batch and layer (never inside a capture: the eager step before it made them)."""
+        """The requests' page bounds addresses and capacities (int64 [R, 2] on the GPU) for the batched scorer and
+        append, uploaded once per batch and layer."""
         key = tuple((b.data_ptr(), b.shape[1]) for b in bounds)
-        table = self.bounds_tables.get(key)
-        if table is None:
-            if len(self.bounds_tables) > 1024:
-                self.bounds_tables.clear()
-            table = self.bounds_tables[key] = self._upload(device, key)
-        return table
+        return self._cached_upload(self.bounds_tables, key, lambda: self._upload(device, key))
 
     def _batch_wrapper(self, state: DeviceState, group: int, num_requests: int, pool_pages: int):
         """The batch decode wrapper for `num_requests` requests of query groups of `group`, in CUDA-graph mode over
@@ -364,16 +360,24 @@ class FlashInferBackend:
         return out.view(num_requests, num_kv_heads, group, head_dim)
 
     def _batch_offsets(self, device, num_kv_heads: int, layers: list[PagedLayer]) -> torch.Tensor:
-        """The requests' first pool rows (run start * Hkv, int32 [R]) on the GPU, uploaded once per batch (from
-        pinned memory: the host does not wait; never inside a capture: the eager step before it made them)."""
+        """The requests' first pool rows (run start * Hkv, int32 [R]) on the GPU, uploaded once per batch."""
         starts = tuple(layer.run.start for layer in layers)
-        offsets = self.batch_offsets.get((device, starts))
-        if offsets is None:
-            if len(self.batch_offsets) > 64:
-                self.batch_offsets.clear()
-            offsets = self._upload(device, [s * num_kv_heads for s in starts]).int()
-            self.batch_offsets[(device, starts)] = offsets
-        return offsets
+        return self._cached_upload(self.batch_offsets, (device, starts),
+                                   lambda: self._upload(device, [s * num_kv_heads for s in starts]).int())
+
+    def _cached_upload(self, cache: dict, key, upload) -> torch.Tensor:
+        """cache[key], made by `upload()` on a miss (never inside a capture: the eager step before it reads the
+        same), the least recently used of 1024 entries dropped; what a capture reads goes to `captured_inputs`,
+        which its graph keeps, as the cache may drop it while the graph still replays."""
+        value = cache.pop(key, None)
+        if value is None:
+            value = upload()
+            if len(cache) >= 1024:
+                del cache[next(iter(cache))]
+        cache[key] = value  # the most recently used last
+        if self.capturing:
+            self.captured_inputs.append(value)
+        return value
 
     def _batch_lengths(self, device, layers: list[PagedLayer]) -> torch.Tensor:
         """The requests' lengths (int64 [R]) on the GPU: uploaded once per step, or, in a captured step, gathered

@@ -237,6 +237,7 @@ class BatchGraphDecoder:
     def __init__(self, model, cache_arg: str, compile_layers: bool = True):
         self.model, self.cache_arg, self.compile_layers = model, cache_arg, compile_layers
         self.caches = self.shape = self.graph = self.logits = self.step_values = self.host_values = None
+        self.inputs = []  # the backend's cached uploads the graph reads (bounds tables, pool rows): kept with it
         self.step_plans = {}  # the plans of the eager step, re-run before each replay
         self.launched = None  # a CUDA event after the last step: its uploads and plans are done with
         self.failed = False
@@ -291,6 +292,7 @@ class BatchGraphDecoder:
     def reset(self) -> None:
         """Drop the graph and let the batch's caches go."""
         self.caches = self.shape = self.graph = self.logits = None
+        self.inputs = []
 
     def _write(self, token_ids: list[int], positions: list[int]) -> None:
         self.host_values[0] = torch.tensor(token_ids)
@@ -340,7 +342,7 @@ class BatchGraphDecoder:
         backend = caches[0].backend
         self._advance(caches, positions)
         graph = torch.cuda.CUDAGraph()
-        backend.capturing = True
+        backend.capturing, backend.captured_inputs = True, []
         for index, cache in enumerate(caches):
             for layer in cache.layers:
                 layer.device_length = self.step_values[2, index:index + 1]
@@ -351,6 +353,7 @@ class BatchGraphDecoder:
             with self._layers(), torch.compiler.set_stance("eager_on_recompile"), \
                     torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.logits = self._forward(caches)
+            self.inputs = backend.captured_inputs
             return graph
         except Exception as error:  # an op that cannot be captured: batched steps run eagerly from here on
             log.warning("CUDA-graph capture of a batched step failed (%s); batched steps run eagerly", error)

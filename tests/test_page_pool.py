@@ -86,6 +86,38 @@ def ask(session, index):
     return session.ask(f"Question {index}?", max_new_tokens=answer_tokens, min_new_tokens=answer_tokens, trace=True)
 
 
+def test_batch_uploads_are_kept_least_recently_used_and_held_by_the_capture_that_read_them():
+    """The flashinfer backend's cached uploads (bounds tables, pool rows) against a brute-force LRU list: at most
+    1024 kept, the least recently used dropped first, so a step's own entries (its newest) are never dropped while
+    it runs; what a capture reads also goes to `captured_inputs`, which its graph keeps."""
+    from types import SimpleNamespace
+
+    from quest_core.backend_flashinfer import FlashInferBackend
+
+    rng = random.Random(1)
+    backend = SimpleNamespace(capturing=False, captured_inputs=[])  # the state `_cached_upload` reads
+    cache, made = {}, []
+    recency, kept = [], {}  # the brute force: keys from least to most recently used, and what was made for each
+    for step in range(5000):
+        key = rng.randrange(1500)
+        backend.capturing = step % 7 == 0
+        value = FlashInferBackend._cached_upload(backend, cache, key, lambda: made.append(object()) or made[-1])
+        if key in recency:  # a hit: what was made for the key, now the most recently used
+            assert value is kept[key]
+            recency.remove(key)
+        else:
+            assert value is made[-1]
+            kept[key] = value
+        recency.append(key)
+        for dropped in recency[:-1024]:
+            del kept[dropped]
+        recency = recency[-1024:]
+        assert list(cache) == recency
+        if backend.capturing:
+            assert backend.captured_inputs[-1] is value
+    assert len(made) > 1500 and len(backend.captured_inputs) == len(range(0, 5000, 7))
+
+
 def test_pooled_batch_equals_one_after_another(model, tokenizer, monkeypatch):  # noqa: F811
     expected = []
     for index, session in enumerate(sessions_of(Engine(model, tokenizer), tokenizer)):  # unpooled, head-major
