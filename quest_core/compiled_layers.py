@@ -11,8 +11,8 @@ and the quest attention are `torch.compiler.disable`d, so Dynamo breaks the grap
 Only the graph decoders' eager warm-up steps and their captures run the compiled layers, which the replays then
 repeat; prefill and every other path run the model as it is. The batch graphs (several requests a step) compile
 without autotuning: on the H200 with Llama-3.1-8B shapes, 8 requests at 32K, the matrix products of a step took
-4.84 ms autotuned (Triton's kernels won most shapes when timed alone) and 4.48 ms on cuBLAS (two runs of
-bench/batch_gpu.py on 2026-11-30; the second is in bench/RESULTS.md), and compiling skips the timing.
+4.84 ms autotuned (Triton's kernels won most shapes when timed alone; a probe run on 2026-11-30) and 4.43 ms on
+cuBLAS (bench/RESULTS.md, gpu_batch), and compiling skips the timing.
 """
 import contextlib
 import functools
