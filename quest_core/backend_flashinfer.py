@@ -165,11 +165,11 @@ class FlashInferBackend:
         return state.page_range[:num_pages]
 
     @staticmethod
-    def _rows(state: DeviceState, num_kv_heads: int, num_selected: int) -> torch.Tensor:
-        rows = state.rows.get((num_kv_heads, num_selected))
+    def _rows(state: DeviceState, *shape: int) -> torch.Tensor:
+        """The int32 page-row buffer of `shape` ([Hkv, k], or [R, Hkv, k] for a batch) on the state's GPU."""
+        rows = state.rows.get(shape)
         if rows is None:
-            rows = torch.empty(num_kv_heads, num_selected, dtype=torch.int32, device=state.workspace.device)
-            state.rows[(num_kv_heads, num_selected)] = rows
+            rows = state.rows[shape] = torch.empty(shape, dtype=torch.int32, device=state.workspace.device)
         return rows
 
     @staticmethod
@@ -311,11 +311,7 @@ class FlashInferBackend:
         if not self._scorer_takes(query, layers[0], group_rule, coarse_factor):
             return torch.stack([self.select(row, layer, num_selected, group_rule, sink_pages, coarse_factor).clone()
                                 for row, layer in zip(query, layers)])
-        state = self._state(query.device)
-        rows = state.rows.get((num_requests, num_kv_heads, num_selected))
-        if rows is None:
-            rows = torch.empty(num_requests, num_kv_heads, num_selected, dtype=torch.int32, device=query.device)
-            state.rows[(num_requests, num_kv_heads, num_selected)] = rows
+        rows = self._rows(self._state(query.device), num_requests, num_kv_heads, num_selected)
         bounds = [layer.page_bounds for layer in layers]
         return self.score_topk.batch(query, bounds, self._bounds_table(query.device, bounds), num_selected, rows,
                                      self._batch_lengths(query.device, layers), layers[0].page_size, group_rule,
