@@ -62,8 +62,9 @@ def ask(session, index, **kwargs):
                        trace=True, **kwargs)
 
 
-def asked_at_once(sessions, ask) -> list[list[int]]:
-    """Each session's answer tokens, `ask(session, index)` asked for all of them at once, a thread each."""
+def asked_at_once(sessions, ask, timeout: float = 120) -> list[list[int]]:
+    """Each session's answer tokens, `ask(session, index)` (its tokens: anything with a token_id) asked for all of
+    them at once, a thread each."""
     tokens = [None] * len(sessions)
 
     def consume(index):
@@ -73,7 +74,7 @@ def asked_at_once(sessions, ask) -> list[list[int]]:
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(120)
+        thread.join(timeout)
     return tokens
 
 

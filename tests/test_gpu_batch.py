@@ -3,7 +3,6 @@ heads of several requests, each reading its own length; a batched decode step ag
 alone; a batch's CUDA graph against its eager steps; two caches' graphs replayed in turn; the engine's answers
 asked at once against the same answers one after another. Skipped without CUDA."""
 import contextlib
-import threading
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
 from oracles import attention, relative_error  # noqa: E402
+from test_batch import asked_at_once  # noqa: E402
 from test_gpu import filled, module, needs_kernels, selected_mask, tiny_llama  # noqa: E402
 
 from quest_core import cuda_graph, kernels  # noqa: E402
@@ -260,17 +260,8 @@ def test_engine_answers_asked_at_once_equal_one_after_another(monkeypatch):
         requests = [engine.submit(Request(engine.new_cache(settings), prompt, max_new_tokens=48,
                                           min_new_tokens=48, chunk_size=256))
                     for settings, prompt in zip(SETTINGS, prompts)]
-        out = [None] * len(requests)
-
-        def consume(index):
-            out[index] = [item.token_id for item in requests[index].items() if hasattr(item, "token_id")]
-
-        threads = [threading.Thread(target=consume, args=(index,)) for index in range(len(requests))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(300)
-        return out
+        return asked_at_once(requests, lambda request, _: (item for item in request.items()
+                                                           if hasattr(item, "token_id")), timeout=300)
 
     expected = answers(Engine(model, None, backend))
     engine = Engine(model, None, backend, pool_tokens=1024 * PAGE)
