@@ -171,9 +171,9 @@ def main():
             f"bounds in the others) at the copy bandwidth measured in this run, {bandwidth / 1e12:.2f} TB/s.\n\n"
             + "\n".join(table) +
             "\n\nWhere a step's time goes at the targets' batches: GPU kernel time per step by kind from the profiler "
-            "over 4 graph replays (our kernels: the scorer and the sparse decode, each once per layer over the batch, "
-            "the KV append per request; other: copies and PyTorch's element-wise kernels), the step's wall time under "
-            "the profiler (the host reading each step's tokens and planning the next) and the bytes floor.\n\n"
+            "over 4 graph replays (our kernels: the KV append, the scorer and the sparse decode, each once per layer "
+            "over the batch; other: copies and PyTorch's element-wise kernels), the step's wall time under the "
+            "profiler (the host reading each step's tokens and planning the next) and the bytes floor.\n\n"
             + "\n".join(profile))
     if not args.no_write:
         write_section("gpu_batch", "GPU batched decode: ours dense vs ours Quest, batch 1-16", body)
