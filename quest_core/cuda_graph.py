@@ -231,35 +231,38 @@ class BatchGraphDecoder:
     captures the next; if capture fails, batched steps stay eager, with a log line. Both run the decoder layers
     compiled, without autotuning (compiled_layers.py; Dynamo compiles a layer for the first batch size and once more
     with the batch dimension dynamic for the others); if compiling fails, the layers run as they are, with a log
-    line. The decoder holds the batch's caches while its graph lives (the graph holds their tensors' addresses);
-    `reset` lets them go."""
+    line. A traced request's selected pages are tensors the graph writes, recorded into its trace after each replay
+    (as the batch-1 graph does). The decoder holds the batch's caches while its graph lives (the graph holds their
+    tensors' addresses); `reset` lets them go."""
 
     def __init__(self, model, cache_arg: str, compile_layers: bool = True):
         self.model, self.cache_arg, self.compile_layers = model, cache_arg, compile_layers
         self.caches = self.shape = self.graph = self.logits = self.step_values = self.host_values = None
         self.inputs = []  # the backend's cached uploads the graph reads (bounds tables, pool rows): kept with it
+        self.traced_pages = {}  # row -> {layer index: the selected pages [Hkv, k] the graph writes}: traced requests
         self.step_plans = {}  # the plans of the eager step, re-run before each replay
         self.launched = None  # a CUDA event after the last step: its uploads and plans are done with
         self.failed = False
 
     @staticmethod
     def takes(caches: list[QuestCache]) -> bool:
-        """Whether a step of `caches` can be captured: untraced dense or fixed-budget Quest requests whose pages
-        share one pool, on a backend whose calls capture."""
+        """Whether a step of `caches` can be captured: dense or fixed-budget Quest requests whose pages share one
+        pool, on a backend whose calls capture, none traced with `inspect` (a dense pass per layer)."""
         first = caches[0]
         return first.backend.graph_capturable and first.run is not None and all(
-            cache.run is not None and cache.run.pool is first.run.pool and cache.trace is None
+            cache.run is not None and cache.run.pool is first.run.pool
+            and (cache.trace is None or not cache.trace.inspect)
             and cache.config.mode in ("dense", "quest") and cache.config.top_p is None for cache in caches)
 
     @staticmethod
     def _shape(caches: list[QuestCache]) -> tuple:
-        """What a graph holds: our kernels' scratch; each request's cache, settings, run and capacity, and whether its
-        step is sparse."""
+        """What a graph holds: our kernels' scratch; each request's cache, settings, run and capacity, whether its
+        step is sparse and whether it is traced."""
         shape = [caches[0].backend.scratch_generation]  # our kernels' scratch, which another step may have grown
         for cache in caches:
             config, pages = cache.config, -(-(cache.length + 1) // cache.config.page_size)  # after the step's token
             shape.append((id(cache), config, cache.run.start, cache.layers[0].capacity_pages,
-                          config.sparse_at(config.dense_layers, pages)))
+                          config.sparse_at(config.dense_layers, pages), cache.trace is not None))
         return tuple(shape)
 
     @torch.inference_mode()
@@ -287,12 +290,18 @@ class BatchGraphDecoder:
             self._advance(caches, positions)
         self.graph.replay()
         self._launched()
+        for row, pages in self.traced_pages.items():  # what the attention would have recorded: the host's part, the
+            cache = caches[row]                          # graph's pages
+            for index, layer in enumerate(cache.layers):
+                cache.trace.record_layer(index, layer, pages.get(index),
+                                         bounds_read=cache.config.bounds_read(layer.num_pages))
         return self.logits
 
     def reset(self) -> None:
         """Drop the graph and let the batch's caches go."""
         self.caches = self.shape = self.graph = self.logits = None
         self.inputs = []
+        self.traced_pages = {}
 
     def _write(self, token_ids: list[int], positions: list[int]) -> None:
         self.host_values[0] = torch.tensor(token_ids)
@@ -346,6 +355,10 @@ class BatchGraphDecoder:
         for index, cache in enumerate(caches):
             for layer in cache.layers:
                 layer.device_length = self.step_values[2, index:index + 1]
+        traces = [cache.trace for cache in caches]
+        for cache, trace in zip(caches, traces):  # the capture's traces keep the graph's page tensors
+            if trace is not None:
+                cache.trace = Trace()
         collecting = gc.isenabled()
         gc.disable()  # no destructor of unrelated CUDA objects may run inside the capture
         try:
@@ -354,6 +367,8 @@ class BatchGraphDecoder:
                     torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.logits = self._forward(caches)
             self.inputs = backend.captured_inputs
+            self.traced_pages = {row: cache.trace.layer_pages for row, cache in enumerate(caches)
+                                 if cache.trace is not None}
             return graph
         except Exception as error:  # an op that cannot be captured: batched steps run eagerly from here on
             log.warning("CUDA-graph capture of a batched step failed (%s); batched steps run eagerly", error)
@@ -366,6 +381,7 @@ class BatchGraphDecoder:
             if collecting:
                 gc.enable()
             backend.capturing = False
-            for cache in caches:
+            for cache, trace in zip(caches, traces):
+                cache.trace = trace
                 for layer in cache.layers:
                     layer.device_length = None

@@ -18,9 +18,9 @@ On a GPU (the flashinfer backend) the engine decodes together when it is given a
 request's K/V pages live in one `PagePool`, so a step's attention is one FlashInfer batch decode for the requests
 that attend densely and one sparse decode (our kernel) for the Quest ones. A request whose answer starts with no
 other in flight decodes alone, with CUDA graphs (`generation.decode`), until another request arrives; then it joins
-the batch at its next token. A batch's steps replay a CUDA graph captured for it (`cuda_graph.BatchGraphDecoder`),
-traced requests' eagerly. Without a pool (a model spread over GPUs, or pool_tokens 0) requests run one at a time:
-the whole prefill, then `generation.decode`.
+the batch at its next token. A batch's steps replay a CUDA graph captured for it (`cuda_graph.BatchGraphDecoder`;
+a traced request's pages recorded from the graph's own tensors). Without a pool (a model spread over GPUs, or
+pool_tokens 0) requests run one at a time: the whole prefill, then `generation.decode`.
 """
 import queue
 import threading

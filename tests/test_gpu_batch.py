@@ -23,6 +23,7 @@ from quest_core.engine import Engine, Request  # noqa: E402
 from quest_core.generation import decode, prefill  # noqa: E402
 from quest_core.hf import QuestCache, cache_argument, forward_batch  # noqa: E402
 from quest_core.paged_cache import PagePool  # noqa: E402
+from quest_core.trace import Trace  # noqa: E402
 
 PAGE = 16
 # dense; two Quest requests of one setting (one sparse decode); rule mass; contexts of different lengths
@@ -150,7 +151,9 @@ def test_a_batched_step_equals_each_request_alone(dtype, capsys):
 def test_a_batch_replayed_from_a_cuda_graph_equals_eager_batched_steps():
     """The same four requests twice in one pool: one copy steps through the batch graph decoder (an eager step,
     the capture, then replays), the other eagerly, fed the same tokens for 40 steps. The Quest request at budget
-    256 over a 240-token prompt turns sparse on the way (a new graph), and pages fill and begin."""
+    256 over a 240-token prompt turns sparse on the way (a new graph), and pages fill and begin. Two requests are
+    traced (the app traces every answer): each step's trace, the selected pages of every layer and KV head and the
+    bytes read, equals the eager step's."""
     model = tiny_llama(torch.bfloat16)
     backend = FlashInferBackend("cuda")
     settings = [SETTINGS[0], SETTINGS[1], QuestConfig(budget=256, page_size=PAGE), SETTINGS[3]]
@@ -162,6 +165,8 @@ def test_a_batch_replayed_from_a_cuda_graph_equals_eager_batched_steps():
         for cache, prompt in zip(caches, prompts):
             cache.reserve(len(prompt) + 64)
             prefill(model, cache, prompt, chunk_size=256)
+        for cache in caches[1::2]:
+            cache.trace = Trace()
     decoder = BatchGraphDecoder(model, cache_argument(model), compile_layers=False)  # as the eager steps run them
     assert decoder.takes(twins[0])
     graphed, eager = twins
@@ -175,6 +180,12 @@ def test_a_batch_replayed_from_a_cuda_graph_equals_eager_batched_steps():
             torch.cuda.synchronize()  # the eager step's plan below reuses FlashInfer's pinned buffers
             expected = forward_batch(model, eager, tokens, cache_argument(model))
             assert torch.equal(got, expected), (step, relative_error(got, expected))
+            for row in (1, 3):
+                traced = [cache.trace.end_step(cache.length, 0.0, 4) for cache in (graphed[row], eager[row])]
+                assert [t.selected_pages is None for t in traced] == [False, False], (step, row)
+                sorted_pages = [t.selected_pages.sort(-1).values for t in traced]  # a selection has no order
+                assert torch.equal(*sorted_pages) and torch.equal(traced[0].pages_read, traced[1].pages_read)
+                assert traced[0].read_bytes == traced[1].read_bytes, (step, row)
             tokens = expected.argmax(-1).tolist()
     assert not decoder.failed and len(captures) == 2 and decoder.graph is captures[-1]  # dense, then sparse
     assert [cache.length for cache in graphed] == [cache.length for cache in eager]
