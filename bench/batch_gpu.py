@@ -8,9 +8,13 @@ this run.
 
 One prompt is prefilled once per context and its pages are copied into every request's run (each request still
 reads its own pages). Each batch's steps replay a CUDA graph of the batch (the engine's BatchGraphDecoder, the decoder
-layers compiled), and again eagerly for comparison. HF `generate` at the same batches: bench/batch_hf.py.
+layers compiled) and run ahead of the host (the graph picks each request's greedy token; the host queues step i + 1
+before it reads step i's tokens), as the engine runs a greedy batch; for comparison, the same graph with the host
+waiting for each step's tokens before it queues the next, and eager steps. HF `generate` at the same batches:
+bench/batch_hf.py.
 """
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -45,39 +49,52 @@ def copy_cache(source: QuestCache, target: QuestCache) -> None:
         to_layer.length = from_layer.length
 
 
+def ahead(caches, graph: BatchGraphDecoder):
+    """Greedy steps of `caches` run ahead of the host (`graph.greedy`, as the engine runs a greedy batch)."""
+    return graph.greedy(caches, [0] * len(caches), [[]] * len(caches), [0] * len(caches))
+
+
 @torch.inference_mode()
-def decode_tok_s(model, caches, steps: int, graph: BatchGraphDecoder | None) -> float:
+def decode_tok_s(model, caches, steps: int, graph: BatchGraphDecoder | None, runs_ahead: bool = False) -> float:
     """Aggregate tok/s of `steps` greedy batch steps after 2 warm-up steps (with `graph`: its eager step and its
-    capture), replayed from `graph` or eager; the caches end as they began."""
+    capture): replayed from `graph` and run ahead of the host, replayed with the host waiting for each step's tokens
+    before it queues the next, or eager; the caches end as they began."""
     cache_arg = cache_argument(model)
     start_length = caches[0].length
     tokens = [0] * len(caches)
     times = []
-    for _ in range(steps + 2):
-        logits = graph.step(caches, tokens) if graph else forward_batch(model, caches, tokens, cache_arg)
-        tokens = logits.argmax(-1).tolist()  # the host waits for each step, as the engine does
-        times.append(time.perf_counter())
+    if runs_ahead:
+        with contextlib.closing(ahead(caches, graph)) as picks:
+            for _ in range(steps + 2):
+                next(picks)
+                times.append(time.perf_counter())
+    else:
+        for _ in range(steps + 2):
+            logits = graph.step(caches, tokens) if graph else forward_batch(model, caches, tokens, cache_arg)
+            tokens = logits.argmax(-1).tolist()
+            times.append(time.perf_counter())
     for cache in caches:
         cache.truncate(start_length)
     return len(caches) * steps / (times[-1] - times[1])
 
 
 @torch.inference_mode()
-def profile_step(model, caches, graph: BatchGraphDecoder, steps: int = 4) -> tuple[dict, float]:
-    """({kind: GPU us per step}, wall ms per step) over `steps` graph replays under the profiler (after the eager
-    step and the capture); the caches end as they began."""
+def profile_step(caches, graph: BatchGraphDecoder, steps: int = 4) -> tuple[dict, float]:
+    """({kind: GPU us per step}, wall ms per step) over `steps` graph replays run ahead of the host, under the
+    profiler (after the eager step and the capture); the caches end as they began."""
     start_length = caches[0].length
-    tokens = [0] * len(caches)
-    for _ in range(2):
-        tokens = graph.step(caches, tokens).argmax(-1).tolist()
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
-    torch.cuda.synchronize()
-    profiler.start()
-    started = time.perf_counter()
-    for _ in range(steps):
-        tokens = graph.step(caches, tokens).argmax(-1).tolist()
-    wall_ms = 1e3 * (time.perf_counter() - started) / steps
-    profiler.stop()
+    with contextlib.closing(ahead(caches, graph)) as picks:
+        for _ in range(2):
+            next(picks)
+        torch.cuda.synchronize()  # the step queued ahead is done: the window holds the `steps` steps queued in it
+        profiler.start()
+        started = time.perf_counter()
+        for _ in range(steps):
+            next(picks)
+        wall_ms = 1e3 * (time.perf_counter() - started) / steps
+        torch.cuda.synchronize()
+        profiler.stop()
     for cache in caches:
         cache.truncate(start_length)
     return kernel_time_by_kind(profiler, steps), wall_ms
@@ -129,11 +146,12 @@ def main():
             for name, settings in (("dense", dense), ("quest", quest)):
                 for cache in caches[:batch]:
                     cache.set_config(settings)
-                row[f"{name}_tok_s"] = decode_tok_s(model, caches[:batch], args.steps, graph)
+                row[f"{name}_tok_s"] = decode_tok_s(model, caches[:batch], args.steps, graph, runs_ahead=True)
+                row[f"{name}_waiting_tok_s"] = decode_tok_s(model, caches[:batch], args.steps, graph)
                 row[f"{name}_eager_tok_s"] = decode_tok_s(model, caches[:batch], args.steps, None)
                 row["graph"], row["compiled"] = not graph.failed, graph.compile_layers
                 if (context, batch) in PROFILED:
-                    row[f"{name}_gpu_us"], row[f"{name}_profiled_ms"] = profile_step(model, caches[:batch], graph)
+                    row[f"{name}_gpu_us"], row[f"{name}_profiled_ms"] = profile_step(caches[:batch], graph)
                 row[f"{name}_floor_tok_s"] = floor_tok_s(model, batch, context,
                                                          None if name == "dense" else args.budget, bandwidth)
             rows.append(row)
@@ -142,13 +160,14 @@ def main():
         del caches
         torch.cuda.empty_cache()
     table = ["| context | batch | ours dense tok/s (floor) | ours Quest tok/s (floor) | Quest / dense | floor ratio | "
-             "eager dense / Quest tok/s |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             "host waiting: dense / Quest tok/s | eager dense / Quest tok/s |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         table.append(f"| {r['context']} | {r['batch']} | {r['dense_tok_s']:.1f} ({r['dense_floor_tok_s']:.0f}) | "
                      f"{r['quest_tok_s']:.1f} ({r['quest_floor_tok_s']:.0f}) | "
                      f"{r['quest_tok_s'] / r['dense_tok_s']:.2f}x | "
                      f"{r['quest_floor_tok_s'] / r['dense_floor_tok_s']:.2f}x | "
+                     f"{r['dense_waiting_tok_s']:.1f} / {r['quest_waiting_tok_s']:.1f} | "
                      f"{r['dense_eager_tok_s']:.1f} / {r['quest_eager_tok_s']:.1f} |")
     kinds = [*KERNEL_KINDS, "other"]
     profile = ["| context | batch | engine | " + " | ".join(f"{kind} ms" for kind in kinds) + " | GPU total ms | "
@@ -161,19 +180,22 @@ def main():
                            f" | {sum(times.values()) / 1e3:.2f} | {r[f'{name}_profiled_ms']:.2f} | "
                            f"{1e3 * r['batch'] / r[f'{name}_floor_tok_s']:.2f} |")
     body = (f"Llama-3.1-8B shapes (32 layers, 32 q / 8 kv heads, d 128), random bf16 weights; B requests decode "
-            f"together over one page pool, aggregate tok/s over {args.steps} greedy steps after 2 warm-up steps, "
-            f"the host reading each step's tokens; Quest budget {args.budget}, pages of 16, 2 dense layers; backend "
+            f"together over one page pool, aggregate tok/s over {args.steps} greedy steps after 2 warm-up steps; "
+            f"Quest budget {args.budget}, pages of 16, 2 dense layers; backend "
             f"{backend.describe()}. Each batch's steps replay a CUDA graph captured for it (quest_core/cuda_graph.py's "
             f"BatchGraphDecoder: {'captured' if all(r['graph'] for r in rows) else 'capture FAILED: eager'}; the "
             f"decoder layers {'compiled' if all(r['compiled'] for r in rows) else 'NOT compiled (compiling failed)'}"
-            "); the last column runs the same steps eagerly, the layers as they are. Floor: the weights once "
+            ") and run ahead of the host (BatchGraphDecoder.greedy: the graph picks each request's token, the host "
+            "queues step i + 1 before it reads step i's tokens), as the engine runs a greedy batch. The last two "
+            "columns: the same graph with the host waiting for each step's tokens before it queues the next, and "
+            "the same steps eagerly, the layers as they are. Floor: the weights once "
             f"per step plus each request's KV (Quest: its 2 dense layers whole, its selected pages and every page's "
             f"bounds in the others) at the copy bandwidth measured in this run, {bandwidth / 1e12:.2f} TB/s.\n\n"
             + "\n".join(table) +
             "\n\nWhere a step's time goes at the targets' batches: GPU kernel time per step by kind from the profiler "
-            "over 4 graph replays (our kernels: the KV append, the scorer and the sparse decode, each once per layer "
-            "over the batch; other: copies and PyTorch's element-wise kernels), the step's wall time under the "
-            "profiler (the host reading each step's tokens and planning the next) and the bytes floor.\n\n"
+            "over 4 graph replays run ahead of the host (our kernels: the KV append, the scorer and the sparse decode, "
+            "each once per layer over the batch; other: copies and PyTorch's element-wise kernels), the step's wall "
+            "time under the profiler and the bytes floor.\n\n"
             + "\n".join(profile))
     if not args.no_write:
         write_section("gpu_batch", "GPU batched decode: ours dense vs ours Quest, batch 1-16", body)

@@ -226,22 +226,26 @@ class BatchGraphDecoder:
     """The engine's batched decode step (hf.forward_batch over caches whose pages share a PagePool) captured as a
     CUDA graph, for one batch at a time: the same requests with the same settings, runs and capacities. Each
     request's token, position and length live on the GPU (`step_values` [3, B]), which the KV append, the scorer and
-    the sparse decode read there; before each replay the host advances the layers' lengths and re-plans FlashInfer's
-    batch decode. A new batch (a request joins or leaves, turns sparse, moves its run) runs its first step eagerly and
-    captures the next; if capture fails, batched steps stay eager, with a log line. Both run the decoder layers
-    compiled, without autotuning (compiled_layers.py; Dynamo compiles a layer for the first batch size and once more
-    with the batch dimension dynamic for the others); if compiling fails, the layers run as they are, with a log
-    line. A traced request's selected pages are tensors the graph writes, recorded into its trace after each replay
-    (as the batch-1 graph does). The decoder holds the batch's caches while its graph lives (the graph holds their
-    tensors' addresses); `reset` lets them go."""
+    the sparse decode read there; each step leaves the next step's there (each row's greedy pick, the position and
+    length one further), so greedy requests' steps run ahead of the host (`greedy`), as the batch-1 graph's do. Before
+    each replay the host advances the layers' lengths and re-plans FlashInfer's batch decode. A new batch (a request
+    joins or leaves, turns sparse, moves its run) runs its first step eagerly and captures the next; if capture
+    fails, batched steps stay eager, with a log line. Both run the decoder layers compiled, without autotuning
+    (compiled_layers.py; Dynamo compiles a layer for the first batch size and once more with the batch dimension
+    dynamic for the others); if compiling fails, the layers run as they are, with a log line. A traced request's
+    selected pages are tensors the graph writes, recorded into its trace after each replay (as the batch-1 graph
+    does). The decoder holds the batch's caches while its graph lives (the graph holds their tensors' addresses);
+    `reset` lets them go."""
 
     def __init__(self, model, cache_arg: str, compile_layers: bool = True):
         self.model, self.cache_arg, self.compile_layers = model, cache_arg, compile_layers
-        self.caches = self.shape = self.graph = self.logits = self.step_values = self.host_values = None
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.caches = self.shape = self.graph = self.logits = None
+        self.step_values = self.host_values = self.stop_bias = None  # [3, B] on the GPU and pinned; [B, vocab]
         self.inputs = []  # the backend's cached uploads the graph reads (bounds tables, pool rows): kept with it
         self.traced_pages = {}  # row -> {layer index: the selected pages [Hkv, k] the graph writes}: traced requests
         self.step_plans = {}  # the plans of the eager step, re-run before each replay
-        self.launched = None  # a CUDA event after the last step: its uploads and plans are done with
+        self.planned = torch.cuda.Event()  # after a step's plans: FlashInfer's pinned buffers are free again
         self.failed = False
 
     @staticmethod
@@ -269,33 +273,50 @@ class BatchGraphDecoder:
     def step(self, caches: list[QuestCache], token_ids: list[int]) -> torch.Tensor:
         """Append token_ids[b] to caches[b] and run the model on them; returns the logits [B, vocab] in float32 (a
         replay's are the graph's output buffer, valid until the next step)."""
-        if self.launched is not None:
-            self.launched.synchronize()
-        positions = [cache.length for cache in caches]
-        shape = self._shape(caches)
-        if shape != self.shape or self.failed:
-            self.reset()
-            self.caches, self.shape = caches, shape
-            device = caches[0].layers[0].keys.device
-            self.step_values = torch.zeros(3, len(caches), dtype=torch.long, device=device)
-            self.host_values = torch.zeros(3, len(caches), dtype=torch.long, pin_memory=True)
-            self._write(token_ids, positions)
-            return self._eager(caches)
-        self._write(token_ids, positions)
-        if self.graph is None:
-            self.graph = self._capture(caches, positions)
-            if self.graph is None:
-                return self._eager(caches)
-        else:
-            self._advance(caches, positions)
-        self.graph.replay()
-        self._launched()
-        for row, pages in self.traced_pages.items():  # what the attention would have recorded: the host's part, the
-            cache = caches[row]                          # graph's pages
-            for index, layer in enumerate(cache.layers):
-                cache.trace.record_layer(index, layer, pages.get(index),
-                                         bounds_read=cache.config.bounds_read(layer.num_pages))
-        return self.logits
+        torch.cuda.current_stream().synchronize()  # the last step may still read what the host rewrites now
+        self._begin(caches, token_ids)
+        return self._run(caches)
+
+    @torch.inference_mode()
+    def greedy(self, caches: list[QuestCache], token_ids: list[int], stop_ids: list[list[int]],
+               blocked_steps: list[int]):
+        """Greedy batched steps that run ahead of the host: the first appends token_ids[b] to caches[b], each next
+        one the picks of the step before (each row's argmax, its stop_ids[b] blocked for its first blocked_steps[b]
+        picks), which the graph feeds itself. Yields each step's picks [B] as a list; step i + 1 is queued before
+        the host reads step i's, so when they come each cache holds one token more than step i left. Closing the
+        generator undoes that queued step (its token removed from every cache): the caches end as `step` leaves
+        them, the last picks not in them."""
+        torch.cuda.current_stream().synchronize()
+        self._begin(caches, token_ids)
+        self.stop_bias.zero_()
+        for row, (ids, steps) in enumerate(zip(stop_ids, blocked_steps)):
+            if steps > 0 and ids:
+                self.stop_bias[row, ids] = -torch.inf
+        picks = torch.zeros(2, len(caches), dtype=torch.long, pin_memory=True)  # step i's in picks[i % 2]
+        ready = [torch.cuda.Event(), torch.cuda.Event()]
+        queued = read = 0
+
+        def queue_step():  # step `queued` and the copy of its picks for the host
+            nonlocal queued
+            for row, steps in enumerate(blocked_steps):
+                if queued == steps > 0:
+                    self.stop_bias[row].zero_()  # in stream order: from this step's pick on, the row may stop
+            self._run(caches)
+            picks[queued % 2].copy_(self.step_values[0], non_blocking=True)
+            ready[queued % 2].record()
+            queued += 1
+
+        try:
+            queue_step()
+            while True:
+                queue_step()
+                ready[read % 2].synchronize()
+                tokens = picks[read % 2].tolist()
+                read += 1
+                yield tokens
+        finally:
+            for cache in caches:  # the steps queued on picks the host has not taken
+                cache.truncate(cache.length - (queued - read))
 
     def reset(self) -> None:
         """Drop the graph and let the batch's caches go."""
@@ -303,21 +324,55 @@ class BatchGraphDecoder:
         self.inputs = []
         self.traced_pages = {}
 
-    def _write(self, token_ids: list[int], positions: list[int]) -> None:
+    def _begin(self, caches: list[QuestCache], token_ids: list[int]) -> None:
+        """The step values of the first step: `token_ids` at each cache's length (new buffers for another batch)."""
+        if self.caches is None or len(self.caches) != len(caches) or any(
+                a is not b for a, b in zip(self.caches, caches)):
+            self.reset()
+            self.caches, batch, device = caches, len(caches), caches[0].layers[0].keys.device
+            self.step_values = torch.zeros(3, batch, dtype=torch.long, device=device)
+            self.host_values = torch.zeros(3, batch, dtype=torch.long, pin_memory=True)
+            self.stop_bias = torch.zeros(batch, self.vocab_size, device=device)  # -inf at blocked stop ids
         self.host_values[0] = torch.tensor(token_ids)
-        self.host_values[1] = torch.tensor(positions)
+        self.host_values[1] = torch.tensor([cache.length for cache in caches])
         self.host_values[2] = self.host_values[1] + 1
         self.step_values.copy_(self.host_values, non_blocking=True)
+
+    def _run(self, caches: list[QuestCache]) -> torch.Tensor:
+        """One step on the values in `step_values`, which it advances to the next step's; returns the logits."""
+        self.planned.synchronize()
+        positions = [cache.length for cache in caches]
+        shape = self._shape(caches)
+        if shape != self.shape or self.failed:
+            self.shape, self.graph, self.inputs, self.traced_pages = shape, None, [], {}
+            return self._eager(caches, positions)
+        if self.graph is None:
+            self.graph = self._capture(caches, positions)
+            if self.graph is None:
+                return self._eager(caches, positions)
+        else:
+            self._advance(caches, positions)
+        self.graph.replay()
+        for row, pages in self.traced_pages.items():  # what the attention would have recorded: the host's part, the
+            cache = caches[row]                          # graph's pages
+            for index, layer in enumerate(cache.layers):
+                cache.trace.record_layer(index, layer, pages.get(index),
+                                         bounds_read=cache.config.bounds_read(layer.num_pages))
+        return self.logits
 
     def _layers(self):
         return compiled_layers(self.model, autotune=False) if self.compile_layers else contextlib.nullcontext()
 
     def _forward(self, caches: list[QuestCache]) -> torch.Tensor:
+        """The step's forward on the values in `step_values`, then each row's pick and the next step's values there."""
         batch = len(caches)
-        return forward_batch(self.model, caches, self.step_values[0].view(batch, 1), self.cache_arg,
-                             position_ids=self.step_values[1].view(batch, 1))
+        logits = forward_batch(self.model, caches, self.step_values[0].view(batch, 1), self.cache_arg,
+                               position_ids=self.step_values[1].view(batch, 1))
+        torch.argmax(logits + self.stop_bias, dim=-1, out=self.step_values[0])
+        self.step_values[1:].add_(1)
+        return logits
 
-    def _eager(self, caches: list[QuestCache]) -> torch.Tensor:
+    def _eager(self, caches: list[QuestCache], positions: list[int]) -> torch.Tensor:
         backend = caches[0].backend
         backend.step_plans.clear()  # this step records the plans that the replays re-run
         try:
@@ -328,17 +383,13 @@ class BatchGraphDecoder:
                 raise
             log.warning("compiling the decoder layers of a batched step failed (%s); running them as they are", error)
             self.compile_layers = False
-            for cache, position in zip(caches, self.host_values[1].tolist()):
+            for cache, position in zip(caches, positions):
                 cache.truncate(position)  # the layers before the failure appended the token
             backend.step_plans.clear()
             logits = self._forward(caches)
         self.step_plans = dict(backend.step_plans)
-        self._launched()
+        self.planned.record()
         return logits
-
-    def _launched(self) -> None:
-        self.launched = torch.cuda.Event()
-        self.launched.record()
 
     def _advance(self, caches: list[QuestCache], positions: list[int]) -> None:
         """The host's part of a step: the layers' lengths, FlashInfer's plans."""
@@ -346,6 +397,7 @@ class BatchGraphDecoder:
             for layer in cache.layers:
                 layer.length = position + 1
         caches[0].backend.plan_step(self.step_plans)
+        self.planned.record()
 
     def _capture(self, caches: list[QuestCache], positions: list[int]):
         backend = caches[0].backend

@@ -92,7 +92,7 @@ class Request:
     start_length: int = 0              # the cache's length before the prefill (restored if it fails)
     prefilled: int = 0
     logits: torch.Tensor | None = None  # [vocab], for the next token
-    answer_ids: torch.Tensor | None = None  # [1, n]: the answer's tokens so far, for the processors
+    answer: list[int] = field(default_factory=list)  # the answer's tokens so far
     last_token: int | None = None
     last_time: float = 0.0
 
@@ -207,7 +207,10 @@ class Engine:
                 else:
                     self._start_answer(newcomer)
         decoding = [r for r in requests if r.last_token is not None and not r.finished.is_set()]
-        if decoding:
+        prefilling = any(r.left_to_prefill and not r.finished.is_set() for r in requests)
+        if decoding and not prefilling and self._runs_ahead(decoding):
+            self._decode_ahead(decoding)
+        elif decoding:
             self._decode_step(decoding)
         return [r for r in requests if not r.finished.is_set()]
 
@@ -234,7 +237,6 @@ class Engine:
             self._finish(request)
             return
         request.cache.trace = request.trace
-        request.answer_ids = torch.empty(1, 0, dtype=torch.long, device=self.device)
         self._take(request, request.logits, None)
 
     def _decode_step(self, requests: list[Request]) -> None:
@@ -255,19 +257,49 @@ class Engine:
             step = trace.end_step(request.cache.length, now - request.last_time, self.num_layers) if trace else None
             self._take(request, row, step)
 
+    def _runs_ahead(self, requests: list[Request]) -> bool:
+        """Whether the batch's steps can run ahead of the host (`BatchGraphDecoder.greedy`): every request decodes
+        greedily, unprocessed and untraced (its token is the graph's pick)."""
+        return self.batch_graph is not None and all(
+            r.temperature <= 0 and not r.processors and r.cache.trace is None for r in requests) \
+            and BatchGraphDecoder.takes([r.cache for r in requests])
+
+    def _decode_ahead(self, requests: list[Request]) -> None:
+        """Greedy batched steps queued ahead of the host until a request ends or is stopped, or another arrives;
+        then the step queued on the last tokens is undone, and each request goes on from its `last_token` as after
+        `_decode_step`."""
+        steps = self.batch_graph.greedy(
+            [r.cache for r in requests], [r.last_token for r in requests], [r.stop_ids for r in requests],
+            [max(0, r.min_new_tokens - len(r.answer)) for r in requests])
+        try:
+            for tokens in steps:
+                for request, token_id in zip(requests, tokens):
+                    self._hand(request, token_id, request.cache.length - 1, None)  # the queued step's token is in
+                if self._arrived or any(r.finished.is_set() for r in requests):
+                    break
+        except Exception as error:
+            for request in requests:
+                self._finish(request, error)
+        finally:
+            steps.close()
+
     def _take(self, request: Request, logits: torch.Tensor, step: StepTrace | None) -> None:
         """Choose `request`'s next token from its logits [vocab]; hand it over, or end the request."""
-        index = request.answer_ids.shape[1]
-        token_id = next_token(logits, request.answer_ids, index, request.stop_ids, request.min_new_tokens,
+        answer_ids = torch.tensor([request.answer], device=self.device) if request.processors else None
+        token_id = next_token(logits, answer_ids, len(request.answer), request.stop_ids, request.min_new_tokens,
                               request.temperature, request.top_p, request.generator, request.processors)
+        self._hand(request, token_id, request.cache.length, step)
+
+    def _hand(self, request: Request, token_id: int, context_len: int, step: StepTrace | None) -> None:
+        """Hand `request`'s next token to its consumer, or end the request at a stop id, its cap or its stop."""
         if token_id in request.stop_ids:
             self._finish(request)
             return
         request.last_time = time.perf_counter()
-        request.outbox.put(Token(token_id, request.cache.length, request.last_time, step))
-        request.answer_ids = torch.cat([request.answer_ids, request.answer_ids.new_full((1, 1), token_id)], dim=1)
+        request.outbox.put(Token(token_id, context_len, request.last_time, step))
+        request.answer.append(token_id)
         request.last_token = token_id
-        if index + 1 == request.max_new_tokens or request.stopped:
+        if len(request.answer) == request.max_new_tokens or request.stopped:
             self._finish(request)
 
     def _finish(self, request: Request, error: BaseException | None = None) -> None:
@@ -325,7 +357,6 @@ class Engine:
             self._finish(request, error)
             return
         if arrived and not request.stopped and len(answer) < request.max_new_tokens:
-            request.answer_ids = torch.tensor([answer], device=self.device)
-            request.last_token = answer[-1]
+            request.answer, request.last_token = answer, answer[-1]
             return
         self._finish(request)

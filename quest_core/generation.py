@@ -59,11 +59,11 @@ def decode(model, cache: QuestCache, logits: torch.Tensor, max_new_tokens: int, 
             logits = forward(model, cache, torch.tensor([[token_id]], device=device), cache_arg)
 
 
-def next_token(logits: torch.Tensor, answer_ids: torch.Tensor, index: int, stop_ids: list[int],
+def next_token(logits: torch.Tensor, answer_ids: torch.Tensor | None, index: int, stop_ids: list[int],
                min_new_tokens: int = 0, temperature: float = 0.0, top_p: float = 1.0, generator=None,
                processors: LogitsProcessorList | None = None) -> int:
     """The answer's token number `index` from logits [vocab] (changed in place): stop ids barred before
-    `min_new_tokens`, `processors` on the answer's ids [1, index], then `sample`."""
+    `min_new_tokens`, `processors` on the answer's ids [1, index] (None without processors), then `sample`."""
     if index < min_new_tokens and stop_ids:
         logits[stop_ids] = -float("inf")
     if processors:

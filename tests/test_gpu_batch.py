@@ -1,7 +1,8 @@
 """A batch of requests on the GPU (the flashinfer backend over an engine's page pool): our sparse decode over the
 heads of several requests, each reading its own length; a batched decode step against each request decoded
-alone; a batch's CUDA graph against its eager steps; two caches' graphs replayed in turn; the engine's answers
-asked at once against the same answers one after another. Skipped without CUDA."""
+alone; a batch's CUDA graph against its eager steps; greedy steps run ahead of the host against the host's picks;
+two caches' graphs replayed in turn; the engine's answers asked at once against the same answers one after another.
+Skipped without CUDA."""
 import contextlib
 
 import pytest
@@ -20,7 +21,7 @@ from quest_core.backend_flashinfer import FlashInferBackend  # noqa: E402
 from quest_core.config import QuestConfig  # noqa: E402
 from quest_core.cuda_graph import BatchGraphDecoder, graph_decoder  # noqa: E402
 from quest_core.engine import Engine, Request  # noqa: E402
-from quest_core.generation import decode, prefill  # noqa: E402
+from quest_core.generation import decode, next_token, prefill  # noqa: E402
 from quest_core.hf import QuestCache, cache_argument, forward_batch  # noqa: E402
 from quest_core.paged_cache import PagePool  # noqa: E402
 from quest_core.trace import Trace  # noqa: E402
@@ -192,6 +193,46 @@ def test_a_batch_replayed_from_a_cuda_graph_equals_eager_batched_steps():
 
 
 @needs_kernels
+def test_greedy_batch_steps_run_ahead_as_the_host_would_pick():
+    """`BatchGraphDecoder.greedy` (the graph picks each row's token and the host queues the next step before it
+    reads) against `step` with the host's `next_token`, on twin copies of four requests in one pool: the same picks
+    for 30 steps while one request turns sparse (a new graph, its eager step inside the run) and pages fill; one
+    row's stop ids (half the vocabulary) are blocked for its first 6 picks. Closing the generator undoes the step
+    queued ahead, so the caches end as the host's steps leave them: the next step's logits are equal."""
+    model = tiny_llama(torch.bfloat16)
+    backend = FlashInferBackend("cuda")
+    settings = [SETTINGS[0], SETTINGS[1], QuestConfig(budget=256, page_size=PAGE), SETTINGS[3]]
+    generator = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, 256, (n,), generator=generator).tolist() for n in (500, 700, 240, 903)]
+    pool = PagePool(4, 2048, 2, PAGE, 64, model.dtype, "cuda")
+    ahead, host = [[QuestCache(4, config, backend, pool) for config in settings] for _ in range(2)]
+    for caches in (ahead, host):
+        for cache, prompt in zip(caches, prompts):
+            cache.reserve(len(prompt) + 64)
+            prefill(model, cache, prompt, chunk_size=256)
+    stop_ids, blocked_steps = [[], list(range(128)), [], []], [0, 6, 0, 0]
+    first = [7, 8, 9, 10]
+    with torch.inference_mode():
+        ahead_decoder = BatchGraphDecoder(model, cache_argument(model), compile_layers=False)
+        steps = ahead_decoder.greedy(ahead, first, stop_ids, blocked_steps)
+        got = [next(steps) for _ in range(30)]
+        steps.close()
+        host_decoder = BatchGraphDecoder(model, cache_argument(model), compile_layers=False)
+        expected, unblocked, tokens = [], [], first
+        for index in range(30):
+            logits = host_decoder.step(host, tokens).clone()
+            unblocked.append(logits[1].argmax().item())
+            tokens = [next_token(row, None, index, ids, steps) for row, ids, steps in zip(logits, stop_ids,
+                                                                                          blocked_steps)]
+            expected.append(tokens)
+        assert any(token < 128 for token in unblocked[:6])  # the blocking changed a pick
+        assert got == expected, [sum(a == b for a, b in zip(g, e)) for g, e in zip(got, expected)]
+        assert [cache.length for cache in ahead] == [cache.length for cache in host]
+        assert torch.equal(ahead_decoder.step(ahead, tokens), host_decoder.step(host, tokens))
+    assert not ahead_decoder.failed and ahead_decoder.graph is not None
+
+
+@needs_kernels
 def test_a_batch_graph_of_compiled_layers_follows_eager_batched_steps(capsys):
     """The engine's batch graph decoder (the layers compiled) against eager batched steps, teacher-forced over 24
     tokens, for a batch of 4 and then of 2 (Dynamo's second batch size: the batch dimension turns dynamic).
@@ -256,31 +297,47 @@ def test_two_caches_graphs_replay_their_own_plans(monkeypatch):
 @needs_kernels
 def test_engine_answers_asked_at_once_equal_one_after_another(monkeypatch):
     """The engine with a page pool: four greedy answers submitted at once (the first starts alone, on CUDA graphs,
-    and hands over to the batch when the others arrive) equal, token for token, the answers of an engine without a
-    pool, which runs them one at a time on CUDA graphs. The graphs hold the layers as they are here, not compiled:
-    the batch runs them eagerly, and a batched step rounds as a lone one does (the test above: 0 error), while
-    compiled layers round differently (0.01 relative error in fp16, test_gpu.py), which forked 1 and then 28 of the
-    192 tokens in two H200 runs, as the hand-over fell at different steps."""
+    and hands over to the batch when the others arrive; once no prefill waits, the batch's steps run ahead of the
+    host, `BatchGraphDecoder.greedy`) equal, token for token, the answers of an engine without a pool, which runs
+    them one at a time on CUDA graphs. One answer ends at a stop id, one has its stop id blocked for its first 8
+    tokens, and one is cancelled by its consumer after 16 tokens: a prefix of its whole answer, while the others go
+    on. The graphs hold the layers as they are here, not compiled: the batch runs them eagerly, and a batched step
+    rounds as a lone one does (the test above: 0 error), while compiled layers round differently (0.01 relative
+    error in fp16, test_gpu.py), which forked 1 and then 28 of the 192 tokens in two H200 runs, as the hand-over fell
+    at different steps."""
     monkeypatch.setattr(cuda_graph, "compiled_layers", lambda model, autotune=True: contextlib.nullcontext())
     model = tiny_llama(torch.float16, initializer_range=0.02, query_key_scale=3.0)
     backend = FlashInferBackend("cuda")
     generator = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 256, (n,), generator=generator).tolist() for n in PROMPTS]
 
-    def answers(engine):
-        requests = [engine.submit(Request(engine.new_cache(settings), prompt, max_new_tokens=48,
-                                          min_new_tokens=48, chunk_size=256))
-                    for settings, prompt in zip(SETTINGS, prompts)]
-        return asked_at_once(requests, lambda request, _: (item for item in request.items()
-                                                           if hasattr(item, "token_id")), timeout=300)
+    def answers(engine, stop_ids=((),) * 4, min_new_tokens=(0,) * 4, cancelled=None):
+        requests = [engine.submit(Request(engine.new_cache(settings), prompt, max_new_tokens=48, stop_ids=list(stop),
+                                          min_new_tokens=least, chunk_size=256))
+                    for settings, prompt, stop, least in zip(SETTINGS, prompts, stop_ids, min_new_tokens)]
 
-    expected = answers(Engine(model, None, backend))
+        def tokens(request, index):
+            for count, item in enumerate(item for item in request.items() if hasattr(item, "token_id")):
+                if index == cancelled and count == 15:
+                    request.cancel.set()
+                yield item
+
+        return asked_at_once(requests, tokens, timeout=300)
+
+    alone = Engine(model, None, backend)
+    free = answers(alone)
+    stop_ids, min_new_tokens = [(), (), (free[2][4],), (free[3][20],)], [0, 0, 8, 0]
+    expected = answers(alone, stop_ids, min_new_tokens)
+    assert expected[2][4] != free[2][4] and len(expected[3]) <= 20  # the blocked stop id changed a pick; a stop
     engine = Engine(model, None, backend, pool_tokens=1024 * PAGE)
     assert engine.pool is not None and engine.batches
-    sizes = []
-    original = engine._decode_step
-    engine._decode_step = lambda requests: (sizes.append(len(requests)), original(requests))
-    got = answers(engine)
-    assert max(sizes) >= 3, sizes
-    assert got == expected, [sum(a == b for a, b in zip(g, e)) for g, e in zip(got, expected)]
+    sizes = {"step": [], "ahead": []}
+    for name in sizes:
+        original = getattr(engine, f"_decode_{name}")
+        setattr(engine, f"_decode_{name}", lambda requests, name=name, original=original: (
+            sizes[name].append(len(requests)), original(requests)))
+    got = answers(engine, stop_ids, min_new_tokens, cancelled=0)
+    assert max(sizes["ahead"]) >= 3, sizes
+    assert 16 <= len(got[0]) < 48 and got[0] == expected[0][:len(got[0])], (len(got[0]), got[0], expected[0])
+    assert got[1:] == expected[1:], [sum(a == b for a, b in zip(g, e)) for g, e in zip(got, expected)]
     del engine
