@@ -310,11 +310,12 @@ def test_engine_answers_asked_at_once_equal_one_after_another(monkeypatch):
     backend = FlashInferBackend("cuda")
     generator = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 256, (n,), generator=generator).tolist() for n in PROMPTS]
+    pages_of_4 = [settings.with_changes(page_size=4) for settings in SETTINGS]  # the pool's: the model's default
 
     def answers(engine, stop_ids=((),) * 4, min_new_tokens=(0,) * 4, cancelled=None):
         requests = [engine.submit(Request(engine.new_cache(settings), prompt, max_new_tokens=48, stop_ids=list(stop),
                                           min_new_tokens=least, chunk_size=256))
-                    for settings, prompt, stop, least in zip(SETTINGS, prompts, stop_ids, min_new_tokens)]
+                    for settings, prompt, stop, least in zip(pages_of_4, prompts, stop_ids, min_new_tokens)]
 
         def tokens(request, index):
             for count, item in enumerate(item for item in request.items() if hasattr(item, "token_id")):
@@ -330,7 +331,7 @@ def test_engine_answers_asked_at_once_equal_one_after_another(monkeypatch):
     expected = answers(alone, stop_ids, min_new_tokens)
     assert expected[2][4] != free[2][4] and len(expected[3]) <= 20  # the blocked stop id changed a pick; a stop
     engine = Engine(model, None, backend, pool_tokens=1024 * PAGE)
-    assert engine.pool is not None and engine.batches
+    assert engine.pool.page_size == 4 and engine.batches
     sizes = {"step": [], "ahead": []}
     for name in sizes:
         original = getattr(engine, f"_decode_{name}")
