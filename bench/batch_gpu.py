@@ -92,8 +92,8 @@ def profile_step(caches, graph: BatchGraphDecoder, steps: int = 4) -> tuple[dict
         started = time.perf_counter()
         for _ in range(steps):
             next(picks)
+        torch.cuda.synchronize()  # the last step queued in the window
         wall_ms = 1e3 * (time.perf_counter() - started) / steps
-        torch.cuda.synchronize()
         profiler.stop()
     for cache in caches:
         cache.truncate(start_length)

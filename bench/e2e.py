@@ -40,17 +40,18 @@ def random_prompt(vocab_size: int, context: int) -> list[int]:
     return torch.randint(0, vocab_size, (context,), generator=torch.Generator().manual_seed(0)).tolist()
 
 
-def hf_generate(model, prompt, new_tokens, static=False, batch=1):
+def hf_generate(model, prompt, new_tokens, static=False, batch=1, prefill_chunk_size=None):
     """(ttft_s, decode tok/s over the batch) of HF `generate` on `batch` copies of the prompt: eager with its dynamic
     cache, or with a static cache, for which transformers compiles the decode step itself (torch.compile, its own
-    fast path); the compile happens in the first decode step, which tok/s leaves out as it does the prefill."""
+    fast path); the compile happens in the first decode step, which tok/s leaves out as it does the prefill.
+    prefill_chunk_size: transformers' chunked prefill (None: one forward over the prompt)."""
     model.set_attn_implementation("sdpa")
     streamer = Timestamps()
     torch.cuda.synchronize()
     started = time.perf_counter()
     model.generate(torch.tensor([prompt] * batch, device="cuda"), max_new_tokens=new_tokens,
                    min_new_tokens=new_tokens, do_sample=False, streamer=streamer,
-                   cache_implementation="static" if static else None)
+                   cache_implementation="static" if static else None, prefill_chunk_size=prefill_chunk_size)
     torch.cuda.synchronize()
     return streamer.times[1] - started, batch * tokens_per_s(streamer.times[2:] if static else streamer.times[1:])
 
