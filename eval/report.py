@@ -149,7 +149,7 @@ def run_part(model, tokenizer, part: str, settings: dict, out: Path = OUT, shard
         rows = passkey_rows(model, tokenizer, report_texts(), pairs[shard[0]::shard[1]],
                             methods(settings["budgets"], settings["methods"], model.config, settings["top_p"]),
                             settings, log)
-        extra = "depths-" if settings["depths"] != SETTINGS["depths"] else ""
+        extra = "".join(f"{key}-" for key in ("contexts", "depths", "methods") if settings[key] != SETTINGS[key])
         part = f"passkey-{'+'.join(fillers) + '-' if fillers else ''}{extra}{shard[0]}"
     elif part == "perplexity":
         settings = dict(settings, top_p=chosen_top_p(out))
@@ -196,6 +196,19 @@ def read_csv(path: Path) -> list[dict]:
         if "pages" in row:
             row["pages"] = float(row["pages"]) if row["pages"] else None
     return rows
+
+
+def passkey_results(results: Path = OUT) -> list[dict]:
+    """The passkey parts' rows in `results`, one per prompt, method and budget: where runs repeat one (a run of other
+    methods repeats dense's, to know which prompts it solves), a row that counted the pages read wins, else the
+    first file's."""
+    rows = {}
+    for path in sorted(results.glob("passkey-*.csv")):
+        for row in read_csv(path):
+            key = (row["filler"], row["context"], row["depth"], row["method"], row["budget"])
+            if key not in rows or (row.get("pages") is not None and rows[key].get("pages") is None):
+                rows[key] = row
+    return list(rows.values())
 
 
 def passkey_counts(rows: list[dict], group=lambda r: "all") -> dict:
@@ -350,8 +363,9 @@ def write(results: Path = OUT, markdown: Path = HERE / "RESULTS.md") -> None:
     metas = (sorted(results.glob("top-p.meta.json")) + sorted(results.glob("passkey-*.meta.json"))
              + [results / "perplexity.meta.json"] + sorted(results.glob("agreement-*.meta.json")))
     meta = {path.name.removesuffix(".meta.json"): json.loads(path.read_text()) for path in metas}
-    settings = meta["passkey-0"]["settings"]
-    key_rows = [row for path in sorted(results.glob("passkey-*.csv")) for row in read_csv(path)]
+    key_rows = passkey_results(results)
+    settings = dict(meta["passkey-0"]["settings"],
+                    methods=[m for m in METHODS if any(r["method"] == m for r in key_rows)])
     ppl_rows = read_csv(results / "perplexity.csv")
     qa_runs = [json.loads(path.read_text()) for path in sorted(results.glob("agreement-*.json"))
                if not path.name.endswith(".meta.json")]
@@ -433,7 +447,10 @@ def main():
     parser.add_argument("--shard", default="0/1", help="i/n: the passkey or agreement part's i-th of n shards")
     parser.add_argument("--fillers", help="comma-separated report texts for the passkey part (default: "
                         "SETTINGS['fillers'])")
+    parser.add_argument("--contexts", help="comma-separated contexts for the passkey part (default: "
+                        "SETTINGS['contexts'])")
     parser.add_argument("--depths", help="comma-separated depths for the passkey part (default: SETTINGS['depths'])")
+    parser.add_argument("--methods", help="comma-separated methods for the passkey part (default: SETTINGS['methods'])")
     parser.add_argument("--qa-budgets", help="comma-separated budgets for the agreement part (default: "
                         "SETTINGS['qa_budgets'])")
     parser.add_argument("--qa-methods", help="comma-separated methods for the agreement part (default: "
@@ -449,7 +466,13 @@ def main():
     torch.set_num_threads(args.threads)
     shard = tuple(int(x) for x in args.shard.split("/"))
     fillers = args.fillers.split(",") if args.fillers else None
-    settings = dict(SETTINGS, depths=[float(d) for d in args.depths.split(",")]) if args.depths else SETTINGS
+    settings = SETTINGS
+    if args.contexts:
+        settings = dict(settings, contexts=[int(c) for c in args.contexts.split(",")])
+    if args.depths:
+        settings = dict(settings, depths=[float(d) for d in args.depths.split(",")])
+    if args.methods:
+        settings = dict(settings, methods=args.methods.split(","))
     if args.qa_budgets:
         settings = dict(settings, qa_budgets=[int(b) for b in args.qa_budgets.split(",")])
     if args.qa_methods:

@@ -110,12 +110,8 @@ def test_chat_prompt_holds_the_key_on_its_own_line_at_its_depth(default_model, c
 # What eval/RESULTS.md claims of the committed report-split results (eval/results/report; no model runs): each
 # test fails if the results change so that the claim no longer holds.
 
-def committed_passkeys() -> list[dict]:
-    return [row for path in sorted(report.OUT.glob("passkey-*.csv")) for row in report.read_csv(path)]
-
-
 def test_results_quest_finds_every_passkey_dense_finds_at_budget_256():
-    counts = report.passkey_counts(committed_passkeys())
+    counts = report.passkey_counts(report.passkey_results())
     solved, prompts = counts[("all", "dense", 0)]
     assert counts[("all", "quest-default", 256)] == (solved, solved), "one miss, or a prompt dense solves left out"
     assert solved >= 30 and prompts >= 70
@@ -135,7 +131,7 @@ def test_results_streaming_clearly_worse_than_quest_at_budget_256():
 
 
 def test_results_adaptive_budget_finds_what_budget_256_finds_reading_fewer_pages():
-    rows = committed_passkeys()
+    rows = report.passkey_results()
     settings = report.SETTINGS
     topp = ("quest-topp", settings["top_p_budget"])
     if not any((r["method"], r["budget"]) == topp for r in rows):
