@@ -5,7 +5,8 @@ random prompt, aggregate decode tok/s after the first decode step (the compile),
 one forward over the prompts does not fit in memory, the prefill runs in chunks of 8192 (transformers'
 `prefill_chunk_size`); the decode is the same.
 
-    python bench/batch_hf.py      # writes gpu_batch_hf in RESULTS.md
+    python bench/batch_hf.py                    # writes gpu_batch_hf_32768 and gpu_batch_hf_131072 in RESULTS.md
+    python bench/batch_hf.py --contexts 131072  # one context (each a section of its own)
 """
 import argparse
 import gc
@@ -43,23 +44,29 @@ def main():
     args = parser.parse_args()
     model = llama_8b_shaped(max(args.contexts) + args.new_tokens)
     bandwidth = copy_bandwidth()
+    for context in args.contexts:
+        measure(model, context, args.new_tokens, bandwidth, write=not args.no_write)
+
+
+def measure(model, context: int, new_tokens: int, bandwidth: float, write: bool) -> None:
+    """HF at each of batch_gpu's batches of `context`, into its own section, gpu_batch_hf_<context>, written after
+    each batch (a run stopped part-way keeps what it measured; a run of the other context leaves it)."""
     rows = []
-    for context, batch in ((c, b) for c in args.contexts for b in BATCHES[c]):
+    for batch in BATCHES[context]:
         prompt = random_prompt(model.config.vocab_size, context)
         row = dict(context=context, batch=batch, floor_tok_s=floor_tok_s(model, batch, context, None, bandwidth))
-        row["hf_static_tok_s"], row["prefill_chunk"] = hf_tok_s(model, prompt, args.new_tokens, batch)
+        row["hf_static_tok_s"], row["prefill_chunk"] = hf_tok_s(model, prompt, new_tokens, batch)
         torch.cuda.empty_cache()
         rows.append(row)
         print(json.dumps(row), flush=True)
-        if not args.no_write:  # after each batch: a run stopped part-way keeps what it measured
-            write_section("gpu_batch_hf", "GPU batched decode: HF generate, static cache + torch.compile",
-                          report(rows, args.new_tokens, bandwidth))
-    print(json.dumps({"bench": "gpu_batch_hf", "rows": rows}))
+        if write:
+            write_section(f"gpu_batch_hf_{context}", f"GPU batched decode: HF generate, static cache + torch.compile, "
+                          f"{context // 1024}K", report(rows, new_tokens, bandwidth))
 
 
 def report(rows: list[dict], new_tokens: int, bandwidth: float) -> str:
     table = ["| context | batch | HF static cache + compile tok/s | dense bytes floor tok/s |", "|---:|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (r["context"], r["batch"])):
+    for r in rows:
         speed = "out of memory" if r["hf_static_tok_s"] is None else f"{r['hf_static_tok_s']:.1f}"
         if r["prefill_chunk"]:
             speed += f" (prefill in chunks of {r['prefill_chunk']})"
