@@ -148,6 +148,22 @@ def test_a_batched_step_equals_each_request_alone(dtype, capsys):
     assert all(cache.length == prompt_len + 32 for cache, prompt_len in zip(caches, PROMPTS))
 
 
+def twin_batches(model, seed: int) -> list[list[QuestCache]]:
+    """Two copies of four prefilled requests in one pool, each with room for 64 more tokens: dense, Quest at budget
+    256, Quest at budget 256 over a 240-token prompt (it turns sparse on the way), rule mass at budget 128."""
+    backend = FlashInferBackend("cuda")
+    settings = [SETTINGS[0], SETTINGS[1], QuestConfig(budget=256, page_size=PAGE), SETTINGS[3]]
+    generator = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 256, (n,), generator=generator).tolist() for n in (500, 700, 240, 903)]
+    pool = PagePool(4, 2048, 2, PAGE, 64, model.dtype, "cuda")
+    twins = [[QuestCache(4, config, backend, pool) for config in settings] for _ in range(2)]
+    for caches in twins:
+        for cache, prompt in zip(caches, prompts):
+            cache.reserve(len(prompt) + 64)
+            prefill(model, cache, prompt, chunk_size=256)
+    return twins
+
+
 @needs_kernels
 def test_a_batch_replayed_from_a_cuda_graph_equals_eager_batched_steps():
     """The same four requests twice in one pool: one copy steps through the batch graph decoder (an eager step,
@@ -156,16 +172,8 @@ def test_a_batch_replayed_from_a_cuda_graph_equals_eager_batched_steps():
     traced (the app traces every answer): each step's trace, the selected pages of every layer and KV head and the
     bytes read, equals the eager step's."""
     model = tiny_llama(torch.bfloat16)
-    backend = FlashInferBackend("cuda")
-    settings = [SETTINGS[0], SETTINGS[1], QuestConfig(budget=256, page_size=PAGE), SETTINGS[3]]
-    generator = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, 256, (n,), generator=generator).tolist() for n in (500, 700, 240, 903)]
-    pool = PagePool(4, 2048, 2, PAGE, 64, model.dtype, "cuda")
-    twins = [[QuestCache(4, config, backend, pool) for config in settings] for _ in range(2)]
+    twins = twin_batches(model, seed=3)
     for caches in twins:
-        for cache, prompt in zip(caches, prompts):
-            cache.reserve(len(prompt) + 64)
-            prefill(model, cache, prompt, chunk_size=256)
         for cache in caches[1::2]:
             cache.trace = Trace()
     decoder = BatchGraphDecoder(model, cache_argument(model), compile_layers=False)  # as the eager steps run them
@@ -200,16 +208,7 @@ def test_greedy_batch_steps_run_ahead_as_the_host_would_pick():
     row's stop ids (half the vocabulary) are blocked for its first 6 picks. Closing the generator undoes the step
     queued ahead, so the caches end as the host's steps leave them: the next step's logits are equal."""
     model = tiny_llama(torch.bfloat16)
-    backend = FlashInferBackend("cuda")
-    settings = [SETTINGS[0], SETTINGS[1], QuestConfig(budget=256, page_size=PAGE), SETTINGS[3]]
-    generator = torch.Generator().manual_seed(6)
-    prompts = [torch.randint(0, 256, (n,), generator=generator).tolist() for n in (500, 700, 240, 903)]
-    pool = PagePool(4, 2048, 2, PAGE, 64, model.dtype, "cuda")
-    ahead, host = [[QuestCache(4, config, backend, pool) for config in settings] for _ in range(2)]
-    for caches in (ahead, host):
-        for cache, prompt in zip(caches, prompts):
-            cache.reserve(len(prompt) + 64)
-            prefill(model, cache, prompt, chunk_size=256)
+    ahead, host = twin_batches(model, seed=6)
     stop_ids, blocked_steps = [[], list(range(128)), [], []], [0, 6, 0, 0]
     first = [7, 8, 9, 10]
     with torch.inference_mode():
