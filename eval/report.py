@@ -349,8 +349,9 @@ def top_p_section(results: Path) -> str:
 `quest-topp` is the model default with `QuestConfig.top_p`: each KV head of a sparse layer reads the current page,
 then pages in decreasing estimated share of its group's attention until they hold top_p of it, from
 {QuestConfig.min_budget} tokens (`min_budget`, the config's default) up to the budget. top_p = {settings['top_p']} was
-chosen by `python -m eval.report --part top-p` on the tuning split's prose (*Hamlet*, *Areopagitica*; the same
-prompt, contexts and depths as below): the smallest top_p of the grid whose adaptive budget, at most
+chosen by `python -m eval.report --part top-p` on the tuning split's prose (*Hamlet*, *Areopagitica*; the chat
+prompt, contexts {', '.join(map(str, settings['contexts']))} × depths {', '.join(map(str, settings['depths']))}): the
+smallest top_p of the grid whose adaptive budget, at most
 {settings['top_p_budget']} tokens, finds as many of the passkeys dense finds as the model default at budget
 {settings['top_p_match']}.{rule} No report-split number entered the choice.
 

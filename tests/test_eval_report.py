@@ -130,12 +130,13 @@ def test_results_streaming_clearly_worse_than_quest_at_budget_256():
     assert streaming - streaming_se > 0
 
 
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 15's target is not met on the report split: "
+                   "top_p 0.99 (chosen on the tuning split) finds 28/33 reading 156.9 pages per KV head and step, "
+                   "budget 256 33/33 reading 64")
 def test_results_adaptive_budget_finds_what_budget_256_finds_reading_fewer_pages():
     rows = report.passkey_results()
     settings = report.SETTINGS
     topp = ("quest-topp", settings["top_p_budget"])
-    if not any((r["method"], r["budget"]) == topp for r in rows):
-        pytest.skip("the committed passkey results have no quest-topp rows yet")
     counts, pages = report.passkey_counts(rows), report.mean_pages(rows)
     fixed = ("quest-default", settings["top_p_match"])
     assert counts[("all", *topp)][0] >= counts[("all", *fixed)][0]
