@@ -19,8 +19,10 @@ request's K/V pages live in one `PagePool`, so a step's attention is one FlashIn
 that attend densely and one sparse decode (our kernel) for the Quest ones. A request whose answer starts with no
 other in flight decodes alone, with CUDA graphs (`generation.decode`), until another request arrives; then it joins
 the batch at its next token. A batch's steps replay a CUDA graph captured for it (`cuda_graph.BatchGraphDecoder`;
-a traced request's pages recorded from the graph's own tensors). Without a pool (a model spread over GPUs, or
-pool_tokens 0) requests run one at a time: the whole prefill, then `generation.decode`.
+a traced request's pages recorded from the graph's own tensors). While every request in the batch decodes greedily,
+unprocessed and untraced, and no prefill waits, the steps run ahead of the host (`BatchGraphDecoder.greedy`: the
+graph picks each token, the host queues the next step before it reads this one's). Without a pool (a model spread
+over GPUs, or pool_tokens 0) requests run one at a time: the whole prefill, then `generation.decode`.
 """
 import queue
 import threading
