@@ -30,6 +30,14 @@ from .trace import Trace
 log = logging.getLogger(__name__)
 
 
+def record_replay(cache: QuestCache, traced_pages: dict) -> None:
+    """Record into the cache's trace what its attention would have recorded in a replayed step: the host's part (its
+    lengths and bounds read) and the pages the graph wrote (`traced_pages`: layer index -> [Hkv, k], sparse layers)."""
+    for index, layer in enumerate(cache.layers):
+        cache.trace.record_layer(index, layer, traced_pages.get(index),
+                                 bounds_read=cache.config.bounds_read(layer.num_pages))
+
+
 def graph_decoder(model, cache: QuestCache, cache_arg: str):
     """The cache's GraphDecoder, made on first use; None where a step cannot be captured: no CUDA, the torch
     backend or no kernels, float32, a trace that inspects recall (a dense pass per layer), the streaming/oracle
@@ -137,10 +145,8 @@ class GraphDecoder:
         else:
             self._advance(position)
         self.graph.replay()
-        if self.cache.trace is not None:  # what the attention would have recorded: the host's part, the graph's pages
-            for index, layer in enumerate(self.cache.layers):
-                self.cache.trace.record_layer(index, layer, self.traced_pages.get(index),
-                                              bounds_read=self.cache.config.bounds_read(layer.num_pages))
+        if self.cache.trace is not None:
+            record_replay(self.cache, self.traced_pages)
         return self.logits
 
     def _layers(self):
@@ -353,11 +359,8 @@ class BatchGraphDecoder:
         else:
             self._advance(caches, positions)
         self.graph.replay()
-        for row, pages in self.traced_pages.items():  # what the attention would have recorded: the host's part, the
-            cache = caches[row]                          # graph's pages
-            for index, layer in enumerate(cache.layers):
-                cache.trace.record_layer(index, layer, pages.get(index),
-                                         bounds_read=cache.config.bounds_read(layer.num_pages))
+        for row, pages in self.traced_pages.items():
+            record_replay(caches[row], pages)
         return self.logits
 
     def _layers(self):
