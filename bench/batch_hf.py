@@ -2,8 +2,9 @@
 contexts of bench/batch_gpu.py: the reference beside our dense and Quest there (a run of its own: with its compile
 per shape it does not fit beside them in one device call). Llama-3.1-8B shapes, random bf16 weights, B copies of one
 random prompt, aggregate decode tok/s after the first decode step (the compile), beside the dense bytes floor. Where
-one forward over the prompts does not fit in memory, the prefill runs in chunks of 8192 (transformers'
-`prefill_chunk_size`); the decode is the same.
+one forward over the prompts does not fit in memory, the prefill runs in chunks (transformers' `prefill_chunk_size`:
+8192, else 2048, else 512: SDPA with the static cache's mask holds a chunk's attention weights for the whole cache); the
+decode is the same.
 
     python bench/batch_hf.py                    # writes gpu_batch_hf_32768 and gpu_batch_hf_131072 in RESULTS.md
     python bench/batch_hf.py --contexts 131072  # one context (each a section of its own)
@@ -24,13 +25,13 @@ from bench.results import write_section  # noqa: E402
 
 
 def hf_tok_s(model, prompt, new_tokens: int, batch: int) -> tuple[float | None, int | None]:
-    """(HF's static-cache decode tok/s, the prefill's chunk size): one forward over the prompts, else chunks of 8192
-    where that runs out of memory; (None, None) where neither fits."""
-    for chunk in (None, 8192):
+    """(HF's static-cache decode tok/s, the prefill's chunk size): one forward over the prompts, else the largest
+    chunks that fit; (None, None) where none fits."""
+    for chunk in (None, 8192, 2048, 512):
         try:
             return hf_generate(model, prompt, new_tokens, static=True, batch=batch, prefill_chunk_size=chunk)[1], chunk
-        except torch.OutOfMemoryError:
-            pass
+        except torch.OutOfMemoryError as error:
+            print(f"batch {batch}, prefill chunk {chunk}: {str(error).splitlines()[0]}", file=sys.stderr)
         gc.collect()  # the failed try's cache and activations
         torch.cuda.empty_cache()
     return None, None
