@@ -12,7 +12,7 @@ import torch
 
 from quest_core.backend_torch import TorchBackend, _scores
 from quest_core.config import QuestConfig, default_config
-from quest_core.generation import decode, prefill
+from quest_core.generation import prefill
 from quest_core.hf import QuestCache
 from quest_core.models import load_model
 from quest_core.selection import select_pages
@@ -58,6 +58,16 @@ def two_level_variants(model_config, budget):
     return [("dense", QuestConfig(mode="dense"), Probe()), (f"base@{budget}", base, Probe()),
             (f"p2@{budget}", fine, Probe()), (f"2lvl2@{budget}", fine.with_changes(coarse_factor=2), Probe()),
             (f"2lvl4@{budget}", fine.with_changes(coarse_factor=4), Probe())]
+
+
+def two_level_top_p_variants(model_config, budget, grid):
+    """The two-level ranking (pages of 2, coarse_factor 4) at budgets 128 and `budget`, and with the adaptive budget
+    (QuestConfig.top_p) at each p of `grid`, `budget` tokens its most and min_budget (64) its fewest."""
+    two_level = default_config(model_config, page_size=2, coarse_factor=4)
+    return [("dense", QuestConfig(mode="dense"), Probe()),
+            ("2lvl4@128", two_level.with_changes(budget=128), Probe()),
+            (f"2lvl4@{budget}", two_level.with_changes(budget=budget), Probe())] + [
+        (f"2lvl4-topp{p}@{budget}", two_level.with_changes(budget=budget, top_p=p), Probe()) for p in grid]
 
 
 def sink_variants(model_config, budgets):
@@ -116,7 +126,9 @@ def main():
     parser.add_argument("--fillers", help="comma-separated texts of the split (default: all of its prose)")
     parser.add_argument("--out", default="/tmp/miss_probe.jsonl")
     parser.add_argument("--variants", default="selection",
-                        choices=["selection", "sinks", "oracle", "ranking", "two-level"])
+                        choices=["selection", "sinks", "oracle", "ranking", "two-level", "two-level-top-p"])
+    parser.add_argument("--top-p-grid", default="0.5,0.7,0.8,0.9,0.95,0.98",
+                        help="the shares of the two-level-top-p variants")
     parser.add_argument("--budget", type=int, default=128, help="the budget of the ranking and two-level variants")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -133,7 +145,9 @@ def main():
                 sinks=lambda: sink_variants(model.config, [128, 256, 1024]),
                 oracle=lambda: oracle_variants(model.config, [128, 256]),
                 ranking=lambda: ranking_variants(model.config, args.budget),
-                **{"two-level": lambda: two_level_variants(model.config, args.budget)})[args.variants]()
+                **{"two-level": lambda: two_level_variants(model.config, args.budget),
+                   "two-level-top-p": lambda: two_level_top_p_variants(
+                       model.config, args.budget, [float(p) for p in args.top_p_grid.split(",")])})[args.variants]()
     with open(args.out, "a") as out:
         for seed, filler, context in pairs:
             rng = random.Random(seed)
@@ -150,8 +164,9 @@ def main():
                     cache.truncate(len(prompt) - 1)
                     cache.backend = backend
                     cache.set_config(config)
-                    logits = prefill(model, cache, prompt[-1:])
-                    answer = tokenizer.decode(list(decode(model, cache, logits, 6, cuda_graph=False)))
+                    answer_ids, pages = passkey.traced_answer(model, cache, prompt[-1], 6)
+                    answer = tokenizer.decode(answer_ids)
+                    result[name + ":pages"] = pages and round(pages, 2)  # per KV head of a sparse layer and step
                     found = re.search(r"\d{5}", answer)
                     result[name] = bool(found and found.group() == key)
                     result[name + ":a"] = answer.strip()

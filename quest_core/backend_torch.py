@@ -58,21 +58,16 @@ class TorchBackend:
                sink_pages: int = 0, coarse_factor: int = 0) -> torch.Tensor:
         """query [Hkv, G, D] -> Quest's selected page ids [Hkv, k], current page last (the first sink_pages pages
         among the others; with coarse_factor, ranked in two levels: selection.two_level_scores)."""
-        if not coarse_factor:
-            scores, num_pages = _scores(query, layer, group_rule)
-        else:
-            bounds, num_pages = _bounds_in_use(layer)
-            pairs = None if layer.pair_bounds is None or num_pages is not None else \
-                layer.pair_bounds[:, :-(-layer.num_pages // 2)]  # kept as tokens arrive (PagedLayer.keep_pairs)
-            scores = two_level_scores(query, bounds, group_rule, num_selected, coarse_factor, num_pages, pairs)
+        scores, num_pages = _ranked_scores(query, layer, group_rule, num_selected, coarse_factor)
         return select_pages(scores, num_selected, num_pages, sink_pages)
 
     def select_top_p(self, query: torch.Tensor, layer: PagedLayer, top_p: float, min_pages: int,
-                     max_pages: int, sink_pages: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                     max_pages: int, sink_pages: int = 0, coarse_factor: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """query [Hkv, G, D] -> (page ids [Hkv, max_pages], current page last; page_counts [Hkv]): the adaptive
-        budget (selection.select_top_p) on the "mass" rule's estimate of each page's share of the attention."""
-        scores, num_pages = _scores(query, layer, "mass")
-        return select_top_p(scores / query.shape[1], top_p, min_pages, max_pages, num_pages, sink_pages)
+        budget (selection.select_top_p) on the "mass" rule's estimate of each page's share of the attention (with
+        coarse_factor, over the two-level ranking's candidates for max_pages: the others' share is 0)."""
+        scores, num_pages = _ranked_scores(query, layer, "mass", max_pages, coarse_factor)
+        return select_top_p(scores.clamp(min=0) / query.shape[1], top_p, min_pages, max_pages, num_pages, sink_pages)
 
     def select_baseline(self, mode: str, query: torch.Tensor, layer: PagedLayer, num_selected: int,
                         scaling: float) -> torch.Tensor:
@@ -128,6 +123,18 @@ def _scores(query: torch.Tensor, layer: PagedLayer, group_rule: str) -> tuple[to
     (the length is on the GPU) the scores over the cache's capacity and the page count as a tensor."""
     bounds, num_pages = _bounds_in_use(layer)
     return page_scores(query, bounds, group_rule, num_pages), num_pages
+
+
+def _ranked_scores(query: torch.Tensor, layer: PagedLayer, group_rule: str, num_selected: int,
+                   coarse_factor: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`_scores`, or with coarse_factor the two-level ranking's for num_selected pages (selection.two_level_scores:
+    -inf where a page is not a candidate)."""
+    if not coarse_factor:
+        return _scores(query, layer, group_rule)
+    bounds, num_pages = _bounds_in_use(layer)
+    pairs = None if layer.pair_bounds is None or num_pages is not None else \
+        layer.pair_bounds[:, :-(-layer.num_pages // 2)]  # kept as tokens arrive (PagedLayer.keep_pairs)
+    return two_level_scores(query, bounds, group_rule, num_selected, coarse_factor, num_pages, pairs), num_pages
 
 
 def _bounds_in_use(layer: PagedLayer) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -48,9 +48,10 @@ class AttentionBackend(Protocol):
         sink_pages pages always among the others; coarse_factor: QuestConfig's two-level ranking."""
 
     def select_top_p(self, query: torch.Tensor, layer: PagedLayer, top_p: float, min_pages: int,
-                     max_pages: int, sink_pages: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                     max_pages: int, sink_pages: int = 0, coarse_factor: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Backends with adaptive_budget: query [Hkv, G, D] -> (a selection [Hkv, max_pages], current page last;
-        page_counts [Hkv], the pages each head reads: its first page_counts - 1 slots and the last)."""
+        page_counts [Hkv], the pages each head reads: its first page_counts - 1 slots and the last; coarse_factor:
+        the shares over QuestConfig's two-level ranking's candidates)."""
 
     def select_baseline(self, mode: str, query: torch.Tensor, layer: PagedLayer, num_selected: int,
                         scaling: float) -> torch.Tensor:

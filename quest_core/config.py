@@ -19,7 +19,8 @@ class QuestConfig:
     top_p: float | None = None  # None: every KV head reads `budget` tokens. A share p in (0, 1]: an adaptive budget
                                 # (mode "quest"): each KV head reads the current page, then pages in decreasing
                                 # estimated share of its group's attention (the "mass" rule's, whatever group_rule
-                                # says) until the pages read hold p of it, from `min_budget` up to `budget` tokens
+                                # says; with coarse_factor, over the two-level ranking's candidates for `budget`)
+                                # until the pages read hold p of it, from `min_budget` up to `budget` tokens
     min_budget: int = 64       # with top_p: the fewest tokens a KV head reads (16 pages of 4, 4 pages of 16)
     sink_pages: int = 0        # mode "quest": the first pages (the first tokens, where many heads park their
                                # attention: attention sinks) are always read, out of the budget (as many as it
@@ -54,8 +55,6 @@ class QuestConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.mode not in ("dense", "quest"):
             raise ValueError(f"top_p is an adaptive budget for mode 'quest', not {self.mode!r}")
-        if self.coarse_factor:
-            raise ValueError("top_p ranks pages by their own bounds: set coarse_factor to 0 with it")
         if self.min_budget_pages < 2:
             raise ValueError(f"min_budget ({self.min_budget} tokens) must hold at least two pages of {self.page_size} "
                              "tokens: the current page and one chosen page")

@@ -240,7 +240,7 @@ def _decode_sparse(config: QuestConfig, backend, query: torch.Tensor, layer: Pag
     if config.top_p is not None:  # mode "quest" (QuestConfig refuses top_p with the baselines)
         sink_pages = min(config.sink_pages, config.min_budget_pages - 2)  # room for the current and a chosen page
         selected, page_counts = backend.select_top_p(query, layer, config.top_p, config.min_budget_pages,
-                                                     num_selected, sink_pages)
+                                                     num_selected, sink_pages, config.coarse_factor)
         return backend.decode_sparse(query, layer, selected, scaling, page_counts), selected, page_counts
     if config.mode == "quest":
         selected = backend.select(query, layer, num_selected, config.group_rule, config.kept_sink_pages,

@@ -1,6 +1,7 @@
 """Top-p, the adaptive budget: against brute force, the pages read are the smallest prefix in share order (after
 the current page) that reaches p, clipped to [min, max] pages; the attention over them is plain attention over their
 tokens; and a decode through a small random Llama records per-head page counts in [min, max]."""
+import math
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from quest_core.config import QuestConfig
 from quest_core.hf import QuestCache
 from quest_core.models import load_model
 from quest_core.paged_cache import PagedLayer
-from quest_core.selection import page_scores, read_slots, select_top_p
+from quest_core.selection import page_scores, read_slots, select_top_p, two_level_scores
 from quest_core.session import Session
 from quest_core.trace import mean_pages_read
 
@@ -139,6 +140,25 @@ def test_attention_over_a_top_p_selection_equals_attention_restricted_to_the_pag
     assert relative_error(got, attention(query, keys, values, 0.2, mask)) <= 1e-5
 
 
+@settings(max_examples=30, deadline=None)
+@given(length=st.integers(40, 300), top_p=st.floats(0.3, 0.99), coarse_factor=st.sampled_from([1, 2, 4]),
+       seed=st.integers(0, 10_000))
+def test_top_p_over_a_two_level_ranking_reads_a_prefix_of_its_candidates_shares(length, top_p, coarse_factor, seed):
+    """With coarse_factor, a head's shares are the two-level ranking's mass (selection.two_level_scores, tested
+    against its definition in test_selection.py) over its candidates for max_pages, 0 elsewhere: the pages read are
+    the brute-force prefix of those shares, all of them candidates."""
+    layer, _, _ = filled_layer(length, page_size=2, seed=seed)
+    query = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(seed))
+    max_pages = min(12, layer.num_pages - 1)
+    selected, page_counts = backend.select_top_p(query, layer, top_p, 3, max_pages, coarse_factor=coarse_factor)
+    scores = two_level_scores(query, layer.page_bounds[:, :layer.num_pages], "mass", max_pages, coarse_factor)
+    shares = scores.clamp(min=0) / 3
+    assume(not near_a_prefix_sum(shares, top_p))
+    for h, pages in enumerate(read_pages(selected, page_counts)):
+        assert pages == brute_force_top_p(shares[h], top_p, 3, max_pages)
+        assert all(scores[h, page] > -math.inf for page in pages)
+
+
 def test_top_p_one_with_every_page_as_the_maximum_equals_dense():
     layer, keys, values = filled_layer(203, page_size=8)  # 26 pages
     query = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(106))
@@ -188,8 +208,10 @@ def small_session(tokenizer, config: QuestConfig) -> Session:
     return session
 
 
-def test_a_decode_with_top_p_reads_between_min_and_max_pages_per_head(tokenizer):
-    config = QuestConfig(budget=128, page_size=4, dense_layers=1, top_p=0.5, min_budget=16)  # 4 to 32 pages
+@pytest.mark.parametrize("coarse_factor", [0, 1])
+def test_a_decode_with_top_p_reads_between_min_and_max_pages_per_head(tokenizer, coarse_factor):
+    config = QuestConfig(budget=128, page_size=4, dense_layers=1, top_p=0.5, min_budget=16,  # 4 to 32 pages
+                         coarse_factor=coarse_factor)
     session = small_session(tokenizer, config)
     run = session.answer("Who is there?", max_new_tokens=6, min_new_tokens=6, inspect=True)
     traced = [step.trace for step in run.steps if step.trace is not None]
@@ -206,7 +228,7 @@ def test_a_decode_with_top_p_reads_between_min_and_max_pages_per_head(tokenizer)
         last_page_len = trace.context_len - (num_pages - 1) * 4
         head_token_bytes = 2 * 16 * 4  # K and V, 16 dims, float32
         page_bytes = ((sparse - 1) * 4 + last_page_len).sum().item() * head_token_bytes
-        bounds_bytes = 2 * num_pages * 2 * 16 * 2 * 4  # 2 sparse layers, [Hkv, pages, 2D] float32
+        bounds_bytes = 2 * config.bounds_read(num_pages) * 2 * 16 * 2 * 4  # 2 sparse layers, [Hkv, rows, 2D] fp32
         assert trace.read_bytes == trace.context_len * 2 * head_token_bytes + page_bytes + bounds_bytes
     counts = torch.stack([trace.pages_read[1:] for trace in traced])
     assert len(counts.unique()) > 1  # the budget adapts, per head and step
