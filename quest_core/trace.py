@@ -40,10 +40,11 @@ class Trace:
     inspect: bool = False
     steps: list[StepTrace] = field(default_factory=list)
     layer_pages: dict = field(default_factory=dict)  # this step's selected pages by layer index, until end_step
-    _page_counts: dict = field(default_factory=dict)  # layer index -> pages each KV head read [Hkv] (on the device
-                                                      # with top_p)
-    _adaptive: dict = field(default_factory=dict)  # layer index -> (page size, last page's tokens, bytes of one
-                                                   # token of one KV head): its read bytes wait for its counts
+    _page_counts: dict = field(default_factory=dict)  # layer index -> pages every KV head read (an int)
+    _adaptive: dict = field(default_factory=dict)  # top_p layers: index -> (pages each KV head read [Hkv] on the
+                                                   # device, page size, last page's tokens, bytes of one token of
+                                                   # one KV head): its read bytes wait for its counts
+    _num_kv_heads: int = 0
     _recall: dict = field(default_factory=dict)
     _read_bytes: int = 0
     _dense_bytes: int = 0
@@ -77,23 +78,23 @@ class Trace:
         else:
             self._untimed = True
         head_token_bytes = 2 * layer.head_dim * layer.keys.element_size()  # K and V of one token of one KV head
-        self._dense_bytes += layer.length * layer.num_kv_heads * head_token_bytes
+        self._num_kv_heads = num_kv_heads = layer.num_kv_heads
+        self._dense_bytes += layer.length * num_kv_heads * head_token_bytes
         if selected_pages is None:
-            self._read_bytes += layer.length * layer.num_kv_heads * head_token_bytes
-            self._page_counts[layer_idx] = torch.full((layer.num_kv_heads,), layer.num_pages, dtype=torch.int32)
+            self._read_bytes += layer.length * num_kv_heads * head_token_bytes
+            self._page_counts[layer_idx] = layer.num_pages
             return
         width = selected_pages.shape[1]
         bounds = layer.page_bounds
         rows = layer.num_pages if bounds_read is None else bounds_read
-        self._read_bytes += rows * bounds.shape[-1] * layer.num_kv_heads * bounds.element_size()
+        self._read_bytes += rows * bounds.shape[-1] * num_kv_heads * bounds.element_size()
         if page_counts is None:
             tokens = (width - 1) * layer.page_size + layer.last_page_len
-            self._read_bytes += tokens * layer.num_kv_heads * head_token_bytes
-            self._page_counts[layer_idx] = torch.full((layer.num_kv_heads,), width, dtype=torch.int32)
+            self._read_bytes += tokens * num_kv_heads * head_token_bytes
+            self._page_counts[layer_idx] = width
         else:
             selected_pages = selected_pages.masked_fill(~read_slots(page_counts, width), -1)
-            self._page_counts[layer_idx] = page_counts
-            self._adaptive[layer_idx] = (layer.page_size, layer.last_page_len, head_token_bytes)
+            self._adaptive[layer_idx] = (page_counts, layer.page_size, layer.last_page_len, head_token_bytes)
         self.layer_pages[layer_idx] = selected_pages
         if self.inspect:
             mass = page_attention_mass(query, layer.dense()[0], layer.page_size, scaling)  # [Hkv, pages]
@@ -106,7 +107,8 @@ class Trace:
         if self.layer_pages:
             layer_ids = list(self.layer_pages)
             first = self.layer_pages[layer_ids[0]].device  # layers spread over GPUs: gathered on one, then copied
-            pages = torch.stack([self.layer_pages[i].to(first) for i in layer_ids]).to("cpu", torch.int32)
+            pages = torch.stack([pages if pages.device == first else pages.to(first)
+                                 for pages in self.layer_pages.values()]).to("cpu", torch.int32)
             selected = torch.full((num_layers, *pages.shape[1:]), -1, dtype=torch.int32)
             selected[layer_ids] = pages
         if self._recall:
@@ -129,21 +131,18 @@ class Trace:
     def _pages_read(self, num_layers: int) -> torch.Tensor | None:
         """This step's page counts as int32 [layers, Hkv] (-1 for a layer not recorded), the top_p layers' counts
         brought to the host in one copy and their read bytes added."""
-        if not self._page_counts:
+        if not self._page_counts and not self._adaptive:
             return None
-        adaptive = list(self._adaptive)
-        if adaptive:
-            first = self._page_counts[adaptive[0]].device
-            counts = torch.stack([self._page_counts[i].to(first) for i in adaptive]).to("cpu", torch.int32)
-            for layer_idx, layer_counts in zip(adaptive, counts):
-                page_size, last_page_len, head_token_bytes = self._adaptive[layer_idx]
+        per_layer = torch.tensor([self._page_counts.get(i, -1) for i in range(num_layers)], dtype=torch.int32)
+        pages_read = per_layer[:, None].repeat(1, self._num_kv_heads)
+        if self._adaptive:
+            first = next(iter(self._adaptive.values()))[0].device
+            counts = torch.stack([page_counts.to(first) for page_counts, *_ in self._adaptive.values()])
+            counts = counts.to("cpu", torch.int32)  # [top_p layers, Hkv]
+            for layer_counts, (_, page_size, last_page_len, head_token_bytes) in zip(counts, self._adaptive.values()):
                 tokens = int(((layer_counts - 1) * page_size + last_page_len).sum())  # over the KV heads
                 self._read_bytes += tokens * head_token_bytes
-                self._page_counts[layer_idx] = layer_counts
-        num_kv_heads = next(iter(self._page_counts.values())).shape[0]
-        pages_read = torch.full((num_layers, num_kv_heads), -1, dtype=torch.int32)
-        for layer_idx, layer_counts in self._page_counts.items():
-            pages_read[layer_idx] = layer_counts
+            pages_read[list(self._adaptive)] = counts
         return pages_read
 
 

@@ -1,0 +1,113 @@
+"""The app's decoding on a GPU (issue 16): a model of the embedded default's shapes (SmolLM2-135M: 30 layers, 9 q /
+3 kv heads of 64 dims; random bf16 weights built from a config, nothing downloaded), 8K tokens of context, the app's
+Quest settings for it (`default_config`: pages of 4, rule mass, budget 1024) and its chat decoding (greedy with
+`Decoding`'s repetition penalty, a logits processor), batch 1 on CUDA graphs. Decode tok/s of dense and Quest, traced
+as the app traces (every step's selected pages, for its plots) and untraced, in one run; then where a traced step's
+host time goes (cProfile over a traced Quest answer: the functions with the most time of their own).
+
+    python bench/app_gpu.py        # writes the gpu_app section of bench/RESULTS.md
+"""
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.cpu_decode import tokens_per_s  # noqa: E402
+from bench.e2e import random_prompt  # noqa: E402
+from bench.results import write_section  # noqa: E402
+from quest_core.backends import make_backend  # noqa: E402
+from quest_core.config import Decoding, default_config  # noqa: E402
+from quest_core.generation import answer_processors, decode, prefill  # noqa: E402
+from quest_core.hf import QuestCache, use_quest  # noqa: E402
+from quest_core.trace import Trace  # noqa: E402
+
+
+def smollm2_shaped(max_context: int):
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=max_context,
+                         rope_theta=100000.0, tie_word_embeddings=True)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).eval()
+    torch.set_default_dtype(torch.float32)
+    return model
+
+
+def answer_tok_s(model, cache, prompt, new_tokens: int, traced: bool) -> float:
+    """Decode tok/s of one answer after the prompt (the cache holds all but its last token), as the app decodes:
+    the answer's repetition penalty, a trace's step ended after each token when traced; over the steps after the
+    first two (eager, then the graph's capture)."""
+    cache.truncate(len(prompt) - 1)
+    cache.trace = Trace() if traced else None
+    logits = prefill(model, cache, prompt[-1:])
+    processors = answer_processors(Decoding.repetition_penalty)
+    times = []
+    for _ in decode(model, cache, logits, new_tokens, min_new_tokens=new_tokens, processors=processors):
+        if traced:
+            cache.trace.end_step(cache.length, 0.0, model.config.num_hidden_layers)
+        times.append(time.perf_counter())
+    cache.trace = None
+    return tokens_per_s(times[2:])
+
+
+def host_profile(model, cache, prompt, new_tokens: int, top: int = 12) -> str:
+    profiler = cProfile.Profile()
+    profiler.enable()
+    answer_tok_s(model, cache, prompt, new_tokens, traced=True)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--context", type=int, default=8192 - 300)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    model = smollm2_shaped(8192)
+    use_quest(model)
+    backend = make_backend("auto", "cuda", model.dtype)
+    quest = default_config(model.config)
+    prompt = random_prompt(model.config.vocab_size, args.context)
+    cache = QuestCache(model.config.num_hidden_layers, quest, backend)
+    prefill(model, cache, prompt[:-1], chunk_size=2048)
+    speeds = {}
+    for mode in ("dense", "quest"):
+        cache.set_config(quest.with_changes(mode=mode))
+        for traced in (False, True):
+            answer_tok_s(model, cache, prompt, 8, traced)  # warm-up: compiling, captures
+            runs = [answer_tok_s(model, cache, prompt, args.new_tokens, traced) for _ in range(args.runs)]
+            speeds[mode, traced] = sorted(runs)[len(runs) // 2]
+            print(json.dumps(dict(mode=mode, traced=traced, tok_s=runs)), flush=True)
+    profile = host_profile(model, cache, prompt, args.new_tokens)
+    print(profile)
+    table = ["| engine | untraced tok/s | traced tok/s | traced / untraced |", "|---|---:|---:|---:|"]
+    for mode in ("dense", "quest"):
+        table.append(f"| {mode} | {speeds[mode, False]:.1f} | {speeds[mode, True]:.1f} | "
+                     f"{speeds[mode, True] / speeds[mode, False]:.2f}x |")
+    body = (f"SmolLM2-135M shapes (30 layers, 9 q / 3 kv heads, d 64), random bf16 weights, {args.context} tokens of "
+            f"context, batch 1, {args.new_tokens} new tokens greedy with the repetition penalty "
+            f"{Decoding.repetition_penalty} (the app's chat decoding), backend {backend.name}; Quest with the app's "
+            f"settings for this model (budget {quest.budget}, pages of {quest.page_size}, rule {quest.group_rule}, "
+            f"{quest.dense_layers} dense layers). Steps replay a CUDA graph; tok/s over the steps after the first two "
+            f"(eager, capture), the median of {args.runs} answers. Traced: as the app runs, every step's selected "
+            "pages recorded and the trace's step ended after each token.\n\n" + "\n".join(table) +
+            "\n\nWhere a traced Quest answer's host time goes (cProfile, the functions with the most time of their "
+            "own; the profiler's overhead is in it):\n\n```\n" + profile.strip() + "\n```")
+    if not args.no_write:
+        write_section("gpu_app", "GPU: the app's decoding, traced and untraced (SmolLM2-135M shapes)", body)
+
+
+if __name__ == "__main__":
+    main()
