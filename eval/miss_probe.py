@@ -60,14 +60,19 @@ def two_level_variants(model_config, budget):
             (f"2lvl4@{budget}", fine.with_changes(coarse_factor=4), Probe())]
 
 
-def two_level_top_p_variants(model_config, budget, grid):
-    """The two-level ranking (pages of 2, coarse_factor 4) at budgets 128 and `budget`, and with the adaptive budget
-    (QuestConfig.top_p) at each p of `grid`, `budget` tokens its most and min_budget (64) its fewest."""
-    two_level = default_config(model_config, page_size=2, coarse_factor=4)
-    return [("dense", QuestConfig(mode="dense"), Probe()),
-            ("2lvl4@128", two_level.with_changes(budget=128), Probe()),
-            (f"2lvl4@{budget}", two_level.with_changes(budget=budget), Probe())] + [
-        (f"2lvl4-topp{p}@{budget}", two_level.with_changes(budget=budget, top_p=p), Probe()) for p in grid]
+def two_level_top_p_variants(model_config, budget, grid, min_budget, fixed=(64, 128)):
+    """The two-level ranking (pages of 2, coarse_factor 4) at the `fixed` budgets and `budget`, and with the adaptive
+    budget (QuestConfig.top_p) at each p of `grid`, `budget` tokens its most and `min_budget` its fewest (a grid entry
+    "p:m" has its own fewest tokens m, named in the variant)."""
+    two_level = default_config(model_config, page_size=2, coarse_factor=4, min_budget=min_budget)
+    out = [("dense", QuestConfig(mode="dense"), Probe())] + [
+        (f"2lvl4@{b}", two_level.with_changes(budget=b), Probe()) for b in (*fixed, budget)]
+    for entry in grid:
+        p, _, fewest = entry.partition(":")
+        name = f"2lvl4-topp{p}" + (f"-min{fewest}" if fewest else "") + f"@{budget}"
+        out.append((name, two_level.with_changes(budget=budget, top_p=float(p), min_budget=int(fewest or min_budget)),
+                    Probe()))
+    return out
 
 
 def sink_variants(model_config, budgets):
@@ -128,7 +133,10 @@ def main():
     parser.add_argument("--variants", default="selection",
                         choices=["selection", "sinks", "oracle", "ranking", "two-level", "two-level-top-p"])
     parser.add_argument("--top-p-grid", default="0.5,0.7,0.8,0.9,0.95,0.98",
-                        help="the shares of the two-level-top-p variants")
+                        help="the shares of the two-level-top-p variants (p, or p:fewest tokens)")
+    parser.add_argument("--min-budget", type=int, default=QuestConfig.min_budget,
+                        help="the fewest tokens of the two-level-top-p variants")
+    parser.add_argument("--fixed-budgets", default="64,128", help="the two-level-top-p variants' fixed budgets")
     parser.add_argument("--budget", type=int, default=128, help="the budget of the ranking and two-level variants")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -147,7 +155,8 @@ def main():
                 ranking=lambda: ranking_variants(model.config, args.budget),
                 **{"two-level": lambda: two_level_variants(model.config, args.budget),
                    "two-level-top-p": lambda: two_level_top_p_variants(
-                       model.config, args.budget, [float(p) for p in args.top_p_grid.split(",")])})[args.variants]()
+                       model.config, args.budget, args.top_p_grid.split(","), args.min_budget,
+                       [int(b) for b in args.fixed_budgets.split(",")])})[args.variants]()
     with open(args.out, "a") as out:
         for seed, filler, context in pairs:
             rng = random.Random(seed)
