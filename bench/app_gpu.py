@@ -16,12 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.cpu_decode import tokens_per_s  # noqa: E402
-from bench.e2e import random_prompt  # noqa: E402
+from bench.e2e import random_bf16_model, random_prompt  # noqa: E402
 from bench.results import write_section  # noqa: E402
 from quest_core.backends import make_backend  # noqa: E402
 from quest_core.config import Decoding, default_config  # noqa: E402
@@ -31,14 +30,10 @@ from quest_core.trace import Trace  # noqa: E402
 
 
 def smollm2_shaped(max_context: int):
-    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=max_context,
-                         rope_theta=100000.0, tie_word_embeddings=True)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).eval()
-    torch.set_default_dtype(torch.float32)
-    return model
+    return random_bf16_model(LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                         max_position_embeddings=max_context, rope_theta=100000.0,
+                                         tie_word_embeddings=True))
 
 
 def answer_tok_s(model, cache, prompt, new_tokens: int, traced: bool) -> float:

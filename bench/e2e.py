@@ -25,9 +25,14 @@ from quest_core.hf import QuestCache, use_quest  # noqa: E402
 
 
 def llama_8b_shaped(max_context: int):
-    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=max_context,
-                         rope_theta=500000.0, tie_word_embeddings=False)
+    return random_bf16_model(LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                         max_position_embeddings=max_context, rope_theta=500000.0,
+                                         tie_word_embeddings=False))
+
+
+def random_bf16_model(config: LlamaConfig):
+    """A Llama of `config` with random bf16 weights, built on the GPU (nothing downloaded)."""
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).eval()
