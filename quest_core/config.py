@@ -77,12 +77,13 @@ class QuestConfig:
 
     def bounds_read(self, num_pages: int) -> int:
         """Rows of bounds (a page's or a pair's max and min) a sparse step reads over `num_pages` pages: every page's,
-        or with coarse_factor the pairs' and then the candidates' (selection.two_level_scores)."""
+        or with coarse_factor the pairs' and then the candidates' (selection.two_level_scores; every page's where
+        every pair is a candidate)."""
         if not self.coarse_factor:
             return num_pages
         pairs = -(-num_pages // 2)
-        candidates = min(pairs, -(-self.coarse_factor * self.budget_pages // 2))
-        return pairs + min(num_pages, 2 * candidates + 1)
+        candidates = -(-self.coarse_factor * self.budget_pages // 2)
+        return num_pages if candidates >= pairs else pairs + min(num_pages, 2 * candidates + 1)
 
     @property
     def min_budget_pages(self) -> int:

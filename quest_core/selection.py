@@ -61,6 +61,8 @@ def two_level_scores(query: torch.Tensor, page_bounds: torch.Tensor, group_rule:
     pairs, and the current page, score by their own bounds (gathered: only theirs are read), every other page -inf.
     num_pages as in `page_scores`."""
     num_kv_heads, pages, width = page_bounds.shape
+    if num_pages is None and -(-coarse_factor * num_selected // 2) >= -(-pages // 2):  # every pair a candidate:
+        return page_scores(query, page_bounds, group_rule)                           # every page scores
     pair_count = None if num_pages is None else torch.div(num_pages + 1, 2, rounding_mode="floor")
     pairs = pair_bounds(page_bounds) if pairs is None else pairs
     pair_scores = page_scores(query, pairs, group_rule, pair_count)  # [Hkv, pairs]
