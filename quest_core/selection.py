@@ -61,12 +61,13 @@ def two_level_scores(query: torch.Tensor, page_bounds: torch.Tensor, group_rule:
     pairs, and the current page, score by their own bounds (gathered: only theirs are read), every other page -inf.
     num_pages as in `page_scores`."""
     num_kv_heads, pages, width = page_bounds.shape
-    if num_pages is None and -(-coarse_factor * num_selected // 2) >= -(-pages // 2):  # every pair a candidate:
-        return page_scores(query, page_bounds, group_rule)                           # every page scores
+    candidate_pairs = -(-coarse_factor * num_selected // 2)  # (QuestConfig.bounds_read counts the same)
+    if num_pages is None and candidate_pairs >= -(-pages // 2):  # every pair a candidate: every page scores
+        return page_scores(query, page_bounds, group_rule)
     pair_count = None if num_pages is None else torch.div(num_pages + 1, 2, rounding_mode="floor")
     pairs = pair_bounds(page_bounds) if pairs is None else pairs
     pair_scores = page_scores(query, pairs, group_rule, pair_count)  # [Hkv, pairs]
-    best = pair_scores.topk(min(pair_scores.shape[1], -(-coarse_factor * num_selected // 2)), dim=1).indices
+    best = pair_scores.topk(min(pair_scores.shape[1], candidate_pairs), dim=1).indices
     used = pages if num_pages is None else num_pages
     current = torch.full_like(best[:, :1], pages - 1) if num_pages is None else (num_pages - 1).expand_as(best[:, :1])
     candidates = torch.cat([(2 * best[..., None] + torch.arange(2, device=best.device)).flatten(1), current], dim=1)
