@@ -3,9 +3,10 @@ replayed, so a step costs one launch instead of a few thousand.
 
 What changes from step to step lives on the GPU: the token, its position and the cache length, which the KV
 append and the page scorer read there. Each step also leaves the next step's values there: its greedy pick (the
-argmax of its logits, stop ids blocked while an answer must go on) and the position and length one further. So
-greedy decoding (`GraphDecoder.greedy`) queues step i + 1 before the host reads token i, and the GPU does not
-wait for the host between tokens; sampling writes the host's token over the pick (`GraphDecoder.step`).
+argmax of its logits, after the answer's repetition penalty and with stop ids blocked while an answer must go on)
+and the position and length one further. So greedy decoding (`GraphDecoder.greedy`) queues step i + 1 before the
+host reads token i, and the GPU does not wait for the host between tokens; a traced step's pages travel to the host
+in stream order (`Trace.close_step`). Sampling writes the host's token over the pick (`GraphDecoder.step`).
 FlashInfer is planned on the host before each replay (its wrappers keep fixed buffers), and the host advances the
 layers' lengths. A graph holds for one shape: the settings, the cache's capacity (reserved for the whole answer up
 front, so no tensor moves), whether the step is dense or sparse, whether it is traced, and our kernels' scratch
@@ -68,6 +69,8 @@ class GraphDecoder:
         self.host_values = torch.zeros(3, dtype=torch.long, pin_memory=True)
         vocab_size = model.get_output_embeddings().weight.shape[0]
         self.stop_bias = torch.zeros(vocab_size, device=device)  # -inf at the stop ids while they are blocked
+        self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)  # the answer's tokens so far
+        self.penalty = torch.ones((), device=device)  # the answer's repetition penalty (1: none)
         self.planned = torch.cuda.Event()  # after a step's plans: FlashInfer's pinned buffers are free again
         self.shape = self.graph = self.logits = None
         self.step_plans = {}  # the plans of the eager step, re-run before each replay (backend.plan_step)
@@ -89,15 +92,20 @@ class GraphDecoder:
 
     @torch.inference_mode()
     def greedy(self, logits: torch.Tensor, max_new_tokens: int, stop_ids=(), min_new_tokens: int = 0,
-               should_stop=lambda: False):
+               should_stop=lambda: False, repetition_penalty: float = 1.0):
         """`generation.decode` for greedy decoding, pipelined: yields the argmax of `logits` (the prefill's) and
-        of each step's logits, as decode does (stop ids blocked for the first `min_new_tokens`). Step i + 1 is
-        queued before token i is read; when token i ends the answer, that step is undone (its token removed from
-        the cache), so the cache ends as decode leaves it. No trace: its pages would be the next step's."""
+        of each step's logits, as decode does (stop ids blocked for the first `min_new_tokens`, transformers'
+        repetition penalty on the answer's tokens). Step i + 1 is queued before token i is read; when token i ends
+        the answer, that step is undone (its token removed from the cache), so the cache ends as decode leaves it.
+        A traced step is closed when it is queued (`Trace.close_step`): the consumer's `end_step` after token i
+        takes the step that made it, as after decode's."""
         torch.cuda.current_stream().synchronize()
+        trace = self.cache.trace
         self.stop_bias.zero_()
         if min_new_tokens > 0 and stop_ids:
             self.stop_bias[list(stop_ids)] = -torch.inf
+        self.seen.zero_()
+        self.penalty.fill_(repetition_penalty)
         self._write_step_values(0, self.cache.length)
         self._pick(logits)
         tokens = torch.zeros(2, dtype=torch.long, pin_memory=True)  # token i is read from tokens[i % 2]
@@ -116,6 +124,8 @@ class GraphDecoder:
                     if index + 1 == min_new_tokens:
                         self.stop_bias.zero_()  # in stream order: token min_new_tokens on may stop the answer
                     self._run()
+                    if trace is not None:
+                        trace.close_step(self.cache.length, len(self.cache.layers))
                     fetch(index + 1)
                     undo = True
                 ready[index % 2].synchronize()
@@ -129,6 +139,8 @@ class GraphDecoder:
         finally:
             if undo:
                 self.cache.truncate(self.cache.length - 1)
+                if trace is not None:
+                    trace.drop_closed()
 
     def _run(self) -> torch.Tensor:
         """One step on the token, position and length in `step_values`; returns its logits."""
@@ -163,7 +175,12 @@ class GraphDecoder:
         return logits
 
     def _pick(self, logits: torch.Tensor) -> None:
+        """The greedy pick of logits [vocab] into step_values[0], as `generation.next_token` picks with the answer's
+        repetition penalty: transformers' rule on the tokens seen (divided, or multiplied where negative)."""
+        penalized = torch.where(logits < 0, logits * self.penalty, logits / self.penalty)
+        logits = torch.where(self.seen, penalized, logits)
         torch.argmax(logits + self.stop_bias, dim=0, keepdim=True, out=self.step_values[0:1])
+        self.seen.index_fill_(0, self.step_values[0], True)
 
     def _write_step_values(self, token_id: int, position: int) -> None:
         self.host_values[0], self.host_values[1], self.host_values[2] = token_id, position, position + 1
@@ -247,7 +264,8 @@ class BatchGraphDecoder:
         self.model, self.cache_arg, self.compile_layers = model, cache_arg, compile_layers
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.caches = self.shape = self.graph = self.logits = None
-        self.step_values = self.host_values = self.stop_bias = None  # [3, B] on the GPU and pinned; [B, vocab]
+        self.step_values = self.host_values = None  # [3, B] on the GPU and pinned
+        self.stop_bias = self.seen = self.penalty = None  # [B, vocab], [B, vocab] bool, [B, 1]: greedy picks'
         self.inputs = []  # the backend's cached uploads the graph reads (bounds tables, pool rows): kept with it
         self.traced_pages = {}  # row -> {layer index: the selected pages [Hkv, k] the graph writes}: traced requests
         self.step_plans = {}  # the plans of the eager step, re-run before each replay
@@ -285,19 +303,28 @@ class BatchGraphDecoder:
 
     @torch.inference_mode()
     def greedy(self, caches: list[QuestCache], token_ids: list[int], stop_ids: list[list[int]],
-               blocked_steps: list[int]):
+               blocked_steps: list[int], penalties: list[float], answers: list[list[int]]):
         """Greedy batched steps that run ahead of the host: the first appends token_ids[b] to caches[b], each next
-        one the picks of the step before (each row's argmax, its stop_ids[b] blocked for its first blocked_steps[b]
-        picks), which the graph feeds itself. Yields each step's picks [B] as a list; step i + 1 is queued before
-        the host reads step i's, so when they come each cache holds one token more than step i left. Closing the
-        generator undoes that queued step (its token removed from every cache): the caches end as `step` leaves
-        them, the last picks not in them."""
+        one the picks of the step before (each row's argmax after transformers' repetition penalty penalties[b] on
+        its answer's tokens, answers[b] and the picks since; its stop_ids[b] blocked for its first
+        blocked_steps[b] picks), which the graph feeds itself. Yields each step's picks [B] as a list; step i + 1
+        is queued before the host reads step i's, so when they come each cache holds one token more than step i
+        left. A traced cache's step is closed when it is queued (`Trace.close_step`), for its consumer's
+        `end_step`. Closing the generator undoes that queued step (its token removed from every cache, its trace
+        dropped): the caches end as `step` leaves them, the last picks not in them."""
         torch.cuda.current_stream().synchronize()
         self._begin(caches, token_ids)
         self.stop_bias.zero_()
         for row, (ids, steps) in enumerate(zip(stop_ids, blocked_steps)):
             if steps > 0 and ids:
                 self.stop_bias[row, ids] = -torch.inf
+        self.seen.zero_()
+        for row, answer in enumerate(answers):
+            if answer:
+                self.seen[row, answer] = True
+        self.penalty.copy_(torch.tensor(penalties)[:, None])
+        traces = [cache.trace for cache in caches]
+        num_layers = len(caches[0].layers)
         picks = torch.zeros(2, len(caches), dtype=torch.long, pin_memory=True)  # step i's in picks[i % 2]
         ready = [torch.cuda.Event(), torch.cuda.Event()]
         queued = read = 0
@@ -308,6 +335,9 @@ class BatchGraphDecoder:
                 if queued == steps > 0:
                     self.stop_bias[row].zero_()  # in stream order: from this step's pick on, the row may stop
             self._run(caches)
+            for cache, trace in zip(caches, traces):
+                if trace is not None:
+                    trace.close_step(cache.length, num_layers)
             picks[queued % 2].copy_(self.step_values[0], non_blocking=True)
             ready[queued % 2].record()
             queued += 1
@@ -321,8 +351,10 @@ class BatchGraphDecoder:
                 read += 1
                 yield tokens
         finally:
-            for cache in caches:  # the steps queued on picks the host has not taken
+            for cache, trace in zip(caches, traces):  # the steps queued on picks the host has not taken
                 cache.truncate(cache.length - (queued - read))
+                for _ in range(queued - read if trace is not None else 0):
+                    trace.drop_closed()
 
     def reset(self) -> None:
         """Drop the graph and let the batch's caches go."""
@@ -339,6 +371,8 @@ class BatchGraphDecoder:
             self.step_values = torch.zeros(3, batch, dtype=torch.long, device=device)
             self.host_values = torch.zeros(3, batch, dtype=torch.long, pin_memory=True)
             self.stop_bias = torch.zeros(batch, self.vocab_size, device=device)  # -inf at blocked stop ids
+            self.seen = torch.zeros(batch, self.vocab_size, dtype=torch.bool, device=device)  # answers' tokens
+            self.penalty = torch.ones(batch, 1, device=device)  # repetition penalties (1: none)
         self.host_values[0] = torch.tensor(token_ids)
         self.host_values[1] = torch.tensor([cache.length for cache in caches])
         self.host_values[2] = self.host_values[1] + 1
@@ -371,7 +405,10 @@ class BatchGraphDecoder:
         batch = len(caches)
         logits = forward_batch(self.model, caches, self.step_values[0].view(batch, 1), self.cache_arg,
                                position_ids=self.step_values[1].view(batch, 1))
-        torch.argmax(logits + self.stop_bias, dim=-1, out=self.step_values[0])
+        penalized = torch.where(logits < 0, logits * self.penalty, logits / self.penalty)  # as GraphDecoder._pick
+        picked = torch.where(self.seen, penalized, logits) + self.stop_bias
+        torch.argmax(picked, dim=-1, out=self.step_values[0])
+        self.seen.scatter_(1, self.step_values[0][:, None], True)
         self.step_values[1:].add_(1)
         return logits
 

@@ -19,10 +19,11 @@ request's K/V pages live in one `PagePool`, so a step's attention is one FlashIn
 that attend densely and one sparse decode (our kernel) for the Quest ones. A request whose answer starts with no
 other in flight decodes alone, with CUDA graphs (`generation.decode`), until another request arrives; then it joins
 the batch at its next token. A batch's steps replay a CUDA graph captured for it (`cuda_graph.BatchGraphDecoder`;
-a traced request's pages recorded from the graph's own tensors). While every request in the batch decodes greedily,
-unprocessed and untraced, and no prefill waits, the steps run ahead of the host (`BatchGraphDecoder.greedy`: the
-graph picks each token, the host queues the next step before it reads this one's). Without a pool (a model spread
-over GPUs, or pool_tokens 0) requests run one at a time: the whole prefill, then `generation.decode`.
+a traced request's pages recorded from the graph's own tensors). While every request in the batch decodes greedily
+(with no logits processor but a repetition penalty, which the graph applies) and no prefill waits, the steps run
+ahead of the host (`BatchGraphDecoder.greedy`: the graph picks each token, the host queues the next step before it
+reads this one's, a traced step's pages follow in stream order). Without a pool (a model spread over GPUs, or
+pool_tokens 0) requests run one at a time: the whole prefill, then `generation.decode`.
 """
 import queue
 import threading
@@ -35,7 +36,7 @@ from transformers import LogitsProcessorList
 from .backend_torch import TorchBackend
 from .config import default_config, head_dim
 from .cuda_graph import BatchGraphDecoder
-from .generation import decode, next_token
+from .generation import decode, next_token, repetition_penalty_only
 from .hf import QuestCache, cache_argument, forward, forward_batch, use_quest
 from .paged_cache import PagePool
 from .trace import StepTrace, Trace
@@ -261,9 +262,9 @@ class Engine:
 
     def _runs_ahead(self, requests: list[Request]) -> bool:
         """Whether the batch's steps can run ahead of the host (`BatchGraphDecoder.greedy`): every request decodes
-        greedily, unprocessed and untraced (its token is the graph's pick)."""
+        greedily with no processor but a repetition penalty (its token is the graph's pick)."""
         return self.batch_graph is not None and all(
-            r.temperature <= 0 and not r.processors and r.cache.trace is None for r in requests) \
+            r.temperature <= 0 and repetition_penalty_only(r.processors) is not None for r in requests) \
             and BatchGraphDecoder.takes([r.cache for r in requests])
 
     def _decode_ahead(self, requests: list[Request]) -> None:
@@ -272,11 +273,16 @@ class Engine:
         `_decode_step`."""
         steps = self.batch_graph.greedy(
             [r.cache for r in requests], [r.last_token for r in requests], [r.stop_ids for r in requests],
-            [max(0, r.min_new_tokens - len(r.answer)) for r in requests])
+            [max(0, r.min_new_tokens - len(r.answer)) for r in requests],
+            [repetition_penalty_only(r.processors) for r in requests], [r.answer for r in requests])
         try:
             for tokens in steps:
+                now = time.perf_counter()
                 for request, token_id in zip(requests, tokens):
-                    self._hand(request, token_id, request.cache.length - 1, None)  # the queued step's token is in
+                    length = request.cache.length - 1  # the queued step's token is in
+                    trace = request.cache.trace
+                    step = trace.end_step(length, now - request.last_time, self.num_layers) if trace else None
+                    self._hand(request, token_id, length, step)
                 if self._arrived or any(r.finished.is_set() for r in requests):
                     break
         except Exception as error:

@@ -33,14 +33,17 @@ def decode(model, cache: QuestCache, logits: torch.Tensor, max_new_tokens: int, 
     """Yields new token ids, starting from the prefill's `logits`, until a stop id (not yielded),
     `max_new_tokens`, or `should_stop()` after a token. `processors` (transformers' logits processors, see
     `answer_processors`) see the answer's own ids. With `cuda_graph`, steps replay a CUDA graph where they
-    can (see quest_core/cuda_graph.py); greedy, unprocessed and untraced, they run ahead of the host there."""
+    can (see quest_core/cuda_graph.py); greedy, with no processor but a repetition penalty, they run ahead of
+    the host there (traced too, except with an adaptive budget)."""
     device = logits.device
     cache_arg = cache_argument(model)
     stop_ids = list(stop_ids)
     cache.reserve(cache.length + max_new_tokens)  # no tensor of the cache moves while decoding
     graph = graph_decoder(model, cache, cache_arg) if cuda_graph else None
-    if graph is not None and temperature <= 0 and cache.trace is None and not processors:
-        yield from graph.greedy(logits, max_new_tokens, stop_ids, min_new_tokens, should_stop)
+    penalty = repetition_penalty_only(processors)
+    traced_adaptive = cache.trace is not None and cache.config.top_p is not None  # counts read on the host
+    if graph is not None and temperature <= 0 and penalty is not None and not traced_adaptive:
+        yield from graph.greedy(logits, max_new_tokens, stop_ids, min_new_tokens, should_stop, penalty)
         return
     answer_ids = torch.empty(1, 0, dtype=torch.long, device=device)
     for index in range(max_new_tokens):
@@ -79,6 +82,18 @@ def answer_processors(repetition_penalty: float = 1.0, no_repeat_ngram_size: int
     if no_repeat_ngram_size > 0:
         processors.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
     return processors
+
+
+def repetition_penalty_only(processors: LogitsProcessorList | None) -> float | None:
+    """The repetition penalty of `processors` where that is all they do (1.0 for none), which a CUDA graph's
+    greedy pick applies itself; None for any other processor."""
+    if not processors:
+        return 1.0
+    only = processors[0]
+    if len(processors) == 1 and type(only) is RepetitionPenaltyLogitsProcessor \
+            and getattr(only, "prompt_ignore_length", None) is None:
+        return only.penalty
+    return None
 
 
 def generate_ids(model, cache: QuestCache, prompt_ids: list[int], max_new_tokens: int, chunk_size: int = 512,

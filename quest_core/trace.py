@@ -11,6 +11,7 @@ a head does not read: it moves up to `budget` tokens' KV per head; a kernel with
 what `read_bytes` counts.)
 """
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,7 @@ class Trace:
     _attention_s: float = 0.0
     _timed: list = field(default_factory=list)  # (start, end) CUDA events of this step's layers
     _untimed: bool = False
+    _queued: deque = field(default_factory=deque)  # steps closed ahead of their consumer (`close_step`)
 
     @staticmethod
     def start_attention(device: torch.device):
@@ -102,15 +104,41 @@ class Trace:
             self._recall[layer_idx] = on_pages.sum(1)
 
     def end_step(self, context_len: int, seconds: float, num_layers: int) -> StepTrace:
+        """Ends this step (or takes the oldest step closed ahead, see `close_step`) and returns it."""
+        if self._queued:
+            step = self._queued.popleft()
+            step.seconds = seconds
+            if step.selected_pages is not None:
+                step.selected_pages = step.selected_pages.clone()  # out of pinned memory
+        else:
+            step = self._close(context_len, seconds, num_layers, wait=True)
+        self.steps.append(step)
+        return step
+
+    def close_step(self, context_len: int, num_layers: int) -> None:
+        """Ends a step that runs ahead of its consumer (a graph's greedy steps, queued before the host reads the
+        token before them): its pages are copied to pinned host memory in stream order, without waiting. The
+        consumer's `end_step`, once it has the step's token (the copy is done by then), takes it with its time."""
+        assert not self._adaptive, "an adaptive budget's page counts are read on the host: no step runs ahead"
+        self._queued.append(self._close(context_len, 0.0, num_layers, wait=False))
+
+    def drop_closed(self) -> None:
+        """Forget the last step closed ahead: it was undone (its token removed from the cache)."""
+        self._queued.pop()
+
+    def _close(self, context_len: int, seconds: float, num_layers: int, wait: bool) -> StepTrace:
         pages_read = self._pages_read(num_layers)
         selected = recall = None
         if self.layer_pages:
-            layer_ids = list(self.layer_pages)
-            first = self.layer_pages[layer_ids[0]].device  # layers spread over GPUs: gathered on one, then copied
-            pages = torch.stack([pages if pages.device == first else pages.to(first)
-                                 for pages in self.layer_pages.values()]).to("cpu", torch.int32)
-            selected = torch.full((num_layers, *pages.shape[1:]), -1, dtype=torch.int32)
-            selected[layer_ids] = pages
+            first = next(iter(self.layer_pages.values()))
+            dense = torch.full_like(first, -1)  # the rows of a dense layer (no index tensor: its upload would wait)
+            selected = torch.stack([self.layer_pages.get(index, dense).to(first.device)  # layers over GPUs
+                                    for index in range(num_layers)]).to(torch.int32)
+            if wait:
+                selected = selected.cpu()
+            else:
+                host = torch.empty(selected.shape, dtype=torch.int32, pin_memory=selected.is_cuda)
+                selected = host.copy_(selected, non_blocking=True)
         if self._recall:
             recall = torch.full((num_layers, selected.shape[1]), float("nan"))
             for layer_idx, layer_recall in self._recall.items():
@@ -122,7 +150,6 @@ class Trace:
         attention_s = None if self._untimed else self._attention_s
         step = StepTrace(context_len, seconds, self._dense_bytes, self._read_bytes, selected, recall, attention_s,
                          pages_read)
-        self.steps.append(step)
         self.layer_pages, self._recall, self._read_bytes, self._dense_bytes = {}, {}, 0, 0
         self._page_counts, self._adaptive = {}, {}
         self._attention_s, self._timed, self._untimed = 0.0, [], False

@@ -15,7 +15,7 @@ from quest_core.backend_flashinfer import FlashInferBackend  # noqa: E402
 from quest_core.backend_torch import TorchBackend  # noqa: E402
 from quest_core.config import QuestConfig  # noqa: E402
 from quest_core.cuda_graph import GraphDecoder, graph_decoder  # noqa: E402
-from quest_core.generation import decode, generate_ids, prefill  # noqa: E402
+from quest_core.generation import answer_processors, decode, generate_ids, prefill  # noqa: E402
 from quest_core.hf import QuestCache, cache_argument  # noqa: E402
 from quest_core.paged_cache import PagedLayer  # noqa: E402
 from quest_core.selection import page_scores  # noqa: E402
@@ -367,30 +367,37 @@ def test_decode_logits_flashinfer_vs_torch_backend(dtype, page_size, group_rule,
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode, page_size, group_rule",
                          [("dense", 16, "sum"), ("quest", 16, "sum"), ("quest", 4, "mass")])
-@pytest.mark.parametrize("traced", [False, True])
-def test_cuda_graph_decode_equals_eager_decode(dtype, mode, page_size, group_rule, traced):
+@pytest.mark.parametrize("traced, penalty", [(False, 1.0), (True, 1.0), (True, 1.3)])
+def test_cuda_graph_decode_equals_eager_decode(dtype, mode, page_size, group_rule, traced, penalty):
     """The same backend, decoding with the step replayed as a CUDA graph (the layers not compiled) and eagerly:
     the same greedy tokens, and, traced, the same pages and bytes at every step. Both rules select with our fused
-    kernel (in the graph reading the length on the GPU) and attend with our sparse decode kernel."""
+    kernel (in the graph reading the length on the GPU) and attend with our sparse decode kernel. The graph's steps
+    run ahead of the host, traced too and with the app's repetition penalty, which the graph applies itself (eager
+    decoding: transformers' logits processor)."""
     model = tiny_llama(dtype)
     prompt = torch.randint(0, 256, (250,), generator=torch.Generator().manual_seed(1)).tolist()
     backend = FlashInferBackend("cuda")
     tokens, traces = {}, {}
-    for graph in (False, True):  # 250 + 80 tokens: Quest (budget 256) turns sparse midway, so two graphs
+    runs = [(False, penalty), (True, penalty)] + ([("unpenalized", 1.0)] if penalty != 1.0 else [])
+    for graph, answer_penalty in runs:  # 250 + 80 tokens: Quest (budget 256) turns sparse midway, so two graphs
         config = QuestConfig(mode=mode, budget=256, page_size=page_size, group_rule=group_rule)
         cache = QuestCache(4, config, backend)
         logits = prefill(model, cache, prompt, chunk_size=128)
         cache.graph_decoder = GraphDecoder(model, cache, cache_argument(model), compile_layers=False)
         cache.trace = Trace() if traced else None
+        cache.graph_decoder.step = None  # a step paced by the host (not run ahead) fails
         tokens[graph] = []
-        for token in decode(model, cache, logits, 80, min_new_tokens=80, cuda_graph=graph):
+        for token in decode(model, cache, logits, 80, min_new_tokens=80, cuda_graph=graph is True,
+                            processors=answer_processors(answer_penalty)):
             if tokens[graph] and traced:  # as the session does: the step that made this token
                 cache.trace.end_step(cache.length, 0.0, 4)
             tokens[graph].append(token)
         traces[graph] = cache.trace.steps if traced else []
-        if graph:
+        if graph is True:
             assert not cache.graph_decoder.failed and cache.graph_decoder.graph is not None
     assert tokens[True] == tokens[False]
+    if penalty != 1.0:
+        assert tokens["unpenalized"] != tokens[False]  # the penalty changed the answer
     assert len(traces[True]) == len(traces[False]) == (79 if traced else 0)
     for eager_step, graph_step in zip(traces[False], traces[True]):
         assert (graph_step.context_len, graph_step.dense_bytes, graph_step.read_bytes) == \
@@ -409,34 +416,45 @@ def test_cuda_graph_decode_equals_eager_decode(dtype, mode, page_size, group_rul
 def test_pipelined_greedy_decode_ends_like_eager_decode():
     """Greedy graph decoding queues the next step before it reads a token; where the answer ends (a stop id, a
     stop id blocked by min_new_tokens, should_stop, the consumer closing the stream) the queued step is undone:
-    the same tokens as eager decoding, and the same cache after (length, KV, page bounds)."""
+    the same tokens as eager decoding, and the same cache after (length, KV, page bounds). Traced, the undone
+    step's trace goes too: the trace holds a step per token after the first, and the next step ended is a new one."""
     model = tiny_llama(torch.bfloat16)
     prompt = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(2)).tolist()
     backend = FlashInferBackend("cuda")
 
-    def run(graph, stop_after=None, **kwargs):
+    def run(graph, stop_after=None, traced=False, **kwargs):
         cache = QuestCache(4, QuestConfig(budget=256, page_size=16), backend)
         logits = prefill(model, cache, prompt, chunk_size=128)
         cache.graph_decoder = GraphDecoder(model, cache, cache_argument(model), compile_layers=False)
+        cache.trace = Trace() if traced else None
         tokens = []
         stream = decode(model, cache, logits, 40, cuda_graph=graph, **kwargs)
         for token in stream:
+            if tokens and traced:
+                cache.trace.end_step(cache.length, 0.0, 4)
             tokens.append(token)
             if len(tokens) == stop_after:
                 stream.close()
         assert (cache.graph_decoder.shape is not None) == graph  # the graph decoder ran the steps
-        return tokens, cache
+        after = None
+        if traced:
+            assert len(cache.trace.steps) == len(tokens) - 1
+            after = cache.trace.end_step(cache.length, 0.0, 4)  # what was recorded after the last token taken
+            after = (after.context_len, after.read_bytes, after.selected_pages is None)
+        return tokens, cache, after
 
-    free, _ = run(False)
+    free, _, _ = run(False)
     index = next(i for i in range(5, 40) if free[i] not in free[:i])  # a token first made at step `index`
     cases = [dict(stop_ids=[free[index]]), dict(stop_ids=[free[index]], min_new_tokens=index + 1),
-             dict(should_stop=lambda: True), dict(stop_after=7), dict()]
+             dict(should_stop=lambda: True), dict(stop_after=7), dict(),
+             dict(stop_ids=[free[index]], traced=True), dict(stop_after=7, traced=True)]
     lengths = []
     for case in cases:
-        (eager, eager_cache), (graphed, graph_cache) = run(False, **case), run(True, **case)
+        (eager, eager_cache, eager_after), (graphed, graph_cache, graph_after) = run(False, **case), run(True, **case)
         lengths.append(len(eager))
         assert graphed == eager, case
         assert graph_cache.length == eager_cache.length, case
+        assert graph_after == eager_after, case  # traced: the stop id's step (eager: recorded, not ended) or none
         for graph_layer, eager_layer in zip(graph_cache.layers, eager_cache.layers):
             pages = eager_layer.num_pages
             assert torch.equal(graph_layer.dense()[0], eager_layer.dense()[0])

@@ -21,7 +21,7 @@ from quest_core.backend_flashinfer import FlashInferBackend  # noqa: E402
 from quest_core.config import QuestConfig  # noqa: E402
 from quest_core.cuda_graph import BatchGraphDecoder, graph_decoder  # noqa: E402
 from quest_core.engine import Engine, Request  # noqa: E402
-from quest_core.generation import decode, next_token, prefill  # noqa: E402
+from quest_core.generation import answer_processors, decode, next_token, prefill  # noqa: E402
 from quest_core.hf import QuestCache, cache_argument, forward_batch  # noqa: E402
 from quest_core.paged_cache import PagePool  # noqa: E402
 from quest_core.trace import Trace  # noqa: E402
@@ -205,28 +205,51 @@ def test_greedy_batch_steps_run_ahead_as_the_host_would_pick():
     """`BatchGraphDecoder.greedy` (the graph picks each row's token and the host queues the next step before it
     reads) against `step` with the host's `next_token`, on twin copies of four requests in one pool: the same picks
     for 30 steps while one request turns sparse (a new graph, its eager step inside the run) and pages fill; one
-    row's stop ids (half the vocabulary) are blocked for its first 6 picks. Closing the generator undoes the step
-    queued ahead, so the caches end as the host's steps leave them: the next step's logits are equal."""
+    row's stop ids (half the vocabulary) are blocked for its first 6 picks; two rows have transformers' repetition
+    penalty on their answers (one with tokens already in it), and two are traced as the app traces, with the same
+    pages and bytes at every step as the host's steps. Closing the generator undoes the step queued ahead, so the
+    caches end as the host's steps leave them (the next step's logits are equal) and no trace keeps its step."""
     model = tiny_llama(torch.bfloat16)
     ahead, host = twin_batches(model, seed=6)
     stop_ids, blocked_steps = [[], list(range(128)), [], []], [0, 6, 0, 0]
+    penalties, answers = [1.0, 1.3, 1.0, 2.0], [[7], [8, 3, 40], [], [10]]
     first = [7, 8, 9, 10]
+    for caches in (ahead, host):
+        for cache in caches[2:]:
+            cache.trace = Trace()
     with torch.inference_mode():
         ahead_decoder = BatchGraphDecoder(model, cache_argument(model), compile_layers=False)
-        steps = ahead_decoder.greedy(ahead, first, stop_ids, blocked_steps)
-        got = [next(steps) for _ in range(30)]
+        steps = ahead_decoder.greedy(ahead, first, stop_ids, blocked_steps, penalties, answers)
+        got, ahead_steps = [], []
+        for _ in range(30):
+            got.append(next(steps))
+            ahead_steps.append([cache.trace.end_step(cache.length - 1, 0.0, 4) for cache in ahead[2:]])
         steps.close()
         host_decoder = BatchGraphDecoder(model, cache_argument(model), compile_layers=False)
-        expected, unblocked, tokens = [], [], first
+        expected, host_steps, unblocked, tokens = [], [], [], first
+        answer_ids = [torch.tensor([answer], dtype=torch.long, device="cuda") for answer in answers]
+        processors = [answer_processors(penalty) for penalty in penalties]
         for index in range(30):
             logits = host_decoder.step(host, tokens).clone()
+            host_steps.append([cache.trace.end_step(cache.length, 0.0, 4) for cache in host[2:]])
             unblocked.append(logits[1].argmax().item())
-            tokens = [next_token(row, None, index, ids, steps) for row, ids, steps in zip(logits, stop_ids,
-                                                                                          blocked_steps)]
+            tokens = [next_token(row, ids_so_far, index, ids, steps, processors=rules)
+                      for row, ids_so_far, ids, steps, rules in zip(logits, answer_ids, stop_ids, blocked_steps,
+                                                                    processors)]
+            answer_ids = [torch.cat([ids, ids.new_full((1, 1), token)], 1) for ids, token in zip(answer_ids, tokens)]
             expected.append(tokens)
         assert any(token < 128 for token in unblocked[:6])  # the blocking changed a pick
         assert got == expected, [sum(a == b for a, b in zip(g, e)) for g, e in zip(got, expected)]
+        for step, (ahead_traced, host_traced) in enumerate(zip(ahead_steps, host_steps)):
+            for traced in zip(ahead_traced, host_traced):
+                assert traced[0].context_len == traced[1].context_len, step
+                assert traced[0].read_bytes == traced[1].read_bytes, step
+                pages = [t.selected_pages for t in traced]
+                assert (pages[0] is None) == (pages[1] is None), step  # a dense step has none
+                assert pages[0] is None or torch.equal(*[p.sort(-1).values for p in pages]), step
+        assert {step[0].selected_pages is None for step in ahead_steps} == {True, False}  # row 2 turned sparse
         assert [cache.length for cache in ahead] == [cache.length for cache in host]
+        assert all(cache.trace.end_step(cache.length, 0.0, 4).selected_pages is None for cache in ahead[2:])
         assert torch.equal(ahead_decoder.step(ahead, tokens), host_decoder.step(host, tokens))
     assert not ahead_decoder.failed and ahead_decoder.graph is not None
 
