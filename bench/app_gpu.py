@@ -1,9 +1,10 @@
 """The app's decoding on a GPU (issue 16): a model of the embedded default's shapes (SmolLM2-135M: 30 layers, 9 q /
 3 kv heads of 64 dims; random bf16 weights built from a config, nothing downloaded), 8K tokens of context, the app's
 Quest settings for it (`default_config`: pages of 4, rule mass, budget 1024) and its chat decoding (greedy with
-`Decoding`'s repetition penalty, a logits processor), batch 1 on CUDA graphs. Decode tok/s of dense and Quest, traced
-as the app traces (every step's selected pages, for its plots) and untraced, in one run; then where a traced step's
-host time goes (cProfile over a traced Quest answer: the functions with the most time of their own).
+`Decoding`'s repetition penalty), batch 1 on CUDA graphs, as `generation.decode` runs them. Decode tok/s of dense
+and Quest, traced as the app traces (every step's selected pages, for its plots) and untraced, in one run; then
+where a traced step's host time goes (cProfile over a traced Quest answer: the functions with the most time of
+their own).
 
     python bench/app_gpu.py        # writes the gpu_app section of bench/RESULTS.md
 """
@@ -41,12 +42,12 @@ def answer_tok_s(model, cache, prompt, new_tokens: int, traced: bool) -> float:
     the answer's repetition penalty, a trace's step ended after each token when traced; over the steps after the
     first two (eager, then the graph's capture)."""
     cache.truncate(len(prompt) - 1)
-    cache.trace = Trace() if traced else None
     logits = prefill(model, cache, prompt[-1:])
+    cache.trace = Trace() if traced else None  # as the engine: the prefill untraced, a step ended per later token
     processors = answer_processors(Decoding.repetition_penalty)
     times = []
     for _ in decode(model, cache, logits, new_tokens, min_new_tokens=new_tokens, processors=processors):
-        if traced:
+        if traced and times:
             cache.trace.end_step(cache.length, 0.0, model.config.num_hidden_layers)
         times.append(time.perf_counter())
     cache.trace = None
@@ -95,9 +96,11 @@ def main():
             f"context, batch 1, {args.new_tokens} new tokens greedy with the repetition penalty "
             f"{Decoding.repetition_penalty} (the app's chat decoding), backend {backend.name}; Quest with the app's "
             f"settings for this model (budget {quest.budget}, pages of {quest.page_size}, rule {quest.group_rule}, "
-            f"{quest.dense_layers} dense layers). Steps replay a CUDA graph; tok/s over the steps after the first two "
-            f"(eager, capture), the median of {args.runs} answers. Traced: as the app runs, every step's selected "
-            "pages recorded and the trace's step ended after each token.\n\n" + "\n".join(table) +
+            f"{quest.dense_layers} dense layers). Steps replay a CUDA graph, queued ahead of the host (the graph "
+            "applies the repetition penalty; a traced step's pages reach the host in stream order); tok/s over the "
+            f"steps after the first two (eager, capture), the median of {args.runs} answers. Traced: as the app "
+            "runs, every step's selected pages recorded and the trace's step ended after each token.\n\n" +
+            "\n".join(table) +
             "\n\nWhere a traced Quest answer's host time goes (cProfile, the functions with the most time of their "
             "own; the profiler's overhead is in it):\n\n```\n" + profile.strip() + "\n```")
     if not args.no_write:
