@@ -96,6 +96,14 @@ class Turn:
     answer_ids: list[int]      # exactly the generated ids (the answer's re-tokenized text may differ)
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """The length of the longest common prefix of two token lists."""
+    length = 0
+    while length < min(len(a), len(b)) and a[length] == b[length]:
+        length += 1
+    return length
+
+
 def max_context(model_config) -> int | None:
     return getattr(model_config, "max_position_embeddings", None)
 
@@ -137,7 +145,7 @@ class Session:
         self.prefill_chunk = prefill_chunk
         self.stop_ids = self._stop_ids()
         self.document = ""
-        self.document_tokens = 0  # the prefix that ingest prefilled
+        self.document_ids: list[int] = []  # the prefix that ingest prefilled (system prompt and document)
         self.turns: list[Turn] = []
         self.token_ids: list[int] = []  # exactly the tokens whose KV is in the cache
         self.last_run: RunStats | None = None
@@ -273,9 +281,7 @@ class Session:
             raise ContextFullError(
                 f"the conversation needs {len(token_ids)} tokens but the model's context is {self.max_context}"
             )
-        reused = 0
-        while reused < min(len(token_ids) - 1, len(self.token_ids)) and token_ids[reused] == self.token_ids[reused]:
-            reused += 1
+        reused = common_prefix(token_ids[:-1], self.token_ids)
         self.cache.truncate(reused)
         self.token_ids = token_ids[:reused]
         return reused
@@ -308,20 +314,27 @@ class Session:
             text = self._render([{"role": "user", "content": self._user_turn(QUESTION_MARK, first=True)}])
             prefix = self._tokenize(text[: text.index(QUESTION_MARK)])
             started = time.perf_counter()
-            self.document_tokens = 0
+            self.document_ids = []
             self._prefill(prefix, progress)
-            self.document_tokens = len(prefix)
+            self.document_ids = prefix
             return IngestStats(len(prefix), time.perf_counter() - started)
 
     def new_chat(self) -> None:
-        """Forget the questions and answers; the document and its KV stay."""
+        """Forget the questions and answers; the document and its KV stay, as ingest left them: where the first
+        question's tokens merged with the document's last one, that token goes too, so the same question prefills
+        the same tokens again and gets the same answer."""
         with self._lock:
             self._stop_answer()
             self._epoch += 1
             self._answering = False
             self.turns = []
-            self.cache.truncate(self.document_tokens)
-            self.token_ids = self.token_ids[: self.document_tokens]
+            kept = common_prefix(self.document_ids, self.token_ids)
+            self.cache.truncate(kept)
+            self.token_ids = self.token_ids[:kept]
+
+    @property
+    def document_tokens(self) -> int:
+        return len(self.document_ids)
 
     def reset(self) -> None:
         """Forget the conversation and the document, and free the cached KV. Safe while an answer streams (it
@@ -331,7 +344,7 @@ class Session:
             self._epoch += 1
             self._answering = False
             self.cache = self.engine.new_cache(self.config)
-            self.document, self.document_tokens, self.turns, self.token_ids = "", 0, [], []
+            self.document, self.document_ids, self.turns, self.token_ids = "", [], [], []
 
     @property
     def answer_ids(self) -> list[list[int]]:
