@@ -303,11 +303,12 @@ class BatchGraphDecoder:
 
     @torch.inference_mode()
     def greedy(self, caches: list[QuestCache], token_ids: list[int], stop_ids: list[list[int]],
-               blocked_steps: list[int], penalties: list[float], answers: list[list[int]]):
+               blocked_steps: list[int], penalties: list[float] | None = None,
+               answers: list[list[int]] | None = None):
         """Greedy batched steps that run ahead of the host: the first appends token_ids[b] to caches[b], each next
         one the picks of the step before (each row's argmax after transformers' repetition penalty penalties[b] on
-        its answer's tokens, answers[b] and the picks since; its stop_ids[b] blocked for its first
-        blocked_steps[b] picks), which the graph feeds itself. Yields each step's picks [B] as a list; step i + 1
+        its answer's tokens, answers[b] and the picks since (None: no penalty); its stop_ids[b] blocked for its
+        first blocked_steps[b] picks), which the graph feeds itself. Yields each step's picks [B] as a list; step i + 1
         is queued before the host reads step i's, so when they come each cache holds one token more than step i
         left. A traced cache's step is closed when it is queued (`Trace.close_step`), for its consumer's
         `end_step`. Closing the generator undoes that queued step (its token removed from every cache, its trace
@@ -319,10 +320,10 @@ class BatchGraphDecoder:
             if steps > 0 and ids:
                 self.stop_bias[row, ids] = -torch.inf
         self.seen.zero_()
-        for row, answer in enumerate(answers):
+        for row, answer in enumerate(answers or []):
             if answer:
                 self.seen[row, answer] = True
-        self.penalty.copy_(torch.tensor(penalties)[:, None])
+        self.penalty.copy_(torch.tensor(penalties or [1.0] * len(caches))[:, None])
         traces = [cache.trace for cache in caches]
         num_layers = len(caches[0].layers)
         picks = torch.zeros(2, len(caches), dtype=torch.long, pin_memory=True)  # step i's in picks[i % 2]
