@@ -39,6 +39,17 @@ def record_replay(cache: QuestCache, traced_pages: dict) -> None:
                                  bounds_read=cache.config.bounds_read(layer.num_pages))
 
 
+def greedy_pick(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor, stop_bias: torch.Tensor,
+                out: torch.Tensor) -> None:
+    """Each row's greedy pick of logits [B, vocab] into out [B], as `generation.next_token` picks with an answer's
+    repetition penalty: transformers' rule on the tokens `seen` (bool [B, vocab]: logits divided by `penalty`, [B, 1]
+    or a scalar, or multiplied where negative), then `stop_bias` [B, vocab] (-inf at blocked stop ids). The picks
+    are then seen."""
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    torch.argmax(torch.where(seen, penalized, logits) + stop_bias, dim=-1, out=out)
+    seen.scatter_(1, out[:, None], True)
+
+
 def graph_decoder(model, cache: QuestCache, cache_arg: str):
     """The cache's GraphDecoder, made on first use; None where a step cannot be captured: no CUDA, the torch
     backend or no kernels, float32, a trace that inspects recall (a dense pass per layer), the streaming/oracle
@@ -175,12 +186,7 @@ class GraphDecoder:
         return logits
 
     def _pick(self, logits: torch.Tensor) -> None:
-        """The greedy pick of logits [vocab] into step_values[0], as `generation.next_token` picks with the answer's
-        repetition penalty: transformers' rule on the tokens seen (divided, or multiplied where negative)."""
-        penalized = torch.where(logits < 0, logits * self.penalty, logits / self.penalty)
-        logits = torch.where(self.seen, penalized, logits)
-        torch.argmax(logits + self.stop_bias, dim=0, keepdim=True, out=self.step_values[0:1])
-        self.seen.index_fill_(0, self.step_values[0], True)
+        greedy_pick(logits[None], self.seen[None], self.penalty, self.stop_bias[None], out=self.step_values[0:1])
 
     def _write_step_values(self, token_id: int, position: int) -> None:
         self.host_values[0], self.host_values[1], self.host_values[2] = token_id, position, position + 1
@@ -406,10 +412,7 @@ class BatchGraphDecoder:
         batch = len(caches)
         logits = forward_batch(self.model, caches, self.step_values[0].view(batch, 1), self.cache_arg,
                                position_ids=self.step_values[1].view(batch, 1))
-        penalized = torch.where(logits < 0, logits * self.penalty, logits / self.penalty)  # as GraphDecoder._pick
-        picked = torch.where(self.seen, penalized, logits) + self.stop_bias
-        torch.argmax(picked, dim=-1, out=self.step_values[0])
-        self.seen.scatter_(1, self.step_values[0][:, None], True)
+        greedy_pick(logits, self.seen, self.penalty, self.stop_bias, out=self.step_values[0])
         self.step_values[1:].add_(1)
         return logits
 

@@ -1,5 +1,6 @@
 """Session: the context never overflows (old turns dropped, never the document), a suspended stream never blocks
-reset, new_chat keeps the document's KV, and the answer-only penalties are transformers' processors step by step."""
+reset, new_chat keeps the document's KV, and the answer-only penalties are transformers' processors step by step
+(and a CUDA graph's own greedy pick applies the repetition penalty as they do)."""
 import threading
 from pathlib import Path
 
@@ -8,7 +9,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from quest_core.config import Decoding, QuestConfig
-from quest_core.generation import answer_processors
+from quest_core.cuda_graph import greedy_pick
+from quest_core.generation import answer_processors, next_token
 from quest_core.models import load_model
 from quest_core.session import ContextFullError, Session, cut_document, measure_document
 
@@ -138,3 +140,29 @@ def test_answer_penalties_are_transformers_processors_on_the_answer(tokenizer):
         answer.append(int(processors(torch.tensor([answer], dtype=torch.long), logits)[0].argmax()))
     assert [step.token_id for step in run.steps] == answer
     assert len(set(zip(answer, answer[1:]))) == len(answer) - 1  # no bigram twice
+
+
+def test_a_cuda_graphs_greedy_pick_is_next_token_with_the_repetition_penalty():
+    """`cuda_graph.greedy_pick` (the pick a graph makes for itself, to run ahead of the host) against
+    `generation.next_token` with transformers' repetition penalty on the answer's ids, stop ids blocked or not:
+    rows of a batch with their own penalties, their answers so far, logits of both signs (all negative in half the
+    trials, where the penalty's multiplication decides the pick). It runs on the CPU too."""
+    generator = torch.Generator().manual_seed(0)
+    penalties, stop_ids = [1.0, 1.3, 2.0], [3, 4]
+    for trial in range(100):
+        logits = torch.randn(3, 50, generator=generator) * 3 - (10.0 if trial % 4 < 2 else 0.0)  # all negative
+        answers = [torch.randint(0, 50, (int(torch.randint(0, 12, (), generator=generator)),),
+                                 generator=generator).tolist() for _ in penalties]
+        blocked = trial % 2 == 0
+        seen = torch.zeros(3, 50, dtype=torch.bool)
+        for row, answer in enumerate(answers):
+            seen[row, answer] = True
+        stop_bias = torch.zeros(3, 50)
+        stop_bias[:, stop_ids] = -torch.inf if blocked else 0.0
+        picks = torch.zeros(3, dtype=torch.long)
+        greedy_pick(logits.clone(), seen, torch.tensor(penalties)[:, None], stop_bias, out=picks)
+        expected = [next_token(row.clone(), torch.tensor([answer], dtype=torch.long), 0, stop_ids, int(blocked),
+                               processors=answer_processors(penalty))
+                    for row, answer, penalty in zip(logits, answers, penalties)]
+        assert picks.tolist() == expected, trial
+        assert seen[torch.arange(3), picks].all()  # the picks are seen for the next step
