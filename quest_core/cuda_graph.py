@@ -360,8 +360,8 @@ class BatchGraphDecoder:
         finally:
             for cache, trace in zip(caches, traces):  # the steps queued on picks the host has not taken
                 cache.truncate(cache.length - (queued - read))
-                for _ in range(queued - read if trace is not None else 0):
-                    trace.drop_closed()
+                if trace is not None:
+                    trace.drop_closed(queued - read)
 
     def reset(self) -> None:
         """Drop the graph and let the batch's caches go."""

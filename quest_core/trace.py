@@ -122,9 +122,10 @@ class Trace:
         assert not self._adaptive, "an adaptive budget's page counts are read on the host: no step runs ahead"
         self._queued.append(self._close(context_len, 0.0, num_layers, wait=False))
 
-    def drop_closed(self) -> None:
-        """Forget the last step closed ahead: it was undone (its token removed from the cache)."""
-        self._queued.pop()
+    def drop_closed(self, count: int = 1) -> None:
+        """Forget the last `count` steps closed ahead: they were undone (their tokens removed from the cache)."""
+        for _ in range(count):
+            self._queued.pop()
 
     def _close(self, context_len: int, seconds: float, num_layers: int, wait: bool) -> StepTrace:
         pages_read = self._pages_read(num_layers)
