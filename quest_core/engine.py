@@ -347,7 +347,7 @@ class Engine:
             arrived = hand_over and bool(self._arrived)
             return request.stopped or arrived
 
-        answer = []
+        answer, start_length = [], cache.length  # token i comes from a cache of start_length + i (graphs run ahead)
         try:
             cache.trace = request.trace
             tokens = decode(self.model, cache, request.logits, request.max_new_tokens, request.stop_ids,
@@ -356,10 +356,10 @@ class Engine:
             for index, token_id in enumerate(tokens):
                 now = time.perf_counter()
                 trace = cache.trace
-                step = trace.end_step(cache.length, now - request.last_time, self.num_layers) \
+                step = trace.end_step(start_length + index, now - request.last_time, self.num_layers) \
                     if trace is not None and index else None
                 request.last_time = now
-                request.outbox.put(Token(token_id, cache.length, now, step))
+                request.outbox.put(Token(token_id, start_length + index, now, step))
                 answer.append(token_id)
         except Exception as error:
             self._finish(request, error)

@@ -335,6 +335,7 @@ def test_engine_answers_asked_at_once_equal_one_after_another(monkeypatch):
     pages_of_4 = [settings.with_changes(page_size=4) for settings in SETTINGS]  # the pool's: the model's default
 
     def answers(engine, stop_ids=((),) * 4, min_new_tokens=(0,) * 4, cancelled=None):
+        lengths = [[] for _ in prompts]  # the cache's length at each token, as the engine reports it
         requests = [engine.submit(Request(engine.new_cache(settings), prompt, max_new_tokens=48, stop_ids=list(stop),
                                           min_new_tokens=least, chunk_size=256))
                     for settings, prompt, stop, least in zip(pages_of_4, prompts, stop_ids, min_new_tokens)]
@@ -343,9 +344,13 @@ def test_engine_answers_asked_at_once_equal_one_after_another(monkeypatch):
             for count, item in enumerate(item for item in request.items() if hasattr(item, "token_id")):
                 if index == cancelled and count == 15:
                     request.cancel.set()
+                lengths[index].append(item.context_len)
                 yield item
 
-        return asked_at_once(requests, tokens, timeout=300)
+        got = asked_at_once(requests, tokens, timeout=300)
+        for prompt, answer, reported in zip(prompts, got, lengths):  # alone and batched, run ahead or not
+            assert reported == list(range(len(prompt), len(prompt) + len(answer))), (len(prompt), reported)
+        return got
 
     alone = Engine(model, None, backend)
     free = answers(alone)
