@@ -60,7 +60,8 @@ def mark(i, sync=False, indent=2):
 # (text before the timer, text after it, the timer): each pair must occur once in the kernels
 MARKS = [
     # score_topk
-    ("  const int h = blockIdx.x;\n", "  if (device_length", mark(0)),
+    ("  const int request = h / num_kv_heads, kv_head = h % num_kv_heads;  // request 0 without a bounds table\n", "",
+     mark(0)),
     ("    split_query[r * 2 * head_dim + head_dim + d] = negative;\n  }\n  __syncthreads();\n", "", mark(1)),
     ("", "  __threadfence();\n  __syncthreads();\n"
          "  if (threadIdx.x == 0) is_last = atomicAdd(&counters[h], 1u) == gridDim.y", mark(2, sync=True)),
@@ -69,7 +70,7 @@ MARKS = [
     ("  __syncthreads();\n", "  find_bin(histogram, kFirstBins", mark(5)),
     ("  const unsigned int first_digit = found_bin;\n", "", mark(6)),
     ("  __syncthreads();\n", "  if (threadIdx.x == 0) head_out[k - 1]", mark(7)),
-    ("num_kv_heads + h;\n    }\n", "    return;\n  }\n  // without the list", mark(8, sync=True, indent=4)),
+    ("num_kv_heads + kv_head;\n    }\n", "    return;\n  }\n  // without the list", mark(8, sync=True, indent=4)),
     # sparse_decode
     ("  const int32_t* head_rows = rows + (int64_t)h * k;\n", "", mark(0)),
     ("", "  const int stride = group * (2 + kDim);\n  float* own", mark(2, sync=True)),
@@ -80,7 +81,8 @@ MARKS = [
 ]
 
 
-def build_module():
+def timed_source() -> str:
+    """kernels/quest_kernels.cu with the timers in."""
     source = kernels.SOURCE.read_text()
     for before, after, timer in MARKS:
         assert source.count(before + after) == 1, f"kernel_phases: no single place for a timer at {before + after!r}"
@@ -89,8 +91,12 @@ def build_module():
     module_start = "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {\n"
     source = source.replace(module_start, module_start + '  m.def("read_trace", &read_trace);\n'
                             '  m.def("clear_trace", &clear_trace);\n')
+    return source
+
+
+def build_module():
     path = Path("/tmp/quest_kernels_phases.cu")
-    path.write_text(source)
+    path.write_text(timed_source())
     major, minor = torch.cuda.get_device_capability()
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
     return build(name="quest_kernels_phases", sources=[str(path)], extra_cuda_cflags=["-O3", "-std=c++17"],

@@ -102,3 +102,11 @@ def test_the_name_kernels_is_left_to_pypi():
     """transformers probes for Hugging Face's `kernels` package: ours must not answer to that name."""
     spec = importlib.util.find_spec("kernels")
     assert spec is None or not str(spec.origin).startswith(str(ROOT))
+
+
+def test_kernel_phases_finds_one_place_for_each_of_its_timers_in_the_kernels():
+    """bench/kernel_phases.py times the kernels by inserting timers at fixed places of their source: a change to the
+    kernels that moves one should fail here, not on the GPU."""
+    from bench import kernel_phases
+    source = kernel_phases.timed_source()
+    assert source.count("trace_mark(") == len(kernel_phases.MARKS) + 1  # each timer, and its definition
