@@ -66,7 +66,7 @@ MARKS = [
     ("", "  __threadfence();\n  __syncthreads();\n"
          "  if (threadIdx.x == 0) is_last = atomicAdd(&counters[h], 1u) == gridDim.y", mark(2, sync=True)),
     ("  if (!is_last) return;\n", "\n  // The last block of head h: every", mark(3)),
-    ("                                 &largest_key);\n", "", mark(4, sync=True)),
+    ("                                 &largest_key, keys);\n", "", mark(4, sync=True)),
     ("  __syncthreads();\n", "  find_bin(histogram, kFirstBins", mark(5)),
     ("  const unsigned int first_digit = found_bin;\n", "", mark(6)),
     ("  __syncthreads();\n", "  if (threadIdx.x == 0) head_out[k - 1]", mark(7)),

@@ -39,6 +39,7 @@ void dispatch_kv_type(at::ScalarType type, Launch launch) {
 struct DeviceLimits {
   int max_shared;  // opt-in shared memory per block, bytes
   int num_sms;
+  int major;       // compute capability
 };
 
 std::mutex& device_mutex() {
@@ -55,6 +56,7 @@ DeviceLimits device_limits(int device) {
   DeviceLimits read;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&read.max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&read.num_sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&read.major, cudaDevAttrComputeCapabilityMajor, device));
   limits.emplace(device, read);
   return read;
 }
@@ -75,6 +77,39 @@ void allow_max_shared(Kernel kernel, int device, int max_shared) {
   kernels.insert(key);
 }
 
+// ---- programmatic dependent launch (Hopper and later) ----
+// Each kernel here is launched so that it may start while the kernel before it in the stream is finishing (its
+// blocks scheduled, the launch latency hidden): it waits for that kernel's writes in `wait_for_previous_kernel`,
+// before it reads or writes anything. `let_next_kernel_launch` lets the next kernel start the same way before this
+// one ends (else it may once this one's blocks have exited). Both are no-ops on older GPUs and for a kernel launched
+// without the attribute; a CUDA graph keeps them as programmatic edges.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void let_next_kernel_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
+template <typename... Parameters, typename... Arguments>
+void launch_kernel(void (*kernel)(Parameters...), dim3 grid, int threads, int shared_bytes, int device,
+            Arguments... arguments) {
+  cudaLaunchAttribute early_start;
+  early_start.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  early_start.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = shared_bytes;
+  config.stream = c10::cuda::getCurrentCUDAStream();
+  config.attrs = &early_start;
+  config.numAttrs = device_limits(device).major >= 9 ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, static_cast<Parameters>(arguments)...));
+}
+
 // ---- (a) KV append fused with the page min/max update ----
 // Block (h, j) owns the j-th page that the new tokens touch, for KV head h; thread d owns element d. The block
 // walks its tokens in order, so no two blocks touch one page's bounds: no atomics. Bounds are exact values of T
@@ -89,6 +124,8 @@ __global__ void append_kv_kernel(const T* __restrict__ new_keys, const T* __rest
                                  int64_t start, const int64_t* __restrict__ device_length, int num_new,
                                  int num_kv_heads, int page_size, int head_dim, int64_t capacity,
                                  const int64_t* __restrict__ bounds_table, const int* __restrict__ row_offsets) {
+  wait_for_previous_kernel();
+  let_next_kernel_launch();
   const int request = blockIdx.x / num_kv_heads, h = blockIdx.x % num_kv_heads, d = threadIdx.x;
   if (device_length != nullptr) start = device_length[request] - num_new;
   const int64_t page = start / page_size + blockIdx.y;
@@ -135,10 +172,9 @@ void append_kv(torch::Tensor new_keys, torch::Tensor new_values, torch::Tensor k
   const c10::cuda::CUDAGuard guard(keys.device());
   const dim3 grid(requests * num_kv_heads, (num_new + page_size - 2) / page_size + 1);  // pages a run can touch
   const int threads = (head_dim + 31) / 32 * 32;
-  auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_kv_type(keys.scalar_type(), [&](auto type_tag) {
     using T = decltype(type_tag);
-    append_kv_kernel<T><<<grid, threads, 0, stream>>>(
+    launch_kernel(append_kv_kernel<T>, grid, threads, 0, keys.device().index(),
         reinterpret_cast<const T*>(new_keys.data_ptr()), reinterpret_cast<const T*>(new_values.data_ptr()),
         reinterpret_cast<T*>(keys.data_ptr()), reinterpret_cast<T*>(values.data_ptr()),
         reinterpret_cast<T*>(bounds.data_ptr()), start,
@@ -232,11 +268,13 @@ __device__ __forceinline__ void merge_softmax(float& m, float& l, float other_m,
 
 // Rule mass, in the last block of head h: each query head's softmax state over the pages in use (the current page
 // too), then each full page's mass, the sum over the group of its softmax weights, into head_scores, and the order
-// keys' range into smallest_key, largest_key (shared; they hold 0xffffffff and 0 when it starts).
-__device__ void mass_scores(const float* group_scores, float* head_scores, int group, int64_t capacity,
-                            int num_pages, float mass_scale, float* warp_max_logit, float* warp_sum,
-                            float* head_max_logit, float* head_inverse_sum, unsigned int* smallest_key,
-                            unsigned int* largest_key) {
+// keys' range into smallest_key, largest_key (shared; they hold 0xffffffff and 0 when it starts). `keys` gets the
+// order keys of this thread's pages p0 + j * kThreads + t of the last round p0 (every page's, in one round).
+__device__ __forceinline__ void mass_scores(const float* group_scores, float* head_scores, int group,
+                                            int64_t capacity, int num_pages, float mass_scale, float* warp_max_logit,
+                                            float* warp_sum, float* head_max_logit, float* head_inverse_sum,
+                                            unsigned int* smallest_key, unsigned int* largest_key,
+                                            unsigned int (&keys)[kSweepBatch]) {
   // Pair (head, part), for the G query heads and `parts` stretches of them: every (parts)-th run of 32 pages of
   // head's logits, its softmax state, kept online by each lane over batches of kSweepBatch logits loaded together
   // (one pass over L2; a load per step, as before, waited on L2 for each: 6.6 us at 2048 pages), then merged over
@@ -277,15 +315,26 @@ __device__ void mass_scores(const float* group_scores, float* head_scores, int g
   }
   __syncthreads();
   unsigned int low = 0xffffffffu, high = 0u;
-  for (int p = threadIdx.x; p < num_pages - 1; p += kThreads) {
-    float mass = 0.f;
+  for (int p0 = 0; p0 < num_pages - 1; p0 += kThreads * kSweepBatch) {
+    float mass[kSweepBatch] = {};  // the round's loads of one query head in flight together, no store between
 #pragma unroll 4
     for (int g = 0; g < group; ++g)
-      mass += __expf(__ldcg(group_scores + g * capacity + p) * mass_scale - head_max_logit[g]) *
-              head_inverse_sum[g];
-    head_scores[p] = mass;
-    low = min(low, order_key(mass));
-    high = max(high, order_key(mass));
+#pragma unroll
+      for (int j = 0; j < kSweepBatch; ++j) {
+        const int p = p0 + j * kThreads + threadIdx.x;
+        if (p < num_pages - 1)
+          mass[j] += __expf(__ldcg(group_scores + g * capacity + p) * mass_scale - head_max_logit[g]) *
+                     head_inverse_sum[g];
+      }
+#pragma unroll
+    for (int j = 0; j < kSweepBatch; ++j) {
+      const int p = p0 + j * kThreads + threadIdx.x;
+      keys[j] = order_key(mass[j]);
+      if (p >= num_pages - 1) continue;
+      head_scores[p] = mass[j];
+      low = min(low, keys[j]);
+      high = max(high, keys[j]);
+    }
   }
   low = warp_min(low);
   high = warp_max(high);
@@ -321,6 +370,8 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
   __shared__ bool is_last;
   __shared__ float warp_max_logit[kMaxPairs], warp_sum[kMaxPairs];  // rule mass: a softmax state per (head, part)
   __shared__ float head_max_logit[kMaxMassGroup], head_inverse_sum[kMaxMassGroup];
+  wait_for_previous_kernel();  // and no early launch of the sparse decode: its blocks would crowd the few SMs free
+                               // while this grid scores (measured: 1.8 us slower than at this grid's exit)
   const int h = blockIdx.x;  // the head row (request * Hkv + KV head); rows of scratch and output are indexed by it
   const int request = h / num_kv_heads, kv_head = h % num_kv_heads;  // request 0 without a bounds table
   const T* head_bounds = bounds_table == nullptr
@@ -444,20 +495,33 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
   }
   for (int b = threadIdx.x; b < kFirstBins; b += kThreads) histogram[b] = 0;
   __syncthreads();
+  // This thread's keys of pages p0 + j * kThreads + t, relative to the head's smallest key. With one round of
+  // candidates (at most kThreads * kSweepBatch: 8,192) they stay in registers from the histogram to the end of
+  // sweep 2 (rule mass's from mass_scores); with more, each of those passes loads its round's from L2.
+  unsigned int keys[kSweepBatch];
   if (rule == kMass) mass_scores(head_group_scores, head_scores, group, capacity, num_pages, mass_scale,
                                  warp_max_logit, warp_sum, head_max_logit, head_inverse_sum, &smallest_key,
-                                 &largest_key);
+                                 &largest_key, keys);
   // Radix digits of r = key - smallest_key, from bit `shift` up: r >> shift < 2048 for every candidate.
   const unsigned int span = largest_key - smallest_key;
   int shift = max(0, 32 - __clz(span) - kFirstBits);
   auto relative_key = [&](int p) { return order_key(__ldcg(head_scores + p)) - smallest_key; };
-  for (int p0 = 0; p0 < candidates; p0 += kThreads * kSweepBatch) {  // the first digit's histogram
-    unsigned int keys[kSweepBatch];  // loads first, all in flight together
+  auto load_keys = [&](int p0) {  // loads first, all in flight together
 #pragma unroll
     for (int j = 0; j < kSweepBatch; ++j) {
       const int p = p0 + j * kThreads + threadIdx.x;
       keys[j] = p < candidates ? relative_key(p) : 0u;
     }
+  };
+  const bool one_round = candidates <= kThreads * kSweepBatch;
+  if (one_round && rule == kMass) {
+#pragma unroll
+    for (int j = 0; j < kSweepBatch; ++j) keys[j] -= smallest_key;
+  } else if (one_round) {
+    load_keys(0);
+  }
+  for (int p0 = 0; p0 < candidates; p0 += kThreads * kSweepBatch) {  // the first digit's histogram
+    if (!one_round) load_keys(p0);
 #pragma unroll
     for (int j = 0; j < kSweepBatch; ++j) {
       const int p = p0 + j * kThreads + threadIdx.x;
@@ -473,12 +537,7 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
   const bool use_list = histogram[first_digit] <= (unsigned int)list_capacity;
   int32_t* head_out = out + (int64_t)h * k;
   for (int p0 = 0; p0 < candidates; p0 += kThreads * kSweepBatch) {
-    unsigned int keys[kSweepBatch];
-#pragma unroll
-    for (int j = 0; j < kSweepBatch; ++j) {
-      const int p = p0 + j * kThreads + threadIdx.x;
-      keys[j] = p < candidates ? relative_key(p) : 0u;
-    }
+    if (!one_round) load_keys(p0);
 #pragma unroll
     for (int j = 0; j < kSweepBatch; ++j) {
       const int p = p0 + j * kThreads + threadIdx.x;
@@ -603,7 +662,6 @@ void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, in
   const int list_capacity = std::min<int>({2048, (int)(num_pages - 1), (max_shared - fixed - 1024) / 8});
   const int shared_bytes = fixed + 8 * list_capacity;
   const c10::cuda::CUDAGuard guard(query.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
   TORCH_CHECK(query.scalar_type() != at::kFloat, "score_topk takes float16 and bfloat16 (FlashInfer's types)");
   dispatch_kv_type(query.scalar_type(), [&](auto type_tag) {
     using T = decltype(type_tag);
@@ -615,7 +673,7 @@ void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, in
         {score_topk_kernel<T, 1, kMass>, score_topk_kernel<T, 2, kMass>, score_topk_kernel<T, 4, kMass>}};
       const Kernel kernel = kernels[rule][chunks == 1 ? 0 : chunks == 2 ? 1 : 2];
       allow_max_shared(kernel, device, max_shared);  // each kernel over 48 KB of shared memory, on this GPU
-      kernel<<<dim3(heads, blocks_per_head), kThreads, shared_bytes, stream>>>(
+      launch_kernel(kernel, dim3(heads, blocks_per_head), kThreads, shared_bytes, device,
           reinterpret_cast<const T*>(query.data_ptr()), reinterpret_cast<const T*>(bounds.data_ptr()), bounds.size(1),
           bounds_table ? bounds_table->data_ptr<int64_t>() : nullptr, scores.data_ptr<float>(),
           rule == kMass ? group_scores->data_ptr<float>() : nullptr,
@@ -657,6 +715,8 @@ __global__ void __launch_bounds__(kAttentionThreads) sparse_decode_kernel(
   constexpr int kTile = kGroup <= 2 ? 8 : 4;  // tokens a team has in flight
   extern __shared__ float team_states[];      // [kTeams, group, 2 + kDim]: m, l, output
   __shared__ bool is_last;
+  wait_for_previous_kernel();
+  let_next_kernel_launch();
   const int h = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
   const int lane = threadIdx.x % kTeam, team = threadIdx.x / kTeam;
   if (device_length != nullptr) last_len = (int)((device_length[h / heads_per_length] - 1) % page_size) + 1;
@@ -852,11 +912,10 @@ torch::Tensor sparse_decode(torch::Tensor query, torch::Tensor keys, torch::Tens
   const int shared_bytes = teams * group * (2 + head_dim) * 4;
   auto out = torch::empty_like(query);
   const c10::cuda::CUDAGuard guard(query.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
   const float scale_log2 = (float)(scale * 1.4426950408889634);
   auto launch = [&](auto kernel, auto type_tag) {
     using T = decltype(type_tag);
-    kernel<<<dim3(num_heads, splits), kAttentionThreads, shared_bytes, stream>>>(
+    launch_kernel(kernel, dim3(num_heads, splits), kAttentionThreads, shared_bytes, query.device().index(),
         reinterpret_cast<const T*>(query.data_ptr()), reinterpret_cast<const T*>(keys.data_ptr()),
         reinterpret_cast<const T*>(values.data_ptr()), rows.data_ptr<int>(), reinterpret_cast<T*>(out.data_ptr()),
         partial_out.data_ptr<float>(), partial_state.data_ptr<float>(),
