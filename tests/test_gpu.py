@@ -94,6 +94,26 @@ def test_score_topk_selects_the_reference_top_pages(dtype, head_dim, page_size, 
 
 @needs_kernels
 @pytest.mark.parametrize("group_rule", ["sum", "max", "mass"])
+def test_score_topk_past_one_round_of_candidates(group_rule):
+    """Up to 8,192 full pages each thread of the selecting block keeps its pages' keys in registers; past that,
+    each pass over the keys (and rule mass's over the logits) reloads them round by round."""
+    num_kv_heads, page_size, head_dim, group = 2, 4, 64, 3
+    layer = filled(page_size * 9000 + 2, page_size, num_kv_heads, head_dim, torch.bfloat16)
+    query = torch.randn(num_kv_heads, group, head_dim, device="cuda").to(torch.bfloat16)
+    reference = page_scores(query.float(), layer.page_bounds[:, : layer.num_pages].float(), group_rule)
+    scorer = kernels.ScoreTopK(module)
+    for k, on_gpu in ((64, False), (1000, True)):
+        rows = torch.empty(num_kv_heads, k, dtype=torch.int32, device="cuda")
+        if on_gpu:
+            scorer(query, layer.page_bounds, layer.page_bounds.shape[1], k, rows,
+                   torch.tensor([layer.length], device="cuda"), page_size, group_rule)
+        else:
+            scorer(query, layer.page_bounds, layer.num_pages, k, rows, group_rule=group_rule)
+        assert_top_pages(rows, reference, k)
+
+
+@needs_kernels
+@pytest.mark.parametrize("group_rule", ["sum", "max", "mass"])
 @pytest.mark.parametrize("sink_pages", [1, 3])
 def test_score_topk_keeps_the_sink_pages(group_rule, sink_pages):
     """With sink pages s: pages 0..s-1 in the slots before the current page, whatever they score; the first k-1-s
