@@ -206,6 +206,7 @@ void append_kv(torch::Tensor new_keys, torch::Tensor new_values, torch::Tensor k
 // the GPU) runs as R * Hkv heads in one grid: head row r * Hkv + h scores request r's KV head h, so the selection's
 // latency (one block per head) is paid once for the batch, not once per request.
 constexpr int kThreads = 1024;  // the selection runs in one block per head: as many threads as fit
+static_assert(kThreads == 32 * 32, "find_bin scans one warp total per lane");
 constexpr int kUnroll = 4;        // pages in flight per team
 constexpr int kMaxChunks = 4;     // 16-byte vectors per lane and page: 2D <= 4 * 32 * (16 / sizeof(T))
 constexpr int kFirstBits = 11;    // the first radix digit; the others have 8 bits (fewer for the last)
@@ -237,8 +238,14 @@ __device__ void find_bin(const unsigned int* histogram, int nbins, unsigned int*
   if (lane == 31) warp_totals[warp] = above;
   __syncthreads();
   const unsigned int want = *remaining;
-  for (int w = 0; w < warp; ++w) above += warp_totals[w];
-  above -= own;  // keys in the bins above this thread's
+  // every warp scans the 32 warps' totals itself (no loop of up to 31 loads, one after another, over the warps above)
+  unsigned int warps_above = warp_totals[lane];
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const unsigned int other = __shfl_up_sync(0xffffffffu, warps_above, offset);
+    if (lane >= offset) warps_above += other;
+  }
+  warps_above = __shfl_sync(0xffffffffu, warps_above, (warp + 31) % 32);
+  above += (warp == 0 ? 0u : warps_above) - own;  // keys in the bins above this thread's
   __syncthreads();  // every thread has read `remaining` before one rewrites it
   if (above < want && above + own >= want) {
     int i = 0;
