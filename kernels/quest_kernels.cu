@@ -95,8 +95,8 @@ __device__ __forceinline__ void let_next_kernel_launch() {
 }
 
 template <typename... Parameters, typename... Arguments>
-void launch_kernel(void (*kernel)(Parameters...), dim3 grid, int threads, int shared_bytes, int device,
-            Arguments... arguments) {
+void launch_kernel(void (*kernel)(Parameters...), dim3 grid, int threads, int shared_bytes,
+                   const DeviceLimits& limits, Arguments... arguments) {
   cudaLaunchAttribute early_start;
   early_start.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   early_start.val.programmaticStreamSerializationAllowed = 1;
@@ -106,7 +106,7 @@ void launch_kernel(void (*kernel)(Parameters...), dim3 grid, int threads, int sh
   config.dynamicSmemBytes = shared_bytes;
   config.stream = c10::cuda::getCurrentCUDAStream();
   config.attrs = &early_start;
-  config.numAttrs = device_limits(device).major >= 9 ? 1 : 0;
+  config.numAttrs = limits.major >= 9 ? 1 : 0;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, static_cast<Parameters>(arguments)...));
 }
 
@@ -174,7 +174,7 @@ void append_kv(torch::Tensor new_keys, torch::Tensor new_values, torch::Tensor k
   const int threads = (head_dim + 31) / 32 * 32;
   dispatch_kv_type(keys.scalar_type(), [&](auto type_tag) {
     using T = decltype(type_tag);
-    launch_kernel(append_kv_kernel<T>, grid, threads, 0, keys.device().index(),
+    launch_kernel(append_kv_kernel<T>, grid, threads, 0, device_limits(keys.device().index()),
         reinterpret_cast<const T*>(new_keys.data_ptr()), reinterpret_cast<const T*>(new_values.data_ptr()),
         reinterpret_cast<T*>(keys.data_ptr()), reinterpret_cast<T*>(values.data_ptr()),
         reinterpret_cast<T*>(bounds.data_ptr()), start,
@@ -686,7 +686,7 @@ void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, in
         {score_topk_kernel<T, 1, kMass>, score_topk_kernel<T, 2, kMass>, score_topk_kernel<T, 4, kMass>}};
       const Kernel kernel = kernels[rule][chunks == 1 ? 0 : chunks == 2 ? 1 : 2];
       allow_max_shared(kernel, device, max_shared);  // each kernel over 48 KB of shared memory, on this GPU
-      launch_kernel(kernel, dim3(heads, blocks_per_head), kThreads, shared_bytes, device,
+      launch_kernel(kernel, dim3(heads, blocks_per_head), kThreads, shared_bytes, limits,
           reinterpret_cast<const T*>(query.data_ptr()), reinterpret_cast<const T*>(bounds.data_ptr()), bounds.size(1),
           bounds_table ? bounds_table->data_ptr<int64_t>() : nullptr, scores.data_ptr<float>(),
           rule == kMass ? group_scores->data_ptr<float>() : nullptr,
@@ -936,10 +936,10 @@ torch::Tensor sparse_decode(torch::Tensor query, torch::Tensor keys, torch::Tens
   TORCH_CHECK(partial_out.scalar_type() == at::kFloat && partial_state.scalar_type() == at::kFloat);
   TORCH_CHECK(partial_out.numel() >= (int64_t)num_heads * k * group * head_dim &&
               partial_state.numel() >= (int64_t)num_heads * k * group * 2 && counters.numel() >= num_heads);
-  const int num_sms = device_limits(query.device().index()).num_sms;
+  const DeviceLimits limits = device_limits(query.device().index());
   // Splits: about two blocks per SM over all heads, each of whole pages and at least 32 tokens
   const int team = head_dim / 8, teams = kAttentionThreads / team;
-  const int wanted = std::max(1, (2 * num_sms + num_heads - 1) / num_heads);
+  const int wanted = std::max(1, (2 * limits.num_sms + num_heads - 1) / num_heads);
   const int pages_per_split = std::max((k + wanted - 1) / wanted, (32 + page_size - 1) / page_size);
   const int splits = (k + pages_per_split - 1) / pages_per_split;
   TORCH_CHECK(group * splits <= teams * group * (2 + head_dim));  // the last block's weights fit in shared memory
@@ -949,7 +949,7 @@ torch::Tensor sparse_decode(torch::Tensor query, torch::Tensor keys, torch::Tens
   const float scale_log2 = (float)(scale * 1.4426950408889634);
   auto launch = [&](auto kernel, auto type_tag) {
     using T = decltype(type_tag);
-    launch_kernel(kernel, dim3(num_heads, splits), kAttentionThreads, shared_bytes, query.device().index(),
+    launch_kernel(kernel, dim3(num_heads, splits), kAttentionThreads, shared_bytes, limits,
         reinterpret_cast<const T*>(query.data_ptr()), reinterpret_cast<const T*>(keys.data_ptr()),
         reinterpret_cast<const T*>(values.data_ptr()), rows.data_ptr<int>(), reinterpret_cast<T*>(out.data_ptr()),
         partial_out.data_ptr<float>(), partial_state.data_ptr<float>(),
