@@ -31,8 +31,8 @@ def page_scores(query: torch.Tensor, page_bounds: torch.Tensor, group_rule: str 
     split_query = torch.cat([query.clamp(min=0), query.clamp(max=0)], dim=-1)  # [Hkv, G, 2D]
     if group_rule == "sum":
         split_query = split_query.sum(1, keepdim=True)  # [Hkv, 1, 2D]
-    # the bounds times the query, then transposed: on the CPU, a GEMM of G rows against the bounds' transpose read
-    # them at under half the speed (bench/RESULTS.md, cpu_decode)
+    # the bounds times the query, then transposed: on the CPU the product the other way round (a GEMM of G rows
+    # against the bounds' transpose) took twice as long per layer
     scores = torch.bmm(page_bounds, split_query.transpose(1, 2)).transpose(1, 2).float()  # [Hkv, G or 1, pages]
     if num_pages is not None:
         scores = scores.masked_fill(_page_index(scores) >= num_pages, -torch.inf)
