@@ -81,15 +81,20 @@ def test_score_topk_selects_the_reference_top_pages(dtype, head_dim, page_size, 
     query = torch.randn(num_kv_heads, group, head_dim, device="cuda").to(dtype)
     reference = page_scores(query.float(), layer.page_bounds[:, : layer.num_pages].float(), group_rule)
     scorer = kernels.ScoreTopK(module)
-    length_on_gpu = torch.tensor([layer.length], device="cuda")
     for k, on_gpu in ((2, False), (17, False), (64, False), (64, True), (100, True)):
-        rows = torch.empty(num_kv_heads, k, dtype=torch.int32, device="cuda")
-        if on_gpu:  # as in a captured graph: the length on the GPU, the grid sized for the whole capacity
-            scorer(query, layer.page_bounds, layer.page_bounds.shape[1], k, rows, length_on_gpu, page_size,
-                   group_rule)
-        else:
-            scorer(query, layer.page_bounds, layer.num_pages, k, rows, group_rule=group_rule)
-        assert_top_pages(rows, reference, k)
+        assert_top_pages(kernel_selection(scorer, query, layer, k, group_rule, on_gpu), reference, k)
+
+
+def kernel_selection(scorer, query, layer, k, group_rule, on_gpu, sink_pages=0):
+    """The fused scorer's rows [Hkv, k] for `layer`, the length from the host or, with on_gpu, as in a captured
+    graph: the length on the GPU, the grid sized for the whole capacity."""
+    rows = torch.empty(layer.num_kv_heads, k, dtype=torch.int32, device="cuda")
+    if on_gpu:
+        scorer(query, layer.page_bounds, layer.page_bounds.shape[1], k, rows,
+               torch.tensor([layer.length], device="cuda"), layer.page_size, group_rule, sink_pages)
+    else:
+        scorer(query, layer.page_bounds, layer.num_pages, k, rows, group_rule=group_rule, sink_pages=sink_pages)
+    return rows
 
 
 @needs_kernels
@@ -103,13 +108,7 @@ def test_score_topk_past_one_round_of_candidates(group_rule):
     reference = page_scores(query.float(), layer.page_bounds[:, : layer.num_pages].float(), group_rule)
     scorer = kernels.ScoreTopK(module)
     for k, on_gpu in ((64, False), (1000, True)):
-        rows = torch.empty(num_kv_heads, k, dtype=torch.int32, device="cuda")
-        if on_gpu:
-            scorer(query, layer.page_bounds, layer.page_bounds.shape[1], k, rows,
-                   torch.tensor([layer.length], device="cuda"), page_size, group_rule)
-        else:
-            scorer(query, layer.page_bounds, layer.num_pages, k, rows, group_rule=group_rule)
-        assert_top_pages(rows, reference, k)
+        assert_top_pages(kernel_selection(scorer, query, layer, k, group_rule, on_gpu), reference, k)
 
 
 @needs_kernels
@@ -125,13 +124,7 @@ def test_score_topk_keeps_the_sink_pages(group_rule, sink_pages):
     scorer = kernels.ScoreTopK(module)
     heads = torch.arange(num_kv_heads, device="cuda").unsqueeze(1)
     for k, on_gpu in ((sink_pages + 2, False), (64, False), (64, True), (300, False)):
-        rows = torch.empty(num_kv_heads, k, dtype=torch.int32, device="cuda")
-        if on_gpu:
-            scorer(query, layer.page_bounds, layer.page_bounds.shape[1], k, rows,
-                   torch.tensor([layer.length], device="cuda"), page_size, group_rule, sink_pages)
-        else:
-            scorer(query, layer.page_bounds, layer.num_pages, k, rows, page_size=page_size, group_rule=group_rule,
-                   sink_pages=sink_pages)
+        rows = kernel_selection(scorer, query, layer, k, group_rule, on_gpu, sink_pages)
         pages = (rows - heads) // num_kv_heads
         assert (pages[:, k - 1 - sink_pages:-1] == torch.arange(sink_pages, device="cuda")).all()
         others = torch.cat([rows[:, :k - 1 - sink_pages], rows[:, -1:]], dim=1) - sink_pages * num_kv_heads
