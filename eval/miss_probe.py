@@ -1,6 +1,6 @@
 """Scratch probe (issue 15 item 5): chat passkeys on the tuning split's prose (or, to report a variant chosen there,
-the report split's), dense vs the model default at small budgets and variants of the selection, each variant a
-torch backend with one change."""
+the report split's; or, for what the tuning and report splits chose together, the holdout split's), dense vs the
+model default at small budgets and variants of the selection, each variant a torch backend with one change."""
 import argparse
 import json
 import random
@@ -61,11 +61,12 @@ def two_level_variants(model_config, budget):
 
 
 def two_level_top_p_variants(model_config, budget, grid, min_budget, fixed=(64, 128)):
-    """The two-level ranking (pages of 2, coarse_factor 4) at the `fixed` budgets and `budget`, and with the adaptive
-    budget (QuestConfig.top_p) at each p of `grid`, `budget` tokens its most and `min_budget` its fewest (a grid entry
-    "p:m" has its own fewest tokens m, named in the variant)."""
+    """The model default and the two-level ranking (pages of 2, coarse_factor 4) at the `fixed` budgets and `budget`,
+    and the latter with the adaptive budget (QuestConfig.top_p) at each p of `grid`, `budget` tokens its most and
+    `min_budget` its fewest (a grid entry "p:m" has its own fewest tokens m, named in the variant)."""
     two_level = default_config(model_config, page_size=2, coarse_factor=4, min_budget=min_budget)
     out = [("dense", QuestConfig(mode="dense"), Probe())] + [
+        (f"base@{b}", default_config(model_config, budget=b), Probe()) for b in (*fixed, budget)] + [
         (f"2lvl4@{b}", two_level.with_changes(budget=b), Probe()) for b in (*fixed, budget)]
     for entry in grid:
         p, _, fewest = entry.partition(":")
@@ -127,7 +128,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--contexts", default="2048")
     parser.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
-    parser.add_argument("--split", choices=["tuning", "report"], default="tuning")
+    parser.add_argument("--split", choices=["tuning", "report", "holdout"], default="tuning")
     parser.add_argument("--fillers", help="comma-separated texts of the split (default: all of its prose)")
     parser.add_argument("--out", default="/tmp/miss_probe.jsonl")
     parser.add_argument("--variants", default="selection",
@@ -141,9 +142,8 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, tokenizer = load_model()
-    load_texts, fillers = dict(tuning=(report.tuning_texts, report.TOP_P_FILLERS),
-                               report=(report.report_texts, report.REPORT_TEXTS))[args.split]
-    texts = load_texts()
+    fillers = dict(tuning=report.TOP_P_FILLERS, report=report.REPORT_TEXTS, holdout=report.HOLDOUT_TEXTS)[args.split]
+    texts = report.tuning_texts() if args.split == "tuning" else report.report_texts(fillers)
     contexts = [int(c) for c in args.contexts.split(",")]
     depths = [float(d) for d in args.depths.split(",")]
     settings = dict(report.SETTINGS, contexts=[1536, 2048, 3072, 4096, 7500])

@@ -43,6 +43,8 @@ from .run import write_section
 HERE = Path(__file__).resolve().parent
 TEXTS = HERE / "texts"
 REPORT_TEXTS = ("macbeth", "julius_caesar", "paradise_lost", "britannica_shakespeare")
+# A second held-out split, first read on 2026-12-01 to report what was chosen on the tuning and report splits
+HOLDOUT_TEXTS = ("britannica_shakespeare_late", "merry_wives", "kjv_acts")
 TUNING_TEXTS = tuple(HERE.parent / "assets" / name for name in ("hamlet.txt", "hamlet_opening.txt", "areopagitica.txt"))
 TOP_P_FILLERS = ("hamlet", "areopagitica")  # the tuning split's prose (hamlet_opening is Hamlet's head)
 OUT = HERE / "results" / "report"
@@ -63,9 +65,9 @@ LABELS = {"dense": "dense", "quest-default": "Quest, model default (pages of 4, 
           "oracle-default": "oracle: the pages of 4 holding the most dense attention"}
 
 
-def report_texts() -> dict[str, str]:
-    """The report split's fillers, name -> text."""
-    return {name: (TEXTS / f"{name}.txt").read_text() for name in REPORT_TEXTS}
+def report_texts(names=REPORT_TEXTS) -> dict[str, str]:
+    """The report split's fillers (or the holdout split's: HOLDOUT_TEXTS), name -> text."""
+    return {name: (TEXTS / f"{name}.txt").read_text() for name in names}
 
 
 def mean_se(values) -> tuple[float, float]:
