@@ -206,3 +206,25 @@ def test_results_the_two_level_adaptive_budget_finds_what_budget_256_finds_readi
     chosen, fixed = found_and_pages(rows, "2lvl4-topp0.5-min64@256"), found_and_pages(rows, "2lvl4@256")
     assert chosen[1] < fixed[1]
     assert chosen[0] >= fixed[0]
+
+
+def test_results_on_the_holdout_split_the_two_level_ranking_keeps_its_passkeys_at_budget_128():
+    """The holdout split's committed rows (eval/results/probes/two-level-top-p-holdout-*.jsonl: 3 texts x contexts
+    1536-7500 x 9 depths, first read after the tuning and report splits chose the two-level ranking): with
+    coarse_factor 4 Quest finds at least 90% of the at least 50 passkeys dense finds at budget 128, where the model
+    default finds fewer than 90%."""
+    rows = probe_rows("two-level-top-p-holdout-*.jsonl")
+    solved = [row for row in rows if row["dense"]]
+    assert len(rows) == 135 and len(solved) >= 50
+    assert found_and_pages(rows, "2lvl4@128")[0] >= 0.9 * len(solved)
+    assert found_and_pages(rows, "base@128")[0] < 0.9 * len(solved)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 15's targets are not met on the holdout split: "
+                   "at budget 256 the two-level ranking finds 62/63 (dense's answer to one Britannica prompt at 4K is "
+                   "missed by every method at 256), and top_p 0.98 with min_budget 16 finds 59/63 reading 94.1 pages "
+                   "of 2 where the fixed budget 256 finds 62/63 reading 128")
+@pytest.mark.parametrize("variant", ["2lvl4@256", "2lvl4-topp0.98-min16@256"])
+def test_results_on_the_holdout_split_budget_256_and_its_adaptive_budget_find_every_passkey(variant):
+    rows = probe_rows("two-level-top-p-holdout-*.jsonl")
+    assert found_and_pages(rows, variant)[0] == sum(row["dense"] for row in rows)
