@@ -17,6 +17,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from quest_core.config import TWO_LEVEL_FACTOR
 from quest_core.engine import Engine, pool_tokens
 from quest_core.session import ContextFullError, Session, cut_document, measure_document
 
@@ -89,13 +90,15 @@ def loaded_session(state: ChatState | None) -> Session:
     return state.session
 
 
-def configure(session: Session, mode=None, budget=None, page_size=None, dense_layers=None, top_p=None) -> None:
-    """top_p 0 turns the adaptive budget off."""
+def configure(session: Session, mode=None, budget=None, page_size=None, dense_layers=None, top_p=None,
+              two_level=None) -> None:
+    """top_p 0 turns the adaptive budget off; two_level ranks pairs of pages first (QuestConfig.coarse_factor)."""
     try:
         session.configure(mode=mode, budget=None if budget is None else int(budget),
                           page_size=None if page_size is None else int(page_size),
                           dense_layers=None if dense_layers is None else int(dense_layers),
-                          top_p=None if top_p is None else float(top_p))
+                          top_p=None if top_p is None else float(top_p),
+                          coarse_factor=None if two_level is None else TWO_LEVEL_FACTOR * bool(two_level))
     except ValueError as error:
         raise UserError(f"These settings do not work together: {error}.") from None
 
@@ -223,14 +226,15 @@ NO_ANSWER = "Ask a question: this view then shades the passages the model read w
 # ---- answering ----
 
 def ask(server: Server, question: str, mode: str, budget, page_size, dense_layers, inspect: bool, max_new_tokens,
-        temperature, repetition_penalty, no_repeat_ngram_size, layer, head, top_p, state: ChatState | None):
+        temperature, repetition_penalty, no_repeat_ngram_size, layer, head, top_p, two_level=False,
+        state: ChatState | None = None):
     """Stream the answer to `question`: the first token as soon as it comes, then the chat, metrics and context meter
     every REFRESH_S, everything at the end."""
     session = loaded_session(state)
     question = (question or "").strip()
     if not question:
         raise UserError("Type a question first.")
-    configure(session, mode, budget, page_size, dense_layers, top_p)
+    configure(session, mode, budget, page_size, dense_layers, top_p, two_level)
     decoding = dict(max_new_tokens=min(int(max_new_tokens), server.max_new_tokens), temperature=float(temperature),
                     repetition_penalty=float(repetition_penalty), no_repeat_ngram_size=int(no_repeat_ngram_size))
     before = list(state.chat)
@@ -363,7 +367,7 @@ def new_chat(server: Server, state: ChatState | None) -> dict:
 
 
 def compare(server: Server, question: str, budget, page_size, dense_layers, max_new_tokens, repetition_penalty,
-            no_repeat_ngram_size, top_p, state: ChatState | None, progress=PROGRESS) -> dict:
+            no_repeat_ngram_size, top_p, two_level=False, state: ChatState | None = None, progress=PROGRESS) -> dict:
     """The same question (or the last one asked) answered dense and with Quest on the same context, greedily; the
     conversation does not keep either answer."""
     session = loaded_session(state)
@@ -374,7 +378,7 @@ def compare(server: Server, question: str, budget, page_size, dense_layers, max_
                     repetition_penalty=float(repetition_penalty), no_repeat_ngram_size=int(no_repeat_ngram_size))
     runs, shown = {}, 0.0
     for done, mode in enumerate(("dense", "quest")):
-        configure(session, mode, budget, page_size, dense_layers, top_p)
+        configure(session, mode, budget, page_size, dense_layers, top_p, two_level)
         label = "Quest" if mode == "quest" else "dense"
         progress(done / 2, desc=f"{label}: prefilling")
         try:

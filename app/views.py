@@ -75,9 +75,10 @@ def metrics(mode: str, steps: list, run, recall: float | None = None) -> str:
     decode_s = sum(step.seconds for step in steps[1:])
     rate = run.decode_tokens_per_s if run.new_tokens else (len(steps) - 1) / decode_s if decode_s > 0 else 0.0
     state = ENDINGS.get(run.stop_reason, "{}").format(run.max_new_tokens) if run.new_tokens else "streaming…"
-    lines = [f"**{mode}** · {len(steps)} tokens · decode **{rate:.1f} tok/s** · TTFT {steps[0].seconds:.2f} s · "
-             f"context {steps[-1].context_len:,} tokens · prefilled {run.prefill_tokens:,}, reused "
-             f"{run.reused_tokens:,} · {state}"]
+    setting = f" · {budget_text(run)}" if mode == "quest" else ""
+    lines = [f"**{mode}**{setting} · {len(steps)} tokens · decode **{rate:.1f} tok/s** · "
+             f"TTFT {steps[0].seconds:.2f} s · context {steps[-1].context_len:,} tokens · "
+             f"prefilled {run.prefill_tokens:,}, reused {run.reused_tokens:,} · {state}"]
     traced = [step.trace for step in steps if step.trace is not None]
     if traced:
         last = traced[-1]
@@ -123,10 +124,11 @@ def headline(speeds: dict) -> str:
 
 
 def budget_text(run) -> str:
-    """The budget a Quest answer (a RunStats) ran with."""
+    """The budget a Quest answer (a RunStats) ran with, and its ranking where it had two levels."""
+    ranking = ", two-level ranking" if run.coarse_factor else ""
     if run.top_p is None:
-        return f"budget {run.budget}"
-    return f"top-p {run.top_p:g}, up to {-(-run.budget // run.page_size)} pages of {run.page_size}"
+        return f"budget {run.budget}{ranking}"
+    return f"top-p {run.top_p:g}, up to {-(-run.budget // run.page_size)} pages of {run.page_size}{ranking}"
 
 
 def compare_pane(run, label: str, first_difference: int | None) -> str:

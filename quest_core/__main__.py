@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from .backends import make_backend
-from .config import GROUP_RULES, Decoding, default_config
+from .config import GROUP_RULES, TWO_LEVEL_FACTOR, Decoding, default_config
 from .models import load_model
 from .session import Session
 
@@ -37,6 +37,11 @@ def parse_args(argv=None):
                                "(default: off, a fixed budget; the torch backend only)")
     generate.add_argument("--min-budget", type=int,
                           help="with --page-top-p: the fewest tokens a head reads (default: 64)")
+    generate.add_argument("--coarse-factor", type=int, metavar="F",
+                          help="a two-level ranking: pairs of pages first, then the pages of the best F * k / 2 pairs "
+                               f"(k: the budget's pages); {TWO_LEVEL_FACTOR} with --page-size 2 kept the most held-out "
+                               "passkeys at small budgets (eval/RESULTS.md) (default: 0, pages ranked by their own "
+                               "bounds)")
     decoding = Decoding()
     generate.add_argument("--max-new-tokens", type=int, default=decoding.max_new_tokens)
     generate.add_argument("--temperature", type=float, default=decoding.temperature, help="0 is greedy")
@@ -62,7 +67,7 @@ def generate(args) -> dict:
     model, tokenizer = load_model(args.model, args.dtype, args.device, log=log)
     config = default_config(model.config, mode=args.mode, budget=args.budget, page_size=args.page_size,
                             dense_layers=args.dense_layers, group_rule=args.group_rule, top_p=args.page_top_p,
-                            min_budget=args.min_budget)
+                            min_budget=args.min_budget, coarse_factor=args.coarse_factor)
     decoding = Decoding(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty,
                         args.no_repeat_ngram_size, args.seed)
     backend = make_backend(args.backend, next(model.parameters()).device, model.dtype)

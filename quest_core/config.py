@@ -97,6 +97,10 @@ class QuestConfig:
         return replace(self, **changes)
 
 
+TWO_LEVEL_FACTOR = 4  # coarse_factor of the two-level ranking the app and CLI offer: chosen on the tuning split with
+                      # pages of 2, then reported on two held-out splits (eval/RESULTS.md)
+
+
 def default_config(model_config, **changes) -> QuestConfig:
     """A model's Quest settings (from its transformers config), with `changes` (None keeps a value) on top: what
     every entry point (app, CLI, `Session`, warm-up, benches, eval) starts from. Keys of 64 dims give loose page

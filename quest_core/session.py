@@ -49,6 +49,7 @@ class RunStats:
     page_size: int
     dense_layers: int
     top_p: float | None = None  # the adaptive budget's share (QuestConfig.top_p); None: a fixed budget
+    coarse_factor: int = 0     # QuestConfig.coarse_factor: 0, pages ranked by their own bounds; else two levels
     prompt_tokens: int = 0     # tokens of context the answer was conditioned on
     prefill_tokens: int = 0    # of those, the ones prefilled for this answer
     reused_tokens: int = 0     # of those, the ones whose KV was already cached
@@ -169,8 +170,8 @@ class Session:
         return messages
 
     def configure(self, **changes) -> QuestConfig:
-        """Change mode, budget, page_size, dense_layers, group_rule, top_p or min_budget for the next answer (None
-        keeps a value; top_p=0 turns the adaptive budget off)."""
+        """Change mode, budget, page_size, dense_layers, group_rule, top_p, min_budget or coarse_factor for the next
+        answer (None keeps a value; top_p=0 turns the adaptive budget off)."""
         with self._lock:
             if self._answering:
                 raise RuntimeError("settings cannot change while an answer is being generated")
@@ -375,7 +376,8 @@ class Session:
             config = self.config
             turns, prompt_ids, max_new_tokens = self._fit(question, decoding.max_new_tokens)
             run = RunStats(config.mode, config.budget, config.page_size, config.dense_layers, config.top_p,
-                           max_new_tokens=max_new_tokens, dropped_turns=len(self.turns) - len(turns))
+                           config.coarse_factor, max_new_tokens=max_new_tokens,
+                           dropped_turns=len(self.turns) - len(turns))
             self.last_run = run
             generator = None
             if decoding.seed is not None:

@@ -13,7 +13,7 @@ import pytest
 from gradio_client import Client, handle_file
 
 from app.sessions import ChatState
-from quest_core.config import Decoding, default_config
+from quest_core.config import TWO_LEVEL_FACTOR, Decoding, default_config
 from quest_core.session import Session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,6 +152,25 @@ def test_upload_ask_stream_metrics_plots_looked_and_compare(client, short_docume
 
     trace = json.loads(Path(client.predict(api_name="/export_trace")).read_text())
     assert trace["steps"] and trace["steps"][-1]["selected_pages"]
+
+
+def test_the_two_level_ranking_box_answers_as_the_engine_does_with_it(client, short_document, default_model):
+    document = short_document.read_text()
+    load(client, document)
+    session = server_state(client).session
+    job = client.submit(QUESTION, "quest", 128, 2, 2, False, MAX_NEW_TOKENS, DECODING.temperature,
+                        DECODING.repetition_penalty, DECODING.no_repeat_ngram_size, 2, 0, 0, True, api_name="/ask")
+    shown = dict(zip(ASK, job.result()))
+    assert (session.config.page_size, session.config.coarse_factor) == (2, TWO_LEVEL_FACTOR)
+    assert session.last_run.coarse_factor == TWO_LEVEL_FACTOR
+    assert "· budget 128, two-level ranking ·" in shown["metrics"]
+    # the oracle: the engine with the same settings, outside the app (the document is past the budget: sparse steps)
+    model, tokenizer = default_model
+    replay = Session(model, tokenizer, default_config(model.config, budget=128, page_size=2,
+                                                      coarse_factor=TWO_LEVEL_FACTOR))
+    assert replay.ingest(document).document_tokens > 4 * 128
+    assert replay.answer(QUESTION, max_new_tokens=MAX_NEW_TOKENS).text == session.last_run.text
+    client.predict(api_name="/new_chat")
 
 
 def test_dense_answers_equal_the_cli_in_the_chat_and_in_compare(client, short_document):

@@ -56,6 +56,14 @@ def test_the_cli_runs_an_adaptive_budget_and_refuses_a_share_outside_0_1(capsys,
     assert code == 2 and "top_p must be in (0, 1]" in err
 
 
+def test_the_cli_ranks_in_two_levels_and_refuses_a_negative_factor(capsys, short_doc):
+    code, result = run_cli(capsys, "--doc", str(short_doc), "--question", "Who?", "--budget", "128", "--page-size", "2",
+                           "--coarse-factor", "4", "--backend", "torch")
+    assert code == 0 and (result["coarse_factor"], result["page_size"], result["budget"]) == (4, 2, 128)
+    code, err = run_cli(capsys, "--doc", str(short_doc), "--question", "Who?", "--coarse-factor", "-1")
+    assert code == 2 and "coarse_factor must be >= 0" in err
+
+
 def test_a_session_starts_from_the_models_settings(default_model):
     session = Session(*default_model)
     assert (session.config.page_size, session.config.group_rule) == (4, "mass")
