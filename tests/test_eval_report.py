@@ -42,30 +42,28 @@ def test_mean_and_standard_error():
     assert math.isnan(report.mean_se([3.0])[1])
 
 
+def assert_shares_no_line(name: str, text: str, others: list[str]):
+    """No sampled line of 40 characters or more of `text` is in `others`, nor one of theirs in it; and `text` fills
+    the largest passkey context without repeating."""
+    assert len(text) > 3 * 8192, f"{name} cannot fill the largest passkey context without repeating"
+    lines = [line for line in text.splitlines() if len(line) >= 40]
+    for line in random.Random(name).sample(lines, min(40, len(lines))):  # (Acts: a line per chapter)
+        assert all(line not in other for other in others), f"{name}: {line!r} is in another split"
+    for other in others:
+        other_lines = [line for line in other.splitlines() if len(line) >= 40] or [other]
+        for line in random.Random(0).sample(other_lines, min(40, len(other_lines))):
+            assert line not in text
+
+
 def test_report_and_holdout_splits_share_no_text_with_the_other_splits():
     assert set(report.REPORT_TEXTS).isdisjoint(path.stem for path in report.TUNING_TEXTS)
     tuning = [path.read_text() for path in report.TUNING_TEXTS] + [REPETITIVE]
-    for name, text in report.report_texts().items():
-        assert len(text) > 3 * 8192, f"{name} cannot fill the largest passkey context without repeating"
-        lines = [line for line in text.splitlines() if len(line) >= 40]
-        for line in random.Random(name).sample(lines, 40):
-            assert all(line not in other for other in tuning), f"{name}: {line!r} is in a tuning text"
-        for other in tuning:
-            other_lines = [line for line in other.splitlines() if len(line) >= 40] or [other]
-            for line in random.Random(0).sample(other_lines, min(40, len(other_lines))):
-                assert line not in text
+    report_split = report.report_texts()
+    for name, text in report_split.items():
+        assert_shares_no_line(name, text, tuning)
     assert set(report.SETTINGS["fillers"]) | set(report.SETTINGS["ppl_texts"]) <= set(report.REPORT_TEXTS)
-    # the holdout split: none of it in the tuning split, nor in the report split, nor the other way round
-    report_split = list(report.report_texts().values())
     for name, text in report.report_texts(report.HOLDOUT_TEXTS).items():
-        assert len(text) > 3 * 8192, f"{name} cannot fill the largest passkey context without repeating"
-        lines = [line for line in text.splitlines() if len(line) >= 40]
-        for line in random.Random(name).sample(lines, min(40, len(lines))):  # (Acts: a line per chapter)
-            assert all(line not in other for other in tuning + report_split), f"{name}: {line!r} is in another split"
-        for other in tuning + report_split:
-            other_lines = [line for line in other.splitlines() if len(line) >= 40] or [other]
-            for line in random.Random(0).sample(other_lines, min(40, len(other_lines))):
-                assert line not in text
+        assert_shares_no_line(name, text, tuning + list(report_split.values()))
     assert {"macbeth", "julius_caesar", "paradise_lost"} <= set(agreement.DOCUMENTS)
 
 
