@@ -226,8 +226,8 @@ NO_ANSWER = "Ask a question: this view then shades the passages the model read w
 # ---- answering ----
 
 def ask(server: Server, question: str, mode: str, budget, page_size, dense_layers, inspect: bool, max_new_tokens,
-        temperature, repetition_penalty, no_repeat_ngram_size, layer, head, top_p, two_level=False,
-        state: ChatState | None = None):
+        temperature, repetition_penalty, no_repeat_ngram_size, layer, head, top_p, two_level: bool,
+        state: ChatState | None):
     """Stream the answer to `question`: the first token as soon as it comes, then the chat, metrics and context meter
     every REFRESH_S, everything at the end."""
     session = loaded_session(state)
@@ -367,7 +367,7 @@ def new_chat(server: Server, state: ChatState | None) -> dict:
 
 
 def compare(server: Server, question: str, budget, page_size, dense_layers, max_new_tokens, repetition_penalty,
-            no_repeat_ngram_size, top_p, two_level=False, state: ChatState | None = None, progress=PROGRESS) -> dict:
+            no_repeat_ngram_size, top_p, two_level: bool, state: ChatState | None, progress=PROGRESS) -> dict:
     """The same question (or the last one asked) answered dense and with Quest on the same context, greedily; the
     conversation does not keep either answer."""
     session = loaded_session(state)

@@ -241,7 +241,8 @@ def test_the_apps_top_p_slider_sets_the_adaptive_budget_and_0_clears_it(tokenize
     server = handlers.Server(state.session.model, tokenizer, None, OpenSessions(1))
 
     def ask(top_p) -> str:
-        *_, last = handlers.ask(server, "Who is there?", "quest", 128, 4, 1, False, 4, 0.0, 1.2, 0, 1, 0, top_p, state)
+        *_, last = handlers.ask(server, "Who is there?", "quest", 128, 4, 1, False, 4, 0.0, 1.2, 0, 1, 0, top_p, False,
+                                state)
         return last["metrics"]
 
     metrics = ask(0.5)
