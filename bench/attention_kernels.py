@@ -44,6 +44,14 @@ class Shape:
     def group(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    def bounds_bytes(self, num_pages: int) -> int:
+        """A layer's page bounds: a max and a min row per page and KV head, in bf16."""
+        return num_pages * self.num_kv_heads * 2 * self.head_dim * 2
+
+    def kv_bytes(self, tokens: int) -> int:
+        """The K and V rows of `tokens` tokens of every KV head, in bf16."""
+        return 2 * tokens * self.num_kv_heads * self.head_dim * 2
+
 
 SHAPES = {
     "llama3-8b": Shape("Llama-3.1-8B heads", "gpu_kernels", 32, 8, 128, 16, "sum", [8192, 32768, 65536, 131072],
@@ -113,9 +121,7 @@ def layer_copies(shape: Shape, context: int, smallest_budget: int) -> int:
     Quest's smallest read (the bounds and the smallest budget's pages) over all copies is 4x the L2 cache. One layer
     called again and again would read its bounds and pages from L2 (50 MB on the H200), faster than any decode
     step does."""
-    num_pages = -(-context // shape.page)
-    read = num_pages * shape.num_kv_heads * 2 * shape.head_dim * 2 + 2 * smallest_budget * shape.num_kv_heads * \
-        shape.head_dim * 2
+    read = shape.bounds_bytes(-(-context // shape.page)) + shape.kv_bytes(smallest_budget)
     return -(-4 * torch.cuda.get_device_properties(0).L2_cache_size // read)
 
 
@@ -154,7 +160,7 @@ def measure(shape: Shape, context: int, budgets: list[int], module, bandwidth: f
     dense_call = cycling(lambda i: dense.run(dense_q, (keys[i], values[i])), copies)
     dense_us = per_call_us(dense_call)
     dense_graph_us = graph_us(dense_call, graph_calls)
-    dense_bytes = 2 * context * num_kv_heads * head_dim * 2
+    dense_bytes = shape.kv_bytes(context)
 
     scorer, decoder = kernels.ScoreTopK(module), kernels.SparseDecode(module)
     rows_out = []
@@ -192,8 +198,7 @@ def measure(shape: Shape, context: int, budgets: list[int], module, bandwidth: f
         select_us, attend_us, stock_us, total_us = (per_call_us(f) for f in calls)
         select_graph_us, attend_graph_us, stock_graph_us, total_graph_us = (graph_us(f, graph_calls) for f in calls)
         tokens = (k - 1) * page + last
-        bounds_bytes = num_pages * num_kv_heads * 2 * head_dim * 2
-        kv_bytes = 2 * tokens * num_kv_heads * head_dim * 2  # the selected K and V
+        bounds_bytes, kv_bytes = shape.bounds_bytes(num_pages), shape.kv_bytes(tokens)  # the selected K and V
         floor_us = (bounds_bytes + kv_bytes) / bandwidth * 1e6
         row = dict(shape=shape.section, context=context, budget=budget, group_rule=shape.group_rule,
                    dense_us=dense_us, dense_graph_us=dense_graph_us, score_topk_us=select_us,
