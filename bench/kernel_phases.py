@@ -99,8 +99,7 @@ def build_module():
     path.write_text(timed_source())
     major, minor = torch.cuda.get_device_capability()
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
-    return build(name="quest_kernels_phases", sources=[str(path)], extra_cuda_cflags=["-O3", "-std=c++17"],
-                 extra_cflags=["-O3", "-std=c++17"])
+    return build(name="quest_kernels_phases", sources=[str(path)], extra_cuda_cflags=["-O3"], extra_cflags=["-O3"])
 
 
 def traced(module, call):

@@ -24,8 +24,9 @@ def load():
 
         major, minor = torch.cuda.get_device_capability()
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
-        return build(name=f"quest_kernels_sm{major}{minor}", sources=[str(SOURCE)],
-                     extra_cuda_cflags=["-O3", "-std=c++17"], extra_cflags=["-O3", "-std=c++17"])
+        # no -std flag: torch passes the standard its headers need (torch 2.14's refuse C++17)
+        return build(name=f"quest_kernels_sm{major}{minor}", sources=[str(SOURCE)], extra_cuda_cflags=["-O3"],
+                     extra_cflags=["-O3"])
     except Exception as error:  # no nvcc, a compiler error: the torch path still works
         log.warning("Quest CUDA kernels unavailable (%s); using the torch path", error)
         return None
