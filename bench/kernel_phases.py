@@ -76,7 +76,7 @@ MARKS = [
     ("", "  const int stride = group * (2 + kDim);\n  float* own", mark(2, sync=True)),
     ("", "  if (splits == 1) return;\n  __threadfence();", mark(3, sync=True)),
     ("", "  float* weights = team_states;  // [group, splits]\n", mark(4)),
-    ("weights[g * splits + s] /= sum;\n  }\n  __syncthreads();\n", "", mark(5)),
+    ("* inverse_sum;\n  }\n  __syncthreads();\n", "", mark(5)),
     ("  if (threadIdx.x == 0) counters[h] = 0;\n", "}\n", mark(6, sync=True)),
 ]
 
