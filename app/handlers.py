@@ -120,12 +120,12 @@ def measure(server: Server, text: str):
 
 
 def candidate(server: Server, text: str, note: str = "") -> dict:
-    """The views for a document about to be loaded: its text, what loading it would do, the cut choice if needed.
-    The choice is shown, never reset: a reset that reached the browser after the person chose (the browser test
-    once checked *keep the head* and then loaded with no choice) would undo the choice unseen."""
+    """The views for a document about to be loaded: what loading it would do, the cut choice if needed (an upload
+    or a sample also puts its text in the paste box). The choice is shown, never reset: a reset that reached the
+    browser after the person chose (the browser test once checked *keep the head* and then loaded with no choice)
+    would undo the choice unseen."""
     fit = measure(server, text)
-    return {"pasted": text, "doc_info": views.document_note(fit, server.max_context) + note,
-            "cut": gr.update(visible=not fit.fits)}
+    return {"doc_info": views.document_note(fit, server.max_context) + note, "cut": gr.update(visible=not fit.fits)}
 
 
 def still_loaded(state: ChatState | None) -> str:
@@ -137,7 +137,8 @@ def read_upload(server: Server, file, state: ChatState | None) -> dict:
     if file is None:
         return {}
     try:
-        return candidate(server, read_document(file, Path(file).name)) | {"sample": None}
+        text = read_document(file, Path(file).name)
+        return candidate(server, text) | {"pasted": text, "sample": None}
     except (DocumentError, UserError) as error:
         notify(str(error))
         return {"upload": None, "pasted": "", "sample": None, "cut": HIDDEN,
@@ -150,7 +151,8 @@ def pick_sample(server: Server, name: str | None, depth: float) -> dict:
     note = ""
     if name == NEEDLE:
         note = f" The passkey is **{needle_document(depth)[1]}**: ask *What is the pass key?*"
-    return candidate(server, sample_text(name, depth), note) | {"upload": None}
+    text = sample_text(name, depth)
+    return candidate(server, text, note) | {"pasted": text, "upload": None}
 
 
 def edited(server: Server, text: str) -> dict:

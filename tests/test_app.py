@@ -236,3 +236,16 @@ def test_refusals_are_messages_that_change_nothing_and_a_new_document_clears_the
     assert "Loaded" in loaded["doc_info"] and loaded["chat"] == []
     assert loaded["dense_answer"] == loaded["quest_answer"] == loaded["page_text"] == loaded["headline"] == ""
     assert server_state(client).speeds == {}
+
+
+def test_leaving_the_paste_box_says_what_loading_its_text_would_do(default_model, short_document):
+    """The function the layout wires to the paste box's blur event notes the pasted text's tokens, and returns only
+    the views it outputs (it once returned the text too: every paste ended in a warning and no note)."""
+    from app.layout import build_app
+    from quest_core.session import measure_document
+
+    model, tokenizer = default_model
+    text = short_document.read_text()
+    describe = next(function for function in build_app(model, tokenizer).fns.values() if function.name == "describe")
+    doc_info, _ = describe.fn(text)
+    assert doc_info.startswith(f"{measure_document(tokenizer, model.config, text).tokens:,} tokens, ")
