@@ -176,6 +176,16 @@ def choose_cut(server: Server, text: str, cut: str | None) -> dict:
     return {"doc_info": views.document_note(measure(server, text), server.max_context, CUTS[cut])}
 
 
+NO_ANSWER = "Ask a question: this view then shades the passages the model read while answering."
+
+
+def answers_cleared() -> dict:
+    """The views of the conversation and its last answer, emptied (a new document, New chat)."""
+    return {"chat": [], "metrics": "", "heads_plot": HIDDEN, "time_plot": HIDDEN, "tokens": HIDDEN, "looked": HIDDEN,
+            "looked_note": NO_ANSWER, "compare_box": HIDDEN, "dense_answer": "", "quest_answer": "", "verdict": "",
+            "page_text": "", "trace_file": None}
+
+
 def load_document(server: Server, text: str, cut: str | None, file, sample: str | None, state: ChatState | None,
                   request: gr.Request, progress=PROGRESS) -> dict:
     """Prefill the document (cut to its head or tail if it is longer than the context leaves room for); every view
@@ -193,10 +203,7 @@ def load_document(server: Server, text: str, cut: str | None, file, sample: str 
         if state is None:
             raise UserError(f"The server is busy ({server.sessions.limit} sessions are open): try again shortly.")
     state.forget_document()
-    cleared = {"state": state, "cut": HIDDEN, "chat": [], "metrics": "", "headline": "", "speed_plot": HIDDEN,
-               "heads_plot": HIDDEN, "time_plot": HIDDEN, "tokens": HIDDEN, "looked": HIDDEN, "looked_note": NO_ANSWER,
-               "compare_box": HIDDEN, "dense_answer": "", "quest_answer": "", "verdict": "", "page_text": "",
-               "trace_file": None}
+    cleared = {"state": state, "cut": HIDDEN, "headline": "", "speed_plot": HIDDEN} | answers_cleared()
     started = time.perf_counter()
     progress(0, desc="Prefilling the document")
     try:
@@ -222,7 +229,6 @@ def load_document(server: Server, text: str, cut: str | None, file, sample: str 
                       "meter": views.meter(state.session.context_usage())}
 
 
-NO_ANSWER = "Ask a question: this view then shades the passages the model read while answering."
 
 
 # ---- answering ----
@@ -360,12 +366,13 @@ def stop(server: Server, state: ChatState | None) -> dict:
 
 
 def new_chat(server: Server, state: ChatState | None) -> dict:
-    """Forget the questions and answers, keep the document and its KV."""
+    """Forget the questions and answers, and the views of the last one; keep the document and its KV (and what the
+    headline measured on it)."""
     if state is None or state.session is None or not state.document_name:
         return {"chat": []}
     state.session.new_chat()
-    state.chat = []
-    return {"chat": [], "meter": views.meter(state.session.context_usage())}
+    state.forget_answers()
+    return answers_cleared() | {"meter": views.meter(state.session.context_usage())}
 
 
 def compare(server: Server, question: str, budget, page_size, dense_layers, max_new_tokens, repetition_penalty,

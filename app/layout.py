@@ -202,9 +202,9 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 256, gpu=lam
            queue=False)
         on(c["pasted"].blur, handlers.describe, ["pasted"], ["doc_info", "cut"], api_visibility="private")
         on(c["cut"].input, handlers.choose_cut, ["pasted", "cut"], ["doc_info"], api_visibility="private")
-        cleared = ["chat", "meter", "metrics", "headline", "speed_plot", "heads_plot", "time_plot", "tokens",
-                   "looked", "looked_note", "compare_box", "dense_answer", "quest_answer", "verdict", "page_text",
-                   "trace_file"]
+        answers = ["chat", "meter", "metrics", "heads_plot", "time_plot", "tokens", "looked", "looked_note",
+                   "compare_box", "dense_answer", "quest_answer", "verdict", "page_text", "trace_file"]
+        cleared = [*answers[:3], "headline", "speed_plot", *answers[3:]]  # a new document: its measured speeds too
         on(load.click, handlers.load_document, ["pasted", "cut", "upload", "sample", "state"],
            ["state", "document", "doc_info", "cut", *cleared], failure={"doc_info": "**Not loaded:** {message}"},
            concurrency_id=MODEL_WORK, api_name="load_document", show_progress_on=[c["doc_info"]])
@@ -225,7 +225,7 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 256, gpu=lam
         for trigger, api in ((new_chat.click, {"api_name": "new_chat"}), (c["chat"].clear,
                                                                             {"api_visibility": "private"})):
             stopped = on(trigger, handlers.stop, ["state"], [], queue=False, api_visibility="private")
-            on(stopped.then, handlers.new_chat, ["state"], ["chat", "meter"], concurrency_id=MODEL_WORK, **api)
+            on(stopped.then, handlers.new_chat, ["state"], answers, concurrency_id=MODEL_WORK, **api)
         comparing = compare.click(lambda: (gr.update(visible=True), "Comparing: dense first, then Quest…"), None,
                                   [c["compare_box"], c["verdict"]], queue=False, api_visibility="private")
         on(comparing.then, handlers.compare, ["question", "budget", "page_size", "dense_layers", "max_new_tokens",

@@ -24,10 +24,14 @@ class ChatState:
     picked_step: int | None = None                    # the answer token picked in "where the model looked"
     speeds: dict = field(default_factory=dict)        # mode -> views.Speed on the loaded document
 
+    def forget_answers(self):
+        """Clear the conversation and what the views show of its last answer (New chat)."""
+        self.chat, self.answer, self.question, self.page_texts, self.picked_step = [], None, "", [], None
+
     def forget_document(self):
         """Clear everything that belongs to the loaded document (before loading another)."""
-        self.document_name, self.needle, self.chat, self.answer, self.question = "", None, [], None, ""
-        self.page_texts, self.picked_step, self.speeds = [], None, {}
+        self.forget_answers()
+        self.document_name, self.needle, self.speeds = "", None, {}
 
     def close(self):
         """Free the session's KV; an answer still streaming stops after its current token."""

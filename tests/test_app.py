@@ -26,6 +26,8 @@ LOAD = ["doc_info", "cut", "chat", "meter", "metrics", "headline", "speed_plot",
 ASK = ["chat", "question", "metrics", "meter", "headline", "speed_plot", "heads_plot", "time_plot", "tokens", "looked",
        "looked_note"]
 COMPARE = ["dense_answer", "quest_answer", "verdict", "headline", "speed_plot"]
+NEW_CHAT = ["chat", "meter", "metrics", "heads_plot", "time_plot", "tokens", "looked", "looked_note", "dense_answer",
+            "quest_answer", "verdict", "page_text", "trace_file"]
 DECODING = Decoding()
 
 
@@ -210,8 +212,10 @@ def test_the_context_never_overflows_and_new_chat_keeps_the_document(client):
             break
     assert notices >= 2, "30 questions never filled the context"
     document_tokens = session.document_tokens
-    chat, meter = client.predict(api_name="/new_chat")
-    assert chat == [] and "conversation <b>0</b>" in meter and session.messages == []
+    shown = dict(zip(NEW_CHAT, client.predict(api_name="/new_chat")))
+    assert shown["chat"] == [] and "conversation <b>0</b>" in shown["meter"] and session.messages == []
+    assert shown["metrics"] == "" and shown["looked_note"].startswith("Ask a question")  # no view of an old answer
+    assert server_state(client).answer is None
     _, shown = ask(client, "Who is Horatio?")
     assert f"reused {document_tokens - 1:,}" in shown["metrics"] or f"reused {document_tokens:,}" in shown["metrics"]
 
