@@ -514,9 +514,11 @@ def pick_token(server: Server, layer, head, state: ChatState | None, event: gr.S
 
 
 def page_text(server: Server, page, state: ChatState | None) -> dict:
+    """A page's text: of the cache as the last chat answer left it (the pages its plots number; a Compare since then
+    has run on past it), or as it is now before any answer."""
     if state is None or state.session is None or not state.document_name:
         raise UserError("Load a document first.")
-    texts = state.session.page_texts()
+    texts = state.page_texts or state.session.page_texts()
     page_size = state.session.config.page_size
     page = int(page or 0)
     if not 0 <= page < len(texts):

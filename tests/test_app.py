@@ -227,6 +227,8 @@ def test_refusals_are_messages_that_change_nothing_and_a_new_document_clears_the
     client.predict(QUESTION, 256, 16, 2, MAX_NEW_TOKENS, DECODING.repetition_penalty, DECODING.no_repeat_ngram_size,
                    api_name="/compare")
     assert client.predict(3, api_name="/page_text").startswith("Page 3")
+    shown_pages = len(server_state(client).page_texts)  # the pages the answer's plots number, not Compare's cache
+    assert "outside the context" in client.predict(shown_pages, api_name="/page_text")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     refused = upload(client, empty)
