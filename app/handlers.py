@@ -186,10 +186,13 @@ def answers_cleared() -> dict:
             "page_text": "", "trace_file": None}
 
 
-def load_document(server: Server, text: str, cut: str | None, file, sample: str | None, state: ChatState | None,
-                  request: gr.Request, progress=PROGRESS) -> dict:
+def load_document(server: Server, text: str, cut: str | None, file, sample: str | None, depth: float,
+                  state: ChatState | None, request: gr.Request, progress=PROGRESS) -> dict:
     """Prefill the document (cut to its head or tail if it is longer than the context leaves room for); every view
-    of the previous document is cleared."""
+    of the previous document is cleared. A sample is made again from its name and needle depth: Load clicked at once
+    after typing a depth can arrive before the paste box holds the sample at that depth."""
+    if sample:
+        text = sample_text(sample, depth)
     if not text or not text.strip():
         raise UserError("Nothing to load: upload a file, pick a sample or paste text first.")
     fit = measure(server, text)

@@ -205,7 +205,7 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 256, gpu=lam
         answers = ["chat", "meter", "metrics", "heads_plot", "time_plot", "tokens", "looked", "looked_note",
                    "compare_box", "dense_answer", "quest_answer", "verdict", "page_text", "trace_file"]
         cleared = [*answers[:3], "headline", "speed_plot", *answers[3:]]  # a new document: its measured speeds too
-        on(load.click, handlers.load_document, ["pasted", "cut", "upload", "sample", "state"],
+        on(load.click, handlers.load_document, ["pasted", "cut", "upload", "sample", "depth", "state"],
            ["state", "document", "doc_info", "cut", *cleared], failure={"doc_info": "**Not loaded:** {message}"},
            concurrency_id=MODEL_WORK, api_name="load_document", show_progress_on=[c["doc_info"]])
 

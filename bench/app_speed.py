@@ -121,7 +121,7 @@ def main(argv=None):
     session.answer("Who is Horatio?", max_new_tokens=4, trace=True, keep=False)  # warm-up
     server, client = serve(free_port(), args.max_new_tokens)
     try:
-        client.predict(document, None, None, SAMPLE, api_name="/load_document")
+        client.predict(document, None, None, SAMPLE, 50, api_name="/load_document")
         engine, app = [], []
         for _ in range(args.runs):  # alternating, so a change in the machine's load hits both alike
             engine.append(engine_run(session, args))

@@ -88,7 +88,7 @@ def one_user(url: str, doc: dict, folder: Path, start: threading.Barrier, args, 
     start.wait()
     began = time.perf_counter()
     _, _, text, info, _ = client.predict(handle_file(str(path)), api_name="/read_upload")
-    status = client.submit(text, None, None, None, api_name="/load_document").result(
+    status = client.submit(text, None, None, None, 50, api_name="/load_document").result(
         timeout=deadline - time.monotonic())[0]
     submitted = time.perf_counter()
     decoding = Decoding()

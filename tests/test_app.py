@@ -50,8 +50,8 @@ def upload(client, path) -> dict:
     return dict(zip(UPLOAD, client.predict(handle_file(str(path)), api_name="/read_upload")))
 
 
-def load(client, text, cut=None, sample=None) -> dict:
-    return dict(zip(LOAD, client.predict(text, cut, None, sample, api_name="/load_document")))
+def load(client, text, cut=None, sample=None, depth=50) -> dict:
+    return dict(zip(LOAD, client.predict(text, cut, None, sample, depth, api_name="/load_document")))
 
 
 def ask(client, question, mode="quest", budget=256, page_size=16, inspect=False, max_new_tokens=MAX_NEW_TOKENS):
@@ -255,3 +255,13 @@ def test_leaving_the_paste_box_says_what_loading_its_text_would_do(default_model
     describe = next(function for function in build_app(model, tokenizer).fns.values() if function.name == "describe")
     doc_info, _ = describe.fn(text)
     assert doc_info.startswith(f"{measure_document(tokenizer, model.config, text).tokens:,} tokens, ")
+
+
+def test_a_sample_loads_at_the_chosen_depth_even_when_the_paste_box_lags(client):
+    """Load makes a sample again from its name and needle depth: clicked at once after a depth is typed, it can come
+    with the paste box still holding the previous depth's text (a browser walk loaded passkey 10050 with 20 shown)."""
+    from app.documents import NEEDLE, needle_document, sample_text
+
+    stale = sample_text(NEEDLE, 50)
+    assert "Loaded" in load(client, stale, sample=NEEDLE, depth=20)["doc_info"]
+    assert needle_document(20)[1] in server_state(client).needle

@@ -95,7 +95,7 @@ def server_state(demo, client) -> ChatState:
 
 def load(client, text):
     """Loads `text`; returns the document note ("Loaded ..." or why not), without Markdown's bold."""
-    return client.predict(text, None, None, None, api_name="/load_document")[0].replace("**", "")
+    return client.predict(text, None, None, None, 50, api_name="/load_document")[0].replace("**", "")
 
 
 def read_upload(client, file) -> tuple[str, str]:
