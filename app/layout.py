@@ -192,16 +192,19 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 256, gpu=lam
             return trigger(fn, [c[name] for name in inputs], [c[name] for name in outputs], **kwargs)
 
         document = ["pasted", "doc_info", "cut"]
-        on(c["upload"].upload, handlers.read_upload, ["upload", "state"], ["upload", "sample", *document],
-           api_name="read_upload")
-        on(c["sample"].input, handlers.pick_sample, ["sample", "depth"], ["upload", *document],
-           api_name="pick_sample")
-        on(c["depth"].release, handlers.pick_sample, ["sample", "depth"], ["upload", *document],
-           api_visibility="private")
+        described = [
+            on(c["upload"].upload, handlers.read_upload, ["upload", "state"], ["upload", "sample", *document],
+               api_name="read_upload"),
+            on(c["sample"].input, handlers.pick_sample, ["sample", "depth"], ["upload", *document],
+               api_name="pick_sample"),
+            on(c["depth"].release, handlers.pick_sample, ["sample", "depth"], ["upload", *document],
+               api_visibility="private"),
+            on(c["pasted"].blur, handlers.describe, ["pasted"], ["doc_info", "cut"], api_visibility="private")]
         on(c["pasted"].input, handlers.edited, ["pasted"], ["upload", "sample"], api_visibility="private",
            queue=False)
-        on(c["pasted"].blur, handlers.describe, ["pasted"], ["doc_info", "cut"], api_visibility="private")
         on(c["cut"].input, handlers.choose_cut, ["pasted", "cut"], ["doc_info"], api_visibility="private")
+        for new_document in described:  # an end already chosen stays chosen: the note then says what Load keeps
+            on(new_document.then, handlers.choose_cut, ["pasted", "cut"], ["doc_info"], api_visibility="private")
         answers = ["chat", "meter", "metrics", "heads_plot", "time_plot", "tokens", "looked", "looked_note",
                    "compare_box", "dense_answer", "quest_answer", "verdict", "page_text", "trace_file"]
         cleared = [*answers[:3], "headline", "speed_plot", *answers[3:]]  # a new document: its measured speeds too

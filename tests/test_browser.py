@@ -13,7 +13,7 @@ import pytest
 
 from app.documents import sample_text
 from quest_core.config import default_config
-from quest_core.session import Session, cut_document
+from quest_core.session import Session, cut_document, measure_document
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -26,6 +26,7 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
          "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 ERROR_STATE = '[data-testid="status-tracker"] .error'  # Gradio's red "Error" on a component
 WHOLE_PLAY = "Hamlet, the whole play (~53K tokens: longer than the context)"
+MILTON = "Milton, Areopagitica (~24K tokens: longer than the context)"
 MAX_NEW_TOKENS = 24  # conftest.app_url's build_app(max_new_tokens=24)
 
 
@@ -101,6 +102,12 @@ def test_fill_the_context_compare_and_see_where_the_model_looked(app_url, tmp_pa
         page.locator("#doc-info").get_by_text("longer than the context", exact=False).wait_for(timeout=60_000)
         page.get_by_label("keep the head").check()
         page.locator("#doc-info").get_by_text("keeps its first").wait_for(timeout=60_000)  # the server has the choice
+        for name in (MILTON, WHOLE_PLAY):  # another long document: the end chosen stays, and the note says so
+            tokens = measure_document(tokenizer, model.config, sample_text(name)).tokens
+            page.get_by_label("Sample").click()
+            page.get_by_role("option", name=name).click()
+            note = re.compile(f"{tokens:,} tokens: .* keeps its first")
+            page.locator("#doc-info").get_by_text(note).wait_for(timeout=60_000)
         page.get_by_role("button", name="Load document").click()
         loaded = page.locator("#document").get_by_text("Document · ")  # loaded: the box folds and says so
         loaded.or_(page.locator("#doc-info").get_by_text("Not loaded")).wait_for(timeout=600_000)
