@@ -232,8 +232,6 @@ def load_document(server: Server, text: str, cut: str | None, file, sample: str 
                       "meter": views.meter(state.session.context_usage())}
 
 
-
-
 # ---- answering ----
 
 def ask(server: Server, question: str, mode: str, budget, page_size, dense_layers, inspect: bool, max_new_tokens,

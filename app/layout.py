@@ -207,7 +207,8 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 256, gpu=lam
             on(new_document.then, handlers.choose_cut, ["pasted", "cut"], ["doc_info"], api_visibility="private")
         answers = ["chat", "meter", "metrics", "heads_plot", "time_plot", "tokens", "looked", "looked_note",
                    "compare_box", "dense_answer", "quest_answer", "verdict", "page_text", "trace_file"]
-        cleared = [*answers[:3], "headline", "speed_plot", *answers[3:]]  # a new document: its measured speeds too
+        # a new document clears its measured speeds too (load_document's outputs keep their API order)
+        cleared = [*answers[:3], "headline", "speed_plot", *answers[3:]]
         on(load.click, handlers.load_document, ["pasted", "cut", "upload", "sample", "depth", "state"],
            ["state", "document", "doc_info", "cut", *cleared], failure={"doc_info": "**Not loaded:** {message}"},
            concurrency_id=MODEL_WORK, api_name="load_document", show_progress_on=[c["doc_info"]])

@@ -720,7 +720,6 @@ void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, in
 // exp(m_s - max m) / sum l. Logits are in base 2 (the query is scaled by scale * log2(e)).
 constexpr int kAttentionThreads = 128;
 
-
 template <typename T, int kTeam, int kGroup>  // kTeam: lanes per token (D / vector); kGroup: G rounded up
 __global__ void __launch_bounds__(kAttentionThreads) sparse_decode_kernel(
     const T* __restrict__ query, const T* __restrict__ keys, const T* __restrict__ values,
@@ -859,8 +858,8 @@ __global__ void __launch_bounds__(kAttentionThreads) sparse_decode_kernel(
   // The last block of head h: each split's weight per query head, exp2(m_s - max m) / sum, into shared memory
   // (it fits: group * splits <= kTeams * group * (2 + kDim) is checked on the host), then the weighted sum of the
   // outputs. Each lane merges its splits' states as it loads them (m_s kept in shared memory), the warp merges the
-  // lanes', and the weights come from shared memory: one wait on L2, where the largest m first, then every state
-  // again for the sum, waited twice.
+  // lanes', and the weights come from shared memory: one wait on L2 (it waited twice: for the largest m, then for
+  // every state again for the sum).
   float* weights = team_states;  // [group, splits]
   const int warp = threadIdx.x / 32, warp_lane = threadIdx.x % 32;
   for (int g = warp; g < group; g += kAttentionThreads / 32) {

@@ -12,9 +12,11 @@ import gradio as gr
 import pytest
 from gradio_client import Client, handle_file
 
+from app.documents import NEEDLE, needle_document, sample_text
+from app.layout import build_app
 from app.sessions import ChatState
 from quest_core.config import TWO_LEVEL_FACTOR, Decoding, default_config
-from quest_core.session import Session
+from quest_core.session import Session, measure_document
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow  # each test runs the default model for 30 s to 2 minutes on 2 cores
@@ -247,9 +249,6 @@ def test_refusals_are_messages_that_change_nothing_and_a_new_document_clears_the
 def test_leaving_the_paste_box_says_what_loading_its_text_would_do(default_model, short_document):
     """The function the layout wires to the paste box's blur event notes the pasted text's tokens, and returns only
     the views it outputs (it once returned the text too: every paste ended in a warning and no note)."""
-    from app.layout import build_app
-    from quest_core.session import measure_document
-
     model, tokenizer = default_model
     text = short_document.read_text()
     describe = next(function for function in build_app(model, tokenizer).fns.values() if function.name == "describe")
@@ -260,8 +259,6 @@ def test_leaving_the_paste_box_says_what_loading_its_text_would_do(default_model
 def test_a_sample_loads_at_the_chosen_depth_even_when_the_paste_box_lags(client):
     """Load makes a sample again from its name and needle depth: clicked at once after a depth is typed, it can come
     with the paste box still holding the previous depth's text (a browser walk loaded passkey 10050 with 20 shown)."""
-    from app.documents import NEEDLE, needle_document, sample_text
-
     stale = sample_text(NEEDLE, 50)
     assert "Loaded" in load(client, stale, sample=NEEDLE, depth=20)["doc_info"]
     assert needle_document(20)[1] in server_state(client).needle
