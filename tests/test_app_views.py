@@ -143,6 +143,9 @@ def test_the_headline_reports_the_ratios_of_the_runs_it_is_given():
     assert "**1.25×**" in text and "**5.0×**" in text and "**4.2× fewer**" in text
     assert "Compare: the same question and context" in text
     assert "Compare" in views.headline({"quest": quest}) and "×" not in views.headline({"quest": quest})
+    short = views.Speed(12.5, 0.006, 0.8, 60, "Compare", ((60,), (125,)))  # a context this short: bounds cost more
+    text = views.headline({"dense": dense, "quest": short})
+    assert "**1.25× more** than dense" in text and "fewer" not in text and "theoretical" not in text
     bars = json.loads(figures.time_per_token({"dense": (100.0, 30.0), "quest": (80.0, 6.0)}).to_json())
     attention, rest = bars["data"]
     assert attention["x"] == [30.0, 6.0] and rest["x"] == [70.0, 74.0]
