@@ -101,7 +101,8 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 256, gpu=lam
                                             info="which end to keep of a document longer than the context")
                         load = gr.Button("Load document", variant="primary", scale=1)
                 c["chat"] = gr.Chatbot(label="Chat", height=380, elem_id="chat", buttons=["copy"],
-                                       placeholder="Load a document, then ask about it.")
+                                       placeholder=("Load a document, then ask about it. New chat keeps the "
+                                                    "loaded document."))
                 with gr.Row():
                     c["question"] = gr.Textbox(placeholder="Ask about the document", show_label=False, scale=4,
                                                elem_id="question", container=False)
