@@ -4,7 +4,7 @@ Quest settings for it (`default_config`: pages of 4, rule mass, budget 1024) and
 `Decoding`'s repetition penalty), batch 1 on CUDA graphs, as `generation.decode` runs them. Decode tok/s of dense
 and Quest, traced as the app traces (every step's selected pages, for its plots) and untraced, in one run; then
 where a traced step's host time goes (cProfile over a traced Quest answer: the functions with the most time of
-their own).
+their own); and the GPU kernels of an untraced step of each (torch.profiler: time per step by kernel).
 
     python bench/app_gpu.py        # writes the gpu_app section of bench/RESULTS.md
 """
@@ -64,6 +64,23 @@ def host_profile(model, cache, prompt, new_tokens: int, top: int = 12) -> str:
     return text.getvalue()
 
 
+def step_kernels(model, cache, prompt, new_tokens: int, top: int = 14) -> tuple[str, float]:
+    """The GPU kernels of an untraced answer's steps (the first, eager one and the graph's replays): a table of
+    the `top` kernels by time, µs per step and calls per step, and the kernels' µs per step in all."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        answer_tok_s(model, cache, prompt, new_tokens, traced=False)
+    kernels = [event for event in profiler.key_averages() if event.device_time_total > 0]
+    kernels.sort(key=lambda event: -event.device_time_total)
+    steps = new_tokens - 1
+    rows = ["| kernel | µs per step | calls per step |", "|---|---:|---:|"]
+    for event in kernels[:top]:
+        rows.append(f"| `{event.key[:90]}` | {event.device_time_total / steps:.1f} | {event.count / steps:.1f} |")
+    total = sum(event.device_time_total for event in kernels) / steps
+    rows.append(f"| all {len(kernels)} kernels | {total:.1f} | {sum(e.count for e in kernels) / steps:.1f} |")
+    return "\n".join(rows), total
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--context", type=int, default=8192 - 300)
@@ -88,6 +105,13 @@ def main():
             print(json.dumps(dict(mode=mode, traced=traced, tok_s=runs)), flush=True)
     profile = host_profile(model, cache, prompt, args.new_tokens)
     print(profile)
+    kernel_tables = {}
+    for mode in ("dense", "quest"):
+        cache.set_config(quest.with_changes(mode=mode))
+        table, total = step_kernels(model, cache, prompt, args.new_tokens)
+        kernel_tables[mode] = (f"**{mode}**: the kernels' time, {total:.1f} µs per step in all, against "
+                               f"{1e6 / speeds[mode, False]:.1f} µs per untraced step above\n\n{table}")
+        print(kernel_tables[mode], flush=True)
     table = ["| engine | untraced tok/s | traced tok/s | traced / untraced |", "|---|---:|---:|---:|"]
     for mode in ("dense", "quest"):
         table.append(f"| {mode} | {speeds[mode, False]:.1f} | {speeds[mode, True]:.1f} | "
@@ -102,7 +126,10 @@ def main():
             "runs, every step's selected pages recorded and the trace's step ended after each token.\n\n" +
             "\n".join(table) +
             "\n\nWhere a traced Quest answer's host time goes (cProfile, the functions with the most time of their "
-            "own; the profiler's overhead is in it):\n\n```\n" + profile.strip() + "\n```")
+            "own; the profiler's overhead is in it):\n\n```\n" + profile.strip() + "\n```\n\n"
+            f"The GPU kernels of an untraced answer of {args.new_tokens} tokens, per step (torch.profiler, CUDA "
+            "activity; the first step is eager, the rest replay the graph):\n\n" +
+            "\n\n".join(kernel_tables.values()))
     if not args.no_write:
         write_section("gpu_app", "GPU: the app's decoding, traced and untraced (SmolLM2-135M shapes)", body)
 
