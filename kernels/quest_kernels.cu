@@ -191,11 +191,13 @@ void append_kv(torch::Tensor new_keys, torch::Tensor new_values, torch::Tensor k
 // in flight per team. Group rule sum: one split query, the group's sum; the page's score goes to `scores`. Rule
 // max: one split query per head, the largest of the G bounds goes to `scores`. For these two each block folds its
 // scores' order keys into the head's key range (`key_ranges`, [Hkv, 2]: min, max). Rule mass: each head's bound
-// goes to `group_scores` [Hkv, G, capacity], the current page's too (it is in each head's softmax), and the last
-// block turns them into the mass (each head's softmax over the pages in use, scaled by `mass_scale`, summed over
-// the group) and the key range. The last block of a head to finish (a counter per head) selects: a radix select
-// on the key minus the head's smallest key, whose first digit (11 bits) starts at the
-// range's top bit, so the first histogram spreads the head's actual scores over its bins whatever their scale.
+// goes to `group_scores` [Hkv, G, capacity], the current page's too (it is in each head's softmax), then each
+// block's softmax state per query head over its pages (scaled by `mass_scale`) to the block states after them
+// ([Hkv, G, blocks, 2]: m, l); the last block merges the states and turns the bounds into the mass (each head's
+// softmax weight of the page, summed over the group) and the key range. The last block of a head to finish (a
+// counter per head) selects: a radix select on the key minus the head's smallest key, whose first digit (11 bits)
+// starts at the range's top bit, so the first histogram spreads the head's actual scores over its bins whatever
+// their scale.
 // One sweep then takes the pages above the threshold bin and lists the bin's pages in shared memory; the list's
 // keys, ranked against each other (or, for a long list, 8-bit digits: the key of the (k-1)-th largest score and
 // how many equal to it to take), give the rest. It writes FlashInfer's one-head page rows p * Hkv + h, the current
@@ -213,7 +215,6 @@ constexpr int kFirstBits = 11;    // the first radix digit; the others have 8 bi
 constexpr int kFirstBins = 1 << kFirstBits;
 constexpr int kSweepBatch = 8;    // scores each thread loads at once in the top-k sweeps
 constexpr int kMaxMassGroup = 32; // query heads per KV head that rule mass takes
-constexpr int kMaxPairs = kThreads / 32 > kMaxMassGroup ? kThreads / 32 : kMaxMassGroup;  // see mass_scores
 enum GroupRule { kSum = 0, kMax = 1, kMass = 2 };  // quest_core.selection.page_scores' group_rule
 
 __device__ __forceinline__ unsigned int order_key(float score) {  // larger float -> larger unsigned key
@@ -282,52 +283,67 @@ __device__ __forceinline__ void merge_softmax(float& m, float& l, float other_m,
   m = merged;
 }
 
-// Rule mass, in the last block of head h: each query head's softmax state over the pages in use (the current page
-// too), then each full page's mass, the sum over the group of its softmax weights, into head_scores, and the order
-// keys' range into smallest_key, largest_key (shared; they hold 0xffffffff and 0 when it starts). `keys` gets the
-// order keys of this thread's pages p0 + j * kThreads + t of the last round p0 (every page's, in one round).
-__device__ __forceinline__ void mass_scores(const float* group_scores, float* head_scores, int group,
-                                            int64_t capacity, int num_pages, float mass_scale, float* warp_max_logit,
-                                            float* warp_sum, float* head_max_logit, float* head_inverse_sum,
-                                            unsigned int* smallest_key, unsigned int* largest_key,
-                                            unsigned int (&keys)[kSweepBatch]) {
-  // Pair (head, part), for the G query heads and `parts` stretches of them: every (parts)-th run of 32 pages of
-  // head's logits, its softmax state, kept online by each lane over batches of kSweepBatch logits loaded together
-  // (one pass over L2; a load per step, as before, waited on L2 for each: 6.6 us at 2048 pages), then merged over
-  // the warp. Warp w takes pairs w, w + warps, ...; thread g then merges head g's parts.
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = kThreads / 32;
-  const int parts = max(1, warps / group), stride = parts * 32;
-  for (int pair = warp; pair < parts * group; pair += warps) {
-    const int head = pair % group, part = pair / group;
-    const float* logits = group_scores + head * capacity;
+// Merges the softmax states (m, l) of a warp's lanes; every lane gets the merged state.
+__device__ __forceinline__ void warp_merge_softmax(float& m, float& l) {
+  for (int offset = 16; offset > 0; offset >>= 1)
+    merge_softmax(m, l, __shfl_xor_sync(0xffffffffu, m, offset), __shfl_xor_sync(0xffffffffu, l, offset));
+}
+
+// Rule mass, in each scoring block: the softmax state of each query head r over the block's `count` logits
+// (row r of `logits`, `row_stride` apart: shared memory, or the block's pages of group_scores, read from L2),
+// scaled by mass_scale, to states[r * blocks * 2]. Warp r takes head r; each lane keeps its own state over batches
+// of kSweepBatch logits loaded together, then the warp merges them.
+template <bool kShared>
+__device__ __forceinline__ void block_softmax_states(const float* logits, int64_t row_stride, int count, int group,
+                                                     float mass_scale, float* states, int blocks) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int r = warp; r < group; r += kThreads / 32) {
     float m = -INFINITY, l = 0.f;
-    for (int p0 = part * 32 + lane; p0 < num_pages; p0 += stride * kSweepBatch) {
+    for (int i0 = lane; i0 < count; i0 += 32 * kSweepBatch) {
       float logit[kSweepBatch], batch_max = -INFINITY;
 #pragma unroll
       for (int j = 0; j < kSweepBatch; ++j) {
-        const int p = p0 + j * stride;
-        logit[j] = p < num_pages ? __ldcg(logits + p) * mass_scale : -INFINITY;
+        const int i = i0 + 32 * j;
+        const float* at = logits + r * row_stride + i;
+        logit[j] = i < count ? (kShared ? *at : __ldcg(at)) * mass_scale : -INFINITY;
         batch_max = fmaxf(batch_max, logit[j]);
       }
-      const float merged = fmaxf(m, batch_max);  // finite: page p0 is in use
+      const float merged = fmaxf(m, batch_max);  // finite: logit i0 is in the block
       l *= __expf(m - merged);
 #pragma unroll
       for (int j = 0; j < kSweepBatch; ++j) l += __expf(logit[j] - merged);
       m = merged;
     }
-    for (int offset = 16; offset > 0; offset >>= 1)
-      merge_softmax(m, l, __shfl_xor_sync(0xffffffffu, m, offset), __shfl_xor_sync(0xffffffffu, l, offset));
+    warp_merge_softmax(m, l);
     if (lane == 0) {
-      warp_max_logit[pair] = m;
-      warp_sum[pair] = l;
+      states[(int64_t)r * blocks * 2] = m;
+      states[(int64_t)r * blocks * 2 + 1] = l;
     }
   }
-  __syncthreads();
-  if (threadIdx.x < group) {
+}
+
+// Rule mass, in the last block of head h: each query head's softmax state over the pages in use (the current page
+// too), merged from the scoring blocks' `block_states` [G, blocks, 2], then each full page's mass, the sum over the
+// group of its softmax weights, into head_scores, and the order keys' range into smallest_key, largest_key (shared;
+// they hold 0xffffffff and 0 when it starts). `keys` gets the order keys of this thread's pages p0 + j * kThreads
+// + t of the last round p0 (every page's, in one round).
+__device__ __forceinline__ void mass_scores(const float* group_scores, const float* block_states, int blocks,
+                                            float* head_scores, int group, int64_t capacity, int num_pages,
+                                            float mass_scale, float* head_max_logit, float* head_inverse_sum,
+                                            unsigned int* smallest_key, unsigned int* largest_key,
+                                            unsigned int (&keys)[kSweepBatch]) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int r = warp; r < group; r += kThreads / 32) {  // warp r merges head r's states
     float m = -INFINITY, l = 0.f;
-    for (int w = threadIdx.x; w < parts * group; w += group) merge_softmax(m, l, warp_max_logit[w], warp_sum[w]);
-    head_max_logit[threadIdx.x] = m;
-    head_inverse_sum[threadIdx.x] = 1.f / l;
+    for (int b = lane; b < blocks; b += 32) {
+      const float* state = block_states + ((int64_t)r * blocks + b) * 2;
+      merge_softmax(m, l, __ldcg(state), __ldcg(state + 1));
+    }
+    warp_merge_softmax(m, l);
+    if (lane == 0) {
+      head_max_logit[r] = m;
+      head_inverse_sum[r] = 1.f / l;
+    }
   }
   __syncthreads();
   unsigned int low = 0xffffffffu, high = 0u;
@@ -374,7 +390,8 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
   constexpr int kVec = 16 / sizeof(T);
   constexpr int rule = kRule;
   // Shared: the split queries [rows, 2D] (float; one row for rule sum, G for the others), a histogram [2048],
-  // the threshold bin's keys and pages [list_capacity]
+  // the threshold bin's keys and pages [list_capacity]. While the block scores, rule mass keeps the block's logits
+  // [G, pages_per_block] where the histogram and the list will be, when they fit.
   extern __shared__ float shared[];
   const int query_rows = rule == kSum ? 1 : group;
   float* split_query = shared;
@@ -384,7 +401,6 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
   __shared__ unsigned int warp_totals[kThreads / 32], warp_high[kThreads / 32];
   __shared__ unsigned int found_bin, remaining, taken_greater, taken_equal, list_length, smallest_key, largest_key;
   __shared__ bool is_last;
-  __shared__ float warp_max_logit[kMaxPairs], warp_sum[kMaxPairs];  // rule mass: a softmax state per (head, part)
   __shared__ float head_max_logit[kMaxMassGroup], head_inverse_sum[kMaxMassGroup];
   wait_for_previous_kernel();  // and no early launch of the sparse decode: its blocks would crowd the few SMs free
                                // while this grid scores (measured: 1.8 us slower than at this grid's exit)
@@ -418,6 +434,8 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
   const int member = threadIdx.x % team, team_index = threadIdx.x / team, teams = kThreads / team;
   float* head_scores = scores + (int64_t)h * capacity;
   float* head_group_scores = group_scores + (int64_t)h * group * capacity;  // rule mass only
+  float* block_logits = reinterpret_cast<float*>(histogram);
+  const bool keep_logits = group * pages_per_block <= kFirstBins + 2 * list_capacity;
   unsigned int* key_range = key_ranges + 2 * h;
   unsigned int low = 0xffffffffu, high = 0u;  // this thread's smallest and largest order key
   const int block_first = blockIdx.y * pages_per_block;
@@ -467,7 +485,10 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
         }
         for (int offset = team / 2; offset > 0; offset >>= 1) score += __shfl_xor_sync(0xffffffffu, score, offset);
         const int p = base + u * teams + team_index;
-        if (rule == kMass && p < block_end && member == 0) head_group_scores[(int64_t)r * capacity + p] = score;
+        if (rule == kMass && p < block_end && member == 0) {
+          head_group_scores[(int64_t)r * capacity + p] = score;
+          if (keep_logits) block_logits[r * pages_per_block + p - block_first] = score;
+        }
         best[u] = fmaxf(best[u], score);
       }
     }
@@ -481,6 +502,19 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
         high = max(high, order_key(best[u]));
       }
     }
+  }
+  // Rule mass: the block's softmax states to the block states [heads, G, blocks, 2], after the group scores
+  float* head_block_states = rule == kMass
+      ? group_scores + ((int64_t)gridDim.x * capacity + (int64_t)h * gridDim.y * 2) * group : nullptr;
+  if (rule == kMass) {
+    __syncthreads();  // the block's logits are written (shared or global)
+    const int count = block_end - block_first;  // <= 0 where the length on the GPU ends before this block
+    if (keep_logits)
+      block_softmax_states<true>(block_logits, pages_per_block, count, group, mass_scale,
+                                 head_block_states + 2 * blockIdx.y, gridDim.y);
+    else
+      block_softmax_states<false>(head_group_scores + block_first, capacity, count, group, mass_scale,
+                                  head_block_states + 2 * blockIdx.y, gridDim.y);
   }
   // the block's key range, folded into the head's with one atomic each (one per warp queued 4096 atomics on 16
   // words at 128 blocks: 5 us)
@@ -521,8 +555,8 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
   // candidates (at most kThreads * kSweepBatch: 8,192) they stay in registers from the histogram to the end of
   // sweep 2 (rule mass's from mass_scores); with more, each of those passes loads its round's from L2.
   unsigned int keys[kSweepBatch];
-  if (rule == kMass) mass_scores(head_group_scores, head_scores, group, capacity, num_pages, mass_scale,
-                                 warp_max_logit, warp_sum, head_max_logit, head_inverse_sum, &smallest_key,
+  if (rule == kMass) mass_scores(head_group_scores, head_block_states, gridDim.y, head_scores, group, capacity,
+                                 num_pages, mass_scale, head_max_logit, head_inverse_sum, &smallest_key,
                                  &largest_key, keys);
   // Radix digits of r = key - smallest_key, from bit `shift` up: r >> shift < 2048 for every candidate.
   const unsigned int span = largest_key - smallest_key;
@@ -631,7 +665,7 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
 // only gives the type); query [R * Hkv, G, D], device_length [R] (required), scratch and out rows R * Hkv, the
 // scratch's rows `scores.size(1)` long; the rows written are each request's own one-head rows p * Hkv + h.
 // key_ranges: int32 [Hkv, 2], (-1, 0) before the first call; each call leaves it so.
-// rule: 0 sum, 1 max, 2 mass; group_scores: float32 [Hkv, G, capacity] for rule mass (else unused);
+// rule: 0 sum, 1 max, 2 mass; group_scores: float32 [Hkv, G, capacity + 2 * SMs] for rule mass (else unused);
 // mass_scale: the softmax scale of rule mass (1/sqrt(D), as the twin).
 // sink_pages: the first pages, always selected (before the current page) and left out of the top-k.
 void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, int64_t k, torch::Tensor scores,
@@ -679,6 +713,8 @@ void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, in
   const int spread = std::max(1, std::min<int>(num_sms / heads, (num_pages + teams - 1) / teams));
   const int pages_per_block = (int)(((num_pages + spread - 1) / spread + teams - 1) / teams * teams);
   const int blocks_per_head = std::max<int>(1, (num_pages + pages_per_block - 1) / pages_per_block);
+  TORCH_CHECK(rule != kMass || group_scores->numel() >= (int64_t)heads * group * (capacity + 2 * blocks_per_head),
+              "rule mass's group_scores holds [Hkv, G, capacity] and the blocks' states [Hkv, G, blocks, 2]");
   const int fixed = (2 * head_dim * (rule == kSum ? 1 : group) + kFirstBins) * 4;
   TORCH_CHECK((max_shared - fixed - 1024) / 8 >= 64, "score_topk: too many query heads per KV head");
   const int list_capacity = std::min<int>({2048, (int)(num_pages - 1), (max_shared - fixed - 1024) / 8});

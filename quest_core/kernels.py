@@ -32,6 +32,11 @@ def load():
         return None
 
 
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 GROUP_RULES = ("sum", "max", "mass")  # the kernel's rule numbers, as quest_core.selection.page_scores names them
 
 
@@ -41,7 +46,8 @@ class TopKScratch:
     scores: torch.Tensor      # float32, at least heads * capacity (heads: Hkv, or R * Hkv for a batch)
     key_ranges: torch.Tensor  # int32 [heads, 2]
     counters: torch.Tensor    # int32 [heads], zeros (the kernel leaves them so)
-    group_scores: torch.Tensor | None = None  # rule mass: float32, at least heads * G * capacity
+    group_scores: torch.Tensor | None = None  # rule mass: float32, heads * G * (capacity + 2 * SMs): the page
+                                              # bounds per query head, then each scoring block's softmax state
 
 
 class ScoreTopK:
@@ -96,7 +102,7 @@ class ScoreTopK:
             self.generation += 1
         group_scores = None
         if group_rule == "mass":
-            size = heads * query.shape[-2] * capacity
+            size = heads * query.shape[-2] * (capacity + 2 * sm_count(device))  # blocks per head: at most one per SM
             if scratch.group_scores is None or scratch.group_scores.numel() < size:
                 scratch.group_scores = torch.empty(size, dtype=torch.float32, device=device)
                 self.generation += 1

@@ -112,6 +112,21 @@ def test_score_topk_past_one_round_of_candidates(group_rule):
 
 
 @needs_kernels
+def test_score_topk_mass_with_block_logits_past_shared_memory():
+    """Rule mass: each scoring block keeps its logits in shared memory for its softmax states where they fit, else
+    reads them again from global memory. With more KV heads than SMs each head gets one block, whose 4 x 1,100
+    logits do not fit: the second way."""
+    num_kv_heads = torch.cuda.get_device_properties(0).multi_processor_count + 8
+    page_size, head_dim, group = 4, 64, 4
+    layer = filled(page_size * 1100 + 1, page_size, num_kv_heads, head_dim, torch.bfloat16)
+    query = torch.randn(num_kv_heads, group, head_dim, device="cuda").to(torch.bfloat16)
+    reference = page_scores(query.float(), layer.page_bounds[:, : layer.num_pages].float(), "mass")
+    scorer = kernels.ScoreTopK(module)
+    for k, on_gpu in ((64, False), (300, True)):
+        assert_top_pages(kernel_selection(scorer, query, layer, k, "mass", on_gpu), reference, k)
+
+
+@needs_kernels
 @pytest.mark.parametrize("group_rule", ["sum", "max", "mass"])
 @pytest.mark.parametrize("sink_pages", [1, 3])
 def test_score_topk_keeps_the_sink_pages(group_rule, sink_pages):
