@@ -7,6 +7,7 @@ Every handler takes the `Server` first and returns (or, streaming, yields) a dic
 `layout.py`, which turns them into component updates; a view left out stays as it is). A `UserError` is a refusal
 the user can act on: it becomes a warning toast and one log line, and nothing else changes.
 """
+import functools
 import json
 import logging
 import tempfile
@@ -54,6 +55,9 @@ class Server:
 
     def __post_init__(self):
         self.engine = self.engine or Engine(self.model, self.tokenizer, self.backend, pool_tokens(self.model))
+        # a new document is measured for its note, again for the note of the end kept, and by Load: once each text
+        self.fit = functools.lru_cache(maxsize=4)(functools.partial(measure_document, self.tokenizer,
+                                                                    self.model.config))
 
     @property
     def max_context(self) -> int:
@@ -112,7 +116,7 @@ def measure(server: Server, text: str):
     if len(text) > max_chars:
         raise UserError(f"The document has {len(text):,} characters; this server takes up to {max_chars:,}. "
                         "Use a shorter part of it.")
-    fit = measure_document(server.tokenizer, server.model.config, text)
+    fit = server.fit(text)
     if fit.tokens > server.max_document_tokens:
         raise UserError(f"The document has {fit.tokens:,} tokens; this server takes up to "
                         f"{server.max_document_tokens:,}. Use a shorter part of it.")

@@ -12,9 +12,10 @@ import gradio as gr
 import pytest
 from gradio_client import Client, handle_file
 
-from app.documents import NEEDLE, needle_document, sample_text
+from app.documents import NEEDLE, SAMPLES, needle_document, sample_text
 from app.layout import build_app
 from app.sessions import ChatState
+from quest_core import session as session_module
 from quest_core.config import TWO_LEVEL_FACTOR, Decoding, default_config
 from quest_core.session import Session, measure_document
 
@@ -254,6 +255,20 @@ def test_leaving_the_paste_box_says_what_loading_its_text_would_do(default_model
     describe = next(function for function in build_app(model, tokenizer).fns.values() if function.name == "describe")
     doc_info, _ = describe.fn(text)
     assert doc_info.startswith(f"{measure_document(tokenizer, model.config, text).tokens:,} tokens, ")
+
+
+def test_a_long_document_is_tokenized_once_for_its_note_and_the_end_kept(default_model, monkeypatch):
+    """Picking a document longer than the context with an end already chosen writes two notes (what loading would
+    do, then what Load keeps): the text is tokenized for the first only."""
+    model, tokenizer = default_model
+    text = sample_text(next(name for name in SAMPLES if "whole play" in name))
+    functions = {function.name: function.fn for function in build_app(model, tokenizer).fns.values()}
+    tokenized = []
+    monkeypatch.setattr(session_module, "_count", lambda tokenizer, text, count=session_module._count:
+                        tokenized.append(len(text)) or count(tokenizer, text))
+    functions["describe"](text)
+    doc_info = functions["choose_cut"](text, "keep the head")
+    assert tokenized == [len(text)] and "keeps its first" in doc_info
 
 
 def test_a_sample_loads_at_the_chosen_depth_even_when_the_paste_box_lags(client):
