@@ -65,7 +65,7 @@ def main(argv=None):
     log = logging.getLogger("quest").info
     model, tokenizer = load_model(args.model, args.dtype, args.device, log=log)
     log(f"Model ready: {type(model).__name__}, {model.dtype}, on {next(model.parameters()).device}")
-    from app.layout import build_app
+    from app.layout import CSS, build_app
     from quest_core.backends import make_backend
 
     backend = make_backend(args.backend, next(model.parameters()).device, model.dtype)
@@ -74,7 +74,7 @@ def main(argv=None):
     demo = build_app(model, tokenizer, backend, max_new_tokens=args.max_new_tokens, gpu=spaces_gpu(),
                      max_document_tokens=args.max_document_tokens, max_sessions=args.max_sessions)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share,
-                max_file_size=f"{args.max_upload_mb}mb")
+                max_file_size=f"{args.max_upload_mb}mb", css=CSS)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,15 @@ def event(server, handler, outputs: list[str], failure: dict | None = None, gpu=
     return run
 
 
+# Gradio lays HighlightedText's spans out as flex items, each as tall as its lines: passages of several lines stood
+# side by side in columns. As inline text they read in order (pass to launch: `demo.launch(css=CSS)`).
+CSS = """
+#looked .textfield { display: block; }
+#looked .token-container, #looked .token { display: inline; }
+#looked .token { margin: 0; padding-left: 0; padding-right: 0; }
+"""
+
+
 def build_app(model, tokenizer, backend=None, max_new_tokens: int = 256, gpu=lambda fn: fn,
               max_document_tokens: int = 100_000, max_sessions: int = 16) -> gr.Blocks:
     """`gpu` wraps the functions that run the model (Hugging Face Spaces' `spaces.GPU`, or nothing). Longer

@@ -59,6 +59,16 @@ def shades(page) -> list[str]:
     return page.locator("#looked .token").evaluate_all("nodes => nodes.map(n => n.style.backgroundColor)")
 
 
+def assert_reads_in_order(page):
+    """Each passage of "where the model looked" starts on the line where the one before it ends, or below: the text
+    reads in order (Gradio's flex layout once set passages of several lines side by side, in columns)."""
+    boxes = page.locator("#looked .token").evaluate_all(
+        "nodes => nodes.map(n => { const r = n.getBoundingClientRect(); return [r.top, r.bottom]; })")
+    line = page.locator("#looked .token").first.evaluate("n => parseFloat(getComputedStyle(n).lineHeight) || 20")
+    for (_, bottom), (top, _) in zip(boxes, boxes[1:]):
+        assert top >= bottom - 1.5 * line, (top, bottom, line)
+
+
 def ask_and_watch(page, question: str) -> set[int]:
     """Send `question` and wait for its answer to end (the metrics say how it ended); returns the token counts the
     metrics showed on the way."""
@@ -147,6 +157,7 @@ def test_fill_the_context_compare_and_see_where_the_model_looked(app_url, tmp_pa
         page.get_by_role("tab", name="Where the model looked").click()
         page.locator("#looked .token").first.wait_for(timeout=10_000)
         whole_answer = shades(page)
+        assert_reads_in_order(page)
         assert sum(shade not in ("", "transparent", "rgba(0, 0, 0, 0)") for shade in whole_answer) >= 3
         page.locator("#answer-tokens .token").nth(2).click()
         page.locator("#looked-note").get_by_text("picked token", exact=False).wait_for(timeout=30_000)
