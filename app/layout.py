@@ -157,11 +157,12 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 256, gpu=lam
                     with gr.Row():
                         c["repetition_penalty"] = gr.Slider(1.0, 2.0, decoding.repetition_penalty, step=0.05,
                                                             label="Repetition penalty",
-                                                            info="above 1, tokens already in the answer or the "
-                                                                 "context are less likely again")
+                                                            info="above 1, tokens already in the answer are less "
+                                                                 "likely again (the document's are not)")
                         c["no_repeat_ngram_size"] = gr.Slider(0, 10, decoding.no_repeat_ngram_size, step=1,
                                                               label="No repeat n-gram",
-                                                              info="never repeat a run of this many tokens (0: off)")
+                                                              info="the answer never repeats a run of this many of its "
+                                                                   "tokens (0: off)")
                     c["inspect"] = gr.Checkbox(label="Inspect: measure selection recall (slower)",
                                                info="a dense pass per layer: the share of attention on the pages "
                                                     "Quest read")
