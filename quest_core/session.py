@@ -221,16 +221,19 @@ class Session:
         return ids
 
     def _fit(self, question: str, answer_tokens: int) -> tuple[list[Turn], list[int], int]:
-        """The turns that leave room for `question` and an answer of `answer_tokens` (the oldest dropped first;
-        the document stays), the prompt's ids and the answer's cap. ContextFullError where even no turns leave
-        MIN_ANSWER_TOKENS."""
+        """The turns that leave room for `question` and an answer of `answer_tokens` (where some must go, the oldest,
+        and more: see below; the document stays), the prompt's ids and the answer's cap. ContextFullError where even
+        no turns leave MIN_ANSWER_TOKENS."""
         turns = list(self.turns)
-        while True:
-            prompt_ids = self._prompt_ids(turns, question)
-            room = self.max_context - len(prompt_ids) if self.max_context else answer_tokens
-            if room >= answer_tokens or not turns:
-                break
-            turns.pop(0)
+        prompt_ids = self._prompt_ids(turns, question)
+        if self.max_context and self.max_context - len(prompt_ids) < answer_tokens:
+            # the oldest turns go until a quarter of the conversation's room is free beside this answer: each drop
+            # prefills every later turn again, so the next questions should find the cache as this one leaves it
+            wanted = answer_tokens + (self.max_context - self.document_tokens) // 4
+            while turns and self.max_context - len(prompt_ids) < wanted:
+                turns.pop(0)
+                prompt_ids = self._prompt_ids(turns, question)
+        room = self.max_context - len(prompt_ids) if self.max_context else answer_tokens
         if room < MIN_ANSWER_TOKENS:
             raise ContextFullError(
                 f"The question needs {len(prompt_ids) - self.document_tokens:,} tokens beside the document's "

@@ -51,6 +51,23 @@ def test_old_turns_make_room_and_the_document_stays(tokenizer):
     assert usage.document_tokens == len(prefix) and usage.room_tokens == 512 - len(session.token_ids)
 
 
+def test_when_turns_must_go_enough_go_that_the_next_questions_reuse_the_cache(tokenizer):
+    """A conversation past the context drops the oldest turns in a batch, not one per question (each drop prefills
+    every later turn again: 12 s before each answer in a browser walk): the question after a drop drops nothing and
+    prefills only itself."""
+    session = tiny_session(tokenizer, context=1024)
+    session.ingest(document_of(tokenizer, 300))
+    runs = [session.answer(f"Question {i}?", max_new_tokens=30, min_new_tokens=30) for i in range(40)]
+    dropped = [i for i, run in enumerate(runs) if run.dropped_turns]
+    assert len(dropped) >= 2  # 40 turns of ~45 tokens do not fit beside 300
+    for i in dropped:
+        assert i + 1 not in dropped  # the next question finds room
+        assert runs[i].prompt_tokens + 30 + (1024 - session.document_tokens) // 4 <= 1024
+    for previous, run in zip(runs, runs[1:]):
+        if not run.dropped_turns:
+            assert run.reused_tokens >= previous.prompt_tokens
+
+
 @pytest.mark.slow
 def test_a_long_document_and_long_answers_on_the_default_model(default_model):
     """The app's case at full size: a ~7.4K-token document in an 8K context and four answers of 200+ tokens."""
