@@ -383,7 +383,7 @@ def new_chat(server: Server, state: ChatState | None) -> dict:
 def compare(server: Server, question: str, budget, page_size, dense_layers, max_new_tokens, repetition_penalty,
             no_repeat_ngram_size, top_p, two_level: bool, state: ChatState | None, progress=PROGRESS) -> dict:
     """The same question (or the last one asked) answered dense and with Quest on the same context, greedily; the
-    conversation does not keep either answer."""
+    conversation does not keep either answer. Stop ends the comparison: no verdict and no speed from a cut answer."""
     session = loaded_session(state)
     question = (question or "").strip() or state.question
     if not question:
@@ -403,12 +403,17 @@ def compare(server: Server, question: str, budget, page_size, dense_layers, max_
         except ContextFullError as error:
             raise UserError(str(error)) from None
         runs[mode] = session.last_run
+        if runs[mode].stop_reason == "cancelled":
+            break
         state.speeds[mode] = speed(runs[mode], "Compare")
-    first = views.first_difference(runs["dense"], runs["quest"])
-    verdict = ("**Identical answers.**" if first is None else
-               f"**The answers differ from token {first} on** (marked).")
+    stopped = len(runs) < 2 or runs["quest"].stop_reason == "cancelled"
+    first = None if stopped else views.first_difference(runs["dense"], runs["quest"])
+    verdict = ("**Stopped**: no verdict on an answer cut short." if stopped else "**Identical answers.**"
+               if first is None else f"**The answers differ from token {first} on** (marked).")
+    quest = runs.get("quest")
     return {"dense_answer": views.compare_pane(runs["dense"], "Dense", first),
-            "quest_answer": views.compare_pane(runs["quest"], f"Quest ({views.budget_text(runs['quest'])})", first),
+            "quest_answer": views.compare_pane(quest, f"Quest ({views.budget_text(quest)})", first) if quest
+            else "<b>Quest</b> · not run: Compare was stopped",
             "verdict": f"{verdict} Question: *{question}*", "compare_box": gr.update(visible=True),
             **speed_views(state)}
 

@@ -150,7 +150,8 @@ def compare_pane(run, label: str, first_difference: int | None) -> str:
     if first_difference is not None and first_difference < len(pieces):
         pieces[first_difference] = f"<mark title='first token that differs'>{pieces[first_difference] or '∅'}</mark>"
     body = "".join(pieces).replace("\n", "<br>")
-    return (f"<b>{label}</b> · {run.decode_tokens_per_s:.1f} tok/s · TTFT {run.ttft_s:.2f} s"
+    stopped = " · <i>stopped</i>" if run.stop_reason == "cancelled" else ""
+    return (f"<b>{label}</b> · {run.decode_tokens_per_s:.1f} tok/s · TTFT {run.ttft_s:.2f} s{stopped}"
             f"<div class='answer'>{body}</div>")
 
 

@@ -12,9 +12,10 @@ import gradio as gr
 import pytest
 from gradio_client import Client, handle_file
 
+from app import handlers
 from app.documents import NEEDLE, SAMPLES, needle_document, sample_text
 from app.layout import build_app
-from app.sessions import ChatState
+from app.sessions import ChatState, OpenSessions
 from quest_core import session as session_module
 from quest_core.config import TWO_LEVEL_FACTOR, Decoding, default_config
 from quest_core.session import Session, measure_document
@@ -269,6 +270,30 @@ def test_a_long_document_is_tokenized_once_for_its_note_and_the_end_kept(default
     functions["describe"](text)
     doc_info = functions["choose_cut"](text, "keep the head")
     assert tokenized == [len(text)] and "keeps its first" in doc_info
+
+
+def test_stop_during_compare_ends_it_with_no_verdict_and_no_speed(default_model, short_document, monkeypatch):
+    """Stop while Compare's dense answer streams: Quest does not run, the verdict says stopped and the headline takes
+    no speed from the cut answer (a browser walk saw Quest run on, 'differ from token 0' and a headline from it)."""
+    model, tokenizer = default_model
+    server = handlers.Server(model, tokenizer, None, OpenSessions(2), max_new_tokens=MAX_NEW_TOKENS)
+    state = server.sessions.open("compare-stop", server.new_session)
+    state.session.ingest(short_document.read_text())
+    state.document_name = short_document.name
+    ask = state.session.ask
+
+    def ask_then_stop(*args, **kwargs):
+        for step in ask(*args, **kwargs):
+            if step.index == 2:
+                state.session.cancel()  # as the Stop button does
+            yield step
+
+    monkeypatch.setattr(state.session, "ask", ask_then_stop)
+    shown = handlers.compare(server, QUESTION, 256, 16, 2, MAX_NEW_TOKENS, DECODING.repetition_penalty,
+                             DECODING.no_repeat_ngram_size, 0, False, state, progress=lambda *args, **kwargs: None)
+    assert "<i>stopped</i>" in shown["dense_answer"] and "not run" in shown["quest_answer"]
+    assert shown["verdict"].startswith("**Stopped**") and state.speeds == {}
+    state.close()
 
 
 def test_a_sample_loads_at_the_chosen_depth_even_when_the_paste_box_lags(client):
