@@ -246,7 +246,9 @@ def ask(server: Server, question: str, mode: str, budget, page_size, dense_layer
     session = loaded_session(state)
     question = (question or "").strip()
     if not question:
-        raise UserError("Type a question first.")
+        notify("Type a question first.")  # a warning only: the last answer's views stay
+        yield {}
+        return
     configure(session, mode, budget, page_size, dense_layers, top_p, two_level)
     decoding = dict(max_new_tokens=min(int(max_new_tokens), server.max_new_tokens), temperature=float(temperature),
                     repetition_penalty=float(repetition_penalty), no_repeat_ngram_size=int(no_repeat_ngram_size))
@@ -272,10 +274,10 @@ def ask(server: Server, question: str, mode: str, budget, page_size, dense_layer
             yield {"chat": chat, "metrics": views.metrics(mode, steps, run),
                    "meter": views.meter(session.context_usage())}
         answer.raise_error()
-    except ContextFullError as error:
+    except ContextFullError as error:  # refused: the question stays in its box, the last answer's metrics stay
         notify(str(error))
-        state.chat = before + [notice("The question does not fit", f"{error}")]
-        yield {"chat": state.chat, "question": question, "metrics": "",
+        state.chat = before + [user, notice("The question does not fit", f"{error}")]
+        yield {"chat": state.chat, "question": question, "metrics": last_metrics(state),
                "meter": views.meter(session.context_usage())}
         return
     except Exception as error:
@@ -435,6 +437,12 @@ def speed_views(state: ChatState) -> dict:
               for mode, s in state.speeds.items()}
     return {"headline": views.headline(state.speeds),
             "speed_plot": gr.update(value=figures.time_per_token(speeds), visible=True) if speeds else HIDDEN}
+
+
+def last_metrics(state: ChatState) -> str:
+    """The metrics of the last answer in the chat ("" when there is none)."""
+    run = state.answer
+    return "" if run is None else views.metrics(run.mode, run.steps, run, mean_recall(run))
 
 
 def mean_recall(run) -> float | None:

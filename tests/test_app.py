@@ -227,7 +227,14 @@ def test_the_context_never_overflows_and_new_chat_keeps_the_document(client):
 def test_refusals_are_messages_that_change_nothing_and_a_new_document_clears_the_old_results(client, tmp_path,
                                                                                              short_document):
     assert "Loaded" in load(client, short_document.read_text())["doc_info"]
-    ask(client, QUESTION)
+    _, answered = ask(client, QUESTION)
+    too_long = "Why? " * 4000  # does not fit beside the document: refused, the last answer's metrics stay
+    _, refused = ask(client, too_long)
+    assert refused["metrics"] == answered["metrics"] and refused["question"] == too_long.strip()
+    assert [text_of(message) for message in refused["chat"][-2:-1]] == [too_long.strip()]  # the notice follows it
+    assert refused["chat"][-1]["metadata"]["title"] == "⚠️ The question does not fit"
+    _, empty = ask(client, "  ")
+    assert empty["metrics"] == {"__type__": "update"}  # left as it is: a warning only
     client.predict(QUESTION, 256, 16, 2, MAX_NEW_TOKENS, DECODING.repetition_penalty, DECODING.no_repeat_ngram_size,
                    api_name="/compare")
     assert client.predict(3, api_name="/page_text").startswith("Page 3")
