@@ -548,15 +548,16 @@ def export_trace(server: Server, state: ChatState | None) -> dict:
     run = state.answer if state is not None else None
     if run is None or not traced_steps(run.steps):
         raise UserError("No trace yet: ask a question first.")
-    data = {"run": run.summary(), "question": state.question,
-            "steps": [{"token": step.text, "context_len": trace.context_len, "seconds": trace.seconds,
+    data = {"run": run.summary(), "question": state.question,  # step: the answer's token number, as the app shows
+            # it; step 0, the first token, comes from the prefill and has no decode step to trace
+            "steps": [{"step": index, "token": step.text, "context_len": trace.context_len, "seconds": trace.seconds,
                        "attention_s": trace.attention_s, "dense_bytes": trace.dense_bytes,
                        "read_bytes": trace.read_bytes,
                        "pages_read": None if trace.pages_read is None else trace.pages_read.tolist(),
                        "selected_pages": None if trace.selected_pages is None else trace.selected_pages.tolist(),
                        "recall": None if trace.recall is None else [[None if r != r else r for r in row]
                                                                     for row in trace.recall.tolist()]}
-                      for step in run.steps if (trace := step.trace) is not None]}
+                      for index, step in enumerate(run.steps) if (trace := step.trace) is not None]}
     path = Path(tempfile.mkdtemp(prefix="quest-trace-")) / "trace.json"
     path.write_text(json.dumps(data))
     return {"trace_file": str(path)}

@@ -158,6 +158,9 @@ def test_upload_ask_stream_metrics_plots_looked_and_compare(client, short_docume
 
     trace = json.loads(Path(client.predict(api_name="/export_trace")).read_text())
     assert trace["steps"] and trace["steps"][-1]["selected_pages"]
+    answer = server_state(client).answer  # numbered as the app numbers the answer's tokens: step 0 is the prefill's
+    assert [(s["step"], s["token"]) for s in trace["steps"]] == [(i, step.text) for i, step in
+                                                                 enumerate(answer.steps)][1:]
 
 
 def test_the_two_level_ranking_box_answers_as_the_engine_does_with_it(client, short_document, default_model):
