@@ -16,9 +16,11 @@ MARKS = {"question": ("#dc2626", "triangle-down"), "needle": ("#059669", "star")
 
 
 def _layout(figure, title, height):
-    figure.update_layout(title=dict(text=title, font=dict(size=13)), height=height, margin=dict(l=50, r=10, t=60, b=36),
+    figure.update_layout(title=dict(text=title, font=dict(size=13)), height=height, margin=dict(l=50, r=10, t=40, b=36),
                          plot_bgcolor="white", uirevision="keep",  # no zoom reset on refresh
-                         legend=dict(orientation="h", y=1.0, yanchor="bottom", x=0, font=dict(size=11)))
+                         # the legend under the plot: above it, rows it wraps into ran over the title
+                         legend=dict(orientation="h", yref="container", y=0, yanchor="bottom", x=0,
+                                     font=dict(size=11)))
     return figure
 
 
@@ -82,7 +84,8 @@ def pages_read(step, layer: int, page_size: int, page_labels: list[str], marks: 
     bin_pages = page_bins(num_pages)
     dense = _is_dense(step, layer)
     pages = None if dense else step.selected_pages[layer].numpy()
-    num_heads = 1 if pages is None else pages.shape[0]
+    # a dense layer of a Quest step keeps a row per KV head: the plot keeps its size from layer to layer
+    num_heads = 1 if step.selected_pages is None else step.selected_pages.shape[1]
     z = np.stack([_row_cells(None if dense else pages[h], num_pages, bin_pages, dense) for h in range(num_heads)])
     x = _column_centers(num_pages, bin_pages)
     hover = [_bin_label(page_labels, column * bin_pages, min(num_pages, (column + 1) * bin_pages))

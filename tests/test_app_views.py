@@ -121,6 +121,7 @@ def test_heatmap_cells_are_the_share_of_each_columns_pages_read(num_pages):
     assert {"read", "not read", "current page", "question's pages"} <= names
     dense_layer = figures.pages_read(step, 0, page_size, [], {})
     assert (np.array(dense_layer.data[0].z)[:, :-1] == figures.DENSE).all()
+    assert np.array(dense_layer.data[0].z).shape == z.shape  # a row per KV head: the plot keeps its size
     assert "dense layer: all read" in {trace.name for trace in dense_layer.data}
 
 
