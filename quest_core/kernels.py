@@ -34,7 +34,8 @@ def load():
 
 @functools.cache
 def sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    """A CUDA device's SMs (1 for another device: the host code's tests run it on the CPU and meta devices)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 GROUP_RULES = ("sum", "max", "mass")  # the kernel's rule numbers, as quest_core.selection.page_scores names them
