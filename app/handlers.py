@@ -425,7 +425,7 @@ def speed(run, source: str) -> views.Speed:
     read = sum(trace.read_bytes for trace in traced)
     kv_ratio = sum(trace.dense_bytes for trace in traced) / read if read else 1.0
     return views.Speed(run.decode_tokens_per_s, run.attention_s, kv_ratio, run.prompt_tokens, source,
-                       kv_series(traced))
+                       kv_series(traced), shared=run.shared_steps > 0)
 
 
 def kv_series(traced) -> tuple:

@@ -16,6 +16,7 @@ class Speed:
     context_tokens: int    # the context the answer was conditioned on
     source: str            # "Compare" or "chat"
     kv_steps: tuple        # (context lengths, KV bytes read) of its traced steps
+    shared: bool = False   # some steps waited for another session's prefill: slower than alone
 
     @property
     def ms_per_token(self) -> float:
@@ -107,16 +108,22 @@ def kv_saving(ratio: float, bold: bool = False) -> str:
             "pages Quest skips")
 
 
+SHARED = ("  \n*Measured while another session loaded a document: the engine ran its prefill between these "
+          "steps, so {} slower than alone.*")
+
+
 def headline(speeds: dict) -> str:
     """Quest vs dense on the loaded document, from `speeds` (mode -> Speed)."""
     if not speeds:
         return ""
+    shared = [("Quest" if mode == "quest" else "dense") for mode, speed in speeds.items() if speed.shared]
+    caveat = SHARED.format(" and ".join(shared) + (" were" if len(shared) > 1 else " was")) if shared else ""
     if len(speeds) == 1:
         (mode, speed), = speeds.items()
         other = "dense" if mode == "quest" else "Quest"
         return (f"**Quest vs dense on this document:** {'Quest' if mode == 'quest' else 'dense'} "
                 f"{speed.tokens_per_s:.1f} tok/s so far. Answer with {other}, or press **Compare**, to measure the "
-                "other on this document.")
+                "other on this document." + caveat)
     dense, quest = speeds["dense"], speeds["quest"]
     same = dense.source == quest.source == "Compare"
     where = ("Compare: the same question and context" if same else f"your last answers: dense at "
@@ -133,7 +140,7 @@ def headline(speeds: dict) -> str:
         share = dense.attention_s / (dense.ms_per_token / 1000)
         text += (f"  \nAttention is {100 * share:.0f}% of a dense step here; the rest (MLPs, projections, the "
                  "vocabulary) costs the same in both modes, so the step gains less than the attention.")
-    return text
+    return text + caveat
 
 
 def budget_text(run) -> str:

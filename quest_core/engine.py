@@ -98,6 +98,7 @@ class Request:
     answer: list[int] = field(default_factory=list)  # the answer's tokens so far
     last_token: int | None = None
     last_time: float = 0.0
+    shared_steps: int = 0              # decode steps that waited for another request's prefill chunk
 
     @property
     def left_to_prefill(self) -> int:
@@ -202,6 +203,7 @@ class Engine:
             if request.stopped:
                 self._finish(request)
         newcomers = [r for r in requests if r.left_to_prefill and not r.finished.is_set()]
+        newcomer = None
         if newcomers:
             newcomer = min(newcomers, key=lambda r: r.left_to_prefill)
             if self._prefill_chunk(newcomer):
@@ -214,6 +216,8 @@ class Engine:
         if decoding and not prefilling and self._runs_ahead(decoding):
             self._decode_ahead(decoding)
         elif decoding:
+            for request in decoding:  # this step's time includes the newcomer's chunk (not its own first token's)
+                request.shared_steps += newcomer is not None and request is not newcomer
             self._decode_step(decoding)
         return [r for r in requests if not r.finished.is_set()]
 

@@ -56,6 +56,7 @@ class RunStats:
     new_tokens: int = 0
     max_new_tokens: int = 0    # the answer's cap: the asked one, or less where the context had less room
     dropped_turns: int = 0     # the oldest question/answer turns left out of the context to make room
+    shared_steps: int = 0      # decode steps that also ran another session's prefill chunk (slower than alone)
     ttft_s: float = 0.0
     decode_s: float = 0.0
     decode_tokens_per_s: float = 0.0
@@ -421,6 +422,7 @@ class Session:
             raise
         finally:
             request.close()
+            run.shared_steps = request.shared_steps
             self._finish(run, cache, epoch, completed and not cancel.is_set(), turns, question, prompt_ids,
                          new_ids, keep and not failed, last - started)
 

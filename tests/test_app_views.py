@@ -144,6 +144,10 @@ def test_the_headline_reports_the_ratios_of_the_runs_it_is_given():
     assert "**1.25×**" in text and "**5.0×**" in text and "**4.2× fewer**" in text
     assert "Compare: the same question and context" in text
     assert "Compare" in views.headline({"quest": quest}) and "×" not in views.headline({"quest": quest})
+    assert "another session" not in text
+    shared = views.Speed(5.0, 0.030, 1.0, 6000, "chat", ((6000,), (100,)), shared=True)
+    assert "dense was slower than alone" in views.headline({"dense": shared, "quest": quest})
+    assert "dense was slower than alone" in views.headline({"dense": shared})
     short = views.Speed(12.5, 0.006, 0.8, 60, "Compare", ((60,), (125,)))  # a context this short: bounds cost more
     text = views.headline({"dense": dense, "quest": short})
     assert "**1.25× more** than dense" in text and "fewer" not in text and "theoretical" not in text

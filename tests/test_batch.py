@@ -196,6 +196,8 @@ def test_a_newcomer_prefills_one_chunk_between_decode_steps(model, tokenizer, mo
     assert all(("decode", 1) in log[a:b] for a, b in zip(chunks, chunks[1:]))  # a decode step between chunks
     stream.close()
     assert decoding.last_run.new_tokens < 400
+    assert decoding.last_run.shared_steps >= len(chunks) - 1  # each waited for a chunk: slower than alone
+    assert decoding.answer("Who?", max_new_tokens=8, min_new_tokens=8).shared_steps == 0
 
 
 def test_an_engine_that_does_not_batch_gives_the_same_answers(model, tokenizer):
