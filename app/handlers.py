@@ -301,7 +301,7 @@ def ask(server: Server, question: str, mode: str, budget, page_size, dense_layer
     state.page_texts = session.page_texts()
     if run.new_tokens > 1:
         state.speeds[mode] = speed(run, "chat")
-    yield {"chat": state.chat, "metrics": views.metrics(mode, run.steps, run, mean_recall(run)),
+    yield {"chat": state.chat, "metrics": last_metrics(state),
            "meter": views.meter(session.context_usage()), **speed_views(state),
            **answer_views(state, session, int(layer), int(head), marks)}
 
@@ -408,7 +408,7 @@ def compare(server: Server, question: str, budget, page_size, dense_layers, max_
         if runs[mode].stop_reason == "cancelled":
             break
         state.speeds[mode] = speed(runs[mode], "Compare")
-    stopped = len(runs) < 2 or runs["quest"].stop_reason == "cancelled"
+    stopped = any(run.stop_reason == "cancelled" for run in runs.values())
     first = None if stopped else views.first_difference(runs["dense"], runs["quest"])
     verdict = ("**Stopped**: no verdict on an answer cut short." if stopped else "**Identical answers.**"
                if first is None else f"**The answers differ from token {first} on** (marked).")

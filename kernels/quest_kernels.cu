@@ -692,9 +692,8 @@ void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, in
   query = query.contiguous();
   const int heads = query.size(0), num_kv_heads = heads / requests, group = query.size(1), head_dim = query.size(2);
   TORCH_CHECK(rule != kMass || (group <= kMaxMassGroup && group_scores && group_scores->is_contiguous() &&
-                                group_scores->scalar_type() == at::kFloat &&
-                                group_scores->numel() >= (int64_t)heads * group * capacity),
-              "rule mass takes up to ", kMaxMassGroup, " query heads per KV head and group_scores [Hkv, G, capacity]");
+                                group_scores->scalar_type() == at::kFloat),
+              "rule mass takes up to ", kMaxMassGroup, " query heads per KV head and a float32 group_scores");
   const int vector = 16 / query.element_size();
   TORCH_CHECK((2 * head_dim) % vector == 0 && 2 * head_dim <= kMaxChunks * 32 * vector,
               "score_topk takes an even head_dim (a multiple of 4 in 16-bit types) up to ", kMaxChunks * 16 * vector);

@@ -217,7 +217,8 @@ class Engine:
             self._decode_ahead(decoding)
         elif decoding:
             for request in decoding:  # this step's time includes the newcomer's chunk (not its own first token's)
-                request.shared_steps += newcomer is not None and request is not newcomer
+                if newcomer is not None and request is not newcomer:
+                    request.shared_steps += 1
             self._decode_step(decoding)
         return [r for r in requests if not r.finished.is_set()]
 
