@@ -744,7 +744,7 @@ void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, in
 }
 
 // ---- (c) sparse decode attention over the selected pages ----
-// Grid (Hkv, splits), 128 threads. Block (h, s) reads the s-th stretch of `tokens_per_split` tokens (whole pages)
+// Grid (Hkv, splits), attention_threads() threads. Block (h, s) reads the s-th stretch of `tokens_per_split` tokens (whole pages)
 // of KV head h's selected pages, in the order of `rows` (one-head rows p * Hkv + h, the current page last, as
 // score_topk writes them), for all G query heads of the group at once: each K and V row is read once per KV head.
 // A team of D / (16 / sizeof(T)) lanes owns one token at a time, each lane a 16-byte vector of its key and value
@@ -753,17 +753,24 @@ void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, in
 // memory; with one split that is the output, else each block writes its state ([Hkv, splits, G]: m, l, output)
 // and the last block of the head to finish (a counter per head, left reset) merges them, weighting each split by
 // exp(m_s - max m) / sum l. Logits are in base 2 (the query is scaled by scale * log2(e)).
-constexpr int kAttentionThreads = 128;
+// A team has 8 tokens in flight, 4 for groups of more than 2 query heads (their logits and outputs take the
+// registers); a block has enough teams for 64 tokens in flight, and at least 128 threads. (On an H200, score + top-k
+// then this kernel, Llama-3.1-8B heads (d 128, G 4): 0.7-1.5 us faster at 256 threads than at 128 with 32 tokens in
+// flight; the paper's (G 1) and SmolLM2's (d 64) 0.3-2 us slower at 256 than at 128.)
+__host__ __device__ constexpr int attention_tile(int group) { return group <= 2 ? 8 : 4; }
+__host__ __device__ constexpr int attention_threads(int team, int group) {
+  return 64 / attention_tile(group) * team > 128 ? 64 / attention_tile(group) * team : 128;
+}
 
 template <typename T, int kTeam, int kGroup>  // kTeam: lanes per token (D / vector); kGroup: G rounded up
-__global__ void __launch_bounds__(kAttentionThreads) sparse_decode_kernel(
+__global__ void __launch_bounds__(attention_threads(kTeam, kGroup)) sparse_decode_kernel(
     const T* __restrict__ query, const T* __restrict__ keys, const T* __restrict__ values,
     const int32_t* __restrict__ rows, T* __restrict__ out, float* __restrict__ partial_out,
     float* __restrict__ partial_state, unsigned int* __restrict__ counters, int group, int page_size, int k,
     int tokens_per_split, float scale_log2, int last_len, const int64_t* __restrict__ device_length,
     int heads_per_length) {
-  constexpr int kVec = 16 / sizeof(T), kDim = kTeam * kVec, kTeams = kAttentionThreads / kTeam;
-  constexpr int kTile = kGroup <= 2 ? 8 : 4;  // tokens a team has in flight
+  constexpr int kThreads = attention_threads(kTeam, kGroup), kTile = attention_tile(kGroup);
+  constexpr int kVec = 16 / sizeof(T), kDim = kTeam * kVec, kTeams = kThreads / kTeam;
   extern __shared__ float team_states[];      // [kTeams, group, 2 + kDim]: m, l, output
   __shared__ bool is_last;
   wait_for_previous_kernel();
@@ -861,7 +868,7 @@ __global__ void __launch_bounds__(kAttentionThreads) sparse_decode_kernel(
     for (int i = 0; i < kVec; ++i) own[g * (2 + kDim) + 2 + lane * kVec + i] = acc[g][i];
   }
   __syncthreads();
-  for (int index = threadIdx.x; index < group * kDim; index += kAttentionThreads) {
+  for (int index = threadIdx.x; index < group * kDim; index += kThreads) {
     const int g = index / kDim, d = index % kDim;
     float largest = -INFINITY;
     for (int t = 0; t < kTeams; ++t) largest = fmaxf(largest, team_states[t * stride + g * (2 + kDim)]);
@@ -897,7 +904,7 @@ __global__ void __launch_bounds__(kAttentionThreads) sparse_decode_kernel(
   // every state again for the sum).
   float* weights = team_states;  // [group, splits]
   const int warp = threadIdx.x / 32, warp_lane = threadIdx.x % 32;
-  for (int g = warp; g < group; g += kAttentionThreads / 32) {
+  for (int g = warp; g < group; g += kThreads / 32) {
     const float* state = partial_state + 2 * ((int64_t)h * splits * group + g);
     float largest = -INFINITY, sum = 0.f;
     for (int s = warp_lane; s < splits; s += 32) {
@@ -918,7 +925,7 @@ __global__ void __launch_bounds__(kAttentionThreads) sparse_decode_kernel(
   // together (predicated: fewer splits than a batch are not left to a remainder loop of one load at a time). One
   // output per thread and 8 loads in flight took 4.6 us at 32 splits of 4 query heads, d 128; this, 1 us.
   constexpr int kMergeBatch = 16;
-  for (int index = threadIdx.x; index < group * kDim / 4; index += kAttentionThreads) {
+  for (int index = threadIdx.x; index < group * kDim / 4; index += kThreads) {
     const int g = index / (kDim / 4), d = index % (kDim / 4) * 4;
     const float4* partial = reinterpret_cast<const float4*>(partial_out + ((int64_t)h * splits * group + g) * kDim + d);
     float4 output = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -981,7 +988,7 @@ torch::Tensor sparse_decode(torch::Tensor query, torch::Tensor keys, torch::Tens
   // its pages one tile after another: the paper's shape, 32 heads of 2,048 tokens, is 1 us faster at four; where
   // the splits are short, more of them cost more to merge), each of whole pages and at least 64 tokens (SmolLM2's
   // 3 heads of 1,024 tokens: 16 splits, 0.4 us faster than 32 of 32 tokens)
-  const int team = head_dim / 8, teams = kAttentionThreads / team;
+  const int team = head_dim / 8, threads = attention_threads(team, group), teams = threads / team;
   auto split_pages = [&](int blocks_per_sm) {
     const int wanted = std::max(1, (blocks_per_sm * limits.num_sms + num_heads - 1) / num_heads);
     return std::max((k + wanted - 1) / wanted, (64 + page_size - 1) / page_size);
@@ -995,7 +1002,8 @@ torch::Tensor sparse_decode(torch::Tensor query, torch::Tensor keys, torch::Tens
   const float scale_log2 = (float)(scale * 1.4426950408889634);
   auto launch = [&](auto kernel, auto type_tag) {
     using T = decltype(type_tag);
-    launch_kernel(kernel, dim3(num_heads, splits), kAttentionThreads, shared_bytes, limits,
+    allow_max_shared(kernel, query.device().index(), limits.max_shared);  // 66 KB at d 128, G 8
+    launch_kernel(kernel, dim3(num_heads, splits), threads, shared_bytes, limits,
         reinterpret_cast<const T*>(query.data_ptr()), reinterpret_cast<const T*>(keys.data_ptr()),
         reinterpret_cast<const T*>(values.data_ptr()), rows.data_ptr<int>(), reinterpret_cast<T*>(out.data_ptr()),
         partial_out.data_ptr<float>(), partial_state.data_ptr<float>(),
