@@ -193,9 +193,9 @@ void append_kv(torch::Tensor new_keys, torch::Tensor new_values, torch::Tensor k
 // scores' order keys into the head's key range (`key_ranges`, [Hkv, 2]: min, max). Rule mass: each head's bound
 // goes to `group_scores` [Hkv, G, capacity], the current page's too (it is in each head's softmax), then each
 // block's softmax state per query head over its pages (scaled by `mass_scale`) to the block states after them
-// ([Hkv, G, blocks, 2]: m, l); the last block merges the states and turns the bounds into the mass (each head's
-// softmax weight of the page, summed over the group) and the key range. The last block of a head to finish (a
-// counter per head) selects: a radix select on the key minus the head's smallest key, whose first digit (11 bits)
+// ([Hkv, G, blocks, 2]: m, l); once the head's blocks have all written theirs, each merges the states and turns its
+// pages' bounds into their mass (each head's softmax weight of the page, summed over the group) into `scores`, and
+// folds the key range. The last block of a head to finish (a counter per head) selects: a radix select on the key minus the head's smallest key, whose first digit (11 bits)
 // starts at the range's top bit, so the first histogram spreads the head's actual scores over its bins whatever
 // their scale.
 // One sweep then takes the pages above the threshold bin and lists the bin's pages in shared memory; the list's
@@ -322,16 +322,16 @@ __device__ __forceinline__ void block_softmax_states(const float* logits, int64_
   }
 }
 
-// Rule mass, in the last block of head h: each query head's softmax state over the pages in use (the current page
-// too), merged from the scoring blocks' `block_states` [G, blocks, 2], then each full page's mass, the sum over the
-// group of its softmax weights, into head_scores, and the order keys' range into smallest_key, largest_key (shared;
-// they hold 0xffffffff and 0 when it starts). `keys` gets the order keys of this thread's pages p0 + j * kThreads
-// + t of the last round p0 (every page's, in one round).
-__device__ __forceinline__ void mass_scores(const float* group_scores, const float* block_states, int blocks,
-                                            float* head_scores, int group, int64_t capacity, int num_pages,
-                                            float mass_scale, float* head_max_logit, float* head_inverse_sum,
-                                            unsigned int* smallest_key, unsigned int* largest_key,
-                                            unsigned int (&keys)[kSweepBatch]) {
+// Rule mass, in every block of head h once the head's blocks have all written their states: each query head's
+// softmax state over the pages in use (the current page too), merged from `block_states` [G, blocks, 2], then the
+// mass of each of this block's `count` full pages (the sum over the group of its softmax weights, from its logits:
+// row g of `logits`, `row_stride` apart, in shared memory or read from L2) into head_scores, and the range of their
+// order keys into low, high.
+template <bool kShared>
+__device__ __forceinline__ void block_mass(const float* logits, int64_t row_stride, int first, int count,
+                                           const float* block_states, int blocks, int group, float mass_scale,
+                                           float* head_max_logit, float* head_inverse_sum, float* head_scores,
+                                           unsigned int& low, unsigned int& high) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int r = warp; r < group; r += kThreads / 32) {  // warp r merges head r's states
     float m = -INFINITY, l = 0.f;
@@ -346,35 +346,16 @@ __device__ __forceinline__ void mass_scores(const float* group_scores, const flo
     }
   }
   __syncthreads();
-  unsigned int low = 0xffffffffu, high = 0u;
-  for (int p0 = 0; p0 < num_pages - 1; p0 += kThreads * kSweepBatch) {
-    float mass[kSweepBatch] = {};  // the round's loads of one query head in flight together, no store between
-#pragma unroll 4
-    for (int g = 0; g < group; ++g)
-#pragma unroll
-      for (int j = 0; j < kSweepBatch; ++j) {
-        const int p = p0 + j * kThreads + threadIdx.x;
-        if (p < num_pages - 1)
-          mass[j] += __expf(__ldcg(group_scores + g * capacity + p) * mass_scale - head_max_logit[g]) *
-                     head_inverse_sum[g];
-      }
-#pragma unroll
-    for (int j = 0; j < kSweepBatch; ++j) {
-      const int p = p0 + j * kThreads + threadIdx.x;
-      keys[j] = order_key(mass[j]);
-      if (p >= num_pages - 1) continue;
-      head_scores[p] = mass[j];
-      low = min(low, keys[j]);
-      high = max(high, keys[j]);
+  for (int i = threadIdx.x; i < count; i += kThreads) {
+    float mass = 0.f;
+    for (int g = 0; g < group; ++g) {
+      const float* at = logits + g * row_stride + i;
+      mass += __expf((kShared ? *at : __ldcg(at)) * mass_scale - head_max_logit[g]) * head_inverse_sum[g];
     }
+    head_scores[first + i] = mass;
+    low = min(low, order_key(mass));
+    high = max(high, order_key(mass));
   }
-  low = warp_min(low);
-  high = warp_max(high);
-  if (lane == 0 && low <= high) {
-    atomicMin(smallest_key, low);
-    atomicMax(largest_key, high);
-  }
-  __syncthreads();
 }
 
 // kChunks: 16-byte vectors per lane and page (1, 2 or 4); kRule: a GroupRule, a template argument so that each
@@ -515,6 +496,24 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
     else
       block_softmax_states<false>(head_group_scores + block_first, capacity, count, group, mass_scale,
                                   head_block_states + 2 * blockIdx.y, gridDim.y);
+    // The head's blocks wait for each other's states (the head's counter counts them, then the blocks done): the
+    // grid holds at most one block per SM, so they all run at once. Each then turns its own pages' logits into
+    // their mass, from shared memory where they fit (the last block read every page's from L2: 2.9 us of 14.7).
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      atomicAdd(&counters[h], 1u);
+      while (atomicAdd(&counters[h], 0u) < gridDim.y) {}
+      __threadfence();
+    }
+    __syncthreads();
+    const int full = min(block_end, candidates) - block_first;  // this block's full pages
+    if (keep_logits)
+      block_mass<true>(block_logits, pages_per_block, block_first, full, head_block_states, gridDim.y, group,
+                       mass_scale, head_max_logit, head_inverse_sum, head_scores, low, high);
+    else
+      block_mass<false>(head_group_scores + block_first, capacity, block_first, full, head_block_states, gridDim.y,
+                        group, mass_scale, head_max_logit, head_inverse_sum, head_scores, low, high);
   }
   // the block's key range, folded into the head's with one atomic each (one per warp queued 4096 atomics on 16
   // words at 128 blocks: 5 us)
@@ -535,7 +534,7 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
   }
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) is_last = atomicAdd(&counters[h], 1u) == gridDim.y - 1;
+  if (threadIdx.x == 0) is_last = atomicAdd(&counters[h], 1u) == (rule == kMass ? 2 : 1) * gridDim.y - 1;
   __syncthreads();
   if (!is_last) return;
 
@@ -553,11 +552,8 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
   __syncthreads();
   // This thread's keys of pages p0 + j * kThreads + t, relative to the head's smallest key. With one round of
   // candidates (at most kThreads * kSweepBatch: 8,192) they stay in registers from the histogram to the end of
-  // sweep 2 (rule mass's from mass_scores); with more, each of those passes loads its round's from L2.
+  // sweep 2; with more, each of those passes loads its round's from L2.
   unsigned int keys[kSweepBatch];
-  if (rule == kMass) mass_scores(head_group_scores, head_block_states, gridDim.y, head_scores, group, capacity,
-                                 num_pages, mass_scale, head_max_logit, head_inverse_sum, &smallest_key,
-                                 &largest_key, keys);
   // Radix digits of r = key - smallest_key, from bit `shift` up: r >> shift < 2048 for every candidate.
   const unsigned int span = largest_key - smallest_key;
   int shift = max(0, 32 - __clz(span) - kFirstBits);
@@ -570,12 +566,7 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
     }
   };
   const bool one_round = candidates <= kThreads * kSweepBatch;
-  if (one_round && rule == kMass) {
-#pragma unroll
-    for (int j = 0; j < kSweepBatch; ++j) keys[j] -= smallest_key;
-  } else if (one_round) {
-    load_keys(0);
-  }
+  if (one_round) load_keys(0);
   for (int p0 = 0; p0 < candidates; p0 += kThreads * kSweepBatch) {  // the first digit's histogram
     if (!one_round) load_keys(p0);
 #pragma unroll
