@@ -4,11 +4,12 @@ call of score_topk and of sparse_decode per shape after a warm-up. Phases are in
 SM clock; the globaltimer totals check it). On a GPU: `python bench/kernel_phases.py`; each insertion point is
 asserted, so a change to the kernels that moves one fails here first.
 
-score_topk: split query (the query's split rows into shared memory), scored (this block's pages), is last (the
-fence and the head's counter), mass / clear (rule mass's softmax; the histogram cleared), histogram (the first radix
-digit over every candidate), find_bin, sweep 2 (the pages above the threshold bin out, the bin's to a list), list
-rank. sparse_decode: a block's query and tokens, its teams' merge and partial write, then the last block's fence,
-weights and merged output."""
+score_topk: split query (the query's split rows into shared memory), scored (this block's pages), mass, key range
+(rule mass: the block's softmax states, the wait for the head's other blocks, its pages' mass; the key range folded),
+is last (the fence and the head's counter), clear (the histogram cleared), histogram (the first radix digit over every
+candidate), find_bin, sweep 2 (the pages above the threshold bin out, the bin's to a list), list rank.
+sparse_decode: a block's query and tokens, its teams' merge and partial write, then the last block's fence, weights
+and merged output."""
 import os
 import sys
 from functools import partial
@@ -29,7 +30,8 @@ SHAPES = [  # name, KV heads, group, head_dim, page, rule, context, budget
     ("Llama-3.1-8B heads 128K", 8, 4, 128, 16, "sum", 131072, 2048),
     ("Llama-2-7B heads 32K", 32, 1, 128, 16, "sum", 32768, 2048),
     ("SmolLM2-135M heads 8K", 3, 3, 64, 4, "mass", 8192, 1024)]
-SCORE_PHASES = ["split query", "scored", "is last", "mass / clear", "histogram", "find_bin", "sweep 2", "list rank"]
+SCORE_PHASES = ["split query", "scored", "mass, key range", "is last", "clear", "histogram", "find_bin", "sweep 2",
+                "list rank"]
 
 TIMERS = '''
 __device__ unsigned long long g_trace[8192 * 20];
@@ -63,14 +65,15 @@ MARKS = [
     ("  const int request = h / num_kv_heads, kv_head = h % num_kv_heads;  // request 0 without a bounds table\n", "",
      mark(0)),
     ("    split_query[r * 2 * head_dim + head_dim + d] = negative;\n  }\n  __syncthreads();\n", "", mark(1)),
+    ("", "  // Rule mass: the block's softmax states to the block states", mark(2, sync=True)),
     ("", "  __threadfence();\n  __syncthreads();\n"
-         "  if (threadIdx.x == 0) is_last = atomicAdd(&counters[h], 1u) == gridDim.y", mark(2, sync=True)),
-    ("  if (!is_last) return;\n", "\n  // The last block of head h: every", mark(3)),
-    ("                                 &largest_key, keys);\n", "", mark(4, sync=True)),
-    ("  __syncthreads();\n", "  find_bin(histogram, kFirstBins", mark(5)),
-    ("  const unsigned int first_digit = found_bin;\n", "", mark(6)),
-    ("  __syncthreads();\n", "  if (threadIdx.x == 0) head_out[k - 1]", mark(7)),
-    ("num_kv_heads + kv_head;\n    }\n", "    return;\n  }\n  // without the list", mark(8, sync=True, indent=4)),
+         "  if (threadIdx.x == 0) is_last = atomicAdd(&counters[h], 1u) == (rule == kMass", mark(3, sync=True)),
+    ("  if (!is_last) return;\n", "\n  // The last block of head h: every", mark(4)),
+    ("  unsigned int keys[kSweepBatch];\n", "", mark(5, sync=True)),
+    ("  __syncthreads();\n", "  find_bin(histogram, kFirstBins", mark(6)),
+    ("  const unsigned int first_digit = found_bin;\n", "", mark(7)),
+    ("  __syncthreads();\n", "  if (threadIdx.x == 0) head_out[k - 1]", mark(8)),
+    ("num_kv_heads + kv_head;\n    }\n", "    return;\n  }\n  // without the list", mark(9, sync=True, indent=4)),
     # sparse_decode
     ("  const int32_t* head_rows = rows + (int64_t)h * k;\n", "", mark(0)),
     ("", "  const int stride = group * (2 + kDim);\n  float* own", mark(2, sync=True)),
@@ -131,12 +134,12 @@ def main():
         k = -(-budget // page)
         rows = torch.empty(num_kv_heads, k, dtype=torch.int32, device="cuda")
         t = traced(module, partial(scorer, query, layer.page_bounds, layer.num_pages, k, rows, group_rule=rule))
-        last = t[t[:, 3] > 0]  # the last block of each head, which selects
+        last = t[t[:, 4] > 0]  # the last block of each head, which selects
         start = t[:, 0].min()
         phases = [us((last[:, 11 + i] - last[:, 10 + i]).clamp(min=0)) for i in range(len(SCORE_PHASES))]
         print(f"{name}, budget {budget}: score_topk over {layer.num_pages} pages, k {k}, {t.shape[0]} blocks; "
               f"every block scored by {(t[:, 2] - start).max().item() / 1e3:.2f} us, the last block done at "
-              f"{(last[:, 7:9].amax(1) - start).max().item() / 1e3:.2f} us (globaltimer); the last block's phases "
+              f"{(last[:, 8:10].amax(1) - start).max().item() / 1e3:.2f} us (globaltimer); the last block's phases "
               f"(us): " + ", ".join(f"{p} {v:.2f}" for p, v in zip(SCORE_PHASES, phases)))
         for budget in (512, 2048):
             k = -(-budget // page)
