@@ -195,9 +195,9 @@ void append_kv(torch::Tensor new_keys, torch::Tensor new_values, torch::Tensor k
 // block's softmax state per query head over its pages (scaled by `mass_scale`) to the block states after them
 // ([Hkv, G, blocks, 2]: m, l); once the head's blocks have all written theirs, each merges the states and turns its
 // pages' bounds into their mass (each head's softmax weight of the page, summed over the group) into `scores`, and
-// folds the key range. The last block of a head to finish (a counter per head) selects: a radix select on the key minus the head's smallest key, whose first digit (11 bits)
-// starts at the range's top bit, so the first histogram spreads the head's actual scores over its bins whatever
-// their scale.
+// folds the key range. The last block of a head to finish (a counter per head) selects: a radix select on the key
+// minus the head's smallest key, whose first digit (11 bits) starts at the range's top bit, so the first histogram
+// spreads the head's actual scores over its bins whatever their scale.
 // One sweep then takes the pages above the threshold bin and lists the bin's pages in shared memory; the list's
 // keys, ranked against each other (or, for a long list, 8-bit digits: the key of the (k-1)-th largest score and
 // how many equal to it to take), give the rest. It writes FlashInfer's one-head page rows p * Hkv + h, the current
@@ -735,9 +735,10 @@ void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, in
 }
 
 // ---- (c) sparse decode attention over the selected pages ----
-// Grid (Hkv, splits), attention_threads() threads. Block (h, s) reads the s-th stretch of `tokens_per_split` tokens (whole pages)
-// of KV head h's selected pages, in the order of `rows` (one-head rows p * Hkv + h, the current page last, as
-// score_topk writes them), for all G query heads of the group at once: each K and V row is read once per KV head.
+// Grid (Hkv, splits), attention_threads() threads. Block (h, s) reads the s-th stretch of `tokens_per_split` tokens
+// (whole pages) of KV head h's selected pages, in the order of `rows` (one-head rows p * Hkv + h, the current page
+// last, as score_topk writes them), for all G query heads of the group at once: each K and V row is read once per KV
+// head.
 // A team of D / (16 / sizeof(T)) lanes owns one token at a time, each lane a 16-byte vector of its key and value
 // row; the team's lanes sum the G dot products by shuffles and keep the G heads' softmax states (running max m,
 // sum l, unnormalized output) for their vectors, a tile of tokens at a time. The teams' states merge in shared
