@@ -1,6 +1,7 @@
 """Scratch probe (issue 15 item 5): chat passkeys on the tuning split's prose (or, to report a variant chosen there,
-the report split's; or, for what the tuning and report splits chose together, the holdout split's), dense vs the
-model default at small budgets and variants of the selection, each variant a torch backend with one change."""
+the report split's; or, for what the tuning and report splits chose together, the holdout split's; or, for what
+those three chose, the second holdout split's), dense vs the model default at small budgets and variants of the
+selection, each variant a torch backend with one change."""
 import argparse
 import json
 import random
@@ -128,7 +129,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--contexts", default="2048")
     parser.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
-    parser.add_argument("--split", choices=["tuning", "report", "holdout"], default="tuning")
+    parser.add_argument("--split", choices=["tuning", "report", "holdout", "holdout2"], default="tuning")
     parser.add_argument("--fillers", help="comma-separated texts of the split (default: all of its prose)")
     parser.add_argument("--out", default="/tmp/miss_probe.jsonl")
     parser.add_argument("--variants", default="selection",
@@ -142,7 +143,8 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, tokenizer = load_model()
-    fillers = dict(tuning=report.TOP_P_FILLERS, report=report.REPORT_TEXTS, holdout=report.HOLDOUT_TEXTS)[args.split]
+    fillers = dict(tuning=report.TOP_P_FILLERS, report=report.REPORT_TEXTS, holdout=report.HOLDOUT_TEXTS,
+                   holdout2=report.HOLDOUT2_TEXTS)[args.split]
     texts = report.tuning_texts() if args.split == "tuning" else report.report_texts(fillers)
     contexts = [int(c) for c in args.contexts.split(",")]
     depths = [float(d) for d in args.depths.split(",")]

@@ -45,6 +45,8 @@ TEXTS = HERE / "texts"
 REPORT_TEXTS = ("macbeth", "julius_caesar", "paradise_lost", "britannica_shakespeare")
 # A second held-out split, first read on 2026-12-01 to report what was chosen on the tuning and report splits
 HOLDOUT_TEXTS = ("britannica_shakespeare_late", "merry_wives", "kjv_acts")
+# A third, first read on 2026-12-01 to report what the three splits before it chose together
+HOLDOUT2_TEXTS = ("much_ado", "twelfth_night", "as_you_like_it", "henry_iv_part_1")
 TUNING_TEXTS = tuple(HERE.parent / "assets" / name for name in ("hamlet.txt", "hamlet_opening.txt", "areopagitica.txt"))
 TOP_P_FILLERS = ("hamlet", "areopagitica")  # the tuning split's prose (hamlet_opening is Hamlet's head)
 OUT = HERE / "results" / "report"
@@ -66,7 +68,7 @@ LABELS = {"dense": "dense", "quest-default": "Quest, model default (pages of 4, 
 
 
 def report_texts(names=REPORT_TEXTS) -> dict[str, str]:
-    """The report split's fillers (or the holdout split's: HOLDOUT_TEXTS), name -> text."""
+    """The report split's fillers (or a holdout split's: HOLDOUT_TEXTS, HOLDOUT2_TEXTS), name -> text."""
     return {name: (TEXTS / f"{name}.txt").read_text() for name in names}
 
 
