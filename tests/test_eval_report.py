@@ -229,3 +229,31 @@ def test_results_on_the_holdout_split_the_two_level_ranking_keeps_its_passkeys_a
 def test_results_on_the_holdout_split_budget_256_and_its_adaptive_budget_find_every_passkey(variant):
     rows = probe_rows("two-level-top-p-holdout-*.jsonl")
     assert found_and_pages(rows, variant)[0] == sum(row["dense"] for row in rows)
+
+
+def second_holdout_rows() -> tuple[list[dict], int]:
+    """The second holdout split's committed rows (eval/results/probes/two-level-top-p-holdout2-*.jsonl: 4 plays x
+    contexts 1536-7500 x 9 depths, first read after the three splits before it chose the settings, commit e55b7d9
+    naming them before the run) and how many of their passkeys dense finds."""
+    rows = probe_rows("two-level-top-p-holdout2-*.jsonl")
+    assert len(rows) == 180
+    return rows, sum(row["dense"] for row in rows)
+
+
+def test_results_on_the_second_holdout_split_budget_128_and_the_adaptive_budget_meet_their_targets():
+    """With at least 50 passkeys dense finds: the two-level ranking finds at least 90% of them at budget 128 (the
+    model default fewer), and its adaptive budget (top_p 0.98, 128 to 256 tokens) as many as the fixed budget 256,
+    reading fewer pages."""
+    rows, solved = second_holdout_rows()
+    assert solved >= 50
+    assert found_and_pages(rows, "2lvl4@128")[0] >= 0.9 * solved > found_and_pages(rows, "base@128")[0]
+    adaptive, fixed = found_and_pages(rows, "2lvl4-topp0.98-min128@256"), found_and_pages(rows, "2lvl4@256")
+    assert adaptive[0] >= fixed[0] and adaptive[1] < fixed[1]
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 15's target is not met on the second holdout "
+                   "split: at budget 256 the two-level ranking finds 102/103 (As You Like It at 3K tokens, depth 0.5, "
+                   "answers 9742. for 97347, a key the fixed budget 128 finds)")
+def test_results_on_the_second_holdout_split_budget_256_finds_every_passkey():
+    rows, solved = second_holdout_rows()
+    assert found_and_pages(rows, "2lvl4@256")[0] == solved
