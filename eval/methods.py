@@ -13,7 +13,8 @@ def methods(budgets: list[int], names=NAMES, model_config=None, top_p: float | N
     engine's default, max and mass; pages of 16 tokens, and of 8 and 4, whose key bounds are tighter), StreamingLLM
     and the oracle; "quest-default" is the model's own settings (`default_config` of `model_config`), what the app
     runs, "quest-topp" those settings with the adaptive budget `top_p` (the budget its most, the config's
-    min_budget its fewest tokens) and "oracle-default" the oracle on those settings' pages."""
+    min_budget its fewest tokens), "quest-two-level" those settings with the two-level ranking (pages of 2,
+    coarse_factor 4) and "oracle-default" the oracle on the settings' own pages."""
     configs = {"quest": dict(mode="quest"), "quest-max": dict(mode="quest", group_rule="max"),
                "quest-mass": dict(mode="quest", group_rule="mass"), "quest-p8": dict(mode="quest", page_size=8),
                "quest-p4": dict(mode="quest", page_size=4),
@@ -30,6 +31,8 @@ def methods(budgets: list[int], names=NAMES, model_config=None, top_p: float | N
             return default_config(model_config, budget=budget, top_p=top_p)
         if name == "oracle-default":
             return default_config(model_config, budget=budget, mode="oracle")
+        if name == "quest-two-level":
+            return default_config(model_config, budget=budget, page_size=2, coarse_factor=4)
         return QuestConfig(budget=budget, **configs[name])
 
     return [("dense", 0, DENSE[1])] + [(name, budget, config(name, budget)) for budget in budgets for name in names]

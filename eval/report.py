@@ -64,7 +64,8 @@ SETTINGS = dict(fillers=list(REPORT_TEXTS), prompt="chat", contexts=[1536, 2048,
 LABELS = {"dense": "dense", "quest-default": "Quest, model default (pages of 4, rule mass)",
           "quest-topp": "Quest, model default, adaptive budget (top-p; budget: the most)",
           "quest": "Quest, pages of 16, rule sum", "streaming": "StreamingLLM (pages of 16)",
-          "oracle-default": "oracle: the pages of 4 holding the most dense attention"}
+          "oracle-default": "oracle: the pages of 4 holding the most dense attention",
+          "quest-two-level": "Quest, two-level ranking (pages of 2, coarse_factor 4, rule mass)"}
 
 
 def report_texts(names=REPORT_TEXTS) -> dict[str, str]:
@@ -164,7 +165,7 @@ def run_part(model, tokenizer, part: str, settings: dict, out: Path = OUT, shard
                                                                       model.config, settings["top_p"]), log=log)
     else:  # the documents' shard, saved after every question
         extra = ("budgets-" if settings["qa_budgets"] != SETTINGS["qa_budgets"] else "") + (
-            "methods-" if settings["qa_methods"] != SETTINGS["qa_methods"] else "")
+            f"methods-{'+'.join(settings['qa_methods'])}-" if settings["qa_methods"] != SETTINGS["qa_methods"] else "")
         part = f"agreement-{extra}{shard[0]}"
         documents = list(agreement.QUESTIONS)[shard[0]::shard[1]]
         rows = agreement.run(model, tokenizer, methods(settings["qa_budgets"], settings["qa_methods"], model.config),
