@@ -129,7 +129,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--contexts", default="2048")
     parser.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
-    parser.add_argument("--split", choices=["tuning", "report", "holdout", "holdout2"], default="tuning")
+    parser.add_argument("--split", choices=["tuning", *report.HELD_OUT_SPLITS], default="tuning")
     parser.add_argument("--fillers", help="comma-separated texts of the split (default: all of its prose)")
     parser.add_argument("--out", default="/tmp/miss_probe.jsonl")
     parser.add_argument("--variants", default="selection",
@@ -143,8 +143,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, tokenizer = load_model()
-    fillers = dict(tuning=report.TOP_P_FILLERS, report=report.REPORT_TEXTS, holdout=report.HOLDOUT_TEXTS,
-                   holdout2=report.HOLDOUT2_TEXTS)[args.split]
+    fillers = report.TOP_P_FILLERS if args.split == "tuning" else report.HELD_OUT_SPLITS[args.split]
     texts = report.tuning_texts() if args.split == "tuning" else report.report_texts(fillers)
     contexts = [int(c) for c in args.contexts.split(",")]
     depths = [float(d) for d in args.depths.split(",")]

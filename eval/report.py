@@ -47,6 +47,7 @@ REPORT_TEXTS = ("macbeth", "julius_caesar", "paradise_lost", "britannica_shakesp
 HOLDOUT_TEXTS = ("britannica_shakespeare_late", "merry_wives", "kjv_acts")
 # A third, first read on 2026-12-01 to report what the three splits before it chose together
 HOLDOUT2_TEXTS = ("much_ado", "twelfth_night", "as_you_like_it", "henry_iv_part_1")
+HELD_OUT_SPLITS = dict(report=REPORT_TEXTS, holdout=HOLDOUT_TEXTS, holdout2=HOLDOUT2_TEXTS)  # in the order first read
 TUNING_TEXTS = tuple(HERE.parent / "assets" / name for name in ("hamlet.txt", "hamlet_opening.txt", "areopagitica.txt"))
 TOP_P_FILLERS = ("hamlet", "areopagitica")  # the tuning split's prose (hamlet_opening is Hamlet's head)
 OUT = HERE / "results" / "report"
@@ -364,6 +365,12 @@ smallest top_p of the grid whose adaptive budget, at most
 """
 
 
+def agreement_runs(results: Path = OUT) -> list[list[dict]]:
+    """The rows of each answer-agreement run in `results` (agreement-*.json)."""
+    return [json.loads(path.read_text()) for path in sorted(results.glob("agreement-*.json"))
+            if not path.name.endswith(".meta.json")]
+
+
 def write(results: Path = OUT, markdown: Path = HERE / "RESULTS.md") -> None:
     """The report section of `markdown` from the parts' outputs in `results`."""
     metas = (sorted(results.glob("top-p.meta.json")) + sorted(results.glob("passkey-*.meta.json"))
@@ -373,8 +380,7 @@ def write(results: Path = OUT, markdown: Path = HERE / "RESULTS.md") -> None:
     settings = dict(meta["passkey-0"]["settings"],
                     methods=[m for m in METHODS if any(r["method"] == m for r in key_rows)])
     ppl_rows = read_csv(results / "perplexity.csv")
-    qa_runs = [json.loads(path.read_text()) for path in sorted(results.glob("agreement-*.json"))
-               if not path.name.endswith(".meta.json")]
+    qa_runs = agreement_runs(results)
     qa_rows = [row for rows in qa_runs for row in rows]
     fillers = list(dict.fromkeys(r["filler"] for r in key_rows))
     contexts = sorted({r["context"] for r in key_rows})

@@ -25,7 +25,6 @@ from . import passkey, report
 # (split, filler, context, depth, passkey) of the misses, from results/report/passkey-2.csv
 MISSES = (("report", "britannica_shakespeare", 7500, 0.1, "69294"),
           ("report", "britannica_shakespeare", 7500, 0.3, "83370"))
-SPLITS = dict(report=report.REPORT_TEXTS, holdout=report.HOLDOUT_TEXTS, holdout2=report.HOLDOUT2_TEXTS)
 
 
 @torch.inference_mode()
@@ -44,7 +43,7 @@ def main():
         configs = [("dense", QuestConfig(mode="dense"))] + configs + [
             (f"two-level@{b}", two_level.with_changes(budget=b)) for b in (128, 256)]
     for split, filler, context, depth, key in misses:
-        text = report.report_texts(SPLITS[split])[filler]
+        text = report.report_texts(report.HELD_OUT_SPLITS[split])[filler]
         prompt = passkey.chat_prompt(tokenizer, text, context, depth, key)
         answer = tokenizer(" " + key, add_special_tokens=False)["input_ids"]  # a space, then one token per digit
         mentions = [i for i in range(len(prompt) - 5) if prompt[i:i + 5] == answer[1:]]

@@ -58,15 +58,14 @@ def assert_shares_no_line(name: str, text: str, others: list[str]):
 def test_report_and_holdout_splits_share_no_text_with_the_splits_before_them():
     assert set(report.REPORT_TEXTS).isdisjoint(path.stem for path in report.TUNING_TEXTS)
     tuning = [path.read_text() for path in report.TUNING_TEXTS] + [REPETITIVE]
-    report_split = report.report_texts()
-    for name, text in report_split.items():
-        assert_shares_no_line(name, text, tuning)
     assert set(report.SETTINGS["fillers"]) | set(report.SETTINGS["ppl_texts"]) <= set(report.REPORT_TEXTS)
-    holdout = report.report_texts(report.HOLDOUT_TEXTS)
-    for name, text in holdout.items():
-        assert_shares_no_line(name, text, tuning + list(report_split.values()))
-    for name, text in report.report_texts(report.HOLDOUT2_TEXTS).items():
-        assert_shares_no_line(name, text, tuning + list(report_split.values()) + list(holdout.values()))
+    assert list(report.HELD_OUT_SPLITS) == ["report", "holdout", "holdout2"]
+    before = tuning
+    for names in report.HELD_OUT_SPLITS.values():  # each split against every split read before it
+        texts = report.report_texts(names)
+        for name, text in texts.items():
+            assert_shares_no_line(name, text, before)
+        before = before + list(texts.values())
     assert {"macbeth", "julius_caesar", "paradise_lost"} <= set(agreement.DOCUMENTS)
 
 
@@ -144,9 +143,7 @@ def test_results_streaming_clearly_worse_than_quest_at_budget_256():
 
 def agreement_cells() -> dict:
     """The committed answer-agreement runs (results/report/agreement-*.json), merged: (method, budget) -> cell."""
-    runs = [json.loads(path.read_text()) for path in sorted(report.OUT.glob("agreement-*.json"))
-            if not path.name.endswith(".meta.json")]
-    return agreement.merge([agreement.summary(rows) for rows in runs])
+    return agreement.merge([agreement.summary(rows) for rows in report.agreement_runs()])
 
 
 def test_results_the_two_level_ranking_answers_as_dense_does_more_often_than_the_default_at_budget_1024():
