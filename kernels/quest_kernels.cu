@@ -353,8 +353,9 @@ __device__ __forceinline__ void block_mass(const float* logits, int64_t row_stri
       mass += __expf((kShared ? *at : __ldcg(at)) * mass_scale - head_max_logit[g]) * head_inverse_sum[g];
     }
     head_scores[first + i] = mass;
-    low = min(low, order_key(mass));
-    high = max(high, order_key(mass));
+    const unsigned int key = order_key(mass);
+    low = min(low, key);
+    high = max(high, key);
   }
 }
 
@@ -751,7 +752,8 @@ void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, in
 // flight; the paper's (G 1) and SmolLM2's (d 64) 0.3-2 us slower at 256 than at 128.)
 __host__ __device__ constexpr int attention_tile(int group) { return group <= 2 ? 8 : 4; }
 __host__ __device__ constexpr int attention_threads(int team, int group) {
-  return 64 / attention_tile(group) * team > 128 ? 64 / attention_tile(group) * team : 128;
+  const int threads = 64 / attention_tile(group) * team;  // 64 tokens in flight
+  return threads > 128 ? threads : 128;
 }
 
 template <typename T, int kTeam, int kGroup>  // kTeam: lanes per token (D / vector); kGroup: G rounded up
