@@ -23,6 +23,7 @@ import flashinfer  # noqa: E402
 
 from bench.results import write_section  # noqa: E402
 from quest_core import kernels  # noqa: E402
+from quest_core.backend_flashinfer import use_tensor_cores  # noqa: E402
 from quest_core.paged_cache import PagedLayer  # noqa: E402
 
 DTYPE = torch.bfloat16
@@ -148,7 +149,7 @@ def measure(shape: Shape, context: int, budgets: list[int], module, bandwidth: f
     indptr, last_len = torch.zeros(2, dtype=torch.int32, device="cuda"), torch.zeros(1, dtype=torch.int32,
                                                                                       device="cuda")
     all_pages = torch.arange(num_pages, dtype=torch.int32, device="cuda")
-    tensor_cores = group not in (1, 2, 3, 4, 8)
+    tensor_cores = use_tensor_cores(group)  # FlashInfer's faster decode kernels for this group
     dense = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(), "HND", use_cuda_graph=True,
                                                            use_tensor_cores=tensor_cores,
                                                            paged_kv_indptr_buffer=indptr,
@@ -241,12 +242,15 @@ def main():
                      f"{r['stock_sparse_graph_us']:.1f} | {r['quest_graph_us']:.1f} | {r['speedup']:.1f}x | "
                      f"{r['speedup_graph']:.1f}x | {r['bytes_floor_us']:.1f} | {r['floor_ratio']:.2f}x | "
                      f"{r['dense_graph_us'] / r['dense_floor_us']:.2f}x |")
+    kernel_kind = "tensor-core" if use_tensor_cores(shape.group) else "CUDA-core"
     body = (f"One layer's decode attention, batch 1, {shape.title} ({shape.num_heads} q / {shape.num_kv_heads} kv, "
             f"d {shape.head_dim}), pages of {shape.page}, group rule {shape.group_rule}, bf16, FlashInfer "
-            f"{flashinfer.__version__}. Quest is our two kernels (score + top-k, sparse attention); the stock sparse "
-            "column is FlashInfer's decode over the same pages, for comparison. Times are medians of 9 repeats of "
-            "50 back-to-back calls (eager) or of a CUDA graph holding at least 20 calls. Each call reads the next of "
-            f"several copies of the layer ({', '.join(f'{c}: {n}' for c, n in copies.items())} copies by context), "
+            f"{flashinfer.__version__} on its {kernel_kind} decode kernels (the faster ones for this query group: "
+            "quest_core.backend_flashinfer.use_tensor_cores). Quest is our two kernels (score + top-k, sparse "
+            "attention); the stock "
+            "sparse column is FlashInfer's decode over the same pages, for comparison. Times are medians of 9 repeats "
+            "of 50 back-to-back calls (eager) or of a CUDA graph holding at least 20 calls. Each call reads the next "
+            f"of several copies of the layer ({', '.join(f'{c}: {n}' for c, n in copies.items())} copies by context), "
             "as a decode step reads each layer's cache once: enough that Quest's smallest read over all of them is "
             "4x the L2 cache (one layer called again and again would read its bounds and pages from L2, faster than "
             "a decode step does; the runs before 2026-12-01 did). The bytes floor is the page bounds "

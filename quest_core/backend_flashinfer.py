@@ -35,6 +35,15 @@ from .backend_torch import TorchBackend
 from .paged_cache import PagedLayer
 
 
+def use_tensor_cores(group: int) -> bool:
+    """Whether FlashInfer decodes query groups of `group` heads per KV head on its tensor-core (prefill) kernels
+    rather than its CUDA-core decode kernels, which take groups of 1, 2, 3, 4 or 8 only. On the H200 (bf16, one
+    layer in a CUDA graph, 2026-12-01) the tensor-core kernels win from a group of 4: d 128, group 4, 128K tokens
+    135.7 us against 189.9 (32K: 42.3 / 55.9; 8 requests at 32K: 129.8 / 368.3), group 8 at 32K 28.1 / 57.9; and
+    lose below it: group 1 at 32K 129.3 / 126.6, group 2 42.7 / 41.1, SmolLM2's group 3 (d 64) at 8K 12.9 / 10.8."""
+    return group >= 4
+
+
 @dataclass
 class DecodeWrapper:
     """A FlashInfer decode wrapper in CUDA-graph mode and the fixed buffers we gave it."""
@@ -113,18 +122,16 @@ class FlashInferBackend:
     def _decode_wrapper(self, state: DeviceState, name: str, group: int, indptr, indices,
                         num_requests: int) -> DecodeWrapper:
         """A decode wrapper in CUDA-graph mode over fixed buffers on the state's GPU, made once per (name, group,
-        buffers). FlashInfer's decode kernels take query groups of 1, 2, 3, 4 or 8 heads; other groups (7 in
-        Qwen2-7B) run on its tensor-core (prefill) kernels."""
+        buffers), on the kernels `use_tensor_cores` picks."""
         key = (name, group, indices.data_ptr(), indices.numel())
         decode = state.decode_wrappers.get(key)
         if decode is None:
             last_page_len = self._int32(indices.device, num_requests)
-            use_tensor_cores = group not in (1, 2, 3, 4, 8)
             wrapper = self.flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                state.workspace, kv_layout="HND", use_cuda_graph=True, use_tensor_cores=use_tensor_cores,
+                state.workspace, kv_layout="HND", use_cuda_graph=True, use_tensor_cores=use_tensor_cores(group),
                 paged_kv_indptr_buffer=indptr(), paged_kv_indices_buffer=indices,
                 paged_kv_last_page_len_buffer=last_page_len)
-            decode = state.decode_wrappers[key] = DecodeWrapper(wrapper, last_page_len, use_tensor_cores)
+            decode = state.decode_wrappers[key] = DecodeWrapper(wrapper, last_page_len, use_tensor_cores(group))
         return decode
 
     def _plan(self, decode: DecodeWrapper, layer: PagedLayer, plan, key) -> None:
@@ -331,7 +338,7 @@ class FlashInferBackend:
         if wrapper is None:
             device = state.workspace.device
             wrapper = state.batch_wrappers[key] = self.flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                state.workspace, kv_layout="HND", use_cuda_graph=True, use_tensor_cores=group not in (1, 2, 3, 4, 8),
+                state.workspace, kv_layout="HND", use_cuda_graph=True, use_tensor_cores=use_tensor_cores(group),
                 paged_kv_indptr_buffer=self._int32(device, num_requests + 1),
                 paged_kv_indices_buffer=self._int32(device, pool_pages),
                 paged_kv_last_page_len_buffer=self._int32(device, num_requests))

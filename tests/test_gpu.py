@@ -276,7 +276,9 @@ def test_sparse_decode_replayed_in_a_cuda_graph():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("group", [7, 12])  # 12: more than our sparse kernel takes, FlashInfer's sparse decode
+# FlashInfer's dense decode on its CUDA-core kernels (group 3) and its tensor-core ones (4 and up); 12: more than our
+# sparse kernel takes, FlashInfer's sparse decode
+@pytest.mark.parametrize("group", [3, 4, 7, 12])
 def test_flashinfer_attention_against_fp32(dtype, head_dim, group):
     backend = FlashInferBackend("cuda")
     layer = filled(3001, 16, 4, head_dim, dtype, with_kernels=module is not None)
