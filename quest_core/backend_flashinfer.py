@@ -40,7 +40,8 @@ def use_tensor_cores(group: int) -> bool:
     rather than its CUDA-core decode kernels, which take groups of 1, 2, 3, 4 or 8 only. On the H200 (bf16, one
     layer in a CUDA graph, 2026-12-01) the tensor-core kernels win from a group of 4: d 128, group 4, 128K tokens
     135.7 us against 189.9 (32K: 42.3 / 55.9; 8 requests at 32K: 129.8 / 368.3), group 8 at 32K 28.1 / 57.9; and
-    lose below it: group 1 at 32K 129.3 / 126.6, group 2 42.7 / 41.1, SmolLM2's group 3 (d 64) at 8K 12.9 / 10.8."""
+    lose below it: group 1 at 32K 129.3 / 126.6, group 2 42.7 / 41.1, SmolLM2's group 3 (d 64) at 8K 12.9 / 10.8.
+    Groups of 4 or more were measured at d 128 only (Llama-3.2-1B's group 4 at d 64 was not)."""
     return group >= 4
 
 
