@@ -2,9 +2,12 @@
 report split's texts, answered through `Session` with the chat decoding defaults (`Decoding`), once per method and
 budget from the same ingested document: the share of answers identical to dense's, where the first differs, and
 ROUGE-L against dense's answer."""
+import copy
 import re
 from dataclasses import asdict
 from pathlib import Path
+
+import torch
 
 from quest_core.session import Session, cut_document, measure_document
 
@@ -77,17 +80,34 @@ def document_text(session: Session, name: str) -> str:
     return text
 
 
+def variant(method: str) -> tuple[int, str | None]:
+    """(prefill chunk, dtype) of the session a method answers in: `Session`'s 512 tokens (the app's) and the run's
+    model, but chunks of N tokens for "dense-chunkN" (the same sums rounded in another order) and the model cast to
+    bfloat16 for "dense-bf16" (the app's dtype on a CPU): how far dense's own answers move when only the arithmetic
+    changes."""
+    if method.startswith("dense-chunk"):
+        return int(method.removeprefix("dense-chunk")), None
+    return 512, "bfloat16" if method == "dense-bf16" else None
+
+
 def run(model, tokenizer, method_rows, max_new_tokens: int = 48, questions=None, log=print,
         on_question=lambda rows: None) -> list[dict]:
-    """Rows of (document, question, method, budget, answer, ids): each document ingested once, each question
-    answered by every method (dense first) with `Session`'s decoding defaults, none kept in the conversation.
-    on_question(rows so far) is called after each question (to save them as they come)."""
-    session = Session(model, tokenizer, config=method_rows[0][2])
+    """Rows of (document, question, method, budget, answer, ids): each document ingested once (once more for each
+    other `variant` of the methods), each question answered by every method (dense first) with `Session`'s
+    decoding defaults, none kept in the conversation. on_question(rows so far) is called after each question (to
+    save them as they come)."""
+    def new_session(prefill_chunk: int, dtype: str | None) -> Session:
+        weights = model if dtype is None else copy.deepcopy(model).to(getattr(torch, dtype))
+        return Session(weights, tokenizer, config=method_rows[0][2], prefill_chunk=prefill_chunk)
+
+    sessions = {key: new_session(*key) for key in dict.fromkeys(variant(name) for name, _, _ in method_rows)}
     rows = []
     for document, asked in (questions or QUESTIONS).items():
-        session.ingest(document_text(session, document))
+        for session in sessions.values():
+            session.ingest(document_text(session, document))
         for question in asked:
             for name, budget, config in method_rows:
+                session = sessions[variant(name)]
                 session.configure(**asdict(config))
                 answer = session.answer(question, keep=False, max_new_tokens=max_new_tokens)
                 rows.append(dict(document=document, question=question, method=name, budget=budget,

@@ -14,7 +14,8 @@ def methods(budgets: list[int], names=NAMES, model_config=None, top_p: float | N
     and the oracle; "quest-default" is the model's own settings (`default_config` of `model_config`), what the app
     runs, "quest-topp" those settings with the adaptive budget `top_p` (the budget its most, the config's
     min_budget its fewest tokens), "quest-two-level" those settings with the two-level ranking (pages of 2,
-    coarse_factor 4) and "oracle-default" the oracle on the settings' own pages."""
+    coarse_factor 4), "oracle-default" the oracle on the settings' own pages, and "dense-chunkN" and "dense-bf16"
+    dense attention with the document prefilled in chunks of N tokens or in bfloat16 (eval/agreement.py)."""
     configs = {"quest": dict(mode="quest"), "quest-max": dict(mode="quest", group_rule="max"),
                "quest-mass": dict(mode="quest", group_rule="mass"), "quest-p8": dict(mode="quest", page_size=8),
                "quest-p4": dict(mode="quest", page_size=4),
@@ -33,6 +34,8 @@ def methods(budgets: list[int], names=NAMES, model_config=None, top_p: float | N
             return default_config(model_config, budget=budget, mode="oracle")
         if name == "quest-two-level":
             return default_config(model_config, budget=budget, page_size=2, coarse_factor=4)
+        if name.startswith("dense-"):
+            return DENSE[1]
         return QuestConfig(budget=budget, **configs[name])
 
     return [("dense", 0, DENSE[1])] + [(name, budget, config(name, budget)) for budget in budgets for name in names]

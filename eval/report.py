@@ -66,7 +66,9 @@ LABELS = {"dense": "dense", "quest-default": "Quest, model default (pages of 4, 
           "quest-topp": "Quest, model default, adaptive budget (top-p; budget: the most)",
           "quest": "Quest, pages of 16, rule sum", "streaming": "StreamingLLM (pages of 16)",
           "oracle-default": "oracle: the pages of 4 holding the most dense attention",
-          "quest-two-level": "Quest, two-level ranking (pages of 2, coarse_factor 4, rule mass)"}
+          "quest-two-level": "Quest, two-level ranking (pages of 2, coarse_factor 4, rule mass)",
+          "dense-chunk256": "dense, the document prefilled in chunks of 256 tokens, not 512",
+          "dense-bf16": "dense in bfloat16 (the app's dtype on a CPU), not float32"}
 
 
 def report_texts(names=REPORT_TEXTS) -> dict[str, str]:
@@ -324,6 +326,7 @@ def agreement_table(runs: list[list[dict]]) -> str:
     lines = ["| method | budget | questions | identical to dense | first divergent token, mean (answers that differ) "
              "| ROUGE-L vs dense, mean ± SE |", "|---|---:|---:|---:|---:|---:|"]
     for (method, budget), cell in agreement.merge([agreement.summary(rows) for rows in runs]).items():
+        budget = "–" if method.startswith("dense") else budget
         divergence = (f"{statistics.fmean(cell['divergences']):.1f} (n={len(cell['divergences'])})"
                       if cell["divergences"] else "–")
         rouge, se = mean_se(cell["rouge"])
@@ -440,8 +443,11 @@ samples, of the tuning split; each as the app loads it, its head where it is lon
 with the chat decoding defaults (`Decoding()`: greedy, repetition penalty 1.2) through `Session`, at most
 {settings['qa_max_new_tokens']} new tokens, by dense attention, by Quest with the model's default settings and by
 the oracle (per KV head, the pages of 4 holding the most dense attention: the best recall any selection of that
-many pages has; it separates what the budget costs from what Quest's page scores cost). First divergent token: 0-based
-position of the first token where the answer differs from dense's. ROUGE-L: F-measure of the longest common
+many pages has; it separates what the budget costs from what Quest's page scores cost). Two rows of dense attention
+say what "identical" asks: the document prefilled in chunks of 256 tokens instead of 512 (the same sums rounded in
+another order: in the last layers the cached keys move by about 1e-5), and the whole model in bfloat16, the app's
+dtype on a CPU. Each run is against its own dense answers (in float32, chunks of 512). First divergent token:
+0-based position of the first token where the answer differs from dense's. ROUGE-L: F-measure of the longest common
 subsequence of lowercased words. Questions and answers: `results/report/agreement-*.json`.
 
 {agreement_table(qa_runs)}
@@ -466,7 +472,8 @@ def main():
     parser.add_argument("--qa-budgets", help="comma-separated budgets for the agreement part (default: "
                         "SETTINGS['qa_budgets'])")
     parser.add_argument("--qa-methods", help="comma-separated methods for the agreement part (default: "
-                        "SETTINGS['qa_methods']; oracle-default is the ceiling of any page selection)")
+                        "SETTINGS['qa_methods']; oracle-default is the ceiling of any page selection; dense-chunk256 "
+                        "and dense-bf16 are dense's own answers under other arithmetic)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--dtype", default="fp32")

@@ -94,6 +94,12 @@ def test_window_starts_stay_in_the_text_and_the_context():
         assert starts[-1] + settings["ppl_scored"] <= min(n_tokens, settings["ppl_last"])
 
 
+def test_agreement_variants_answer_in_sessions_of_their_own_arithmetic():
+    assert agreement.variant("dense-chunk256") == (256, None)
+    assert agreement.variant("dense-bf16") == (512, "bfloat16")
+    assert agreement.variant("dense") == agreement.variant("quest-default") == (512, None)
+
+
 def test_agreement_summary():
     rows = [dict(document="d", question=q, method=m, budget=b, answer=a, ids=i)
             for q, m, b, a, i in [("q1", "dense", 0, "a b", [1, 2]), ("q1", "quest", 128, "a b", [1, 2]),
