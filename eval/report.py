@@ -20,6 +20,7 @@ Parts write <out>/<part>.csv or .json and <part>.meta.json (date, seconds, devic
 import argparse
 import csv
 import datetime
+import hashlib
 import itertools
 import json
 import math
@@ -32,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
 from quest_core.config import QuestConfig, default_config
 from quest_core.models import load_model
@@ -185,8 +187,19 @@ def run_part(model, tokenizer, part: str, settings: dict, out: Path = OUT, shard
                 dtype=str(model.dtype).removeprefix("torch."), threads=torch.get_num_threads(), load_at_start=load,
                 cpus=os.cpu_count(),
                 machine=f"{platform.machine()}, {platform.processor() or platform.system()}, torch {torch.__version__}",
+                cpu_capability=torch.backends.cpu.get_cpu_capability(), transformers=transformers.__version__,
+                weights_sha256=weights_digest(model),
                 command=shlex.join(["python", "-m", "eval.report", *sys.argv[1:]]), settings=settings)
     (out / f"{part}.meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def weights_digest(model) -> str:
+    """sha256 of the model's parameters in order: runs whose digests differ did not run the same weights (a GGUF
+    de-quantized by another transformers, say), whatever their code."""
+    digest = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        digest.update(tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def read_csv(path: Path) -> list[dict]:

@@ -94,6 +94,23 @@ def test_window_starts_stay_in_the_text_and_the_context():
         assert starts[-1] + settings["ppl_scored"] <= min(n_tokens, settings["ppl_last"])
 
 
+def test_weights_digest_tells_weights_apart_by_one_rounding_step():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    torch.manual_seed(0)
+    same = LlamaForCausalLM(config)
+    assert report.weights_digest(model) == report.weights_digest(same)
+    with torch.no_grad():
+        weight = same.model.layers[1].mlp.down_proj.weight
+        weight[3, 5] = torch.nextafter(weight[3, 5], torch.tensor(1.0))
+    assert report.weights_digest(model) != report.weights_digest(same)
+
+
 def test_agreement_variants_answer_in_sessions_of_their_own_arithmetic():
     assert agreement.variant("dense-chunk256") == (256, None)
     assert agreement.variant("dense-bf16") == (512, "bfloat16")
