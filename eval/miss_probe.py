@@ -20,6 +20,10 @@ from quest_core.selection import select_pages
 
 from . import passkey, report
 
+# The probes ran in load_model's "auto" dtype until 2026-12-01: bfloat16 on a CPU with AVX-512 (the machines of
+# that day's runs: they reproduce its numbers), float32 on others; their rows did not say which.
+DTYPE_HELP = "the model's dtype (default bf16, what the probes of 2026-12-01 ran in; fp32 as eval.report)"
+
 
 class Probe(TorchBackend):
     """recent: the last `recent` full pages are always selected (out of the budget); temp: rule mass's softmax
@@ -140,9 +144,10 @@ def main():
                         help="the fewest tokens of the two-level-top-p variants")
     parser.add_argument("--fixed-budgets", default="64,128", help="the two-level-top-p variants' fixed budgets")
     parser.add_argument("--budget", type=int, default=128, help="the budget of the ranking and two-level variants")
+    parser.add_argument("--dtype", default="bf16", help=DTYPE_HELP)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(dtype=args.dtype, device="cpu")
     fillers = report.TOP_P_FILLERS if args.split == "tuning" else report.HELD_OUT_SPLITS[args.split]
     texts = report.tuning_texts() if args.split == "tuning" else report.report_texts(fillers)
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -169,7 +174,7 @@ def main():
                 cache.truncate(0)
                 cache.set_config(rows[0][1])
                 prefill(model, cache, prompt[:-1])
-                result = dict(filler=filler, context=context, depth=depth, key=key)
+                result = dict(filler=filler, context=context, depth=depth, key=key, dtype=args.dtype)
                 for name, config, backend in rows:
                     cache.truncate(len(prompt) - 1)
                     cache.backend = backend

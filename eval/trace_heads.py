@@ -12,6 +12,7 @@ from quest_core.models import load_model
 from quest_core.selection import page_attention_mass, select_pages
 
 from . import passkey, report
+from .miss_probe import DTYPE_HELP
 
 
 class Tracer(TorchBackend):
@@ -63,9 +64,10 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("prompts", nargs="+", help="filler:context:depth:key")
     parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--dtype", default="bf16", help=DTYPE_HELP)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(dtype=args.dtype, device="cpu")
     texts = report.tuning_texts()
     for spec in args.prompts:
         filler, context, depth, key = spec.split(":")

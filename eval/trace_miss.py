@@ -21,6 +21,7 @@ from quest_core.models import load_model
 from quest_core.trace import Trace
 
 from . import passkey, report
+from .miss_probe import DTYPE_HELP
 
 # (split, filler, context, depth, passkey) of the misses, from results/report/passkey-2.csv
 MISSES = (("report", "britannica_shakespeare", 7500, 0.1, "69294"),
@@ -31,9 +32,10 @@ MISSES = (("report", "britannica_shakespeare", 7500, 0.1, "69294"),
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--prompt", help="split:filler:context:depth:key (default: the two Britannica misses)")
+    parser.add_argument("--dtype", default="bf16", help=DTYPE_HELP)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(dtype=args.dtype, device="cpu")
     misses = MISSES
     configs = [(f"default@{b}", default_config(model.config, budget=b)) for b in (128, 256)]
     if args.prompt:
