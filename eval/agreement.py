@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from quest_core.engine import PREFILL_CHUNK
 from quest_core.session import Session, cut_document, measure_document
 
 HERE = Path(__file__).resolve().parent
@@ -81,13 +82,13 @@ def document_text(session: Session, name: str) -> str:
 
 
 def variant(method: str) -> tuple[int, str | None]:
-    """(prefill chunk, dtype) of the session a method answers in: `Session`'s 512 tokens (the app's) and the run's
+    """(prefill chunk, dtype) of the session a method answers in: `Session`'s (the app's) and the run's
     model, but chunks of N tokens for "dense-chunkN" (the same sums rounded in another order) and the model cast to
     bfloat16 for "dense-bf16" (the app's dtype on a CPU): how far dense's own answers move when only the arithmetic
     changes."""
     if method.startswith("dense-chunk"):
         return int(method.removeprefix("dense-chunk")), None
-    return 512, "bfloat16" if method == "dense-bf16" else None
+    return PREFILL_CHUNK, "bfloat16" if method == "dense-bf16" else None
 
 
 def run(model, tokenizer, method_rows, max_new_tokens: int = 48, questions=None, log=print,

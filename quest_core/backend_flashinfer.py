@@ -128,11 +128,12 @@ class FlashInferBackend:
         decode = state.decode_wrappers.get(key)
         if decode is None:
             last_page_len = self._int32(indices.device, num_requests)
+            tensor_cores = use_tensor_cores(group)
             wrapper = self.flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                state.workspace, kv_layout="HND", use_cuda_graph=True, use_tensor_cores=use_tensor_cores(group),
+                state.workspace, kv_layout="HND", use_cuda_graph=True, use_tensor_cores=tensor_cores,
                 paged_kv_indptr_buffer=indptr(), paged_kv_indices_buffer=indices,
                 paged_kv_last_page_len_buffer=last_page_len)
-            decode = state.decode_wrappers[key] = DecodeWrapper(wrapper, last_page_len, use_tensor_cores(group))
+            decode = state.decode_wrappers[key] = DecodeWrapper(wrapper, last_page_len, tensor_cores)
         return decode
 
     def _plan(self, decode: DecodeWrapper, layer: PagedLayer, plan, key) -> None:

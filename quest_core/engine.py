@@ -71,6 +71,7 @@ class Progress:
 
 
 DONE = object()  # the request's last queue item
+PREFILL_CHUNK = 512  # tokens a prefill step takes (a newcomer delays the others by at most one)
 
 
 @dataclass(eq=False)
@@ -87,7 +88,7 @@ class Request:
     processors: LogitsProcessorList | None = None
     trace: Trace | None = None         # attached to the cache once the prefill is done
     cancel: threading.Event = field(default_factory=threading.Event)  # set: end after the current token
-    chunk_size: int = 512
+    chunk_size: int = PREFILL_CHUNK
     # the engine's bookkeeping
     outbox: queue.Queue = field(default_factory=queue.Queue)  # Token, Progress, an exception, then DONE
     finished: threading.Event = field(default_factory=threading.Event)  # the engine has let go of the request

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .config import Decoding, QuestConfig, default_config
-from .engine import Engine, Progress, Request
+from .engine import PREFILL_CHUNK, Engine, Progress, Request
 from .generation import answer_processors
 from .hf import QuestCache
 from .trace import StepTrace, Trace, mean_pages_read
@@ -134,7 +134,7 @@ def cut_document(tokenizer, model_config, text: str, keep: str) -> str:
 class Session:
     def __init__(self, model, tokenizer, config: QuestConfig | None = None, backend=None,
                  decoding: Decoding | None = None, system_prompt: str | None = DEFAULT_SYSTEM,
-                 prefill_chunk: int = 512, engine: Engine | None = None):
+                 prefill_chunk: int = PREFILL_CHUNK, engine: Engine | None = None):
         """config None: the model's own settings (`default_config`); decoding None: `Decoding()`. engine None: one
         of its own, on `backend` (an engine's sessions use the engine's backend)."""
         self.engine = engine or Engine(model, tokenizer, backend)

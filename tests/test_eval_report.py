@@ -113,7 +113,7 @@ def test_weights_digest_tells_weights_apart_by_one_rounding_step():
 
 def test_agreement_variants_answer_in_sessions_of_their_own_arithmetic():
     assert agreement.variant("dense-chunk256") == (256, None)
-    assert agreement.variant("dense-bf16") == (512, "bfloat16")
+    assert agreement.variant("dense-bf16") == (512, "bfloat16")  # the app's prefill chunk
     assert agreement.variant("dense") == agreement.variant("quest-default") == (512, None)
 
 
