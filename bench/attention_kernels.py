@@ -23,7 +23,7 @@ import flashinfer  # noqa: E402
 
 from bench.results import write_section  # noqa: E402
 from quest_core import kernels  # noqa: E402
-from quest_core.backend_flashinfer import use_tensor_cores  # noqa: E402
+from quest_core.backend_flashinfer import ONE_KERNEL_KV_HEADS, use_tensor_cores  # noqa: E402
 from quest_core.paged_cache import PagedLayer  # noqa: E402
 
 DTYPE = torch.bfloat16
@@ -192,9 +192,18 @@ def measure(shape: Shape, context: int, budgets: list[int], module, bandwidth: f
             select(i)
             attend(i)
 
+        one_rows = torch.empty_like(rows)
+
+        def one_kernel(i, k=k, one_rows=one_rows):
+            return kernels.quest_decode(module, query, bounds[i], keys[i], values[i], num_pages, k, one_rows, scaling,
+                                        context, group_rule=shape.group_rule)
+
         stock_out = stock.run(query, one_head(0)).float()  # our kernel and FlashInfer's over the same pages
         ours_out = decoder(query, keys[0], values[0], rows, scaling, context).float()
         error = (ours_out - stock_out).norm() / stock_out.norm()
+        one_out = one_kernel(0).float()  # the one kernel selects the same pages (up to ties) and attends as ours
+        one_error = (one_out - ours_out).norm() / ours_out.norm()
+        one_graph_us = graph_us(cycling(one_kernel, copies), graph_calls)
         calls = [cycling(f, copies) for f in (select, attend, attend_stock, quest)]
         select_us, attend_us, stock_us, total_us = (per_call_us(f) for f in calls)
         select_graph_us, attend_graph_us, stock_graph_us, total_graph_us = (graph_us(f, graph_calls) for f in calls)
@@ -209,7 +218,9 @@ def measure(shape: Shape, context: int, budgets: list[int], module, bandwidth: f
                    score_floor_us=bounds_bytes / bandwidth * 1e6, attention_floor_us=kv_bytes / bandwidth * 1e6,
                    bytes_floor_us=floor_us, speedup=dense_us / total_us, speedup_graph=dense_graph_us / total_graph_us,
                    floor_ratio=total_graph_us / floor_us, dense_floor_us=dense_bytes / bandwidth * 1e6,
-                   ours_vs_stock_rel_err=error.item(), layer_copies=copies)
+                   ours_vs_stock_rel_err=error.item(), one_kernel_graph_us=one_graph_us,
+                   speedup_one_kernel=dense_graph_us / one_graph_us, one_kernel_vs_ours_rel_err=one_error.item(),
+                   layer_copies=copies)
         print(json.dumps(row), flush=True)
         rows_out.append(row)
     return rows_out
@@ -232,8 +243,9 @@ def main():
     copies = {row["context"]: row["layer_copies"] for row in rows}
     table = ["| context | budget | dense µs | score+top-k µs | sparse attn µs | Quest µs | dense graph µs | "
              "score+top-k graph µs (floor) | sparse attn graph µs (floor) | stock sparse graph µs | Quest graph µs | "
-             "speedup (eager) | speedup (graph) | bytes floor µs | Quest graph / floor | dense graph / floor |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "speedup (eager) | speedup (graph) | bytes floor µs | Quest graph / floor | dense graph / floor | "
+             "one kernel graph µs | speedup (one kernel, graph) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         table.append(f"| {r['context']} | {r['budget']} | {r['dense_us']:.1f} | {r['score_topk_us']:.1f} | "
                      f"{r['sparse_attention_us']:.1f} | {r['quest_us']:.1f} | {r['dense_graph_us']:.1f} | "
@@ -241,13 +253,17 @@ def main():
                      f"{r['sparse_attention_graph_us']:.1f} ({r['attention_floor_us']:.1f}) | "
                      f"{r['stock_sparse_graph_us']:.1f} | {r['quest_graph_us']:.1f} | {r['speedup']:.1f}x | "
                      f"{r['speedup_graph']:.1f}x | {r['bytes_floor_us']:.1f} | {r['floor_ratio']:.2f}x | "
-                     f"{r['dense_graph_us'] / r['dense_floor_us']:.2f}x |")
+                     f"{r['dense_graph_us'] / r['dense_floor_us']:.2f}x | {r['one_kernel_graph_us']:.1f} | "
+                     f"{r['speedup_one_kernel']:.1f}x |")
     kernel_kind = "tensor-core" if use_tensor_cores(shape.group) else "CUDA-core"
     body = (f"One layer's decode attention, batch 1, {shape.title} ({shape.num_heads} q / {shape.num_kv_heads} kv, "
             f"d {shape.head_dim}), pages of {shape.page}, group rule {shape.group_rule}, bf16, FlashInfer "
             f"{flashinfer.__version__} on its {kernel_kind} decode kernels (the faster ones for this query group: "
             "quest_core.backend_flashinfer.use_tensor_cores). Quest is our two kernels (score + top-k, sparse "
-            "attention); the stock sparse column is FlashInfer's decode over the same pages, for comparison. Times "
+            "attention); the stock sparse column is FlashInfer's decode over the same pages, for comparison; the one "
+            "kernel column is Quest's decode as a single kernel of ours (kernels.quest_decode: score, select and "
+            "attend in a thread-block cluster per KV head), which the flashinfer backend runs for layers of at most "
+            f"{ONE_KERNEL_KV_HEADS} KV heads. Times "
             "are medians of 9 repeats of 50 back-to-back calls (eager) or of a CUDA graph holding at least 20 calls. "
             "Each call reads the next "
             f"of several copies of the layer ({', '.join(f'{c}: {n}' for c, n in copies.items())} copies by context), "

@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cooperative_groups.h>
 
 #include <mutex>
 #include <unordered_map>
@@ -208,7 +209,6 @@ void append_kv(torch::Tensor new_keys, torch::Tensor new_values, torch::Tensor k
 // the GPU) runs as R * Hkv heads in one grid: head row r * Hkv + h scores request r's KV head h, so the selection's
 // latency (one block per head) is paid once for the batch, not once per request.
 constexpr int kThreads = 1024;  // the selection runs in one block per head: as many threads as fit
-static_assert(kThreads == 32 * 32, "find_bin scans one warp total per lane");
 constexpr int kUnroll = 4;        // pages in flight per team
 constexpr int kMaxChunks = 4;     // 16-byte vectors per lane and page: 2D <= 4 * 32 * (16 / sizeof(T))
 constexpr int kFirstBits = 11;    // the first radix digit; the others have 8 bits (fewer for the last)
@@ -223,11 +223,13 @@ __device__ __forceinline__ unsigned int order_key(float score) {  // larger floa
 }
 
 // The bin holding the remaining-th largest key (counting from the top bin down) of a block-wide histogram of
-// nbins (a power of two <= 16 * kThreads), and how many keys of that bin are still to take. Thread t owns bins
-// nbins-1-t*per ... nbins-(t+1)*per (none when t*per >= nbins).
+// nbins (a power of two <= 16 * kBlockThreads), and how many keys of that bin are still to take, for a block of
+// kBlockThreads threads. Thread t owns bins nbins-1-t*per ... nbins-(t+1)*per (none when t*per >= nbins).
+template <int kBlockThreads = kThreads>
 __device__ void find_bin(const unsigned int* histogram, int nbins, unsigned int* warp_totals,
                          unsigned int* found_bin, unsigned int* remaining) {
-  const int per = max(1, nbins / kThreads), warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  static_assert(kBlockThreads % 32 == 0 && kBlockThreads <= 1024, "whole warps, at most 32");
+  const int per = max(1, nbins / kBlockThreads), warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int top = nbins - 1 - threadIdx.x * per;
   unsigned int own = 0;
   for (int i = 0; i < per && top >= 0; ++i) own += histogram[top - i];
@@ -239,8 +241,8 @@ __device__ void find_bin(const unsigned int* histogram, int nbins, unsigned int*
   if (lane == 31) warp_totals[warp] = above;
   __syncthreads();
   const unsigned int want = *remaining;
-  // every warp scans the 32 warps' totals itself (no loop of up to 31 loads, one after another, over the warps above)
-  unsigned int warps_above = warp_totals[lane];
+  // every warp scans the warps' totals itself (no loop of up to 31 loads, one after another, over the warps above)
+  unsigned int warps_above = lane < kBlockThreads / 32 ? warp_totals[lane] : 0u;
   for (int offset = 1; offset < 32; offset <<= 1) {
     const unsigned int other = __shfl_up_sync(0xffffffffu, warps_above, offset);
     if (lane >= offset) warps_above += other;
@@ -1022,6 +1024,496 @@ torch::Tensor sparse_decode(torch::Tensor query, torch::Tensor keys, torch::Tens
   return out;
 }
 
+// ---- (d) Quest's decode step in one kernel: score, select and attend in a thread-block cluster per KV head ----
+// Grid (C, heads), clusters of C blocks (C <= 16, Hopper and later): the cluster of head h scores, selects and attends
+// for it. Block c scores pages [c * pages_per_block, ...) (as score_topk does: a team of lanes per page's bounds);
+// rule mass first merges the blocks' softmax states per query head (each block writes its states into every block's
+// shared memory: DSMEM). Each block writes its pages' order keys into every block's shared memory; after a cluster
+// barrier every block runs the same selection over all of the head's keys (radix digits over the keys relative to
+// the head's smallest, the first of 11 bits from the range's top bit, then 8-bit digits while the threshold bin
+// holds more keys than are left to take; equal keys are taken in page order), so each block knows the whole
+// selection without a round trip through global memory. It lists the selected pages in page order (the sink pages
+// first, the current page last: k pages) and attends over its own stretch of that list, as sparse_decode's blocks
+// do; the blocks' softmax states go to block 0, which merges them into the output. Against score_topk +
+// sparse_decode: one launch, and no L2 round trips between the phases (scores, counters, selected rows, partial
+// outputs). On the H200 (bench/RESULTS.md) it is faster for SmolLM2's 3 KV heads (15.8 against 20.5 us at 8K,
+// budget 1024) and slower for 8 or 32 (its 256-thread blocks score a long context in many rounds).
+constexpr int kFusedThreads = 256;  // the attention's registers (a team's G queries and outputs) rule out more
+constexpr int kFusedMaxCluster = 16;
+constexpr int kFusedMaxGroup = 8;
+
+// Exclusive scan of one value per thread over a block of kFusedThreads; `total` gets the block's sum.
+__device__ __forceinline__ unsigned int fused_exclusive_scan(unsigned int value, unsigned int* warp_sums,
+                                                             unsigned int& total) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  unsigned int inclusive = value;
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const unsigned int other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+    if (lane >= offset) inclusive += other;
+  }
+  if (lane == 31) warp_sums[warp] = inclusive;
+  __syncthreads();
+  unsigned int before = 0;
+  total = 0;
+#pragma unroll
+  for (int w = 0; w < kFusedThreads / 32; ++w) {
+    const unsigned int sum = warp_sums[w];
+    before += w < warp ? sum : 0u;
+    total += sum;
+  }
+  __syncthreads();  // warp_sums may be written again
+  return before + inclusive - value;
+}
+
+template <typename T, int kDim, int kGroup>  // kGroup: G rounded up to 1, 2, 4 or 8
+__global__ void __launch_bounds__(kFusedThreads) quest_decode_kernel(
+    const T* __restrict__ query, const T* __restrict__ bounds, int64_t bounds_capacity, const T* __restrict__ keys,
+    const T* __restrict__ values, T* __restrict__ out, int32_t* __restrict__ rows_out, int group, int num_pages,
+    int last_len, const int64_t* __restrict__ device_length, int page_size, int k, int num_kv_heads,
+    int pages_per_block, int max_pages, int rule, float mass_scale, float scale_log2, int sink_pages) {
+  namespace cg = cooperative_groups;
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kScoreTeam = 2 * kDim / kVec, kScoreTeams = kFusedThreads / kScoreTeam;  // lanes per page's bounds
+  constexpr int kTeam = kDim / kVec, kTeams = kFusedThreads / kTeam;                      // lanes per token
+  constexpr int kTile = attention_tile(kGroup), kRound = 8;  // tokens per team, pages per scoring team in flight
+  constexpr int kState = 2 + kDim;                            // a softmax state: m, l, output
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int rank = (int)cluster.block_rank(), blocks = (int)cluster.num_blocks();
+  const int h = blockIdx.y, kv_head = h % num_kv_heads, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int query_rows = rule == kSum ? 1 : group;
+  // Shared memory: split query [rows, 2D], logits [G, pages_per_block] (rule mass), the blocks' softmax states
+  // [blocks, G, 2 + D] (block 0's: the others write theirs there), the selection [k], then either the head's keys
+  // [max_pages] (each block writes its pages' into every block's) and a histogram [2048] (selecting) or the teams'
+  // states [teams, G, 2 + D] (attending). Blocks write into each other's shared memory (stores, which the next
+  // cluster barrier makes visible) and never read another's: no block waits on DSMEM loads.
+  extern __shared__ __align__(16) float fused_shared[];
+  float* split_query = fused_shared;
+  float* logits = split_query + query_rows * 2 * kDim;
+  float* block_states = logits + (rule == kMass ? group * pages_per_block : 0);
+  int* selected = reinterpret_cast<int*>(block_states + blocks * group * kState);
+  unsigned int* head_keys = reinterpret_cast<unsigned int*>(selected + (k + 3) / 4 * 4);
+  unsigned int* histogram = head_keys + (max_pages + 3) / 4 * 4;
+  float* team_states = reinterpret_cast<float*>(head_keys);
+  __shared__ float mass_states[kFusedMaxCluster][2 * kFusedMaxGroup], head_max_logit[kFusedMaxGroup],
+      head_inverse_sum[kFusedMaxGroup];
+  __shared__ unsigned int key_ranges[kFusedMaxCluster * kFusedThreads / 32][2];
+  __shared__ unsigned int warp_totals[32], found_bin, remaining, smallest_key, largest_key;
+
+  auto started = cluster.barrier_arrive();  // every block of the cluster runs before one writes into another
+  wait_for_previous_kernel();
+  let_next_kernel_launch();
+  if (device_length != nullptr) {
+    num_pages = (int)((device_length[0] + page_size - 1) / page_size);
+    last_len = (int)((device_length[0] - 1) % page_size) + 1;
+  }
+  const int candidates = num_pages - 1;  // the full pages; the current page is always read
+  for (int i = threadIdx.x; i < query_rows * kDim; i += kFusedThreads) {  // split query, as score_topk's
+    const int r = i / kDim, d = i % kDim;
+    const int first = rule == kSum ? 0 : r, last = rule == kSum ? group : r + 1;
+    float positive = 0.f, negative = 0.f;
+    for (int g = first; g < last; ++g) {
+      const float q = to_float(query[((int64_t)h * group + g) * kDim + d]);
+      positive += fmaxf(q, 0.f);
+      negative += fminf(q, 0.f);
+    }
+    split_query[r * 2 * kDim + d] = positive;
+    split_query[r * 2 * kDim + kDim + d] = negative;
+  }
+  __syncthreads();
+  cluster.barrier_wait(std::move(started));
+
+  // Scoring this block's pages: all of a team's pages' loads in flight together, kRound at a time.
+  const int first_page = rank * pages_per_block, end_page = min(num_pages, first_page + pages_per_block);
+  const T* head_bounds = bounds + (int64_t)kv_head * bounds_capacity * 2 * kDim;
+  const int member = threadIdx.x % kScoreTeam, score_team = threadIdx.x / kScoreTeam;
+  unsigned int low = 0xffffffffu, high = 0u;
+  // page p's key into blocks first, first + step, ... of the cluster (each block's head keys)
+  auto fold_key = [&](int p, unsigned int key, int first, int step) {
+    if (p >= candidates) return;
+    for (int b = first; b < blocks; b += step) cluster.map_shared_rank(head_keys, b)[p] = key;
+    if (p >= sink_pages) {
+      low = min(low, key);
+      high = max(high, key);
+    }
+  };
+  for (int base = first_page; base < end_page; base += kRound * kScoreTeams) {
+    uint4 loaded[kRound];
+#pragma unroll
+    for (int u = 0; u < kRound; ++u) {
+      const int p = base + u * kScoreTeams + score_team;
+      loaded[u] = p < end_page ? __ldg(reinterpret_cast<const uint4*>(head_bounds + (int64_t)p * 2 * kDim) + member)
+                               : make_uint4(0, 0, 0, 0);
+    }
+    float best[kRound];
+#pragma unroll
+    for (int u = 0; u < kRound; ++u) best[u] = -INFINITY;
+    for (int r = 0; r < query_rows; ++r) {
+      float q[kVec];
+      const float4* vector = reinterpret_cast<const float4*>(split_query + r * 2 * kDim + member * kVec);
+#pragma unroll
+      for (int i = 0; i < kVec / 4; ++i) {
+        const float4 x = vector[i];
+        q[4 * i] = x.x;
+        q[4 * i + 1] = x.y;
+        q[4 * i + 2] = x.z;
+        q[4 * i + 3] = x.w;
+      }
+#pragma unroll
+      for (int u = 0; u < kRound; ++u) {
+        const T* bound = reinterpret_cast<const T*>(&loaded[u]);
+        float score = 0.f;
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) score += q[i] * to_float(bound[i]);
+#pragma unroll
+        for (int offset = kScoreTeam / 2; offset > 0; offset >>= 1)
+          score += __shfl_xor_sync(0xffffffffu, score, offset);
+        const int p = base + u * kScoreTeams + score_team;
+        if (rule == kMass && member == 0 && p < end_page) logits[r * pages_per_block + p - first_page] = score;
+        best[u] = fmaxf(best[u], score);
+      }
+    }
+    if (rule == kMass) continue;
+#pragma unroll
+    for (int u = 0; u < kRound; ++u) {
+      const int p = base + u * kScoreTeams + score_team;
+      if (p < end_page) fold_key(p, order_key(best[u]), member, kScoreTeam);  // the team's lanes hold one score
+    }
+  }
+  if (rule == kMass) {  // the group's softmax over every page in use, each query head's state merged over the cluster
+    __syncthreads();
+    const int count = end_page - first_page;
+    for (int r = warp; r < group; r += kFusedThreads / 32) {
+      float m = -INFINITY, l = 0.f;
+      for (int i = lane; i < count; i += 32) merge_softmax(m, l, logits[r * pages_per_block + i] * mass_scale, 1.f);
+      warp_merge_softmax(m, l);
+      if (lane < blocks) {  // lane b writes the state into block b
+        float* state = cluster.map_shared_rank(&mass_states[rank][2 * r], lane);
+        state[0] = m;
+        state[1] = l;
+      }
+    }
+    cluster.sync();
+    for (int r = warp; r < group; r += kFusedThreads / 32) {
+      float m = lane < blocks ? mass_states[lane][2 * r] : -INFINITY, l = lane < blocks ? mass_states[lane][2 * r + 1] : 0.f;
+      warp_merge_softmax(m, l);
+      if (lane == 0) {
+        head_max_logit[r] = m;
+        head_inverse_sum[r] = 1.f / l;
+      }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < count; i += kFusedThreads) {
+      float mass = 0.f;
+      for (int g = 0; g < group; ++g)
+        mass += __expf(logits[g * pages_per_block + i] * mass_scale - head_max_logit[g]) * head_inverse_sum[g];
+      fold_key(first_page + i, order_key(mass), 0, 1);
+    }
+  }
+  low = warp_min(low);  // each warp's key range, into every block
+  high = warp_max(high);
+  if (lane < blocks) {
+    unsigned int* range = cluster.map_shared_rank(key_ranges[rank * kFusedThreads / 32 + warp], lane);
+    range[0] = low;
+    range[1] = high;
+  }
+  cluster.sync();  // every block's keys and key ranges are written
+
+  if (warp == 0) {
+    unsigned int smallest = 0xffffffffu, largest = 0u;
+    for (int i = lane; i < blocks * kFusedThreads / 32; i += 32) {
+      smallest = min(smallest, key_ranges[i][0]);
+      largest = max(largest, key_ranges[i][1]);
+    }
+    smallest = warp_min(smallest);
+    largest = warp_max(largest);
+    if (lane == 0) {
+      smallest_key = smallest;
+      largest_key = largest;
+      remaining = k - 1 - sink_pages;
+    }
+  }
+  for (int b = threadIdx.x; b < kFirstBins; b += kFusedThreads) histogram[b] = 0;
+  __syncthreads();
+
+  // The selection: the threshold key (relative to the head's smallest) under `mask`, `prefix`, and how many keys
+  // equal to it to take (the first ones in page order)
+  const unsigned int span = largest_key - smallest_key;
+  int shift = max(0, 32 - __clz(span) - kFirstBits);
+  for (int p = sink_pages + threadIdx.x; p < candidates; p += kFusedThreads)
+    atomicAdd(&histogram[(head_keys[p] - smallest_key) >> shift], 1u);
+  __syncthreads();
+  find_bin<kFusedThreads>(histogram, kFirstBins, warp_totals, &found_bin, &remaining);
+  unsigned int prefix = found_bin << shift, mask = 0xffffffffu << shift, in_bin = histogram[found_bin];
+  __syncthreads();
+  while (shift > 0 && remaining < in_bin) {  // uniform: every thread reads the same shared values
+    const int bits = min(8, shift), nbins = 1 << bits;
+    shift -= bits;
+    for (int b = threadIdx.x; b < nbins; b += kFusedThreads) histogram[b] = 0;
+    __syncthreads();
+    for (int p = sink_pages + threadIdx.x; p < candidates; p += kFusedThreads) {
+      const unsigned int key = head_keys[p] - smallest_key;
+      if ((key & mask) == prefix) atomicAdd(&histogram[(key >> shift) & (nbins - 1)], 1u);
+    }
+    __syncthreads();
+    find_bin<kFusedThreads>(histogram, nbins, warp_totals, &found_bin, &remaining);
+    prefix |= found_bin << shift;
+    mask |= (unsigned int)(nbins - 1) << shift;
+    in_bin = histogram[found_bin];
+    __syncthreads();
+  }
+  const unsigned int equal_quota = remaining;
+
+  // The selected pages in page order: thread t lists pages [t * per, (t + 1) * per); one scan counts, in two 16-bit
+  // halves, the pages taken for sure (sinks, the current page, keys above the threshold) and the ties before each.
+  const int per = (num_pages + kFusedThreads - 1) / kFusedThreads, own_first = threadIdx.x * per;
+  const int own_end = min(num_pages, own_first + per);
+  auto kind = [&](int p) {  // 2: taken, 1: equal to the threshold, 0: not taken
+    if (p < sink_pages || p == candidates) return 2;
+    const unsigned int key = (head_keys[p] - smallest_key) & mask;
+    return key > prefix ? 2 : key == prefix ? 1 : 0;
+  };
+  unsigned int counts = 0;
+  for (int p = own_first; p < own_end; ++p) {
+    const int c = kind(p);
+    counts += c == 2 ? 1u : c == 1 ? 0x10000u : 0u;
+  }
+  unsigned int total;
+  const unsigned int before = fused_exclusive_scan(counts, warp_totals, total);
+  unsigned int taken = before & 0xffffu, ties = before >> 16;
+  for (int p = own_first; p < own_end; ++p) {
+    const int c = kind(p);
+    if (c == 2) selected[taken++ + min(ties, equal_quota)] = p;
+    else if (c == 1 && ties < equal_quota) selected[taken + ties++] = p;
+    else if (c == 1) ++ties;
+  }
+  __syncthreads();
+  if (rows_out != nullptr && rank == 0)
+    for (int i = threadIdx.x; i < k; i += kFusedThreads) rows_out[(int64_t)h * k + i] = selected[i] * num_kv_heads + kv_head;
+
+  // Attention over this block's stretch of the selection, as sparse_decode's blocks do (logits in base 2)
+  const int total_tokens = (k - 1) * page_size + last_len, slots = (k + blocks - 1) / blocks;
+  const int begin = rank * slots * page_size, end = min(total_tokens, begin + slots * page_size);
+  const int token_lane = threadIdx.x % kTeam, team = threadIdx.x / kTeam;
+  float q[kGroup][kVec], acc[kGroup][kVec], m[kGroup], l[kGroup];
+#pragma unroll
+  for (int g = 0; g < kGroup; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+    uint4 loaded = make_uint4(0, 0, 0, 0);
+    if (g < group) loaded = *reinterpret_cast<const uint4*>(query + ((int64_t)h * group + g) * kDim + token_lane * kVec);
+    const T* elements = reinterpret_cast<const T*>(&loaded);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      q[g][i] = to_float(elements[i]) * scale_log2;
+      acc[g][i] = 0.f;
+    }
+  }
+  for (int first = begin; first < end; first += kTeams * kTile) {
+    const int base = first + team * kTile;
+    uint4 key_vectors[kTile], value_vectors[kTile];
+#pragma unroll
+    for (int u = 0; u < kTile; ++u) {
+      const int j = base + u;
+      key_vectors[u] = value_vectors[u] = make_uint4(0, 0, 0, 0);
+      if (j < end) {
+        const int slot = j / page_size;
+        const int64_t row = (int64_t)selected[slot] * num_kv_heads + kv_head;
+        const int64_t at = (row * page_size + (j - slot * page_size)) * kDim + token_lane * kVec;
+        key_vectors[u] = __ldg(reinterpret_cast<const uint4*>(keys + at));
+        value_vectors[u] = __ldg(reinterpret_cast<const uint4*>(values + at));
+      }
+    }
+    float token_logits[kGroup][kTile];
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g)
+#pragma unroll
+      for (int u = 0; u < kTile; ++u) {
+        const T* key = reinterpret_cast<const T*>(&key_vectors[u]);
+        float dot = 0.f;
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) dot += q[g][i] * to_float(key[i]);
+        token_logits[g][u] = dot;
+      }
+#pragma unroll
+    for (int offset = kTeam / 2; offset > 0; offset >>= 1)
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g)
+#pragma unroll
+        for (int u = 0; u < kTile; ++u) token_logits[g][u] += __shfl_xor_sync(0xffffffffu, token_logits[g][u], offset);
+    if (base >= end) continue;
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) {
+      if (g >= group) continue;
+      float tile_max = -INFINITY;
+#pragma unroll
+      for (int u = 0; u < kTile; ++u)
+        if (base + u < end) tile_max = fmaxf(tile_max, token_logits[g][u]);
+      const float running = fmaxf(m[g], tile_max), correction = fast_exp2(m[g] - running);
+      l[g] *= correction;
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) acc[g][i] *= correction;
+#pragma unroll
+      for (int u = 0; u < kTile; ++u) {
+        const float weight = base + u < end ? fast_exp2(token_logits[g][u] - running) : 0.f;
+        const T* value = reinterpret_cast<const T*>(&value_vectors[u]);
+        l[g] += weight;
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) acc[g][i] += weight * to_float(value[i]);
+      }
+      m[g] = running;
+    }
+  }
+  // the teams' states merge into the block's, which goes to block 0's shared memory; block 0 merges the blocks'
+  float* own = team_states + team * group * kState;
+#pragma unroll
+  for (int g = 0; g < kGroup; ++g) {
+    if (g >= group) continue;
+    if (token_lane == 0) {
+      own[g * kState] = m[g];
+      own[g * kState + 1] = l[g];
+    }
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) own[g * kState + 2 + token_lane * kVec + i] = acc[g][i];
+  }
+  __syncthreads();
+  for (int index = threadIdx.x; index < group * kDim; index += kFusedThreads) {
+    const int g = index / kDim, d = index % kDim;
+    float largest = -INFINITY;
+    for (int t = 0; t < kTeams; ++t) largest = fmaxf(largest, team_states[(t * group + g) * kState]);
+    float sum = 0.f, output = 0.f;
+    if (largest > -INFINITY) {
+      for (int t = 0; t < kTeams; ++t) {
+        const float* state = team_states + (t * group + g) * kState;
+        const float weight = fast_exp2(state[0] - largest);
+        sum += state[1] * weight;
+        output += state[2 + d] * weight;
+      }
+    }
+    float* state = cluster.map_shared_rank(block_states, 0) + (rank * group + g) * kState;
+    if (d == 0) {
+      state[0] = largest;
+      state[1] = sum;
+    }
+    state[2 + d] = output;
+  }
+  cluster.sync();  // every block's state is in block 0
+  if (rank != 0) return;
+  for (int index = threadIdx.x; index < group * kDim; index += kFusedThreads) {
+    const int g = index / kDim, d = index % kDim;
+    float largest = -INFINITY;
+    for (int b = 0; b < blocks; ++b) largest = fmaxf(largest, block_states[(b * group + g) * kState]);
+    float sum = 0.f, output = 0.f;
+    for (int b = 0; b < blocks; ++b) {
+      const float* state = block_states + (b * group + g) * kState;
+      const float weight = fast_exp2(state[0] - largest);  // 0 for a block without tokens (m = -inf)
+      sum += state[1] * weight;
+      output += state[2 + d] * weight;
+    }
+    out[((int64_t)h * group + g) * kDim + d] = from_float<T>(output / sum);
+  }
+}
+
+// Allows `kernel` clusters of up to 16 blocks (Hopper's non-portable size; 8 without), once per (device, kernel), as
+// allow_max_shared.
+template <typename Kernel>
+void allow_large_clusters(Kernel kernel, int device) {
+  static std::unordered_map<int, std::unordered_set<const void*>> configured;  // device -> kernels
+  std::lock_guard<std::mutex> lock(device_mutex());
+  if (configured[device].insert(reinterpret_cast<const void*>(kernel)).second)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+}
+
+// The blocks per head's cluster: at most one block per SM over all heads (like score_topk's spread), at most 16
+// (Hopper's largest cluster, allowed per kernel), each with at least 32 pages to score.
+int quest_decode_cluster(int num_sms, int heads, int64_t num_pages) {
+  int blocks = std::max(1, std::min<int>({kFusedMaxCluster, num_sms / heads, (int)((num_pages + 31) / 32)}));
+  int power = 1;
+  while (power * 2 <= blocks) power *= 2;
+  return power;
+}
+
+// query [Hkv, G, D]; bounds [Hkv, capacity, 2D]; keys, values [capacity, Hkv, P, D]; num_pages and last_len as
+// score_topk's and sparse_decode's (with device_length, int64 [1], read on the GPU and num_pages a bound sizing the
+// grid); k the pages read (the current one included), rule 0 sum, 1 max, 2 mass; rows_out int32 [Hkv, k] gets the
+// one-head rows p * Hkv + h read, in page order (sinks first, the current page last). -> [Hkv, G, D].
+torch::Tensor quest_decode(torch::Tensor query, torch::Tensor bounds, torch::Tensor keys, torch::Tensor values,
+                           int64_t num_pages, int64_t k, double scale, int64_t last_len, torch::Tensor rows_out,
+                           std::optional<torch::Tensor> device_length, int64_t rule, double mass_scale,
+                           int64_t sink_pages) {
+  TORCH_CHECK(query.is_cuda() && query.is_contiguous() && bounds.is_contiguous() && keys.is_contiguous() &&
+              values.is_contiguous() && rows_out.is_contiguous() && rows_out.scalar_type() == at::kInt);
+  TORCH_CHECK(keys.scalar_type() == at::kHalf || keys.scalar_type() == at::kBFloat16,
+              "quest_decode takes float16 or bfloat16");
+  TORCH_CHECK(query.scalar_type() == keys.scalar_type() && bounds.scalar_type() == keys.scalar_type() &&
+              values.scalar_type() == keys.scalar_type());
+  const int heads = query.size(0), group = query.size(1), head_dim = query.size(2), page_size = keys.size(2);
+  TORCH_CHECK(head_dim == 64 || head_dim == 128, "quest_decode takes head_dim 64 or 128, got ", head_dim);
+  TORCH_CHECK(group >= 1 && group <= 8, "quest_decode takes up to 8 query heads per KV head, got ", group);
+  TORCH_CHECK(keys.size(1) == heads && bounds.size(0) == heads && bounds.size(2) == 2 * head_dim);
+  TORCH_CHECK(rows_out.numel() == (int64_t)heads * k && k >= 2 && k < num_pages && num_pages <= bounds.size(1));
+  TORCH_CHECK(rule == kSum || rule == kMax || rule == kMass, "rule: 0 sum, 1 max, 2 mass, got ", rule);
+  TORCH_CHECK(sink_pages >= 0 && sink_pages <= k - 2);
+  TORCH_CHECK(!device_length || (device_length->scalar_type() == at::kLong && device_length->numel() == 1));
+  TORCH_CHECK(device_length || (last_len >= 1 && last_len <= page_size));
+  TORCH_CHECK(num_pages <= 65535, "quest_decode counts pages in 16 bits");
+  const int device = query.device().index();
+  const DeviceLimits limits = device_limits(device);
+  TORCH_CHECK(limits.major >= 9, "quest_decode needs thread-block clusters (compute capability 9.0)");
+  const int blocks = quest_decode_cluster(limits.num_sms, heads, num_pages);
+  const int pages_per_block = (int)((num_pages + blocks - 1) / blocks);
+  const int team = head_dim / 8, teams = kFusedThreads / team, state = 2 + head_dim;
+  const int query_rows = rule == kSum ? 1 : group;
+  const int64_t selecting = (num_pages + 3) / 4 * 4 + kFirstBins, attending = (int64_t)teams * group * state;
+  const int64_t words = query_rows * 2 * head_dim + (rule == kMass ? group * pages_per_block : 0) +
+                        (int64_t)blocks * group * state + (k + 3) / 4 * 4 + std::max(selecting, attending);
+  TORCH_CHECK(words * 4 <= limits.max_shared - 2048, "quest_decode: ", num_pages, " pages do not fit in shared memory");
+  const int shared_bytes = (int)(words * 4);
+  auto out = torch::empty_like(query);
+  const c10::cuda::CUDAGuard guard(query.device());
+  const float scale_log2 = (float)(scale * 1.4426950408889634);
+  auto launch = [&](auto kernel, auto type_tag) {
+    using T = decltype(type_tag);
+    allow_max_shared(kernel, device, limits.max_shared);
+    allow_large_clusters(kernel, device);
+    cudaLaunchAttribute attributes[2];
+    attributes[0].id = cudaLaunchAttributeClusterDimension;
+    attributes[0].val.clusterDim.x = blocks;
+    attributes[0].val.clusterDim.y = 1;
+    attributes[0].val.clusterDim.z = 1;
+    attributes[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attributes[1].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(blocks, heads);
+    config.blockDim = dim3(kFusedThreads);
+    config.dynamicSmemBytes = shared_bytes;
+    config.stream = c10::cuda::getCurrentCUDAStream();
+    config.attrs = attributes;
+    config.numAttrs = 2;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, reinterpret_cast<const T*>(query.data_ptr()),
+        reinterpret_cast<const T*>(bounds.data_ptr()), (int64_t)bounds.size(1),
+        reinterpret_cast<const T*>(keys.data_ptr()), reinterpret_cast<const T*>(values.data_ptr()),
+        reinterpret_cast<T*>(out.data_ptr()), rows_out.data_ptr<int>(), group, (int)num_pages, (int)last_len,
+        device_length ? device_length->data_ptr<int64_t>() : nullptr, page_size, (int)k, heads, pages_per_block,
+        (int)num_pages, (int)rule, (float)mass_scale, scale_log2, (int)sink_pages));
+  };
+  auto by_group = [&](auto type_tag, auto dim_tag) {
+    using T = decltype(type_tag);
+    constexpr int kDim = decltype(dim_tag)::value;
+    if (group == 1) launch(quest_decode_kernel<T, kDim, 1>, T{});
+    else if (group == 2) launch(quest_decode_kernel<T, kDim, 2>, T{});
+    else if (group <= 4) launch(quest_decode_kernel<T, kDim, 4>, T{});
+    else launch(quest_decode_kernel<T, kDim, 8>, T{});
+  };
+  auto by_dim = [&](auto type_tag) {
+    if (head_dim == 64) by_group(type_tag, std::integral_constant<int, 64>{});
+    else by_group(type_tag, std::integral_constant<int, 128>{});
+  };
+  if (keys.scalar_type() == at::kHalf) by_dim(__half{});
+  else by_dim(__nv_bfloat16{});
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("append_kv", &append_kv, "write new K/V into their pages and fold them into the page bounds",
         py::arg("new_keys"), py::arg("new_values"), py::arg("keys"), py::arg("values"), py::arg("bounds"),
@@ -1035,4 +1527,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_decode", &sparse_decode, "decode attention of each KV head's query group over its selected pages",
         py::arg("query"), py::arg("keys"), py::arg("values"), py::arg("rows"), py::arg("scale"), py::arg("last_len"),
         py::arg("partial_out"), py::arg("partial_state"), py::arg("counters"), py::arg("device_length") = py::none());
+  m.def("quest_decode", &quest_decode, "score, select and attend over the selected pages in one kernel",
+        py::arg("query"), py::arg("bounds"), py::arg("keys"), py::arg("values"), py::arg("num_pages"), py::arg("k"),
+        py::arg("scale"), py::arg("last_len"), py::arg("rows_out"), py::arg("device_length") = py::none(),
+        py::arg("rule") = 0, py::arg("mass_scale") = 1.0, py::arg("sink_pages") = 0);
 }

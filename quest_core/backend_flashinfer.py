@@ -1,6 +1,7 @@
 """Attention backend `flashinfer` (CUDA): stock FlashInfer wrappers over the engine's paged cache for dense decode
 and prefill, and our CUDA kernels (kernels/) for the KV append and for Quest decode: page scoring + top-k (every
-group rule) and the sparse attention over the selected pages, two kernels per layer.
+group rule) and the sparse attention over the selected pages, two kernels per layer, or for layers of few KV heads
+on Hopper GPUs the three in one kernel (`decode_quest`, kernels.quest_decode).
 
 Dense decode and prefill read the cache as it is (HND: [pages, Hkv, P, D]). Quest decode views K and V as one-head
 pages [pages * Hkv, P, D], where page p of KV head h is row p * Hkv + h: the scorer writes each KV head's selected
@@ -33,6 +34,12 @@ import torch
 from . import kernels
 from .backend_torch import TorchBackend
 from .paged_cache import PagedLayer
+
+# Quest's decode as one kernel (a thread-block cluster per KV head) for layers of at most this many KV heads: on the
+# H200 it beat score_topk + sparse_decode on SmolLM2's 3 (bench/RESULTS.md, gpu_kernels_smollm2: 15.8 against 20.5 us
+# at 8K, budget 1024) and lost on Llama-3.1-8B's 8 (28.4 against 18.1 us at 8K, 79.9 against 28.3 at 128K, budget
+# 2048) and Llama-2-7B's 32 (66.2 against 32.1 at 32K) in an A/B probe of 2026-12-02 (issue 16's note)
+ONE_KERNEL_KV_HEADS = 4
 
 
 def use_tensor_cores(group: int) -> bool:
@@ -247,6 +254,33 @@ class FlashInferBackend:
                                    page_size=layer.page_size, group_rule=group_rule, sink_pages=sink_pages)
         selected = self.reference.select(query, layer, num_selected, group_rule, sink_pages, coarse_factor)
         return layer.one_head_rows(selected).int()
+
+    def decode_quest(self, query: torch.Tensor, layer: PagedLayer, num_selected: int, group_rule: str,
+                     sink_pages: int, coarse_factor: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """`select`, then `decode_sparse`: (out [Hkv, G, D], one-head page rows [Hkv, k]). Where `_one_kernel_takes`
+        the layer, both in one kernel of ours (kernels.quest_decode: its rows in page order, the current page last)."""
+        if not self._one_kernel_takes(query, layer, group_rule, coarse_factor):
+            selected = self.select(query, layer, num_selected, group_rule, sink_pages, coarse_factor)
+            return self.decode_sparse(query, layer, selected, scaling), selected
+        rows = self._rows(self._state(layer.keys.device), layer.num_kv_heads, num_selected)
+        if layer.device_length is not None:  # captured: the kernel reads the length on the GPU
+            out = kernels.quest_decode(self.append_kernels, query, layer.page_bounds, layer.keys, layer.values,
+                                       layer.capacity_pages, num_selected, rows, scaling,
+                                       device_length=layer.device_length, group_rule=group_rule,
+                                       sink_pages=sink_pages)
+        else:
+            out = kernels.quest_decode(self.append_kernels, query, layer.page_bounds, layer.keys, layer.values,
+                                       layer.num_pages, num_selected, rows, scaling, layer.length,
+                                       group_rule=group_rule, sink_pages=sink_pages)
+        return out, rows
+
+    def _one_kernel_takes(self, query: torch.Tensor, layer: PagedLayer, group_rule: str, coarse_factor: int) -> bool:
+        """Whether Quest's decode runs as one kernel (kernels.quest_decode) rather than score_topk + sparse_decode:
+        on Hopper GPUs, for at most ONE_KERNEL_KV_HEADS KV heads (where it was measured faster: bench/RESULTS.md)
+        whose pages' keys fit its shared memory."""
+        return (self._scorer_takes(query, layer, group_rule, coarse_factor) and self.sparse_decode.supports(query)
+                and layer.num_kv_heads <= ONE_KERNEL_KV_HEADS and layer.capacity_pages <= 16384
+                and torch.cuda.get_device_capability(query.device)[0] >= 9)
 
     def _scorer_takes(self, query: torch.Tensor, layer: PagedLayer, group_rule: str, coarse_factor: int) -> bool:
         """Whether our scorer takes the selection (else its torch twin runs)."""

@@ -61,6 +61,12 @@ class TorchBackend:
         scores, num_pages = _ranked_scores(query, layer, group_rule, num_selected, coarse_factor)
         return select_pages(scores, num_selected, num_pages, sink_pages)
 
+    def decode_quest(self, query: torch.Tensor, layer: PagedLayer, num_selected: int, group_rule: str,
+                     sink_pages: int, coarse_factor: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """`select`, then `decode_sparse` over its selection: (out [Hkv, G, D], the selected page ids)."""
+        selected = self.select(query, layer, num_selected, group_rule, sink_pages, coarse_factor)
+        return self.decode_sparse(query, layer, selected, scaling), selected
+
     def select_top_p(self, query: torch.Tensor, layer: PagedLayer, top_p: float, min_pages: int,
                      max_pages: int, sink_pages: int = 0, coarse_factor: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """query [Hkv, G, D] -> (page ids [Hkv, max_pages], current page last; page_counts [Hkv]): the adaptive

@@ -47,6 +47,11 @@ class AttentionBackend(Protocol):
         """query [Hkv, G, D] -> Quest's selection [Hkv, k] (in the backend's own form), current page last; the first
         sink_pages pages always among the others; coarse_factor: QuestConfig's two-level ranking."""
 
+    def decode_quest(self, query: torch.Tensor, layer: PagedLayer, num_selected: int, group_rule: str,
+                     sink_pages: int, coarse_factor: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """`select`, then `decode_sparse` over its selection: (out [Hkv, G, D], the selection, in a form `page_ids`
+        reads; the current page last)."""
+
     def select_top_p(self, query: torch.Tensor, layer: PagedLayer, top_p: float, min_pages: int,
                      max_pages: int, sink_pages: int = 0, coarse_factor: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Backends with adaptive_budget: query [Hkv, G, D] -> (a selection [Hkv, max_pages], current page last;

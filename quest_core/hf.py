@@ -243,10 +243,10 @@ def _decode_sparse(config: QuestConfig, backend, query: torch.Tensor, layer: Pag
                                                      num_selected, sink_pages, config.coarse_factor)
         return backend.decode_sparse(query, layer, selected, scaling, page_counts), selected, page_counts
     if config.mode == "quest":
-        selected = backend.select(query, layer, num_selected, config.group_rule, config.kept_sink_pages,
-                                  config.coarse_factor)
-    else:
-        selected = backend.select_baseline(config.mode, query, layer, num_selected, scaling)
+        out, selected = backend.decode_quest(query, layer, num_selected, config.group_rule, config.kept_sink_pages,
+                                             config.coarse_factor, scaling)
+        return out, selected, None
+    selected = backend.select_baseline(config.mode, query, layer, num_selected, scaling)
     return backend.decode_sparse(query, layer, selected, scaling), selected, None
 
 

@@ -111,6 +111,20 @@ class ScoreTopK:
         return scratch, scratch.scores[:heads * capacity].view(heads, capacity), group_scores
 
 
+def quest_decode(module, query, page_bounds, keys, values, num_pages: int, k: int, rows: torch.Tensor, scaling: float,
+                 length: int = 0, device_length=None, group_rule: str = "sum", sink_pages: int = 0) -> torch.Tensor:
+    """Quest's decode step in one kernel (thread-block clusters: compute capability 9.0): query [Hkv, G, D] scores
+    every page of page_bounds [Hkv, capacity, 2D], selects k (its twins: selection.page_scores and select_pages)
+    and attends over them in the page-major keys, values -> [Hkv, G, D]; rows [Hkv, k] int32 gets the one-head rows
+    p * Hkv + h read, in page order (the sink pages first, the current page last). `length`, or `device_length`
+    (int64 [1] on the GPU, `num_pages` then a bound: a captured CUDA graph), as SparseDecode's. Takes float16 and
+    bfloat16, head_dim 64 or 128, up to 8 query heads per KV head; no scratch."""
+    page_size = keys.shape[2]
+    last_len = (length - 1) % page_size + 1 if device_length is None else 0
+    return module.quest_decode(query.contiguous(), page_bounds, keys, values, num_pages, k, scaling, last_len, rows,
+                               device_length, GROUP_RULES.index(group_rule), query.shape[-1] ** -0.5, sink_pages)
+
+
 @dataclass
 class DecodeScratch:
     """`sparse_decode`'s scratch on one device: the splits' partial outputs and softmax states."""

@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
 
 from oracles import attention, relative_error  # noqa: E402
 
-from quest_core import kernels  # noqa: E402
+from quest_core import backend_flashinfer, kernels  # noqa: E402
 from quest_core.backend_flashinfer import FlashInferBackend  # noqa: E402
 from quest_core.backend_torch import TorchBackend  # noqa: E402
 from quest_core.config import QuestConfig  # noqa: E402
@@ -274,6 +274,68 @@ def test_sparse_decode_replayed_in_a_cuda_graph():
         assert torch.equal(out, expected)
 
 
+needs_clusters = pytest.mark.skipif(torch.cuda.get_device_capability()[0] < 9, reason="thread-block clusters: Hopper")
+
+
+def one_kernel_decode(query, layer, k, group_rule, sink_pages=0, on_gpu=False):
+    """kernels.quest_decode over `layer`: (out, rows [Hkv, k]), the length from the host or, with on_gpu, as in a
+    captured graph (on the GPU, the grid sized for the whole capacity)."""
+    rows = torch.empty(layer.num_kv_heads, k, dtype=torch.int32, device="cuda")
+    scaling = query.shape[-1] ** -0.5
+    num_pages = layer.page_bounds.shape[1] if on_gpu else layer.num_pages
+    device_length = torch.tensor([layer.length], device="cuda") if on_gpu else None
+    out = kernels.quest_decode(module, query, layer.page_bounds, layer.keys, layer.values, num_pages, k, rows, scaling,
+                               layer.length, device_length, group_rule, sink_pages)
+    return out, rows
+
+
+@needs_kernels
+@needs_clusters
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("page_size", [4, 16])
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+@pytest.mark.parametrize("group_rule", ["sum", "max", "mass"])
+def test_one_kernel_decode_equals_its_twins(dtype, head_dim, page_size, group, group_rule):
+    """Quest's decode in one kernel against its twins: its rows are the top pages by selection.page_scores in
+    float32 (as the fused scorer's test), in page order with the sink pages first and the current page last, and its
+    output is attention in float32 over those pages' tokens. Contexts of 19 to 1,001 pages, a cluster of 1 to 16
+    blocks, the length from the host and on the GPU."""
+    num_kv_heads = 3
+    for length, k, sink_pages, on_gpu in ((4001 + page_size // 2, 17, 0, False), (4001, 100, 0, True),
+                                          (2001, 64, 2, True), (300, 2, 0, False)):
+        layer = filled(length, page_size, num_kv_heads, head_dim, dtype)
+        query = torch.randn(num_kv_heads, group, head_dim, device="cuda").to(dtype)
+        out, rows = one_kernel_decode(query, layer, k, group_rule, sink_pages, on_gpu)
+        heads = torch.arange(num_kv_heads, device="cuda")[:, None]
+        assert ((rows - heads) % num_kv_heads == 0).all()
+        pages = (rows - heads) // num_kv_heads
+        assert (pages.diff(dim=1) > 0).all() and (pages[:, :sink_pages] == torch.arange(sink_pages).cuda()).all()
+        reference = page_scores(query.float(), layer.page_bounds[:, :layer.num_pages].float(), group_rule)
+        others = rows[:, sink_pages:] - sink_pages * num_kv_heads  # as pages counted after the sinks
+        assert_top_pages(others, reference[:, sink_pages:], k - sink_pages)
+        keys, values = (t.clone() for t in layer.dense())
+        expected = attention(query, keys, values, head_dim ** -0.5, selected_mask(pages, page_size, length),
+                             torch.float32)
+        error = relative_error(out, expected)
+        assert out.dtype == dtype and error <= {torch.bfloat16: 5e-3, torch.float16: 1e-3}[dtype], (length, k, error)
+
+
+@needs_kernels
+@needs_clusters
+def test_one_kernel_decode_over_8192_pages():
+    """The most pages a head has at 128K tokens in pages of 16 (Llama-3.1-8B's heads): 16 blocks of 512 pages, the
+    keys of all of them in each block's shared memory."""
+    layer = filled(131072, 16, 8, 128, torch.bfloat16)
+    query = torch.randn(8, 4, 128, device="cuda").to(torch.bfloat16)
+    out, rows = one_kernel_decode(query, layer, 128, "sum", on_gpu=True)
+    assert_top_pages(rows, page_scores(query.float(), layer.page_bounds[:, :layer.num_pages].float()), 128)
+    pages = (rows - torch.arange(8, device="cuda")[:, None]) // 8
+    keys, values = layer.dense()
+    expected = attention(query, keys, values, 128 ** -0.5, selected_mask(pages, 16, 131072), torch.float32)
+    assert relative_error(out, expected) <= 5e-3
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128])
 # FlashInfer's dense decode on its CUDA-core kernels (group 3) and its tensor-core ones (4 and up); 12: more than our
@@ -398,12 +460,18 @@ def test_decode_logits_flashinfer_vs_torch_backend(dtype, page_size, group_rule,
 @pytest.mark.parametrize("mode, page_size, group_rule",
                          [("dense", 16, "sum"), ("quest", 16, "sum"), ("quest", 4, "mass")])
 @pytest.mark.parametrize("traced, penalty", [(False, 1.0), (True, 1.0), (True, 1.3)])
-def test_cuda_graph_decode_equals_eager_decode(dtype, mode, page_size, group_rule, traced, penalty):
+@pytest.mark.parametrize("one_kernel", [True, False])
+def test_cuda_graph_decode_equals_eager_decode(dtype, mode, page_size, group_rule, traced, penalty, one_kernel,
+                                               monkeypatch):
     """The same backend, decoding with the step replayed as a CUDA graph (the layers not compiled) and eagerly:
-    the same greedy tokens, and, traced, the same pages and bytes at every step. Both rules select with our fused
-    kernel (in the graph reading the length on the GPU) and attend with our sparse decode kernel. The graph's steps
-    run ahead of the host, traced too and with the app's repetition penalty, which the graph applies itself (eager
-    decoding: transformers' logits processor)."""
+    the same greedy tokens, and, traced, the same pages and bytes at every step. Quest runs as one kernel of ours
+    (this model's 2 KV heads) or, with one_kernel off, as our fused scorer then our sparse decode kernel, in the
+    graph reading the length on the GPU. The graph's steps run ahead of the host, traced too and with the app's
+    repetition penalty, which the graph applies itself (eager decoding: transformers' logits processor)."""
+    if mode == "dense" and not one_kernel:
+        pytest.skip("dense decoding runs neither")
+    if not one_kernel or torch.cuda.get_device_capability()[0] < 9:
+        monkeypatch.setattr(backend_flashinfer, "ONE_KERNEL_KV_HEADS", 0)
     model = tiny_llama(dtype)
     prompt = torch.randint(0, 256, (250,), generator=torch.Generator().manual_seed(1)).tolist()
     backend = FlashInferBackend("cuda")
