@@ -1,15 +1,17 @@
-"""Where our two Quest kernels' time goes, phase by phase: timers (the SM's clock64, and %globaltimer across blocks)
+"""Where our Quest kernels' time goes, phase by phase: timers (the SM's clock64, and %globaltimer across blocks)
 inserted by thread 0 of each block into a copy of kernels/quest_kernels.cu, built as a module of its own, then one
-call of score_topk and of sparse_decode per shape after a warm-up. Phases are in microseconds at 1.98 GHz (the H200's
-SM clock; the globaltimer totals check it). On a GPU: `python bench/kernel_phases.py`; each insertion point is
-asserted, so a change to the kernels that moves one fails here first.
+call of score_topk, of sparse_decode and (for at most 4 KV heads, on Hopper) of quest_decode per shape after a
+warm-up. Phases are in microseconds at 1.98 GHz (the H200's SM clock; the globaltimer totals check it). On a GPU:
+`python bench/kernel_phases.py`; each insertion point is asserted, so a change to the kernels that moves one fails
+here first.
 
 score_topk: split query (the query's split rows into shared memory), scored (this block's pages), mass, key range
 (rule mass: the block's softmax states, the wait for the head's other blocks, its pages' mass; the key range folded),
 is last (the fence and the head's counter), clear (the histogram cleared), histogram (the first radix digit over every
 candidate), find_bin, sweep 2 (the pages above the threshold bin out, the bin's to a list), list rank.
 sparse_decode: a block's query and tokens, its teams' merge and partial write, then the last block's fence, weights
-and merged output."""
+and merged output.
+quest_decode (the one kernel): ONE_KERNEL_PHASES, the median over a head's blocks (block 0 for its output)."""
 import os
 import sys
 from functools import partial
@@ -81,7 +83,21 @@ MARKS = [
     ("", "  float* weights = team_states;  // [group, splits]\n", mark(4)),
     ("* inverse_sum;\n  }\n  __syncthreads();\n", "", mark(5)),
     ("  if (threadIdx.x == 0) counters[h] = 0;\n", "}\n", mark(6, sync=True)),
+    # quest_decode (one kernel)
+    ("  auto started = cluster.barrier_arrive();  // every block of the cluster runs before one writes into another\n",
+     "", mark(0)),
+    ("  cluster.barrier_wait(std::move(started));\n", "", mark(1)),
+    ("", "  low = warp_min(low);  // each warp's key range, into every block", mark(2, sync=True)),
+    ("  cluster.sync();  // every block's keys and key ranges are written\n", "", mark(3)),
+    ("  const unsigned int equal_quota = remaining;\n", "", mark(4)),
+    ("", "  if (rows_out != nullptr && rank == 0)", mark(5)),
+    ("", "  // the teams' states merge into the block's", mark(6, sync=True)),
+    ("  cluster.sync();  // every block's state is in block 0\n", "", mark(7)),
+    ("    out[((int64_t)h * group + g) * kDim + d] = from_float<T>(output / sum);\n  }\n", "}\n", mark(8, sync=True)),
 ]
+ONE_KERNEL_PHASES = ["started, split query", "scored (rule mass: and the softmax states' barrier)",
+                     "keys and key ranges written, barrier", "selection", "page list", "attention",
+                     "states to block 0, barrier", "block 0's output"]
 
 
 def timed_source() -> str:
@@ -153,6 +169,18 @@ def main():
                   f"block's fence {us(last[:, 14] - last[:, 13]):.2f}, weights {us(last[:, 15] - last[:, 14]):.2f}, "
                   f"output {us(last[:, 16] - last[:, 15]):.2f} us, done at "
                   f"{(last[:, 6] - start).max().item() / 1e3:.2f} us")
+        if num_kv_heads > 4 or torch.cuda.get_device_capability()[0] < 9:
+            continue  # the flashinfer backend runs the one kernel for layers of at most 4 KV heads (Hopper)
+        k = -(-budget // page)
+        rows = torch.empty(num_kv_heads, k, dtype=torch.int32, device="cuda")
+        t = traced(module, partial(kernels.quest_decode, module, query, layer.page_bounds, layer.keys, layer.values,
+                                   layer.num_pages, k, rows, head_dim ** -0.5, context, group_rule=rule))
+        phases = [(t[:, 11 + i] - t[:, 10 + i]).clamp(min=0) for i in range(len(ONE_KERNEL_PHASES))]
+        phases[-1] = phases[-1][t[:, 8] > 0]  # block 0 of each head writes the output
+        print(f"    quest_decode (one kernel), budget {budget}: {t.shape[0]} blocks, done at "
+              f"{(t[:, 8].max() - t[:, 0].min()).item() / 1e3:.2f} us (globaltimer); phases (us, median over blocks): "
+              + ", ".join(f"{p} {p_us:.2f}" for p, p_us in zip(ONE_KERNEL_PHASES, (
+                  c.double().median().item() / (CLOCK_GHZ * 1e3) for c in phases))))
 
 
 if __name__ == "__main__":
