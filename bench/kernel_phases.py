@@ -78,7 +78,7 @@ MARKS = [
     ("num_kv_heads + kv_head;\n    }\n", "    return;\n  }\n  // without the list", mark(9, sync=True, indent=4)),
     # sparse_decode
     ("  const int32_t* head_rows = rows + (int64_t)h * k;\n", "", mark(0)),
-    ("", "  const int stride = group * (2 + kDim);\n  float* own", mark(2, sync=True)),
+    ("", "  __syncthreads();\n  // the block's teams merge", mark(2, sync=True)),
     ("", "  if (splits == 1) return;\n  __threadfence();", mark(3, sync=True)),
     ("", "  float* weights = team_states;  // [group, splits]\n", mark(4)),
     ("* inverse_sum;\n  }\n  __syncthreads();\n", "", mark(5)),

@@ -758,33 +758,27 @@ __host__ __device__ constexpr int attention_threads(int team, int group) {
   return threads > 128 ? threads : 128;
 }
 
-template <typename T, int kTeam, int kGroup>  // kTeam: lanes per token (D / vector); kGroup: G rounded up
-__global__ void __launch_bounds__(attention_threads(kTeam, kGroup)) sparse_decode_kernel(
-    const T* __restrict__ query, const T* __restrict__ keys, const T* __restrict__ values,
-    const int32_t* __restrict__ rows, T* __restrict__ out, float* __restrict__ partial_out,
-    float* __restrict__ partial_state, unsigned int* __restrict__ counters, int group, int page_size, int k,
-    int tokens_per_split, float scale_log2, int last_len, const int64_t* __restrict__ device_length,
-    int heads_per_length) {
-  constexpr int kThreads = attention_threads(kTeam, kGroup), kTile = attention_tile(kGroup);
+// A block's attention over tokens [begin, end) of a KV head's selected pages: token j is offset j % P of the page in
+// slot j / P, whose one-head row `row_of(slot)` gives (the page-major cache read as rows [pages * Hkv, P, D]), for
+// the G query heads of head_query [G, D] at once. A team of kTeam lanes owns one token at a time, each lane a 16-byte
+// vector of its key and value row; the team's lanes sum the G dot products by shuffles and keep the G heads' softmax
+// states (running max m, sum l, unnormalized output; logits in base 2: the query is scaled by scale_log2) for their
+// vectors, a tile of tokens at a time. Each team's states go to team_states [teams, G, 2 + D]; the caller syncs the
+// block before reading them (merge_states).
+template <typename T, int kTeam, int kGroup, int kThreads, typename RowOf>
+__device__ __forceinline__ void attend_teams(const T* __restrict__ head_query, const T* __restrict__ keys,
+                                             const T* __restrict__ values, RowOf row_of, int group, int page_size,
+                                             int begin, int end, float scale_log2, float* team_states) {
+  constexpr int kTile = attention_tile(kGroup);
   constexpr int kVec = 16 / sizeof(T), kDim = kTeam * kVec, kTeams = kThreads / kTeam;
-  extern __shared__ float team_states[];      // [kTeams, group, 2 + kDim]: m, l, output
-  __shared__ bool is_last;
-  wait_for_previous_kernel();
-  let_next_kernel_launch();
-  const int h = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
   const int lane = threadIdx.x % kTeam, team = threadIdx.x / kTeam;
-  if (device_length != nullptr) last_len = (int)((device_length[h / heads_per_length] - 1) % page_size) + 1;
-  const int total = (k - 1) * page_size + last_len;
-  const int begin = split * tokens_per_split, end = min(total, begin + tokens_per_split);
-  const int32_t* head_rows = rows + (int64_t)h * k;
-
   float q[kGroup][kVec], acc[kGroup][kVec], m[kGroup], l[kGroup];
 #pragma unroll
   for (int g = 0; g < kGroup; ++g) {
     m[g] = -INFINITY;
     l[g] = 0.f;
     uint4 loaded = make_uint4(0, 0, 0, 0);
-    if (g < group) loaded = *reinterpret_cast<const uint4*>(query + ((int64_t)h * group + g) * kDim + lane * kVec);
+    if (g < group) loaded = *reinterpret_cast<const uint4*>(head_query + g * kDim + lane * kVec);
     const T* elements = reinterpret_cast<const T*>(&loaded);
 #pragma unroll
     for (int i = 0; i < kVec; ++i) {
@@ -803,7 +797,7 @@ __global__ void __launch_bounds__(attention_threads(kTeam, kGroup)) sparse_decod
       key_vectors[u] = value_vectors[u] = make_uint4(0, 0, 0, 0);
       if (j < end) {
         const int slot = j / page_size;
-        const int64_t row = __ldg(head_rows + slot);
+        const int64_t row = row_of(slot);
         const int64_t at = (row * page_size + (j - slot * page_size)) * kDim + lane * kVec;
         key_vectors[u] = __ldg(reinterpret_cast<const uint4*>(keys + at));
         value_vectors[u] = __ldg(reinterpret_cast<const uint4*>(values + at));
@@ -850,9 +844,7 @@ __global__ void __launch_bounds__(attention_threads(kTeam, kGroup)) sparse_decod
     }
   }
 
-  // The block's teams merge (a team without tokens has m = -inf, l = 0 and weighs 0).
-  const int stride = group * (2 + kDim);
-  float* own = team_states + team * stride;
+  float* own = team_states + team * group * (2 + kDim);
 #pragma unroll
   for (int g = 0; g < kGroup; ++g) {
     if (g >= group) continue;
@@ -863,18 +855,54 @@ __global__ void __launch_bounds__(attention_threads(kTeam, kGroup)) sparse_decod
 #pragma unroll
     for (int i = 0; i < kVec; ++i) own[g * (2 + kDim) + 2 + lane * kVec + i] = acc[g][i];
   }
+}
+
+// `count` softmax states [count, G, 2 + D] (a block's teams' from attend_teams, or a cluster's blocks') merged for
+// query head g and output element d: the largest logit, the sum and the unnormalized output. A state without tokens
+// has m = -inf, l = 0 and weighs 0; if none has tokens, (-inf, 0, 0).
+template <int kDim>
+__device__ __forceinline__ void merge_states(const float* states, int count, int group, int g, int d, float& largest,
+                                             float& sum, float& output) {
+  largest = -INFINITY;
+  for (int t = 0; t < count; ++t) largest = fmaxf(largest, states[(t * group + g) * (2 + kDim)]);
+  sum = output = 0.f;
+  if (largest == -INFINITY) return;
+  for (int t = 0; t < count; ++t) {
+    const float* state = states + (t * group + g) * (2 + kDim);
+    const float weight = fast_exp2(state[0] - largest);
+    sum += state[1] * weight;
+    output += state[2 + d] * weight;
+  }
+}
+
+template <typename T, int kTeam, int kGroup>  // kTeam: lanes per token (D / vector); kGroup: G rounded up
+__global__ void __launch_bounds__(attention_threads(kTeam, kGroup)) sparse_decode_kernel(
+    const T* __restrict__ query, const T* __restrict__ keys, const T* __restrict__ values,
+    const int32_t* __restrict__ rows, T* __restrict__ out, float* __restrict__ partial_out,
+    float* __restrict__ partial_state, unsigned int* __restrict__ counters, int group, int page_size, int k,
+    int tokens_per_split, float scale_log2, int last_len, const int64_t* __restrict__ device_length,
+    int heads_per_length) {
+  constexpr int kThreads = attention_threads(kTeam, kGroup);
+  constexpr int kVec = 16 / sizeof(T), kDim = kTeam * kVec, kTeams = kThreads / kTeam;
+  extern __shared__ float team_states[];      // [kTeams, group, 2 + kDim]: m, l, output
+  __shared__ bool is_last;
+  wait_for_previous_kernel();
+  let_next_kernel_launch();
+  const int h = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
+  if (device_length != nullptr) last_len = (int)((device_length[h / heads_per_length] - 1) % page_size) + 1;
+  const int total = (k - 1) * page_size + last_len;
+  const int begin = split * tokens_per_split, end = min(total, begin + tokens_per_split);
+  const int32_t* head_rows = rows + (int64_t)h * k;
+
+  const auto row_of = [&](int slot) { return (int64_t)__ldg(head_rows + slot); };
+  attend_teams<T, kTeam, kGroup, kThreads>(query + (int64_t)h * group * kDim, keys, values, row_of, group, page_size,
+                                          begin, end, scale_log2, team_states);
   __syncthreads();
+  // the block's teams merge (the block has a token: each split starts before `total`)
   for (int index = threadIdx.x; index < group * kDim; index += kThreads) {
     const int g = index / kDim, d = index % kDim;
-    float largest = -INFINITY;
-    for (int t = 0; t < kTeams; ++t) largest = fmaxf(largest, team_states[t * stride + g * (2 + kDim)]);
-    float sum = 0.f, output = 0.f;  // the block has a token (each split starts before `total`): `largest` is finite
-    for (int t = 0; t < kTeams; ++t) {
-      const float* state = team_states + t * stride + g * (2 + kDim);
-      const float weight = fast_exp2(state[0] - largest);
-      sum += state[1] * weight;
-      output += state[2 + d] * weight;
-    }
+    float largest, sum, output;
+    merge_states<kDim>(team_states, kTeams, group, g, d, largest, sum, output);
     if (splits == 1) {
       out[((int64_t)h * group + g) * kDim + d] = from_float<T>(output / sum);
     } else {
@@ -1075,7 +1103,7 @@ __global__ void __launch_bounds__(kFusedThreads) quest_decode_kernel(
   constexpr int kVec = 16 / sizeof(T);
   constexpr int kScoreTeam = 2 * kDim / kVec, kScoreTeams = kFusedThreads / kScoreTeam;  // lanes per page's bounds
   constexpr int kTeam = kDim / kVec, kTeams = kFusedThreads / kTeam;                      // lanes per token
-  constexpr int kTile = attention_tile(kGroup), kRound = 8;  // tokens per team, pages per scoring team in flight
+  constexpr int kRound = 8;                                   // pages per scoring team in flight
   constexpr int kState = 2 + kDim;                            // a softmax state: m, l, output
   const cg::cluster_group cluster = cg::this_cluster();
   const int rank = (int)cluster.block_rank(), blocks = (int)cluster.num_blocks();
@@ -1194,7 +1222,8 @@ __global__ void __launch_bounds__(kFusedThreads) quest_decode_kernel(
     }
     cluster.sync();
     for (int r = warp; r < group; r += kFusedThreads / 32) {
-      float m = lane < blocks ? mass_states[lane][2 * r] : -INFINITY, l = lane < blocks ? mass_states[lane][2 * r + 1] : 0.f;
+      float m = lane < blocks ? mass_states[lane][2 * r] : -INFINITY;
+      float l = lane < blocks ? mass_states[lane][2 * r + 1] : 0.f;
       warp_merge_softmax(m, l);
       if (lane == 0) {
         head_max_logit[r] = m;
@@ -1288,107 +1317,21 @@ __global__ void __launch_bounds__(kFusedThreads) quest_decode_kernel(
   }
   __syncthreads();
   if (rows_out != nullptr && rank == 0)
-    for (int i = threadIdx.x; i < k; i += kFusedThreads) rows_out[(int64_t)h * k + i] = selected[i] * num_kv_heads + kv_head;
+    for (int i = threadIdx.x; i < k; i += kFusedThreads)
+      rows_out[(int64_t)h * k + i] = selected[i] * num_kv_heads + kv_head;
 
   // Attention over this block's stretch of the selection, as sparse_decode's blocks do (logits in base 2)
   const int total_tokens = (k - 1) * page_size + last_len, slots = (k + blocks - 1) / blocks;
   const int begin = rank * slots * page_size, end = min(total_tokens, begin + slots * page_size);
-  const int token_lane = threadIdx.x % kTeam, team = threadIdx.x / kTeam;
-  float q[kGroup][kVec], acc[kGroup][kVec], m[kGroup], l[kGroup];
-#pragma unroll
-  for (int g = 0; g < kGroup; ++g) {
-    m[g] = -INFINITY;
-    l[g] = 0.f;
-    uint4 loaded = make_uint4(0, 0, 0, 0);
-    if (g < group) loaded = *reinterpret_cast<const uint4*>(query + ((int64_t)h * group + g) * kDim + token_lane * kVec);
-    const T* elements = reinterpret_cast<const T*>(&loaded);
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) {
-      q[g][i] = to_float(elements[i]) * scale_log2;
-      acc[g][i] = 0.f;
-    }
-  }
-  for (int first = begin; first < end; first += kTeams * kTile) {
-    const int base = first + team * kTile;
-    uint4 key_vectors[kTile], value_vectors[kTile];
-#pragma unroll
-    for (int u = 0; u < kTile; ++u) {
-      const int j = base + u;
-      key_vectors[u] = value_vectors[u] = make_uint4(0, 0, 0, 0);
-      if (j < end) {
-        const int slot = j / page_size;
-        const int64_t row = (int64_t)selected[slot] * num_kv_heads + kv_head;
-        const int64_t at = (row * page_size + (j - slot * page_size)) * kDim + token_lane * kVec;
-        key_vectors[u] = __ldg(reinterpret_cast<const uint4*>(keys + at));
-        value_vectors[u] = __ldg(reinterpret_cast<const uint4*>(values + at));
-      }
-    }
-    float token_logits[kGroup][kTile];
-#pragma unroll
-    for (int g = 0; g < kGroup; ++g)
-#pragma unroll
-      for (int u = 0; u < kTile; ++u) {
-        const T* key = reinterpret_cast<const T*>(&key_vectors[u]);
-        float dot = 0.f;
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) dot += q[g][i] * to_float(key[i]);
-        token_logits[g][u] = dot;
-      }
-#pragma unroll
-    for (int offset = kTeam / 2; offset > 0; offset >>= 1)
-#pragma unroll
-      for (int g = 0; g < kGroup; ++g)
-#pragma unroll
-        for (int u = 0; u < kTile; ++u) token_logits[g][u] += __shfl_xor_sync(0xffffffffu, token_logits[g][u], offset);
-    if (base >= end) continue;
-#pragma unroll
-    for (int g = 0; g < kGroup; ++g) {
-      if (g >= group) continue;
-      float tile_max = -INFINITY;
-#pragma unroll
-      for (int u = 0; u < kTile; ++u)
-        if (base + u < end) tile_max = fmaxf(tile_max, token_logits[g][u]);
-      const float running = fmaxf(m[g], tile_max), correction = fast_exp2(m[g] - running);
-      l[g] *= correction;
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) acc[g][i] *= correction;
-#pragma unroll
-      for (int u = 0; u < kTile; ++u) {
-        const float weight = base + u < end ? fast_exp2(token_logits[g][u] - running) : 0.f;
-        const T* value = reinterpret_cast<const T*>(&value_vectors[u]);
-        l[g] += weight;
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) acc[g][i] += weight * to_float(value[i]);
-      }
-      m[g] = running;
-    }
-  }
-  // the teams' states merge into the block's, which goes to block 0's shared memory; block 0 merges the blocks'
-  float* own = team_states + team * group * kState;
-#pragma unroll
-  for (int g = 0; g < kGroup; ++g) {
-    if (g >= group) continue;
-    if (token_lane == 0) {
-      own[g * kState] = m[g];
-      own[g * kState + 1] = l[g];
-    }
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) own[g * kState + 2 + token_lane * kVec + i] = acc[g][i];
-  }
+  const auto row_of = [&](int slot) { return (int64_t)selected[slot] * num_kv_heads + kv_head; };
+  attend_teams<T, kTeam, kGroup, kFusedThreads>(query + (int64_t)h * group * kDim, keys, values, row_of, group,
+                                               page_size, begin, end, scale_log2, team_states);
   __syncthreads();
+  // the teams' states merge into the block's, which goes to block 0's shared memory; block 0 merges the blocks'
   for (int index = threadIdx.x; index < group * kDim; index += kFusedThreads) {
     const int g = index / kDim, d = index % kDim;
-    float largest = -INFINITY;
-    for (int t = 0; t < kTeams; ++t) largest = fmaxf(largest, team_states[(t * group + g) * kState]);
-    float sum = 0.f, output = 0.f;
-    if (largest > -INFINITY) {
-      for (int t = 0; t < kTeams; ++t) {
-        const float* state = team_states + (t * group + g) * kState;
-        const float weight = fast_exp2(state[0] - largest);
-        sum += state[1] * weight;
-        output += state[2 + d] * weight;
-      }
-    }
+    float largest, sum, output;
+    merge_states<kDim>(team_states, kTeams, group, g, d, largest, sum, output);
     float* state = cluster.map_shared_rank(block_states, 0) + (rank * group + g) * kState;
     if (d == 0) {
       state[0] = largest;
@@ -1400,15 +1343,8 @@ __global__ void __launch_bounds__(kFusedThreads) quest_decode_kernel(
   if (rank != 0) return;
   for (int index = threadIdx.x; index < group * kDim; index += kFusedThreads) {
     const int g = index / kDim, d = index % kDim;
-    float largest = -INFINITY;
-    for (int b = 0; b < blocks; ++b) largest = fmaxf(largest, block_states[(b * group + g) * kState]);
-    float sum = 0.f, output = 0.f;
-    for (int b = 0; b < blocks; ++b) {
-      const float* state = block_states + (b * group + g) * kState;
-      const float weight = fast_exp2(state[0] - largest);  // 0 for a block without tokens (m = -inf)
-      sum += state[1] * weight;
-      output += state[2 + d] * weight;
-    }
+    float largest, sum, output;  // block 0 has tokens
+    merge_states<kDim>(block_states, blocks, group, g, d, largest, sum, output);
     out[((int64_t)h * group + g) * kDim + d] = from_float<T>(output / sum);
   }
 }

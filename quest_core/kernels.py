@@ -119,10 +119,15 @@ def quest_decode(module, query, page_bounds, keys, values, num_pages: int, k: in
     p * Hkv + h read, in page order (the sink pages first, the current page last). `length`, or `device_length`
     (int64 [1] on the GPU, `num_pages` then a bound: a captured CUDA graph), as SparseDecode's. Takes float16 and
     bfloat16, head_dim 64 or 128, up to 8 query heads per KV head; no scratch."""
-    page_size = keys.shape[2]
-    last_len = (length - 1) % page_size + 1 if device_length is None else 0
-    return module.quest_decode(query.contiguous(), page_bounds, keys, values, num_pages, k, scaling, last_len, rows,
-                               device_length, GROUP_RULES.index(group_rule), query.shape[-1] ** -0.5, sink_pages)
+    return module.quest_decode(query.contiguous(), page_bounds, keys, values, num_pages, k, scaling,
+                               last_page_len(length, keys.shape[2], device_length), rows, device_length,
+                               GROUP_RULES.index(group_rule), query.shape[-1] ** -0.5, sink_pages)
+
+
+def last_page_len(length: int, page_size: int, device_length) -> int:
+    """The current page's tokens for a kernel given the cache length from the host; 0 (unused) when the kernel
+    reads the length on the GPU (device_length)."""
+    return (length - 1) % page_size + 1 if device_length is None else 0
 
 
 @dataclass
@@ -165,7 +170,6 @@ class SparseDecode:
                 torch.empty(2 * size, dtype=torch.float32, device=device),
                 torch.zeros(num_kv_heads, dtype=torch.int32, device=device))
             self.generation += 1
-        page_size = keys.shape[2]
-        last_len = (length - 1) % page_size + 1 if device_length is None else 0
-        return self.module.sparse_decode(query.contiguous(), keys, values, rows, scaling, last_len,
-                                         scratch.partial_out, scratch.partial_state, scratch.counters, device_length)
+        return self.module.sparse_decode(query.contiguous(), keys, values, rows, scaling,
+                                         last_page_len(length, keys.shape[2], device_length), scratch.partial_out,
+                                         scratch.partial_state, scratch.counters, device_length)
