@@ -438,9 +438,9 @@ class FlashInferBackend:
             raise RuntimeError("an upload inside a CUDA-graph capture: the eager step before it makes what it needs")
         return torch.tensor(values).pin_memory().to(device, non_blocking=True)
 
-    def page_ids(self, selected: torch.Tensor, layer: PagedLayer) -> torch.Tensor:
-        """What `select` returned (one-head rows), as page ids [Hkv, k] (for the trace)."""
-        return selected.long().div(layer.num_kv_heads, rounding_mode="floor")
+    def rows_per_page(self, layer: PagedLayer) -> int:
+        """`select` returns FlashInfer's one-head page rows p * Hkv + h."""
+        return layer.num_kv_heads
 
     def decode_sparse(self, query: torch.Tensor, layer: PagedLayer, selected: torch.Tensor, scaling: float):
         """query [Hkv, G, D], selected page rows [Hkv, k] -> [Hkv, G, D] over the selected pages only."""

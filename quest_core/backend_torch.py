@@ -83,9 +83,9 @@ class TorchBackend:
         mass = page_attention_mass(query, layer.dense()[0], layer.page_size, scaling)
         return select_pages(mass, num_selected)
 
-    def page_ids(self, selected_pages: torch.Tensor, layer: PagedLayer) -> torch.Tensor:
-        """What `select` returned, as page ids [Hkv, k]: here they already are."""
-        return selected_pages
+    def rows_per_page(self, layer: PagedLayer) -> int:
+        """`select` returns page ids."""
+        return 1
 
     def decode_sparse(self, query: torch.Tensor, layer: PagedLayer, selected_pages: torch.Tensor, scaling: float,
                       page_counts: torch.Tensor | None = None):

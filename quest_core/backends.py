@@ -62,8 +62,10 @@ class AttentionBackend(Protocol):
                         scaling: float) -> torch.Tensor:
         """The evaluation's baselines, "streaming" or "oracle", in the form `select` returns."""
 
-    def page_ids(self, selected: torch.Tensor, layer: PagedLayer) -> torch.Tensor:
-        """What `select` returned, as page ids [Hkv, k] (for the trace)."""
+    def rows_per_page(self, layer: PagedLayer) -> int:
+        """What `select` returns holds page p of KV head h as p * rows_per_page + h (FlashInfer's one-head rows:
+        rows_per_page is Hkv) or as p (rows_per_page 1): either way the page id is the floor of row / rows_per_page.
+        The trace keeps a step's selections so and takes the page ids on the host: no kernel per layer."""
 
     def decode_sparse(self, query: torch.Tensor, layer: PagedLayer, selected: torch.Tensor,
                       scaling: float) -> torch.Tensor:

@@ -33,10 +33,12 @@ log = logging.getLogger(__name__)
 
 def record_replay(cache: QuestCache, traced_pages: dict) -> None:
     """Record into the cache's trace what its attention would have recorded in a replayed step: the host's part (its
-    lengths and bounds read) and the pages the graph wrote (`traced_pages`: layer index -> [Hkv, k], sparse layers)."""
+    lengths and bounds read) and the selections the graph wrote (`traced_pages`: layer index -> [Hkv, k], sparse
+    layers)."""
     for index, layer in enumerate(cache.layers):
         cache.trace.record_layer(index, layer, traced_pages.get(index),
-                                 bounds_read=cache.config.bounds_read(layer.num_pages))
+                                 bounds_read=cache.config.bounds_read(layer.num_pages),
+                                 rows_per_page=cache.backend.rows_per_page(layer))
 
 
 def greedy_pick(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor, stop_bias: torch.Tensor,
@@ -85,7 +87,7 @@ class GraphDecoder:
         self.planned = torch.cuda.Event()  # after a step's plans: FlashInfer's pinned buffers are free again
         self.shape = self.graph = self.logits = None
         self.step_plans = {}  # the plans of the eager step, re-run before each replay (backend.plan_step)
-        self.traced_pages = {}  # layer index -> the selected pages [Hkv, k] the graph writes (sparse layers)
+        self.traced_pages = {}  # layer index -> the selection [Hkv, k] the graph writes (sparse layers)
         self.compile_layers = compile_layers
 
     def _shape(self, length: int) -> tuple:

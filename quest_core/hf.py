@@ -169,10 +169,8 @@ def _request_attention(module, query: torch.Tensor, scaling: float | None, quest
     else:
         out = backend.decode_dense(grouped_query, layer, scaling)
     if trace is not None:
-        if selected_pages is not None:
-            selected_pages = backend.page_ids(selected_pages, layer)
         trace.record_layer(layer_idx, layer, selected_pages, grouped_query, scaling, started, page_counts,
-                           config.bounds_read(layer.num_pages))
+                           config.bounds_read(layer.num_pages), backend.rows_per_page(layer))
     return out.reshape(1, 1, num_heads, head_dim)
 
 
@@ -196,7 +194,7 @@ def _batch_attention(module, query: torch.Tensor, scaling: float | None, caches:
             groups.setdefault(setting, []).append(row)
         else:
             alone.append(row)
-    traced_pages = {}  # row -> its selected page ids [Hkv, k] (for the trace)
+    traced_pages = {}  # row -> its selection [Hkv, k] (for the trace)
     outs = []  # (rows, out [R, Hkv, G, D])
     for setting, rows in groups.items():
         group_query = grouped_query.index_select(0, _row_index(tuple(rows), query.device)) if len(rows) < batch \
@@ -208,8 +206,8 @@ def _batch_attention(module, query: torch.Tensor, scaling: float | None, caches:
         num_selected, group_rule, sink_pages, coarse_factor = setting
         selected = backend.select_batch(group_query, group_layers, num_selected, group_rule, sink_pages,
                                         coarse_factor)  # [R, Hkv, k]
-        traced_pages.update((row, backend.page_ids(rows_selected, layers[row])) for row, rows_selected
-                            in zip(rows, selected) if caches[row].trace is not None)
+        traced_pages.update((row, rows_selected) for row, rows_selected in zip(rows, selected)
+                            if caches[row].trace is not None)
         outs.append((rows, backend.decode_batch_sparse(group_query, group_layers, selected, scaling)))
     for row in alone:
         outs.append(([row], _request_attention(module, query[row:row + 1], scaling, caches[row])
@@ -223,7 +221,8 @@ def _batch_attention(module, query: torch.Tensor, scaling: float | None, caches:
     for row, cache in enumerate(caches):
         if cache.trace is not None and row not in alone:
             cache.trace.record_layer(layer_idx, layers[row], traced_pages.get(row), grouped_query[row], scaling,
-                                     bounds_read=cache.config.bounds_read(layers[row].num_pages))
+                                     bounds_read=cache.config.bounds_read(layers[row].num_pages),
+                                     rows_per_page=backend.rows_per_page(layers[row]))
     return out.view(batch, 1, num_heads, head_dim)
 
 

@@ -46,6 +46,7 @@ class Trace:
                                                    # device, page size, last page's tokens, bytes of one token of
                                                    # one KV head): its read bytes wait for its counts
     _num_kv_heads: int = 0
+    _rows_per_page: int = 1  # the backend's selections: page ids are their rows // _rows_per_page
     _recall: dict = field(default_factory=dict)
     _read_bytes: int = 0
     _dense_bytes: int = 0
@@ -66,11 +67,14 @@ class Trace:
         return start
 
     def record_layer(self, layer_idx: int, layer, selected_pages: torch.Tensor | None, query=None, scaling=1.0,
-                     started=None, page_counts: torch.Tensor | None = None, bounds_read: int | None = None):
-        """selected_pages [Hkv, k] page ids or None (dense); page_counts [Hkv] with top_p (selection.read_slots
-        says which slots a head read); query [Hkv, G, D] is needed only when inspecting; `started` is what
-        `start_attention` returned; bounds_read: the rows of bounds the selection read per KV head
-        (QuestConfig.bounds_read; None: every page's)."""
+                     started=None, page_counts: torch.Tensor | None = None, bounds_read: int | None = None,
+                     rows_per_page: int = 1):
+        """selected_pages [Hkv, k] or None (dense): the backend's selection, whose page ids are its rows divided by
+        rows_per_page (AttentionBackend.rows_per_page), kept so until the step closes, which takes the page ids of
+        all layers on the host; page_counts [Hkv] with top_p (selection.read_slots says which slots a head read);
+        query [Hkv, G, D] is needed only when inspecting; `started` is what `start_attention` returned;
+        bounds_read: the rows of bounds the selection read per KV head (QuestConfig.bounds_read; None: every
+        page's)."""
         if isinstance(started, float):
             self._attention_s += time.perf_counter() - started
         elif started is not None:
@@ -98,9 +102,11 @@ class Trace:
             selected_pages = selected_pages.masked_fill(~read_slots(page_counts, width), -1)
             self._adaptive[layer_idx] = (page_counts, layer.page_size, layer.last_page_len, head_token_bytes)
         self.layer_pages[layer_idx] = selected_pages
+        self._rows_per_page = rows_per_page
         if self.inspect:
             mass = page_attention_mass(query, layer.dense()[0], layer.page_size, scaling)  # [Hkv, pages]
-            on_pages = mass.gather(1, selected_pages.clamp(min=0)).masked_fill(selected_pages < 0, 0)
+            pages = selected_pages.div(rows_per_page, rounding_mode="floor")  # -1 stays -1
+            on_pages = mass.gather(1, pages.clamp(min=0)).masked_fill(pages < 0, 0)
             self._recall[layer_idx] = on_pages.sum(1)
 
     def end_step(self, context_len: int, seconds: float, num_layers: int) -> StepTrace:
@@ -108,8 +114,8 @@ class Trace:
         if self._queued:
             step = self._queued.popleft()
             step.seconds = seconds
-            if step.selected_pages is not None:
-                step.selected_pages = step.selected_pages.clone()  # out of pinned memory
+            if step.selected_pages is not None:  # page ids, out of pinned memory
+                step.selected_pages = step.selected_pages.div(self._rows_per_page, rounding_mode="floor")
         else:
             step = self._close(context_len, seconds, num_layers, wait=True)
         self.steps.append(step)
@@ -136,8 +142,8 @@ class Trace:
             selected = torch.stack([self.layer_pages.get(index, dense).to(first.device)  # layers over GPUs
                                     for index in range(num_layers)]).to(torch.int32)
             if wait:
-                selected = selected.cpu()
-            else:
+                selected = selected.cpu().div(self._rows_per_page, rounding_mode="floor")
+            else:  # end_step takes the page ids once the copy is done
                 host = torch.empty(selected.shape, dtype=torch.int32, pin_memory=selected.is_cuda)
                 selected = host.copy_(selected, non_blocking=True)
         if self._recall:

@@ -351,7 +351,7 @@ def test_flashinfer_attention_against_fp32(dtype, head_dim, group):
     assert relative_error(dense, attention(query, keys, values, scaling, dtype=torch.float32)) <= 1e-2
 
     rows = backend.select(query, layer, 32, "mass" if group == 7 else "max")  # our scorer
-    pages = backend.page_ids(rows, layer)
+    pages = rows.div(backend.rows_per_page(layer), rounding_mode="floor")
     sparse = backend.decode_sparse(query, layer, rows, scaling)
     mask = torch.zeros(4, 1, 3001, dtype=torch.bool, device="cuda")
     for h in range(4):

@@ -230,3 +230,20 @@ def test_the_trace_counts_the_bounds_a_step_reads(coarse_factor, budget):
     bounds_bytes = rows * 2 * 16 * 4 * 2  # [2D] float32 per row, 2 KV heads
     expected = 302 * 2 * head_token_bytes + 2 * (bounds_bytes + k * 2 * 2 * head_token_bytes)
     assert step.read_bytes == expected
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_a_closed_step_gives_page_ids_from_a_backends_one_head_rows(ahead):
+    """The flashinfer backend selects FlashInfer's one-head rows p * Hkv + h; the trace keeps them until the step
+    closes (no kernel per layer in a traced graph) and then gives page ids, -1 for a dense layer, whether the step
+    closes at once or ahead of its consumer (close_step, then end_step)."""
+    layer = PagedLayer(4)
+    layer.update(torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8))  # 10 pages of 4, 2 KV heads
+    pages = torch.tensor([[0, 3, 9], [2, 5, 9]], dtype=torch.int32)
+    trace = Trace()
+    trace.record_layer(0, layer, None)
+    trace.record_layer(1, layer, pages * 2 + torch.tensor([[0], [1]], dtype=torch.int32), rows_per_page=2)
+    if ahead:
+        trace.close_step(40, 2)
+    step = trace.end_step(40, 0.0, 2)
+    assert torch.equal(step.selected_pages, torch.stack([torch.full_like(pages, -1), pages]))
