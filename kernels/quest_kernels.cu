@@ -95,20 +95,56 @@ __device__ __forceinline__ void let_next_kernel_launch() {
 #endif
 }
 
+// Launches `kernel` on the current stream, free to start early (above; Hopper and later), its blocks in
+// thread-block clusters of `cluster_blocks` along x where that is given (> 0: Hopper and later).
 template <typename... Parameters, typename... Arguments>
-void launch_kernel(void (*kernel)(Parameters...), dim3 grid, int threads, int shared_bytes,
-                   const DeviceLimits& limits, Arguments... arguments) {
-  cudaLaunchAttribute early_start;
-  early_start.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  early_start.val.programmaticStreamSerializationAllowed = 1;
+void launch_in_clusters(void (*kernel)(Parameters...), dim3 grid, int cluster_blocks, int threads, int shared_bytes,
+                        const DeviceLimits& limits, Arguments... arguments) {
+  cudaLaunchAttribute attributes[2];
+  int count = 0;
+  if (cluster_blocks > 0) {
+    attributes[count].id = cudaLaunchAttributeClusterDimension;
+    attributes[count].val.clusterDim.x = cluster_blocks;
+    attributes[count].val.clusterDim.y = 1;
+    attributes[count++].val.clusterDim.z = 1;
+  }
+  if (limits.major >= 9) {
+    attributes[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attributes[count++].val.programmaticStreamSerializationAllowed = 1;
+  }
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = dim3(threads);
   config.dynamicSmemBytes = shared_bytes;
   config.stream = c10::cuda::getCurrentCUDAStream();
-  config.attrs = &early_start;
-  config.numAttrs = limits.major >= 9 ? 1 : 0;
+  config.attrs = attributes;
+  config.numAttrs = count;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, static_cast<Parameters>(arguments)...));
+}
+
+template <typename... Parameters, typename... Arguments>
+void launch_kernel(void (*kernel)(Parameters...), dim3 grid, int threads, int shared_bytes,
+                   const DeviceLimits& limits, Arguments... arguments) {
+  launch_in_clusters(kernel, grid, 0, threads, shared_bytes, limits, arguments...);
+}
+
+// For the decode kernels: calls launch(T{}, kDim, kGroup) with T the CUDA type of a float16 or bfloat16 `type`,
+// kDim the head dim (64 or 128) and kGroup the query heads per KV head rounded up to 1, 2, 4 or 8 (at most 8), the
+// last two as std::integral_constant.
+template <typename Launch>
+void dispatch_decode(at::ScalarType type, int head_dim, int group, Launch launch) {
+  auto by_group = [&](auto type_tag, auto dim_tag) {
+    if (group == 1) launch(type_tag, dim_tag, std::integral_constant<int, 1>{});
+    else if (group == 2) launch(type_tag, dim_tag, std::integral_constant<int, 2>{});
+    else if (group <= 4) launch(type_tag, dim_tag, std::integral_constant<int, 4>{});
+    else launch(type_tag, dim_tag, std::integral_constant<int, 8>{});
+  };
+  auto by_dim = [&](auto type_tag) {
+    if (head_dim == 64) by_group(type_tag, std::integral_constant<int, 64>{});
+    else by_group(type_tag, std::integral_constant<int, 128>{});
+  };
+  if (type == at::kHalf) by_dim(__half{});
+  else by_dim(__nv_bfloat16{});
 }
 
 // ---- (a) KV append fused with the page min/max update ----
@@ -1034,20 +1070,11 @@ torch::Tensor sparse_decode(torch::Tensor query, torch::Tensor keys, torch::Tens
         reinterpret_cast<unsigned int*>(counters.data_ptr<int>()), group, page_size, k, pages_per_split * page_size,
         scale_log2, (int)last_len, device_length ? device_length->data_ptr<int64_t>() : nullptr, heads_per_length);
   };
-  auto by_group = [&](auto type_tag, auto team_tag) {
+  dispatch_decode(keys.scalar_type(), head_dim, group, [&](auto type_tag, auto dim_tag, auto group_tag) {
     using T = decltype(type_tag);
-    constexpr int kTeam = decltype(team_tag)::value;
-    if (group == 1) launch(sparse_decode_kernel<T, kTeam, 1>, T{});
-    else if (group == 2) launch(sparse_decode_kernel<T, kTeam, 2>, T{});
-    else if (group <= 4) launch(sparse_decode_kernel<T, kTeam, 4>, T{});
-    else launch(sparse_decode_kernel<T, kTeam, 8>, T{});
-  };
-  auto by_dim = [&](auto type_tag) {
-    if (head_dim == 64) by_group(type_tag, std::integral_constant<int, 8>{});
-    else by_group(type_tag, std::integral_constant<int, 16>{});
-  };
-  if (keys.scalar_type() == at::kHalf) by_dim(__half{});
-  else by_dim(__nv_bfloat16{});
+    constexpr int kTeam = decltype(dim_tag)::value / (16 / sizeof(T));  // lanes per token: D over 16-byte vectors
+    launch(sparse_decode_kernel<T, kTeam, decltype(group_tag)::value>, type_tag);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -1411,41 +1438,17 @@ torch::Tensor quest_decode(torch::Tensor query, torch::Tensor bounds, torch::Ten
     using T = decltype(type_tag);
     allow_max_shared(kernel, device, limits.max_shared);
     allow_large_clusters(kernel, device);
-    cudaLaunchAttribute attributes[2];
-    attributes[0].id = cudaLaunchAttributeClusterDimension;
-    attributes[0].val.clusterDim.x = blocks;
-    attributes[0].val.clusterDim.y = 1;
-    attributes[0].val.clusterDim.z = 1;
-    attributes[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attributes[1].val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(blocks, heads);
-    config.blockDim = dim3(kFusedThreads);
-    config.dynamicSmemBytes = shared_bytes;
-    config.stream = c10::cuda::getCurrentCUDAStream();
-    config.attrs = attributes;
-    config.numAttrs = 2;
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, reinterpret_cast<const T*>(query.data_ptr()),
-        reinterpret_cast<const T*>(bounds.data_ptr()), (int64_t)bounds.size(1),
-        reinterpret_cast<const T*>(keys.data_ptr()), reinterpret_cast<const T*>(values.data_ptr()),
-        reinterpret_cast<T*>(out.data_ptr()), rows_out.data_ptr<int>(), group, (int)num_pages, (int)last_len,
+    launch_in_clusters(kernel, dim3(blocks, heads), blocks, kFusedThreads, shared_bytes, limits,
+        reinterpret_cast<const T*>(query.data_ptr()), reinterpret_cast<const T*>(bounds.data_ptr()),
+        (int64_t)bounds.size(1), reinterpret_cast<const T*>(keys.data_ptr()),
+        reinterpret_cast<const T*>(values.data_ptr()), reinterpret_cast<T*>(out.data_ptr()),
+        rows_out.data_ptr<int>(), group, (int)num_pages, (int)last_len,
         device_length ? device_length->data_ptr<int64_t>() : nullptr, page_size, (int)k, heads, pages_per_block,
-        (int)num_pages, (int)rule, (float)mass_scale, scale_log2, (int)sink_pages));
+        (int)num_pages, (int)rule, (float)mass_scale, scale_log2, (int)sink_pages);
   };
-  auto by_group = [&](auto type_tag, auto dim_tag) {
-    using T = decltype(type_tag);
-    constexpr int kDim = decltype(dim_tag)::value;
-    if (group == 1) launch(quest_decode_kernel<T, kDim, 1>, T{});
-    else if (group == 2) launch(quest_decode_kernel<T, kDim, 2>, T{});
-    else if (group <= 4) launch(quest_decode_kernel<T, kDim, 4>, T{});
-    else launch(quest_decode_kernel<T, kDim, 8>, T{});
-  };
-  auto by_dim = [&](auto type_tag) {
-    if (head_dim == 64) by_group(type_tag, std::integral_constant<int, 64>{});
-    else by_group(type_tag, std::integral_constant<int, 128>{});
-  };
-  if (keys.scalar_type() == at::kHalf) by_dim(__half{});
-  else by_dim(__nv_bfloat16{});
+  dispatch_decode(keys.scalar_type(), head_dim, group, [&](auto type_tag, auto dim_tag, auto group_tag) {
+    launch(quest_decode_kernel<decltype(type_tag), decltype(dim_tag)::value, decltype(group_tag)::value>, type_tag);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
