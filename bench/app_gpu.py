@@ -1,12 +1,15 @@
 """The app's decoding on a GPU (issue 16): a model of the embedded default's shapes (SmolLM2-135M: 30 layers, 9 q /
 3 kv heads of 64 dims; random bf16 weights built from a config, nothing downloaded), 8K tokens of context, the app's
 Quest settings for it (`default_config`: pages of 4, rule mass, budget 1024) and its chat decoding (greedy with
-`Decoding`'s repetition penalty), batch 1 on CUDA graphs, as `generation.decode` runs them. Decode tok/s of dense
-and Quest, traced as the app traces (every step's selected pages, for its plots) and untraced, in one run; then
-where a traced step's host time goes (cProfile over a traced Quest answer: the functions with the most time of
-their own); and the GPU kernels of an untraced step of each (torch.profiler: time per step by kernel).
+`Decoding`'s repetition penalty), batch 1 on CUDA graphs, as `generation.decode` runs them; or, with `--shape
+llama3-8b`, a model of Llama-3.1-8B's shapes at 32K with budget 2048 (the issue's example of the trace's cost).
+Decode tok/s of dense and Quest, traced as the app traces (every step's selected pages, for its plots) and
+untraced, in one run; then where a traced step's host time goes (cProfile over a traced Quest answer: the functions
+with the most time of their own); and the GPU kernels of an untraced step of each (torch.profiler: time per step
+by kernel).
 
-    python bench/app_gpu.py        # writes the gpu_app section of bench/RESULTS.md
+    python bench/app_gpu.py                      # writes the gpu_app section of bench/RESULTS.md
+    python bench/app_gpu.py --shape llama3-8b    # writes gpu_app_llama3_8b
 """
 import argparse
 import cProfile
@@ -21,7 +24,7 @@ from transformers import LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.cpu_decode import tokens_per_s  # noqa: E402
-from bench.e2e import random_bf16_model, random_prompt  # noqa: E402
+from bench.e2e import llama_8b_shaped, random_bf16_model, random_prompt  # noqa: E402
 from bench.results import write_section  # noqa: E402
 from quest_core.backends import make_backend  # noqa: E402
 from quest_core.config import Decoding, default_config  # noqa: E402
@@ -35,6 +38,11 @@ def smollm2_shaped(max_context: int):
                                          num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
                                          max_position_embeddings=max_context, rope_theta=100000.0,
                                          tie_word_embeddings=True))
+
+
+# --shape: (title, model builder(max context), default context, Quest budget: None for the app's default)
+SHAPES = {"smollm2": ("SmolLM2-135M shapes (30 layers, 9 q / 3 kv heads, d 64)", smollm2_shaped, 8192 - 300, None),
+          "llama3-8b": ("Llama-3.1-8B shapes (32 layers, 32 q / 8 kv heads, d 128)", llama_8b_shaped, 32768, 2048)}
 
 
 def answer_tok_s(model, cache, prompt, new_tokens: int, traced: bool) -> float:
@@ -83,15 +91,18 @@ def step_kernels(model, cache, prompt, new_tokens: int, top: int = 14) -> tuple[
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--context", type=int, default=8192 - 300)
+    parser.add_argument("--shape", choices=SHAPES, default="smollm2")
+    parser.add_argument("--context", type=int, help="tokens of context (default: the shape's)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    model = smollm2_shaped(8192)
+    title, build_model, context, budget = SHAPES[args.shape]
+    args.context = args.context or context
+    model = build_model(max(8192, args.context + args.new_tokens + 16))
     use_quest(model)
     backend = make_backend("auto", "cuda", model.dtype)
-    quest = default_config(model.config)
+    quest = default_config(model.config, budget=budget)
     prompt = random_prompt(model.config.vocab_size, args.context)
     cache = QuestCache(model.config.num_hidden_layers, quest, backend)
     prefill(model, cache, prompt[:-1], chunk_size=2048)
@@ -116,10 +127,11 @@ def main():
     for mode in ("dense", "quest"):
         table.append(f"| {mode} | {speeds[mode, False]:.1f} | {speeds[mode, True]:.1f} | "
                      f"{speeds[mode, True] / speeds[mode, False]:.2f}x |")
-    body = (f"SmolLM2-135M shapes (30 layers, 9 q / 3 kv heads, d 64), random bf16 weights, {args.context} tokens of "
+    body = (f"{title}, random bf16 weights, {args.context} tokens of "
             f"context, batch 1, {args.new_tokens} new tokens greedy with the repetition penalty "
             f"{Decoding.repetition_penalty} (the app's chat decoding), backend {backend.name}; Quest with the app's "
-            f"settings for this model (budget {quest.budget}, pages of {quest.page_size}, rule {quest.group_rule}, "
+            f"settings for this model{' but the budget' if budget else ''} (budget {quest.budget}, pages of "
+            f"{quest.page_size}, rule {quest.group_rule}, "
             f"{quest.dense_layers} dense layers). Steps replay a CUDA graph, queued ahead of the host (the graph "
             "applies the repetition penalty; a traced step's pages reach the host in stream order); tok/s over the "
             f"steps after the first two (eager, capture), the median of {args.runs} answers. Traced: as the app "
@@ -131,7 +143,8 @@ def main():
             "activity; the first step is eager, the rest replay the graph):\n\n" +
             "\n\n".join(kernel_tables.values()))
     if not args.no_write:
-        write_section("gpu_app", "GPU: the app's decoding, traced and untraced (SmolLM2-135M shapes)", body)
+        name = "gpu_app" if args.shape == "smollm2" else f"gpu_app_{args.shape.replace('-', '_')}"
+        write_section(name, f"GPU: the app's decoding, traced and untraced ({title.split(' (')[0]})", body)
 
 
 if __name__ == "__main__":
