@@ -66,7 +66,7 @@ MARKS = [
     # score_topk
     ("  const int request = h / num_kv_heads, kv_head = h % num_kv_heads;  // request 0 without a bounds table\n", "",
      mark(0)),
-    ("    split_query[r * 2 * head_dim + head_dim + d] = negative;\n  }\n  __syncthreads();\n", "", mark(1)),
+    ("h, rule, group, head_dim, split_query);\n  __syncthreads();\n", "", mark(1)),
     ("", "  // Rule mass: the block's softmax states to the block states", mark(2, sync=True)),
     ("", "  __threadfence();\n  __syncthreads();\n"
          "  if (threadIdx.x == 0) is_last = atomicAdd(&counters[h], 1u) == (rule == kMass", mark(3, sync=True)),

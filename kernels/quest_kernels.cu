@@ -397,6 +397,27 @@ __device__ __forceinline__ void block_mass(const float* logits, int64_t row_stri
   }
 }
 
+// The split query rows of KV head row h's group (query [heads, G, D]) into split_query [rows, 2D]: row r is relu(q),
+// then min(q, 0), of query head r (rules max, mass: G rows) or summed over the group (rule sum: one row). The
+// block's kBlockThreads threads share the work; the caller syncs the block before reading them.
+template <int kBlockThreads, typename T>
+__device__ __forceinline__ void split_query_rows(const T* __restrict__ query, int h, int rule, int group, int head_dim,
+                                                 float* split_query) {
+  const int rows = rule == kSum ? 1 : group;
+  for (int i = threadIdx.x; i < rows * head_dim; i += kBlockThreads) {
+    const int r = i / head_dim, d = i % head_dim;
+    const int first = rule == kSum ? 0 : r, last = rule == kSum ? group : r + 1;
+    float positive = 0.f, negative = 0.f;
+    for (int g = first; g < last; ++g) {
+      const float q = to_float(query[((int64_t)h * group + g) * head_dim + d]);
+      positive += fmaxf(q, 0.f);
+      negative += fminf(q, 0.f);
+    }
+    split_query[r * 2 * head_dim + d] = positive;
+    split_query[r * 2 * head_dim + head_dim + d] = negative;
+  }
+}
+
 // kChunks: 16-byte vectors per lane and page (1, 2 or 4); kRule: a GroupRule, a template argument so that each
 // rule's kernel holds only its own code (one kernel for all three spilled registers at 1024 threads: nvcc -Xptxas -v)
 template <typename T, int kChunks, int kRule>
@@ -432,19 +453,7 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
   if (device_length != nullptr) num_pages = (int)((device_length[request] + page_size - 1) / page_size);
   const int candidates = num_pages - 1;  // the full pages; the current page is always selected
 
-  // Split query row r: relu(q), then min(q, 0), of query head r (rules max, mass) or summed over the group (sum)
-  for (int i = threadIdx.x; i < query_rows * head_dim; i += kThreads) {
-    const int r = i / head_dim, d = i % head_dim;
-    const int first = rule == kSum ? 0 : r, last = rule == kSum ? group : r + 1;
-    float positive = 0.f, negative = 0.f;
-    for (int g = first; g < last; ++g) {
-      const float q = to_float(query[((int64_t)h * group + g) * head_dim + d]);
-      positive += fmaxf(q, 0.f);
-      negative += fminf(q, 0.f);
-    }
-    split_query[r * 2 * head_dim + d] = positive;
-    split_query[r * 2 * head_dim + head_dim + d] = negative;
-  }
+  split_query_rows<kThreads>(query, h, rule, group, head_dim, split_query);
   __syncthreads();
 
   // Scoring. A team of `team` lanes (a power of two, within one warp) scores one page; lane j of a team holds
@@ -1162,18 +1171,7 @@ __global__ void __launch_bounds__(kFusedThreads) quest_decode_kernel(
     last_len = (int)((device_length[0] - 1) % page_size) + 1;
   }
   const int candidates = num_pages - 1;  // the full pages; the current page is always read
-  for (int i = threadIdx.x; i < query_rows * kDim; i += kFusedThreads) {  // split query, as score_topk's
-    const int r = i / kDim, d = i % kDim;
-    const int first = rule == kSum ? 0 : r, last = rule == kSum ? group : r + 1;
-    float positive = 0.f, negative = 0.f;
-    for (int g = first; g < last; ++g) {
-      const float q = to_float(query[((int64_t)h * group + g) * kDim + d]);
-      positive += fmaxf(q, 0.f);
-      negative += fminf(q, 0.f);
-    }
-    split_query[r * 2 * kDim + d] = positive;
-    split_query[r * 2 * kDim + kDim + d] = negative;
-  }
+  split_query_rows<kFusedThreads>(query, h, rule, group, kDim, split_query);
   __syncthreads();
   cluster.barrier_wait(std::move(started));
 
