@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.attention_kernels import copy_bandwidth  # noqa: E402
-from bench.e2e import KERNEL_KINDS, kernel_time_by_kind, llama_8b_shaped, random_prompt  # noqa: E402
+from bench.e2e import KERNEL_KINDS, kernel_time_by_kind, llama_8b_shaped, random_prompt, step_weight_bytes  # noqa: E402
 from bench.results import write_section  # noqa: E402
 from quest_core.backends import make_backend  # noqa: E402
 from quest_core.config import default_config, head_dim  # noqa: E402
@@ -104,7 +104,7 @@ def floor_tok_s(model, batch: int, context: int, budget: int | None, bandwidth: 
     """The bytes floor: a step reads the weights once and each request's KV (Quest: the 2 dense layers whole, the
     others' selected pages and every page's bounds)."""
     config = model.config
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = step_weight_bytes(model)
     token_bytes = 2 * config.num_key_value_heads * head_dim(config) * 2  # K and V of one token in one layer, bf16
     layers = config.num_hidden_layers
     if budget is None:

@@ -40,6 +40,15 @@ def random_bf16_model(config: LlamaConfig):
     return model
 
 
+def step_weight_bytes(model) -> int:
+    """The bytes of weights a decode step reads: each parameter once, but of the input embedding one row (its table
+    is read whole only where the output projection shares it: tied)."""
+    embedding = model.get_input_embeddings().weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    tied = model.get_output_embeddings().weight is embedding
+    return total if tied else total - (embedding.shape[0] - 1) * embedding.shape[1] * embedding.element_size()
+
+
 def random_prompt(vocab_size: int, context: int) -> list[int]:
     """`context` random token ids, the same in every run (seed 0)."""
     return torch.randint(0, vocab_size, (context,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -116,8 +125,12 @@ def main():
     parser.add_argument("--budget", type=int, default=2048)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    from bench.attention_kernels import copy_bandwidth  # imports flashinfer: GPU only
+
     inductor_cache = "warm (an earlier run on this machine)" if os.path.isdir(cache_dir()) else "cold"
     model = llama_8b_shaped(max(args.contexts) + args.new_tokens + 16)
+    bandwidth = copy_bandwidth()
+    weights_ms = 1e3 * step_weight_bytes(model) / bandwidth
     backend = make_backend("auto", "cuda", model.dtype)
     quest = default_config(model.config, budget=args.budget)
     rows = []
@@ -158,13 +171,15 @@ def main():
                      f"{r['hf_ttft_s']:.2f} | {r['dense_ttft_s']:.2f} | {r['quest_ttft_s']:.2f} | "
                      f"{1e3 * r['dense_first_steps_s']:.0f} / {1e3 * r['quest_first_steps_s']:.0f} |")
     kinds = [*KERNEL_KINDS, "other"]
-    profile = ["| context | engine | " + " | ".join(f"{kind} ms" for kind in kinds) + " | GPU total ms | step ms |",
-               "|---:|---|" + "---:|" * (len(kinds) + 2)]
+    profile = ["| context | engine | " + " | ".join(f"{kind} ms" for kind in kinds) +
+               " | GPU total ms | step ms | matmul / weights' floor |", "|---:|---|" + "---:|" * (len(kinds) + 3)]
     for r in rows:
         for engine in ("dense", "quest"):
             times = r[f"{engine}_gpu_us"]
+            matmul_ms = (times["cuBLAS matmul"] + times["Triton matmul"]) / 1e3
             profile.append(f"| {r['context']} | {engine} | " + " | ".join(f"{times[k] / 1e3:.2f}" for k in kinds) +
-                           f" | {sum(times.values()) / 1e3:.2f} | {r[f'{engine}_profiled_ms']:.2f} |")
+                           f" | {sum(times.values()) / 1e3:.2f} | {r[f'{engine}_profiled_ms']:.2f} | "
+                           f"{matmul_ms / weights_ms:.2f}x |")
     body = (f"Llama-3.1-8B shapes (32 layers, 32 q / 8 kv heads, d 128) with random bf16 weights, batch 1, "
             f"{args.new_tokens} new tokens (EOS suppressed), Quest budget {args.budget}, page 16, 2 dense layers; "
             f"backend {backend.name}; HF's compiled column is `generate(cache_implementation=\"static\")`, whose "
@@ -183,7 +198,9 @@ def main():
             "replays after each timed run (Triton matmul: the autotuned Triton kernels holding a matrix product; "
             "other: copies, memsets, PyTorch's own kernels), and the "
             "step's wall time under the profiler. The step time less the GPU total is time the GPU waits: launch "
-            "gaps inside the graph and the host's work between replays.\n\n" + "\n".join(profile))
+            "gaps inside the graph and the host's work between replays. The last column: the matrix products' time "
+            f"against the weights' bytes floor ({step_weight_bytes(model) / 1e9:.2f} GB a step at the copy bandwidth "
+            f"measured in this run, {bandwidth / 1e12:.2f} TB/s: {weights_ms:.2f} ms).\n\n" + "\n".join(profile))
     if not args.no_write:
         write_section("gpu_e2e", "GPU end to end: HF generate vs ours dense vs ours Quest", body)
     print(json.dumps({"bench": "gpu_e2e", "rows": rows}))

@@ -118,3 +118,19 @@ def test_kernel_phases_finds_one_place_for_each_of_its_timers_in_the_kernels():
     from bench import kernel_phases
     source = kernel_phases.timed_source()
     assert source.count("trace_mark(") == len(kernel_phases.MARKS) + 1  # each timer, and its definition
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_benches_bytes_floor_reads_the_matrices_and_norms_once_and_one_embedding_row(tied):
+    """bench/e2e.py's and bench/batch_gpu.py's floor: a decode step reads each matrix and norm weight once, and of the
+    input embedding one row, unless the output projection shares its table (tied), which it then reads whole."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bench.e2e import step_weight_bytes
+    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    read = [module.weight for module in model.modules()
+            if isinstance(module, torch.nn.Linear) or type(module).__name__.endswith("RMSNorm")]
+    expected = sum(weight.numel() for weight in read) * 2 + (0 if tied else config.hidden_size * 2)
+    assert step_weight_bytes(model) == expected
