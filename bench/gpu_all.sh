@@ -3,8 +3,8 @@
 # wheels (.whl/), restores FlashInfer kernels built by an earlier run (.jit/, carried back from $OUT), builds
 # the rest side by side, then runs what the arguments name: tests, kernels, e2e (default: all three), batch (batched
 # decode, bench/batch_gpu.py), batch-hf (HF generate at the same batches: bench/batch_hf.py), app (the app's
-# decoding, traced and untraced: bench/app_gpu.py), profile, multi (the 70B-shaped model split over 2 GPUs:
-# bench/multi_gpu.py, on the device tool's 2-GPU H200 machine).
+# decoding, traced and untraced, SmolLM2's and Llama-3.1-8B's shapes: bench/app_gpu.py), profile, multi (the
+# 70B-shaped model split over 2 GPUs: bench/multi_gpu.py, on the device tool's 2-GPU H200 machine).
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
@@ -31,7 +31,8 @@ for step in ${@:-tests kernels e2e}; do
     e2e) python3 bench/e2e.py 2>&1 | tee "$OUT/e2e.txt" ;;
     batch) python3 bench/batch_gpu.py 2>&1 | tee "$OUT/batch.txt" ;;
     batch-hf) python3 bench/batch_hf.py 2>&1 | tee "$OUT/batch_hf.txt" ;;
-    app) python3 bench/app_gpu.py 2>&1 | tee "$OUT/app_gpu.txt" ;;
+    app) for shape in smollm2 llama3-8b; do python3 bench/app_gpu.py --shape $shape; done 2>&1 \
+           | tee "$OUT/app_gpu.txt" ;;
     profile)  # where our two kernels' time goes (Nsight Compute): one layer of Llama-3.1-8B heads at 128K
       ncu --kernel-name regex:'score_topk|sparse_decode' --launch-skip 20 --launch-count 2 --section SpeedOfLight \
         --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats --section Occupancy \
