@@ -40,9 +40,12 @@ def smollm2_shaped(max_context: int):
                                          tie_word_embeddings=True))
 
 
-# --shape: (title, model builder(max context), default context, Quest budget: None for the app's default)
-SHAPES = {"smollm2": ("SmolLM2-135M shapes (30 layers, 9 q / 3 kv heads, d 64)", smollm2_shaped, 8192 - 300, None),
-          "llama3-8b": ("Llama-3.1-8B shapes (32 layers, 32 q / 8 kv heads, d 128)", llama_8b_shaped, 32768, 2048)}
+# --shape: (RESULTS.md section, title, model builder(max context), default context, Quest budget: None for the
+# app's default)
+SHAPES = {"smollm2": ("gpu_app", "SmolLM2-135M shapes (30 layers, 9 q / 3 kv heads, d 64)", smollm2_shaped,
+                      8192 - 300, None),
+          "llama3-8b": ("gpu_app_llama3_8b", "Llama-3.1-8B shapes (32 layers, 32 q / 8 kv heads, d 128)",
+                        llama_8b_shaped, 32768, 2048)}
 
 
 def answer_tok_s(model, cache, prompt, new_tokens: int, traced: bool) -> float:
@@ -97,7 +100,7 @@ def main():
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    title, build_model, context, budget = SHAPES[args.shape]
+    section, title, build_model, context, budget = SHAPES[args.shape]
     args.context = args.context or context
     model = build_model(max(8192, args.context + args.new_tokens + 16))
     use_quest(model)
@@ -143,8 +146,7 @@ def main():
             "activity; the first step is eager, the rest replay the graph):\n\n" +
             "\n\n".join(kernel_tables.values()))
     if not args.no_write:
-        name = "gpu_app" if args.shape == "smollm2" else f"gpu_app_{args.shape.replace('-', '_')}"
-        write_section(name, f"GPU: the app's decoding, traced and untraced ({title.split(' (')[0]})", body)
+        write_section(section, f"GPU: the app's decoding, traced and untraced ({title.split(' (')[0]})", body)
 
 
 if __name__ == "__main__":

@@ -130,7 +130,8 @@ def main():
     inductor_cache = "warm (an earlier run on this machine)" if os.path.isdir(cache_dir()) else "cold"
     model = llama_8b_shaped(max(args.contexts) + args.new_tokens + 16)
     bandwidth = copy_bandwidth()
-    weights_ms = 1e3 * step_weight_bytes(model) / bandwidth
+    weight_bytes = step_weight_bytes(model)
+    weights_ms = 1e3 * weight_bytes / bandwidth
     backend = make_backend("auto", "cuda", model.dtype)
     quest = default_config(model.config, budget=args.budget)
     rows = []
@@ -199,7 +200,7 @@ def main():
             "other: copies, memsets, PyTorch's own kernels), and the "
             "step's wall time under the profiler. The step time less the GPU total is time the GPU waits: launch "
             "gaps inside the graph and the host's work between replays. The last column: the matrix products' time "
-            f"against the weights' bytes floor ({step_weight_bytes(model) / 1e9:.2f} GB a step at the copy bandwidth "
+            f"against the weights' bytes floor ({weight_bytes / 1e9:.2f} GB a step at the copy bandwidth "
             f"measured in this run, {bandwidth / 1e12:.2f} TB/s: {weights_ms:.2f} ms).\n\n" + "\n".join(profile))
     if not args.no_write:
         write_section("gpu_e2e", "GPU end to end: HF generate vs ours dense vs ours Quest", body)
