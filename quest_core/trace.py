@@ -105,9 +105,13 @@ class Trace:
         self._rows_per_page = rows_per_page
         if self.inspect:
             mass = page_attention_mass(query, layer.dense()[0], layer.page_size, scaling)  # [Hkv, pages]
-            pages = selected_pages.div(rows_per_page, rounding_mode="floor")  # -1 stays -1
+            pages = self._page_ids(selected_pages)
             on_pages = mass.gather(1, pages.clamp(min=0)).masked_fill(pages < 0, 0)
             self._recall[layer_idx] = on_pages.sum(1)
+
+    def _page_ids(self, rows: torch.Tensor) -> torch.Tensor:
+        """The page ids of a backend's selected rows (-1, a slot not read, stays -1)."""
+        return rows.div(self._rows_per_page, rounding_mode="floor")
 
     def end_step(self, context_len: int, seconds: float, num_layers: int) -> StepTrace:
         """Ends this step (or takes the oldest step closed ahead, see `close_step`) and returns it."""
@@ -115,7 +119,7 @@ class Trace:
             step = self._queued.popleft()
             step.seconds = seconds
             if step.selected_pages is not None:  # page ids, out of pinned memory
-                step.selected_pages = step.selected_pages.div(self._rows_per_page, rounding_mode="floor")
+                step.selected_pages = self._page_ids(step.selected_pages)
         else:
             step = self._close(context_len, seconds, num_layers, wait=True)
         self.steps.append(step)
@@ -142,7 +146,7 @@ class Trace:
             selected = torch.stack([self.layer_pages.get(index, dense).to(first.device)  # layers over GPUs
                                     for index in range(num_layers)]).to(torch.int32)
             if wait:
-                selected = selected.cpu().div(self._rows_per_page, rounding_mode="floor")
+                selected = self._page_ids(selected.cpu())
             else:  # end_step takes the page ids once the copy is done
                 host = torch.empty(selected.shape, dtype=torch.int32, pin_memory=selected.is_cuda)
                 selected = host.copy_(selected, non_blocking=True)
