@@ -6,8 +6,10 @@ compiles) vs ours dense vs ours Quest, in one run.
 """
 import argparse
 import json
+import re
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -91,9 +93,9 @@ KERNEL_KINDS = {"cuBLAS matmul": ("nvjet", "gemm", "gemv", "splitKreduce", "cutl
 
 
 def gpu_time_by_kind(model, cache, steps=4):
-    """({kind: GPU us per step}, wall ms per step) over `steps` graph replays decoding on from the cache's
-    tokens, under the profiler. The first two steps (eager and capture) and the one queued when the profiler
-    starts are not profiled: it starts once the GPU is idle."""
+    """({kind: GPU us per step}, wall ms per step, the longest kernels: `longest_kernels`) over `steps` graph
+    replays decoding on from the cache's tokens, under the profiler. The first two steps (eager and capture) and the
+    one queued when the profiler starts are not profiled: it starts once the GPU is idle."""
     logits = torch.zeros(model.config.vocab_size, device="cuda")
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
     for index, _ in enumerate(decode(model, cache, logits, 4 + steps, min_new_tokens=4 + steps)):
@@ -104,7 +106,20 @@ def gpu_time_by_kind(model, cache, steps=4):
     torch.cuda.synchronize()
     wall_ms = 1e3 * (time.perf_counter() - started) / steps
     profiler.stop()
-    return kernel_time_by_kind(profiler, steps), wall_ms
+    return kernel_time_by_kind(profiler, steps), wall_ms, longest_kernels(profiler, steps)
+
+
+def longest_kernels(profiler, steps: int, count: int = 14) -> list[tuple[str, float, float]]:
+    """The `count` kernels with the most GPU time that a stopped profiler saw over `steps` steps, the longest first:
+    (name, calls a step, us a call). A name is the kernel's up to its template arguments or parameters; kernels of
+    one name (Inductor names the kernels of each compiled graph from 0) count together."""
+    calls, total_us = Counter(), Counter()
+    for event in profiler.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            name = re.split(r"[<(]", event.name)[0].removeprefix("void ").strip()
+            calls[name] += 1
+            total_us[name] += event.device_time
+    return [(name, calls[name] / steps, us / calls[name]) for name, us in total_us.most_common(count)]
 
 
 def kernel_time_by_kind(profiler, steps: int) -> dict:
@@ -146,10 +161,10 @@ def main():
         ours(model, cache, prompt[:512], 8)  # warm-up: kernel builds, plans, compiling the layers (first context)
         warmup_s = time.perf_counter() - started
         dense_ttft, dense_speed, dense_first = ours(model, cache, prompt, args.new_tokens)
-        dense_kinds, dense_wall = gpu_time_by_kind(model, cache)
+        dense_kinds, dense_wall, _ = gpu_time_by_kind(model, cache)
         cache.set_config(quest)
         quest_ttft, quest_speed, quest_first = ours(model, cache, prompt, args.new_tokens)
-        quest_kinds, quest_wall = gpu_time_by_kind(model, cache)
+        quest_kinds, quest_wall, quest_kernels = gpu_time_by_kind(model, cache)
         _, quest_eager_speed, _ = ours(model, cache, prompt, args.new_tokens, cuda_graph=False)
         graphed = cache.graph_decoder is not None and not cache.graph_decoder.failed
         row = dict(context=context, hf_ttft_s=hf_ttft, hf_tok_s=hf_speed, hf_static_tok_s=hf_static_speed,
@@ -157,7 +172,8 @@ def main():
                    dense_tok_s=dense_speed, quest_ttft_s=quest_ttft, quest_tok_s=quest_speed,
                    quest_eager_tok_s=quest_eager_speed, dense_first_steps_s=dense_first,
                    quest_first_steps_s=quest_first, warmup_s=warmup_s, cuda_graph=graphed, dense_gpu_us=dense_kinds,
-                   dense_profiled_ms=dense_wall, quest_gpu_us=quest_kinds, quest_profiled_ms=quest_wall)
+                   dense_profiled_ms=dense_wall, quest_gpu_us=quest_kinds, quest_profiled_ms=quest_wall,
+                   quest_kernels=quest_kernels)
         rows.append(row)
         print(json.dumps(row), flush=True)
         del cache
@@ -182,6 +198,10 @@ def main():
             profile.append(f"| {r['context']} | {engine} | " + " | ".join(f"{times[k] / 1e3:.2f}" for k in kinds) +
                            f" | {sum(times.values()) / 1e3:.2f} | {r[f'{engine}_profiled_ms']:.2f} | "
                            f"{matmul_ms / weights_ms:.2f}x |")
+    longest = rows[-1]  # the longest context
+    kernels = ["| kernel | calls a step | µs a call | µs a step |", "|---|---:|---:|---:|"]
+    kernels += [f"| `{name}` | {calls:g} | {us:.1f} | {calls * us:.1f} |"
+                for name, calls, us in longest["quest_kernels"]]
     body = (f"Llama-3.1-8B shapes (32 layers, 32 q / 8 kv heads, d 128) with random bf16 weights, batch 1, "
             f"{args.new_tokens} new tokens (EOS suppressed), Quest budget {args.budget}, page 16, 2 dense layers; "
             f"backend {backend.name}; HF's compiled column is `generate(cache_implementation=\"static\")`, whose "
@@ -202,7 +222,10 @@ def main():
             "step's wall time under the profiler. The step time less the GPU total is time the GPU waits: launch "
             "gaps inside the graph and the host's work between replays. The last column: the matrix products' time "
             f"against the weights' bytes floor ({weight_bytes / 1e9:.2f} GB a step at the copy bandwidth "
-            f"measured in this run, {bandwidth / 1e12:.2f} TB/s: {weights_ms:.2f} ms).\n\n" + "\n".join(profile))
+            f"measured in this run, {bandwidth / 1e12:.2f} TB/s: {weights_ms:.2f} ms).\n\n" + "\n".join(profile) +
+            f"\n\nThe kernels that took the most GPU time in a Quest step at {longest['context']} (the same profile; "
+            "kernels of one name count together: Inductor numbers each compiled graph's kernels from 0, so the q and o "
+            "projections can share a name):\n\n" + "\n".join(kernels))
     if not args.no_write:
         write_section("gpu_e2e", "GPU end to end: HF generate vs ours dense vs ours Quest", body)
     print(json.dumps({"bench": "gpu_e2e", "rows": rows}))

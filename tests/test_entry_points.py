@@ -134,3 +134,23 @@ def test_the_benches_bytes_floor_reads_the_matrices_and_norms_once_and_one_embed
             if isinstance(module, torch.nn.Linear) or type(module).__name__.endswith("RMSNorm")]
     expected = sum(weight.numel() for weight in read) * 2 + (0 if tied else config.hidden_size * 2)
     assert step_weight_bytes(model) == expected
+
+
+def test_the_e2e_benchs_longest_kernels_count_the_gpu_kernels_of_a_step_by_name():
+    """bench/e2e.py's table of a step's longest kernels, from a profiler's events (names as the H200 run saw them):
+    GPU kernels only, by name up to the template arguments, per step, the most GPU time first."""
+    from types import SimpleNamespace
+
+    from bench.e2e import longest_kernels
+    gpu, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    times = {"triton_red_fused_mm_t_view_0": [8.0] * 4,  # the q and o projections: two a step
+             "void score_topk_kernel<__nv_bfloat16, 1, 0>(__nv_bfloat16 const*, long)": [12.0, 12.0],
+             "void sparse_decode_kernel<__nv_bfloat16, 16, 4>(__nv_bfloat16 const*)": [10.0, 12.0],
+             "nvjet_sm90_tst_256x8_64x6_2x1_v_bz_TNT": [246.0, 246.0]}
+    events = [SimpleNamespace(name=name, device_type=gpu, device_time=us)
+              for name, each in times.items() for us in each]
+    events.append(SimpleNamespace(name="aten::mm", device_type=cpu, device_time=9999.0))  # the host's, not a kernel
+    profiler = SimpleNamespace(events=lambda: events)
+    assert longest_kernels(profiler, steps=2, count=4) == [
+        ("nvjet_sm90_tst_256x8_64x6_2x1_v_bz_TNT", 1.0, 246.0), ("triton_red_fused_mm_t_view_0", 2.0, 8.0),
+        ("score_topk_kernel", 1.0, 12.0), ("sparse_decode_kernel", 1.0, 11.0)]
