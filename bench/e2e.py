@@ -198,7 +198,7 @@ def main():
             profile.append(f"| {r['context']} | {engine} | " + " | ".join(f"{times[k] / 1e3:.2f}" for k in kinds) +
                            f" | {sum(times.values()) / 1e3:.2f} | {r[f'{engine}_profiled_ms']:.2f} | "
                            f"{matmul_ms / weights_ms:.2f}x |")
-    longest = rows[-1]  # the longest context
+    longest = max(rows, key=lambda r: r["context"])
     kernels = ["| kernel | calls a step | µs a call | µs a step |", "|---|---:|---:|---:|"]
     kernels += [f"| `{name}` | {calls:g} | {us:.1f} | {calls * us:.1f} |"
                 for name, calls, us in longest["quest_kernels"]]
