@@ -591,3 +591,20 @@ def test_compiled_graph_decode_logits_match_eager(dtype, mode, capsys):
     with capsys.disabled():
         print(f"\n{dtype}, {mode}: compiled graph vs eager logits rel err {error:.4f}, argmax agrees on {same:.0%}")
     assert error <= {torch.bfloat16: 0.1, torch.float16: 0.05}[dtype] and same >= 0.9
+
+
+@pytest.mark.skipif(torch.cuda.get_device_capability()[0] < 9, reason="programmatic dependent launch: Hopper+")
+def test_compiled_layers_kernels_launch_as_programmatic_dependents():
+    """On Hopper and later the compiled decoder layers' Triton kernels are generated to launch as programmatic
+    dependents (quest_core/compiled_layers.py): Inductor's code for a decode step waits for the kernel before it
+    (`gdc_wait`) and lets the next start early (`gdc_launch_dependents`)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from quest_core.compiled_layers import compiled_layers
+
+    model = tiny_llama(torch.bfloat16)
+    cache = QuestCache(4, QuestConfig(budget=256, page_size=16), FlashInferBackend("cuda"))
+    prefill(model, cache, list(range(100)))
+    with compiled_layers(model, autotune=False), torch._inductor.config.patch(fx_graph_cache=False):
+        _, code = run_and_get_code(prefill, model, cache, [7])
+    assert code and all("gdc_wait()" in c and "gdc_launch_dependents()" in c for c in code)

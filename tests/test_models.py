@@ -109,6 +109,17 @@ def test_compiled_layers_decode_like_the_model_as_it_is(name):
         assert [vars(layer).get("forward") for layer in model.model.layers] == [hooked.forward, None, None, None]
 
 
+def test_compiled_layers_generate_programmatic_dependent_launches_within_the_block():
+    """Inductor generates the compiled layers' kernels with programmatic dependent launch (on Hopper and later; a
+    GPU test reads the generated code) within the block only."""
+    if not hasattr(torch._inductor.config.triton, "enable_pdl"):
+        pytest.skip("this torch's Inductor has no programmatic dependent launch")
+    model, _ = tiny_model("llama")
+    with compiled_layers(model):
+        assert torch._inductor.config.triton.enable_pdl
+    assert not torch._inductor.config.triton.enable_pdl
+
+
 @pytest.mark.parametrize("name, config_class, model_class, extra, feature", [
     ("gemma2", "Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8}, "soft-capping"),
     ("mistral-window", "MistralConfig", "MistralForCausalLM", {"sliding_window": 64}, "sliding-window"),
