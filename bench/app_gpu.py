@@ -143,7 +143,10 @@ def main():
             "\n\nWhere a traced Quest answer's host time goes (cProfile, the functions with the most time of their "
             "own; the profiler's overhead is in it):\n\n```\n" + profile.strip() + "\n```\n\n"
             f"The GPU kernels of an untraced answer of {args.new_tokens} tokens, per step (torch.profiler, CUDA "
-            "activity; the first step is eager, the rest replay the graph):\n\n" +
+            "activity; the first step is eager, the rest replay the graph; a kernel launched as a programmatic "
+            "dependent, as ours, FlashInfer's and on Hopper the compiled layers' are, counts from when its blocks "
+            "start, which can be while the kernel before it runs: the times overlap, and their sum can exceed the "
+            "step's):\n\n" +
             "\n\n".join(kernel_tables.values()))
     if not args.no_write:
         write_section(section, f"GPU: the app's decoding, traced and untraced ({title.split(' (')[0]})", body)

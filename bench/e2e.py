@@ -220,7 +220,10 @@ def main():
             "replays after each timed run (Triton matmul: the autotuned Triton kernels holding a matrix product; "
             "other: copies, memsets, PyTorch's own kernels), and the "
             "step's wall time under the profiler. The step time less the GPU total is time the GPU waits: launch "
-            "gaps inside the graph and the host's work between replays. The last column: the matrix products' time "
+            "gaps inside the graph and the host's work between replays; a kernel launched as a programmatic "
+            "dependent (ours, FlashInfer's, and on Hopper the compiled layers' other than their matrix products) "
+            "counts from when its blocks start, which can be while the kernel before it runs, so the kinds' times "
+            "can overlap. The last column: the matrix products' time "
             f"against the weights' bytes floor ({weight_bytes / 1e9:.2f} GB a step at the copy bandwidth "
             f"measured in this run, {bandwidth / 1e12:.2f} TB/s: {weights_ms:.2f} ms).\n\n" + "\n".join(profile) +
             f"\n\nThe kernels that took the most GPU time in a Quest step at {longest['context']} (the same profile; "
