@@ -18,8 +18,8 @@ Inductor's Triton kernels are generated with programmatic dependent launch (`tri
 where Inductor emits it, and not for its matrix-product templates): in the graph each may start while the kernel
 before it finishes, waiting for that kernel's writes only before the loads that need them, as our kernels and
 FlashInfer's already do. On the H200 (probe of 2026-12-02, SmolLM2-135M shapes at 8K, the app's chat decoding)
-dense went from 1,075 to 1,173 tok/s and Quest from 830 to 886; Llama-3.1-8B shapes, whose step is its autotuned
-matrix products, within 0.6% either way at 32K and 128K.
+dense went from 1,075 to 1,173 tok/s and Quest from 830 to 886; Llama-3.1-8B shapes, whose kernels are long enough
+that a launch's latency is a small part of each, within 0.6% either way at 32K and 128K.
 """
 import contextlib
 import functools
