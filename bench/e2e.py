@@ -114,22 +114,25 @@ def longest_kernels(profiler, steps: int, count: int = 14) -> list[tuple[str, fl
     (name, calls a step, us a call). A name is the kernel's up to its template arguments or parameters; kernels of
     one name (Inductor names the kernels of each compiled graph from 0) count together."""
     calls, total_us = Counter(), Counter()
-    for event in profiler.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            name = re.split(r"[<(]", event.name)[0].removeprefix("void ").strip()
-            calls[name] += 1
-            total_us[name] += event.device_time
+    for event in gpu_kernels(profiler):
+        name = re.split(r"[<(]", event.name)[0].removeprefix("void ").strip()
+        calls[name] += 1
+        total_us[name] += event.device_time
     return [(name, calls[name] / steps, us / calls[name]) for name, us in total_us.most_common(count)]
 
 
 def kernel_time_by_kind(profiler, steps: int) -> dict:
     """{kind: GPU us per step} of the kernels a stopped profiler saw over `steps` steps (KERNEL_KINDS, else other)."""
     by_kind = dict.fromkeys([*KERNEL_KINDS, "other"], 0.0)
-    for event in profiler.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            kind = next((k for k, names in KERNEL_KINDS.items() if any(n in event.name for n in names)), "other")
-            by_kind[kind] += event.device_time / steps
+    for event in gpu_kernels(profiler):
+        kind = next((k for k, names in KERNEL_KINDS.items() if any(n in event.name for n in names)), "other")
+        by_kind[kind] += event.device_time / steps
     return by_kind
+
+
+def gpu_kernels(profiler):
+    """The GPU kernels among a stopped profiler's events (not the host's)."""
+    return (event for event in profiler.events() if event.device_type == torch.autograd.DeviceType.CUDA)
 
 
 def main():
@@ -222,9 +225,8 @@ def main():
             "step's wall time under the profiler. The step time less the GPU total is time the GPU waits: launch "
             "gaps inside the graph and the host's work between replays; a kernel launched as a programmatic "
             "dependent (ours, FlashInfer's, and on Hopper the compiled layers' but Inductor's matrix-product "
-            "templates) "
-            "counts from when its blocks start, which can be while the kernel before it runs, so the kinds' times "
-            "can overlap. The last column: the matrix products' time "
+            "templates) counts from when its blocks start, which can be while the kernel before it runs, so the "
+            "kinds' times can overlap. The last column: the matrix products' time "
             f"against the weights' bytes floor ({weight_bytes / 1e9:.2f} GB a step at the copy bandwidth "
             f"measured in this run, {bandwidth / 1e12:.2f} TB/s: {weights_ms:.2f} ms).\n\n" + "\n".join(profile) +
             f"\n\nThe kernels that took the most GPU time in a Quest step at {longest['context']} (the same profile; "
