@@ -444,7 +444,11 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
   __shared__ bool is_last;
   __shared__ float head_max_logit[kMaxMassGroup], head_inverse_sum[kMaxMassGroup];
   wait_for_previous_kernel();  // and no early launch of the sparse decode: its blocks would crowd the few SMs free
-                               // while this grid scores (measured: 1.8 us slower than at this grid's exit)
+                               // while this grid scores (measured: 1.8 us slower than at this grid's exit). Asking
+                               // L2 for the block's bounds before this wait (cp.async.bulk.prefetch.L2, a warp's
+                               // lanes over the block's range) made no pair of calls faster (H200, 2026-12-02: this
+                               // kernel 0.4-1.2 us slower alone, with sparse_decode within 0.5 us); without it the
+                               // kernel reads the bounds' bytes from DRAM once (Nsight Compute, the paper's shape)
   const int h = blockIdx.x;  // the head row (request * Hkv + KV head); rows of scratch and output are indexed by it
   const int request = h / num_kv_heads, kv_head = h % num_kv_heads;  // request 0 without a bounds table
   const T* head_bounds = bounds_table == nullptr
@@ -931,7 +935,8 @@ __global__ void __launch_bounds__(attention_threads(kTeam, kGroup)) sparse_decod
   constexpr int kVec = 16 / sizeof(T), kDim = kTeam * kVec, kTeams = kThreads / kTeam;
   extern __shared__ float team_states[];      // [kTeams, group, 2 + kDim]: m, l, output
   __shared__ bool is_last;
-  wait_for_previous_kernel();
+  wait_for_previous_kernel();  // (asking L2 for the block's pages first, a bulk prefetch per page's keys and values,
+                               // measured 2.6 us slower at the paper's shape: H200, 2026-12-02)
   let_next_kernel_launch();
   const int h = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
   if (device_length != nullptr) last_len = (int)((device_length[h / heads_per_length] - 1) % page_size) + 1;
@@ -1165,7 +1170,8 @@ __global__ void __launch_bounds__(kFusedThreads) quest_decode_kernel(
 
   auto started = cluster.barrier_arrive();  // every block of the cluster runs before one writes into another
   wait_for_previous_kernel();
-  let_next_kernel_launch();
+  let_next_kernel_launch();  // (only before the attention instead: the app's decoding on SmolLM2 shapes 852 tok/s
+                             // against 860, H200, 2026-12-02)
   if (device_length != nullptr) {
     num_pages = (int)((device_length[0] + page_size - 1) / page_size);
     last_len = (int)((device_length[0] - 1) % page_size) + 1;
