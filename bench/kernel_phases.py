@@ -1,9 +1,9 @@
 """Where our Quest kernels' time goes, phase by phase: timers (the SM's clock64, and %globaltimer across blocks)
 inserted by thread 0 of each block into a copy of kernels/quest_kernels.cu, built as a module of its own, then one
 call of score_topk, of sparse_decode and (for at most 4 KV heads, on Hopper) of quest_decode per shape after a
-warm-up. Phases are in microseconds at 1.98 GHz (the H200's SM clock; the globaltimer totals check it). On a GPU:
-`python bench/kernel_phases.py`; each insertion point is asserted, so a change to the kernels that moves one fails
-here first.
+warm-up, its data flushed from L2. Phases are in microseconds at 1.98 GHz (the H200's SM clock; the globaltimer
+totals check it). On a GPU: `python bench/kernel_phases.py`; each insertion point is asserted, so a change to the
+kernels that moves one fails here first.
 
 score_topk: split query (the query's split rows into shared memory), scored (this block's pages), mass, key range
 (rule mass: the block's softmax states, the wait for the head's other blocks, its pages' mass; the key range folded),
@@ -122,9 +122,13 @@ def build_module():
 
 
 def traced(module, call):
-    """Warm up, then one call with the timers cleared: [blocks that ran, 20] (globaltimer ns 0-9, clock64 10-19)."""
+    """Warm up, then one call with the timers cleared, its data out of L2 (a write of 4x the L2 cache between: a decode
+    step reads each layer's cache once, from DRAM; called again and again, a layer's bounds come from L2, and the
+    runs before 2026-12-02 timed the scoring so):
+    [blocks that ran, 20] (globaltimer ns 0-9, clock64 10-19)."""
     for _ in range(20):
         call()
+    torch.empty(4 * torch.cuda.get_device_properties().L2_cache_size, dtype=torch.uint8, device="cuda").zero_()
     torch.cuda.synchronize()
     module.clear_trace()
     call()
