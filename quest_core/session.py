@@ -245,9 +245,6 @@ class Session:
     def _tokenize(self, text: str) -> list[int]:
         return _count(self.tokenizer, text)
 
-    def count_tokens(self, text: str) -> int:
-        return len(self._tokenize(text))
-
     def context_usage(self) -> ContextUsage:
         """What the context holds now: the document, the conversation after it, and the room left."""
         total = self.max_context or len(self.token_ids)
