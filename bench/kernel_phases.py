@@ -121,14 +121,15 @@ def build_module():
     return build(name="quest_kernels_phases", sources=[str(path)], extra_cuda_cflags=["-O3"], extra_cflags=["-O3"])
 
 
-def traced(module, call):
-    """Warm up, then one call with the timers cleared, its data out of L2 (a write of 4x the L2 cache between: a decode
-    step reads each layer's cache once, from DRAM; called again and again, a layer's bounds come from L2, and the
-    runs before 2026-12-02 timed the scoring so):
+def traced(module, call, flush):
+    """Warm up, then one call with the timers cleared, its data out of L2 (a read of `flush`, 4x the L2 cache, between:
+    a decode step reads each layer's cache once, from DRAM; called again and again, a layer's bounds come from L2, and
+    the runs before 2026-12-02 timed the scoring so. A read, not a write: a written flush leaves L2 full of dirty lines,
+    whose write-back to DRAM would share the call's bandwidth):
     [blocks that ran, 20] (globaltimer ns 0-9, clock64 10-19)."""
     for _ in range(20):
         call()
-    torch.empty(4 * torch.cuda.get_device_properties().L2_cache_size, dtype=torch.uint8, device="cuda").zero_()
+    flush.amax()
     torch.cuda.synchronize()
     module.clear_trace()
     call()
@@ -143,6 +144,7 @@ def us(cycles):
 
 def main():
     module = build_module()
+    flush = torch.ones(torch.cuda.get_device_properties().L2_cache_size, dtype=torch.float32, device="cuda")
     for name, num_kv_heads, group, head_dim, page, rule, context, budget in SHAPES:
         layer = PagedLayer(page, block_pages=1024, kernels=module)
         for start in range(0, context, 8192):
@@ -153,7 +155,7 @@ def main():
         scorer, decoder = kernels.ScoreTopK(module), kernels.SparseDecode(module)
         k = -(-budget // page)
         rows = torch.empty(num_kv_heads, k, dtype=torch.int32, device="cuda")
-        t = traced(module, partial(scorer, query, layer.page_bounds, layer.num_pages, k, rows, group_rule=rule))
+        t = traced(module, partial(scorer, query, layer.page_bounds, layer.num_pages, k, rows, group_rule=rule), flush)
         last = t[t[:, 4] > 0]  # the last block of each head, which selects
         start = t[:, 0].min()
         phases = [us((last[:, 11 + i] - last[:, 10 + i]).clamp(min=0)) for i in range(len(SCORE_PHASES))]
@@ -161,13 +163,14 @@ def main():
               f"every block scored by {(t[:, 2] - start).max().item() / 1e3:.2f} us, the last block done at "
               f"{(last[:, 8:10].amax(1) - start).max().item() / 1e3:.2f} us (globaltimer); the last block's phases "
               f"(us): " + ", ".join(f"{p} {v:.2f}" for p, v in zip(SCORE_PHASES, phases)))
-        for budget in (512, 2048):
-            k = -(-budget // page)
+        for attention_budget in (512, 2048):
+            k = -(-attention_budget // page)
             rows = torch.empty(num_kv_heads, k, dtype=torch.int32, device="cuda")
             scorer(query, layer.page_bounds, layer.num_pages, k, rows, group_rule=rule)
-            t = traced(module, partial(decoder, query, layer.keys, layer.values, rows, head_dim ** -0.5, context))
+            attend = partial(decoder, query, layer.keys, layer.values, rows, head_dim ** -0.5, context)
+            t = traced(module, attend, flush)
             last, start = t[t[:, 4] > 0], t[:, 0].min()
-            print(f"    sparse_decode, budget {budget}: {t.shape[0]} blocks; a block's query and tokens "
+            print(f"    sparse_decode, budget {attention_budget}: {t.shape[0]} blocks; a block's query and tokens "
                   f"{us(t[:, 12] - t[:, 10]):.2f} us, its teams' merge and partial write {us(t[:, 13] - t[:, 12]):.2f} "
                   f"us, every block's partials written by {(t[:, 3] - start).max().item() / 1e3:.2f} us; the last "
                   f"block's fence {us(last[:, 14] - last[:, 13]):.2f}, weights {us(last[:, 15] - last[:, 14]):.2f}, "
@@ -178,7 +181,7 @@ def main():
         k = -(-budget // page)
         rows = torch.empty(num_kv_heads, k, dtype=torch.int32, device="cuda")
         t = traced(module, partial(kernels.quest_decode, module, query, layer.page_bounds, layer.keys, layer.values,
-                                   layer.num_pages, k, rows, head_dim ** -0.5, context, group_rule=rule))
+                                   layer.num_pages, k, rows, head_dim ** -0.5, context, group_rule=rule), flush)
         phases = [(t[:, 11 + i] - t[:, 10 + i]).clamp(min=0) for i in range(len(ONE_KERNEL_PHASES))]
         phases[-1] = phases[-1][t[:, 8] > 0]  # block 0 of each head writes the output
         print(f"    quest_decode (one kernel), budget {budget}: {t.shape[0]} blocks, done at "
