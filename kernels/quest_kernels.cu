@@ -490,6 +490,13 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
     }
   };
   if (query_rows == 1) load_query(0);  // rule sum: held in registers for every page
+  // (Measured and dropped, H200, 2026-12-02: score + top-k us at the paper's shape / Llama-3.1-8B heads at 128K,
+  // budget 2048, against this loop's 17.5-17.7 / 18.5-18.7 in the same runs. More bytes in flight: 8 pages a team a
+  // round 18.2 / 19.2; a cp.async pipeline into shared memory, 3 stages of 4 pages 18.5 / 19.7, 4 stages of 2 pages
+  // 17.7 / 18.9, its first rounds issued before the split query 17.8 / 18.9; the next round's bounds asked of L2 (bulk
+  // prefetch) 19.2 / 20.3. Fewer shuffles: teams of 8 lanes 18.5 / 19.6 (no team sum at all, wrong scores, 16.9 /
+  // 17.7). Each block's rounds in a rotated order 17.9 / 18.4. Whichever, the scoring reads 33.5 MB in about 11 us:
+  // bench/kernel_phases.py.)
   for (int base = block_first; base < block_first + pages_per_block; base += kUnroll * teams) {
     uint4 loaded[kUnroll][kChunks];
 #pragma unroll
@@ -936,7 +943,8 @@ __global__ void __launch_bounds__(attention_threads(kTeam, kGroup)) sparse_decod
   extern __shared__ float team_states[];      // [kTeams, group, 2 + kDim]: m, l, output
   __shared__ bool is_last;
   wait_for_previous_kernel();  // (asking L2 for the block's pages first, a bulk prefetch per page's keys and values,
-                               // measured 2.6 us slower at the paper's shape: H200, 2026-12-02)
+                               // measured 2.6 us slower at the paper's shape: H200, 2026-12-02; for the next round's
+                               // pages only, in each round, 0.8 us slower)
   let_next_kernel_launch();
   const int h = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
   if (device_length != nullptr) last_len = (int)((device_length[h / heads_per_length] - 1) % page_size) + 1;
