@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The whole GPU session in one command, for the device tool's H200 (see README, "GPU"): installs the carried
-# wheels (.whl/), restores FlashInfer kernels built by an earlier run (.jit/, carried back from $OUT), builds
-# the rest side by side, then runs what the arguments name: tests, kernels, e2e (default: all three), batch (batched
-# decode, bench/batch_gpu.py), batch-hf (HF generate at the same batches: bench/batch_hf.py), app (the app's
-# decoding, traced and untraced, SmolLM2's and Llama-3.1-8B's shapes: bench/app_gpu.py), profile, multi (the
-# 70B-shaped model split over 2 GPUs: bench/multi_gpu.py, on the device tool's 2-GPU H200 machine).
+# The whole GPU session in one command, for the device tool's H200 (see README, "GPU"): installs the carried wheels
+# (.whl/), restores FlashInfer kernels built by an earlier run (.jit/, carried back from $OUT), builds the rest side
+# by side, then runs what the arguments name: tests, kernels, e2e (default: all three), batch (batched decode,
+# bench/batch_gpu.py), batch-hf (HF generate at the same batches: bench/batch_hf.py), app (the app's decoding, traced
+# and untraced, SmolLM2's and Llama-3.1-8B's shapes: bench/app_gpu.py), phases (each of our kernels' phases on cold
+# data: bench/kernel_phases.py), profile, multi (the 70B-shaped model split over 2 GPUs: bench/multi_gpu.py, on the
+# device tool's 2-GPU H200 machine).
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
@@ -33,6 +34,7 @@ for step in ${@:-tests kernels e2e}; do
     batch-hf) python3 bench/batch_hf.py 2>&1 | tee "$OUT/batch_hf.txt" ;;
     app) for shape in smollm2 llama3-8b; do python3 bench/app_gpu.py --shape $shape; done 2>&1 \
            | tee "$OUT/app_gpu.txt" ;;
+    phases) python3 bench/kernel_phases.py 2>&1 | tee "$OUT/phases.txt" ;;
     profile)  # where our two kernels' time goes (Nsight Compute): one layer of Llama-3.1-8B heads at 128K
       ncu --kernel-name regex:'score_topk|sparse_decode' --launch-skip 20 --launch-count 2 --section SpeedOfLight \
         --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats --section Occupancy \
