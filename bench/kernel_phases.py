@@ -144,7 +144,8 @@ def us(cycles):
 
 def main():
     module = build_module()
-    flush = torch.ones(torch.cuda.get_device_properties().L2_cache_size, dtype=torch.float32, device="cuda")
+    l2_bytes = torch.cuda.get_device_properties().L2_cache_size
+    flush = torch.ones(4 * l2_bytes // 4, dtype=torch.float32, device="cuda")  # 4x the L2 cache, 4 bytes an element
     for name, num_kv_heads, group, head_dim, page, rule, context, budget in SHAPES:
         layer = PagedLayer(page, block_pages=1024, kernels=module)
         for start in range(0, context, 8192):
