@@ -1113,7 +1113,7 @@ torch::Tensor sparse_decode(torch::Tensor query, torch::Tensor keys, torch::Tens
 // first, the current page last: k pages) and attends over its own stretch of that list, as sparse_decode's blocks
 // do; the blocks' softmax states go to block 0, which merges them into the output. Against score_topk +
 // sparse_decode: one launch, and no L2 round trips between the phases (scores, counters, selected rows, partial
-// outputs). On the H200 (bench/RESULTS.md) it is faster for SmolLM2's 3 KV heads (15.8 against 20.5 us at 8K,
+// outputs). On the H200 (bench/RESULTS.md) it is faster for SmolLM2's 3 KV heads (15.9 against 20.5 us at 8K,
 // budget 1024) and slower for 8 or 32 (its 256-thread blocks score a long context in many rounds).
 constexpr int kFusedThreads = 256;  // the attention's registers (a team's G queries and outputs) rule out more
 constexpr int kFusedMaxCluster = 16;

@@ -36,7 +36,7 @@ from .backend_torch import TorchBackend
 from .paged_cache import PagedLayer
 
 # Quest's decode as one kernel (a thread-block cluster per KV head) for layers of at most this many KV heads: on the
-# H200 it beat score_topk + sparse_decode on SmolLM2's 3 (bench/RESULTS.md, gpu_kernels_smollm2: 15.8 against 20.5 us
+# H200 it beat score_topk + sparse_decode on SmolLM2's 3 (bench/RESULTS.md, gpu_kernels_smollm2: 15.9 against 20.5 us
 # at 8K, budget 1024) and lost on Llama-3.1-8B's 8 (28.4 against 18.1 us at 8K, 79.9 against 28.3 at 128K, budget
 # 2048) and Llama-2-7B's 32 (66.2 against 32.1 at 32K) in an A/B probe of 2026-12-02 (issue 16's note)
 ONE_KERNEL_KV_HEADS = 4
