@@ -449,6 +449,10 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
                                // lanes over the block's range) made no pair of calls faster (H200, 2026-12-02: this
                                // kernel 0.4-1.2 us slower alone, with sparse_decode within 0.5 us); without it the
                                // kernel reads the bounds' bytes from DRAM once (Nsight Compute, the paper's shape)
+                               // (also measured and dropped, 2026-12-02, Quest graph us: the early launch once
+                               // the scores are written, before the last block selects: 0.2-0.55 faster on 8B heads
+                               // and SmolLM2's, 0.4 slower at the paper's shape; the last block loading the scores
+                               // alongside the key range instead of after it: score + top-k 0.2-0.3 slower at all three)
   const int h = blockIdx.x;  // the head row (request * Hkv + KV head); rows of scratch and output are indexed by it
   const int request = h / num_kv_heads, kv_head = h % num_kv_heads;  // request 0 without a bounds table
   const T* head_bounds = bounds_table == nullptr
@@ -804,6 +808,11 @@ void score_topk(torch::Tensor query, torch::Tensor bounds, int64_t num_pages, in
 // memory; with one split that is the output, else each block writes its state ([Hkv, splits, G]: m, l, output)
 // and the last block of the head to finish (a counter per head, left reset) merges them, weighting each split by
 // exp(m_s - max m) / sum l. Logits are in base 2 (the query is scaled by scale * log2(e)).
+// (Measured and dropped, H200, 2026-12-02, graph us against this merge's in the same run: the splits of a head in a
+// thread-block cluster, merged into its first block through distributed shared memory, no partials in global memory
+// and no counter: paper's shape 19.1-19.3 against 14.7-14.9, Llama-3.1-8B heads at 32K / 128K 11.1 / 10.9 against
+// 9.4 / 9.0, SmolLM2's 4.7 against 5.1; with 128 tokens in flight 18.1-18.4, 15.4, 15.1, 4.5. The cluster's
+// co-scheduling costs more than the global merge wherever a head has many splits.)
 // A team has 8 tokens in flight, 4 for groups of more than 2 query heads (their logits and outputs take the
 // registers); a block has enough teams for 64 tokens in flight, and at least 128 threads. (On an H200, score + top-k
 // then this kernel, Llama-3.1-8B heads (d 128, G 4): 0.7-1.5 us faster at 256 threads than at 128 with 32 tokens in
