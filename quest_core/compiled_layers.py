@@ -17,7 +17,7 @@ cuBLAS (bench/RESULTS.md, gpu_batch), and compiling skips the timing.
 At batch 1 the autotuned products are near their bytes floor: on the H200 (probe of 2026-12-03, Llama-3.1-8B's 7
 products a layer, 32 layers, 13.96 GB of weights, one CUDA graph) they took 3.59 ms, 1.08x the weights' bytes at the
 4.2 TB/s copy bandwidth; q/k/v and gate/up each fused into one product 3.65 ms (on cuBLAS 4.29 against 4.93
-unfused); a hand-written GEMV of ours (another run the same day) about 4.0 ms, 4.0-5.1 when it loaded its first
+unfused); a hand-written GEMV of ours (another run the same day) about 4.0 ms, 4.0-5.7 when it loaded its first
 weights before waiting on the kernel before it (programmatic dependent launch). None is used.
 
 Inductor's Triton kernels are generated with programmatic dependent launch (`triton.enable_pdl`; Hopper and later,
