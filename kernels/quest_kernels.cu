@@ -450,9 +450,10 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
                                // kernel 0.4-1.2 us slower alone, with sparse_decode within 0.5 us); without it the
                                // kernel reads the bounds' bytes from DRAM once (Nsight Compute, the paper's shape)
                                // (also measured and dropped, 2026-12-02, Quest graph us: the early launch once
-                               // the scores are written, before the last block selects: up to 0.6 faster on 8B heads
-                               // and SmolLM2's, 0.3-0.6 slower at the paper's shape; the last block loading the scores
-                               // alongside the key range instead of after it: score + top-k 0.2-0.4 slower at all three)
+                               // the scores are written, before the last block selects: up to 0.6 faster on 8B
+                               // heads and SmolLM2's, 0.3-0.6 slower at the paper's shape; the last block loading
+                               // the scores alongside the key range instead of after it: score + top-k 0.2-0.4
+                               // slower at all three)
   const int h = blockIdx.x;  // the head row (request * Hkv + KV head); rows of scratch and output are indexed by it
   const int request = h / num_kv_heads, kv_head = h % num_kv_heads;  // request 0 without a bounds table
   const T* head_bounds = bounds_table == nullptr
