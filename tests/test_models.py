@@ -3,6 +3,7 @@ import contextlib
 
 import pytest
 import torch
+from torch._inductor.utils import run_and_get_code
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -107,6 +108,23 @@ def test_compiled_layers_decode_like_the_model_as_it_is(name):
     hooked.forward = hooked.forward  # a forward set on the object, as accelerate's hooks do: nothing is compiled
     with compiled_layers(model):
         assert [vars(layer).get("forward") for layer in model.model.layers] == [hooked.forward, None, None, None]
+
+
+@pytest.mark.slow  # torch.compile
+def test_compiled_layers_break_only_at_the_cache_update_and_the_attention():
+    """Dynamo resumes inside the attention module after the graph breaks of our two calls in it (compiled_layers.py):
+    a decode step's layers compile to two graphs, up to the Quest cache update (the input RMSNorm with the q/k/v
+    products) and after the attention (the o product with the MLP), not split at the module's call and return."""
+    if not hasattr(torch._dynamo.config, "nested_graph_breaks"):
+        pytest.skip("this torch's Dynamo does not resume in nested calls")
+    model, prompt = tiny_model("llama")
+    use_quest(model)
+    cache = QuestCache(4, QuestConfig(budget=64, page_size=16))
+    prefill(model, cache, prompt)
+    torch._dynamo.reset()  # compiled by an earlier test: compile again
+    with compiled_layers(model), torch._inductor.config.patch(fx_graph_cache=False):
+        _, code = run_and_get_code(prefill, model, cache, [3])
+    assert len(code) == 2
 
 
 def test_compiled_layers_generate_programmatic_dependent_launches_within_the_block():
