@@ -16,7 +16,7 @@ from quest_core.config import QuestConfig, default_config
 from quest_core.generation import prefill
 from quest_core.hf import QuestCache
 from quest_core.models import load_model
-from quest_core.selection import select_pages
+from quest_core.selection import page_scores, select_pages
 
 from . import passkey, report
 
@@ -25,13 +25,28 @@ from . import passkey, report
 DTYPE_HELP = "the model's dtype (default bf16, what the probes of 2026-12-01 ran in; fp32 as eval.report)"
 
 
+def fp8_outward(page_bounds: torch.Tensor) -> torch.Tensor:
+    """page_bounds [Hkv, pages, 2D] (max then min) stored as float8 e4m3 would hold them for scoring: each max rounded
+    up and each min down to a value of that type (+-inf beyond its largest), so they still bound every key of the
+    page; returned in float32."""
+    codes = torch.arange(256, dtype=torch.int16).to(torch.uint8).view(torch.float8_e4m3fn).float()
+    values = torch.cat([torch.tensor([-torch.inf, torch.inf]), codes[codes.isfinite()]]).unique()  # sorted
+    top, bottom = page_bounds.float().chunk(2, dim=-1)
+    up = values[torch.searchsorted(values, top.contiguous())]
+    down = values[torch.searchsorted(values, bottom.contiguous(), right=True) - 1]
+    return torch.cat([up, down], dim=-1)
+
+
 class Probe(TorchBackend):
     """recent: the last `recent` full pages are always selected (out of the budget); temp: rule mass's softmax
-    over bounds with logits * temp (temp < 1 flattens it)."""
+    over bounds with logits * temp (temp < 1 flattens it); fp8_bounds: pages scored on their bounds rounded outward
+    to float8 e4m3 (`fp8_outward`: half the bytes a GPU's scoring reads), each selection's share of the pages the
+    exact bounds select appended to `kept`."""
 
-    def __init__(self, recent=0, temp=1.0, rule=None, sink=0):
+    def __init__(self, recent=0, temp=1.0, rule=None, sink=0, fp8_bounds=False):
         super().__init__()
-        self.recent, self.temp, self.rule, self.sink = recent, temp, rule, sink
+        self.recent, self.temp, self.rule, self.sink, self.fp8_bounds = recent, temp, rule, sink, fp8_bounds
+        self.kept = []
 
     def select(self, query, layer, num_selected, group_rule, sink_pages=0, coarse_factor=0):
         if coarse_factor:  # QuestConfig's two-level ranking, as the engine runs it
@@ -43,6 +58,8 @@ class Probe(TorchBackend):
             bounds = layer.page_bounds[:, :layer.num_pages]
             logits = torch.bmm(split, bounds.transpose(1, 2)).float()
             scores = torch.softmax(logits * query.shape[-1] ** -0.5 * self.temp, -1).sum(1)
+        elif self.fp8_bounds:
+            scores = page_scores(query, fp8_outward(layer.page_bounds[:, :layer.num_pages]), rule)
         else:
             scores, _ = _scores(query, layer, rule)
         if self.sink:
@@ -52,7 +69,11 @@ class Probe(TorchBackend):
             n = scores.shape[1]
             scores = scores.clone()
             scores[:, max(0, n - 1 - self.recent):n - 1] = torch.inf
-        return select_pages(scores, num_selected)
+        selected = select_pages(scores, num_selected)  # [Hkv, k]
+        if self.fp8_bounds:
+            exact = select_pages(_scores(query, layer, rule)[0], num_selected)
+            self.kept.append((selected[:, :, None] == exact[:, None]).any(-1).float().mean().item())
+        return selected
 
 
 def two_level_variants(model_config, budget):
@@ -110,6 +131,16 @@ def ranking_variants(model_config, budget):
             (f"oracle@{budget}", base.with_changes(mode="oracle"), Probe())]
 
 
+def fp8_bounds_variants(model_config, budgets):
+    """The model default at each budget beside the same with its pages scored on float8 e4m3 bounds rounded
+    outward."""
+    out = [("dense", QuestConfig(mode="dense"), Probe())]
+    for b in budgets:
+        base = default_config(model_config, budget=b)
+        out += [(f"base@{b}", base, Probe()), (f"fp8@{b}", base, Probe(fp8_bounds=True))]
+    return out
+
+
 def variants(model_config, budgets):
     out = [("dense", QuestConfig(mode="dense"), Probe())]
     for b in budgets:
@@ -137,7 +168,8 @@ def main():
     parser.add_argument("--fillers", help="comma-separated texts of the split (default: all of its prose)")
     parser.add_argument("--out", default="/tmp/miss_probe.jsonl")
     parser.add_argument("--variants", default="selection",
-                        choices=["selection", "sinks", "oracle", "ranking", "two-level", "two-level-top-p"])
+                        choices=["selection", "sinks", "oracle", "ranking", "two-level", "two-level-top-p",
+                                 "fp8-bounds"])
     parser.add_argument("--top-p-grid", default="0.5,0.7,0.8,0.9,0.95,0.98",
                         help="the shares of the two-level-top-p variants (p, or p:fewest tokens)")
     parser.add_argument("--min-budget", type=int, default=QuestConfig.min_budget,
@@ -159,6 +191,7 @@ def main():
                 sinks=lambda: sink_variants(model.config, [128, 256, 1024]),
                 oracle=lambda: oracle_variants(model.config, [128, 256]),
                 ranking=lambda: ranking_variants(model.config, args.budget),
+                **{"fp8-bounds": lambda: fp8_bounds_variants(model.config, [128, 256])},
                 **{"two-level": lambda: two_level_variants(model.config, args.budget),
                    "two-level-top-p": lambda: two_level_top_p_variants(
                        model.config, args.budget, args.top_p_grid.split(","), args.min_budget,
@@ -182,6 +215,9 @@ def main():
                     answer_ids, pages = passkey.traced_answer(model, cache, prompt[-1], 6)
                     answer = tokenizer.decode(answer_ids)
                     result[name + ":pages"] = pages and round(pages, 2)  # per KV head of a sparse layer and step
+                    if backend.kept:  # fp8 bounds: the share of the exact bounds' pages selected, over sparse layers
+                        result[name + ":kept"] = round(sum(backend.kept) / len(backend.kept), 4)
+                        backend.kept.clear()
                     found = re.search(r"\d{5}", answer)
                     result[name] = bool(found and found.group() == key)
                     result[name + ":a"] = answer.strip()
