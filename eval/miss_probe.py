@@ -37,15 +37,25 @@ def fp8_outward(page_bounds: torch.Tensor) -> torch.Tensor:
     return torch.cat([up, down], dim=-1)
 
 
+def int8_outward(page_bounds: torch.Tensor) -> torch.Tensor:
+    """page_bounds [Hkv, pages, 2D] (max then min) stored as int8 with a scale per KV head and dimension (the largest
+    bound of that dimension over the pages, / 127): each max rounded up and each min down to a multiple of the scale,
+    so they still bound every key of the page; returned in float32."""
+    top, bottom = page_bounds.float().chunk(2, dim=-1)
+    largest = torch.maximum(top.abs(), bottom.abs()).amax(dim=1, keepdim=True)  # [Hkv, 1, D]
+    scale = (largest / 127 * (1 + 1e-6)).clamp(min=1e-30)  # a hair over: the largest rounds to 127 steps, not 128
+    return torch.cat([(top / scale).ceil() * scale, (bottom / scale).floor() * scale], dim=-1)
+
+
 class Probe(TorchBackend):
     """recent: the last `recent` full pages are always selected (out of the budget); temp: rule mass's softmax
-    over bounds with logits * temp (temp < 1 flattens it); fp8_bounds: pages scored on their bounds rounded outward
-    to float8 e4m3 (`fp8_outward`: half the bytes a GPU's scoring reads), each selection's share of the pages the
-    exact bounds select appended to `kept`."""
+    over bounds with logits * temp (temp < 1 flattens it); small_bounds: pages scored on their bounds rounded outward
+    by it (`fp8_outward`, `int8_outward`: half the bytes a GPU's scoring reads), each selection's share of the
+    pages the exact bounds select appended to `kept`."""
 
-    def __init__(self, recent=0, temp=1.0, rule=None, sink=0, fp8_bounds=False):
+    def __init__(self, recent=0, temp=1.0, rule=None, sink=0, small_bounds=None):
         super().__init__()
-        self.recent, self.temp, self.rule, self.sink, self.fp8_bounds = recent, temp, rule, sink, fp8_bounds
+        self.recent, self.temp, self.rule, self.sink, self.small_bounds = recent, temp, rule, sink, small_bounds
         self.kept = []
 
     def select(self, query, layer, num_selected, group_rule, sink_pages=0, coarse_factor=0):
@@ -58,8 +68,8 @@ class Probe(TorchBackend):
             bounds = layer.page_bounds[:, :layer.num_pages]
             logits = torch.bmm(split, bounds.transpose(1, 2)).float()
             scores = torch.softmax(logits * query.shape[-1] ** -0.5 * self.temp, -1).sum(1)
-        elif self.fp8_bounds:
-            scores = page_scores(query, fp8_outward(layer.page_bounds[:, :layer.num_pages]), rule)
+        elif self.small_bounds:
+            scores = page_scores(query, self.small_bounds(layer.page_bounds[:, :layer.num_pages]), rule)
         else:
             scores, _ = _scores(query, layer, rule)
         if self.sink:
@@ -70,7 +80,7 @@ class Probe(TorchBackend):
             scores = scores.clone()
             scores[:, max(0, n - 1 - self.recent):n - 1] = torch.inf
         selected = select_pages(scores, num_selected)  # [Hkv, k]
-        if self.fp8_bounds:
+        if self.small_bounds:
             exact = select_pages(_scores(query, layer, rule)[0], num_selected)
             self.kept.append((selected[:, :, None] == exact[:, None]).any(-1).float().mean().item())
         return selected
@@ -131,13 +141,13 @@ def ranking_variants(model_config, budget):
             (f"oracle@{budget}", base.with_changes(mode="oracle"), Probe())]
 
 
-def fp8_bounds_variants(model_config, budgets):
-    """The model default at each budget beside the same with its pages scored on float8 e4m3 bounds rounded
-    outward."""
+def small_bounds_variants(model_config, budgets, name, small_bounds):
+    """The model default at each budget beside the same with its pages scored on bounds rounded outward by
+    `small_bounds` (variant `name`@budget)."""
     out = [("dense", QuestConfig(mode="dense"), Probe())]
     for b in budgets:
         base = default_config(model_config, budget=b)
-        out += [(f"base@{b}", base, Probe()), (f"fp8@{b}", base, Probe(fp8_bounds=True))]
+        out += [(f"base@{b}", base, Probe()), (f"{name}@{b}", base, Probe(small_bounds=small_bounds))]
     return out
 
 
@@ -169,7 +179,7 @@ def main():
     parser.add_argument("--out", default="/tmp/miss_probe.jsonl")
     parser.add_argument("--variants", default="selection",
                         choices=["selection", "sinks", "oracle", "ranking", "two-level", "two-level-top-p",
-                                 "fp8-bounds"])
+                                 "fp8-bounds", "int8-bounds"])
     parser.add_argument("--top-p-grid", default="0.5,0.7,0.8,0.9,0.95,0.98",
                         help="the shares of the two-level-top-p variants (p, or p:fewest tokens)")
     parser.add_argument("--min-budget", type=int, default=QuestConfig.min_budget,
@@ -191,7 +201,8 @@ def main():
                 sinks=lambda: sink_variants(model.config, [128, 256, 1024]),
                 oracle=lambda: oracle_variants(model.config, [128, 256]),
                 ranking=lambda: ranking_variants(model.config, args.budget),
-                **{"fp8-bounds": lambda: fp8_bounds_variants(model.config, [128, 256])},
+                **{"fp8-bounds": lambda: small_bounds_variants(model.config, [128, 256], "fp8", fp8_outward),
+                   "int8-bounds": lambda: small_bounds_variants(model.config, [128, 256], "int8", int8_outward)},
                 **{"two-level": lambda: two_level_variants(model.config, args.budget),
                    "two-level-top-p": lambda: two_level_top_p_variants(
                        model.config, args.budget, args.top_p_grid.split(","), args.min_budget,
@@ -215,7 +226,7 @@ def main():
                     answer_ids, pages = passkey.traced_answer(model, cache, prompt[-1], 6)
                     answer = tokenizer.decode(answer_ids)
                     result[name + ":pages"] = pages and round(pages, 2)  # per KV head of a sparse layer and step
-                    if backend.kept:  # fp8 bounds: the share of the exact bounds' pages selected, over sparse layers
+                    if backend.kept:  # smaller bounds: the share of the exact bounds' pages kept, over sparse layers
                         result[name + ":kept"] = round(sum(backend.kept) / len(backend.kept), 4)
                         backend.kept.clear()
                     found = re.search(r"\d{5}", answer)
