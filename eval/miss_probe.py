@@ -25,15 +25,17 @@ from . import passkey, report
 DTYPE_HELP = "the model's dtype (default bf16, what the probes of 2026-12-01 ran in; fp32 as eval.report)"
 
 
+_FP8_CODES = torch.arange(256, dtype=torch.int16).to(torch.uint8).view(torch.float8_e4m3fn).float()
+_FP8_VALUES = torch.cat([torch.tensor([-torch.inf, torch.inf]), _FP8_CODES[_FP8_CODES.isfinite()]]).unique()  # sorted
+
+
 def fp8_outward(page_bounds: torch.Tensor) -> torch.Tensor:
     """page_bounds [Hkv, pages, 2D] (max then min) stored as float8 e4m3 would hold them for scoring: each max rounded
     up and each min down to a value of that type (+-inf beyond its largest), so they still bound every key of the
     page; returned in float32."""
-    codes = torch.arange(256, dtype=torch.int16).to(torch.uint8).view(torch.float8_e4m3fn).float()
-    values = torch.cat([torch.tensor([-torch.inf, torch.inf]), codes[codes.isfinite()]]).unique()  # sorted
     top, bottom = page_bounds.float().chunk(2, dim=-1)
-    up = values[torch.searchsorted(values, top.contiguous())]
-    down = values[torch.searchsorted(values, bottom.contiguous(), right=True) - 1]
+    up = _FP8_VALUES[torch.searchsorted(_FP8_VALUES, top.contiguous())]
+    down = _FP8_VALUES[torch.searchsorted(_FP8_VALUES, bottom.contiguous(), right=True) - 1]
     return torch.cat([up, down], dim=-1)
 
 
@@ -202,8 +204,8 @@ def main():
                 oracle=lambda: oracle_variants(model.config, [128, 256]),
                 ranking=lambda: ranking_variants(model.config, args.budget),
                 **{"fp8-bounds": lambda: small_bounds_variants(model.config, [128, 256], "fp8", fp8_outward),
-                   "int8-bounds": lambda: small_bounds_variants(model.config, [128, 256], "int8", int8_outward)},
-                **{"two-level": lambda: two_level_variants(model.config, args.budget),
+                   "int8-bounds": lambda: small_bounds_variants(model.config, [128, 256], "int8", int8_outward),
+                   "two-level": lambda: two_level_variants(model.config, args.budget),
                    "two-level-top-p": lambda: two_level_top_p_variants(
                        model.config, args.budget, args.top_p_grid.split(","), args.min_budget,
                        [int(b) for b in args.fixed_budgets.split(",")])})[args.variants]()
