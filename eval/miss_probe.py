@@ -143,12 +143,12 @@ def ranking_variants(model_config, budget):
             (f"oracle@{budget}", base.with_changes(mode="oracle"), Probe())]
 
 
-def small_bounds_variants(model_config, budgets, name, small_bounds):
-    """The model default at each budget beside the same with its pages scored on bounds rounded outward by
-    `small_bounds` (variant `name`@budget)."""
+def small_bounds_variants(model_config, budgets, name, small_bounds, **changes):
+    """The model default at each budget (with `changes`, QuestConfig fields) beside the same with its pages scored on
+    bounds rounded outward by `small_bounds` (variant `name`@budget)."""
     out = [("dense", QuestConfig(mode="dense"), Probe())]
     for b in budgets:
-        base = default_config(model_config, budget=b)
+        base = default_config(model_config, budget=b).with_changes(**changes)
         out += [(f"base@{b}", base, Probe()), (f"{name}@{b}", base, Probe(small_bounds=small_bounds))]
     return out
 
@@ -181,7 +181,7 @@ def main():
     parser.add_argument("--out", default="/tmp/miss_probe.jsonl")
     parser.add_argument("--variants", default="selection",
                         choices=["selection", "sinks", "oracle", "ranking", "two-level", "two-level-top-p",
-                                 "fp8-bounds", "int8-bounds"])
+                                 "fp8-bounds", "int8-bounds", "int8-bounds-sum16"])
     parser.add_argument("--top-p-grid", default="0.5,0.7,0.8,0.9,0.95,0.98",
                         help="the shares of the two-level-top-p variants (p, or p:fewest tokens)")
     parser.add_argument("--min-budget", type=int, default=QuestConfig.min_budget,
@@ -205,6 +205,8 @@ def main():
                 ranking=lambda: ranking_variants(model.config, args.budget),
                 **{"fp8-bounds": lambda: small_bounds_variants(model.config, [128, 256], "fp8", fp8_outward),
                    "int8-bounds": lambda: small_bounds_variants(model.config, [128, 256], "int8", int8_outward),
+                   "int8-bounds-sum16": lambda: small_bounds_variants(  # Llama-3.1-8B's settings on the GPU
+                       model.config, [256, 512], "int8", int8_outward, group_rule="sum", page_size=16),
                    "two-level": lambda: two_level_variants(model.config, args.budget),
                    "two-level-top-p": lambda: two_level_top_p_variants(
                        model.config, args.budget, args.top_p_grid.split(","), args.min_budget,
