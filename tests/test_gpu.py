@@ -567,30 +567,44 @@ def test_pipelined_greedy_decode_ends_like_eager_decode():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", ["dense", "quest"])
 def test_compiled_graph_decode_logits_match_eager(dtype, mode, capsys):
-    """The default graph decoder, whose graph holds the compiled decoder layers, against eager decoding,
-    teacher-forced over the same 64 tokens after 250 (Quest at budget 256 turns sparse midway). Inductor fuses
-    element-wise chains in float32 where eager rounds each op to the dtype, so the logits differ by rounding."""
-    model = tiny_llama(dtype)
+    """The default graph decoder, whose graph holds the compiled decoder layers, against eager decoding, both
+    teacher-forced over the same 64 tokens after 250 (Quest at budget 256 turns sparse midway), and both against the
+    float32 model (the torch backend on an upcast copy of the same weights). Inductor fuses element-wise chains in
+    float32 where eager rounds each op to the dtype (the RMSNorm into the q/k/v products too: compiled_layers), so
+    the two paths round differently; the compiled one is to be no farther from float32 than eager is (x1.25), and
+    pick the same tokens. A fixed bound on compiled against eager failed when more of the layer fused (0.106 in
+    bf16, where it had been 0.09) without either moving from float32. The model is the tame one of the greedy test
+    above (at initializer range 0.3 bf16's logits are about half their norm away from float32's). On the H200: compiled
+    0.0170 / 0.0203 from float32 in bf16 (dense / quest), eager 0.0199 / 0.0230; fp16 0.0021 / 0.0105 against 0.0025 /
+    0.0106. With one down projection's weights x1.05 in the graph's run it fails in both dtypes (x1.02: within the
+    rounding, it passes)."""
+    model = tiny_llama(dtype, initializer_range=0.02, query_key_scale=3.0)
+    upcast = tiny_llama(dtype, initializer_range=0.02, query_key_scale=3.0).float()  # same weights, in float32
     generator = torch.Generator().manual_seed(1)
     prompt, continuation = (torch.randint(0, 256, (n,), generator=generator).tolist() for n in (250, 64))
-    backend = FlashInferBackend("cuda")
-    logits = {}
-    for graph in (False, True):
-        cache = QuestCache(4, QuestConfig(mode=mode, budget=256, page_size=16), backend)
+    config = QuestConfig(mode=mode, budget=256, page_size=16)
+
+    def teacher_forced(model, backend, graph=False):
+        """[64, vocab]: the logits of each step over `continuation`, eagerly or from the graph decoder."""
+        cache = QuestCache(4, config, backend)
         prefill(model, cache, prompt)
         cache.reserve(len(prompt) + len(continuation))
         decoder = graph_decoder(model, cache, cache_argument(model)) if graph else None
         with torch.inference_mode():
             steps = [decoder.step(token).clone() if graph else prefill(model, cache, [token])
                      for token in continuation]
-        logits[graph] = torch.stack(steps).float()
         if graph:
             assert decoder.compile_layers and not decoder.failed and decoder.graph is not None
-    error = relative_error(logits[True], logits[False])
-    same = (logits[True].argmax(-1) == logits[False].argmax(-1)).float().mean().item()
+        return torch.stack(steps).float()
+
+    eager, graphed = (teacher_forced(model, FlashInferBackend("cuda"), graph) for graph in (False, True))
+    float32 = teacher_forced(upcast, TorchBackend())
+    eager_error, graph_error = relative_error(eager, float32), relative_error(graphed, float32)
+    same = (graphed.argmax(-1) == eager.argmax(-1)).float().mean().item()
     with capsys.disabled():
-        print(f"\n{dtype}, {mode}: compiled graph vs eager logits rel err {error:.4f}, argmax agrees on {same:.0%}")
-    assert error <= {torch.bfloat16: 0.1, torch.float16: 0.05}[dtype] and same >= 0.9
+        print(f"\n{dtype}, {mode}: logits rel err against float32: compiled graph {graph_error:.4f}, eager "
+              f"{eager_error:.4f}; compiled vs eager {relative_error(graphed, eager):.4f}, argmax agrees on {same:.0%}")
+    assert graph_error <= 1.25 * eager_error and same >= 0.9
 
 
 @pytest.mark.skipif(torch.cuda.get_device_capability()[0] < 9, reason="programmatic dependent launch: Hopper+")
