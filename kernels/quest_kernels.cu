@@ -502,6 +502,15 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
   // prefetch) 19.2 / 20.3. Fewer shuffles: teams of 8 lanes 18.5 / 19.6 (no team sum at all, wrong scores, 16.9 /
   // 17.7). Each block's rounds in a rotated order 17.9 / 18.4. Whichever, the scoring reads 33.5 MB in about 11 us:
   // bench/kernel_phases.py.)
+  // (Measured and dropped, H200, 2026-12-03, graph us, CUDA graphs over layer copies. The page bounds as int8, steps
+  // of a scale per KV head and dimension folded into the split query, rounded outward by the append kernel, half the
+  // bytes, the same pages as their torch twin and 98.5-99.3% of the exact bounds' (rule sum, budget 2048): 18.67 ->
+  // 16.95 at Llama-3.1-8B heads 128K and 18.18 -> 16.39 at the paper's shape, but 10.28 -> 11.51 at 32K and 8.47 ->
+  // 10.77 at 8K; end to end, Llama-3.1-8B shapes at 128K, alternating in one process: 179.7 / 176.3 tok/s without,
+  // 174.7 / 171.0 with. Each block asking L2 for the next matrix product's weights once it has scored (the o
+  // projection's 33.5 MB, bulk prefetch), while the last blocks select and the sparse decode runs: score + sparse
+  // decode + the product (cuBLAS) 42.45 us without, 44.76 with, 46.35 with an evict_last hint; the product alone
+  // takes 13.05 from DRAM and 10.43 from L2, so little was there to win.)
   for (int base = block_first; base < block_first + pages_per_block; base += kUnroll * teams) {
     uint4 loaded[kUnroll][kChunks];
 #pragma unroll
