@@ -21,6 +21,16 @@ from .sessions import OpenSessions
 MODEL_WORK = "model"  # the queue's concurrency id for everything that runs the model (through the engine)
 QUEUE_POLL_S = 0.02  # how often Gradio's queue looks for a job to start when it has none running
 QUEUE_PROGRESS_S = 0.1  # and for progress to send
+# Text edited in the paste box wins over the sample or upload that filled it, decided in the browser: the box's text
+# when it gained focus is kept, and where it has changed, the upload and the sample are let go as it loses focus and
+# again as Load is clicked (its inputs: pasted, cut, upload, sample, ...). Gradio's input event misses text pasted
+# from the menu, and a reply from the server can come after Load's click: a browser walk loaded the sample over the
+# edit. A new sample, depth or upload forgets the kept text (its event's inputs pass through).
+FILLS_PASTE_BOX = "(...inputs) => { window.pasteAtFocus = undefined; return inputs; }"
+EDITED = "window.pasteAtFocus !== undefined && text !== window.pasteAtFocus"
+LET_GO_IF_EDITED = f"(text, upload, sample) => {EDITED} ? [null, null] : [upload, sample]"
+LOAD_INPUTS = f"(text, cut, upload, sample, ...rest) => [text, cut, ...({EDITED} ? [null, null] : [upload, sample]), " \
+              "...rest]"
 
 
 def event(server, handler, outputs: list[str], failure: dict | None = None, gpu=lambda fn: fn):
@@ -205,14 +215,15 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 256, gpu=lam
         document = ["pasted", "doc_info", "cut"]
         described = [
             on(c["upload"].upload, handlers.read_upload, ["upload", "state"], ["upload", "sample", *document],
-               api_name="read_upload"),
+               api_name="read_upload", js=FILLS_PASTE_BOX),
             on(c["sample"].input, handlers.pick_sample, ["sample", "depth"], ["upload", *document],
-               api_name="pick_sample"),
+               api_name="pick_sample", js=FILLS_PASTE_BOX),
             on(c["depth"].release, handlers.pick_sample, ["sample", "depth"], ["upload", *document],
-               api_visibility="private"),
+               api_visibility="private", js=FILLS_PASTE_BOX),
             on(c["pasted"].blur, handlers.describe, ["pasted"], ["doc_info", "cut"], api_visibility="private")]
-        on(c["pasted"].input, handlers.edited, ["pasted"], ["upload", "sample"], api_visibility="private",
-           queue=False)
+        c["pasted"].focus(None, [c["pasted"]], None, js="(text) => { window.pasteAtFocus = text; }", queue=False)
+        c["pasted"].blur(None, [c["pasted"], c["upload"], c["sample"]], [c["upload"], c["sample"]],
+                         js=LET_GO_IF_EDITED, queue=False)
         on(c["cut"].input, handlers.choose_cut, ["pasted", "cut"], ["doc_info"], api_visibility="private")
         for new_document in described:  # an end already chosen stays chosen: the note then says what Load keeps
             on(new_document.then, handlers.choose_cut, ["pasted", "cut"], ["doc_info"], api_visibility="private")
@@ -222,7 +233,7 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 256, gpu=lam
         cleared = [*answers[:3], "headline", "speed_plot", *answers[3:]]
         on(load.click, handlers.load_document, ["pasted", "cut", "upload", "sample", "depth", "state"],
            ["state", "document", "doc_info", "cut", *cleared], failure={"doc_info": "**Not loaded:** {message}"},
-           concurrency_id=MODEL_WORK, api_name="load_document", show_progress_on=[c["doc_info"]])
+           concurrency_id=MODEL_WORK, api_name="load_document", show_progress_on=[c["doc_info"]], js=LOAD_INPUTS)
 
         ask_inputs = ["question", "mode", "budget", "page_size", "dense_layers", "inspect", "max_new_tokens",
                       "temperature", "repetition_penalty", "no_repeat_ngram_size", "layer", "head", "top_p",

@@ -169,3 +169,25 @@ def test_fill_the_context_compare_and_see_where_the_model_looked(app_url, tmp_pa
         assert_no_error_state(page)
         browser.close()
     assert shot.stat().st_size > 10_000
+
+
+def test_load_takes_the_paste_box_edited_after_a_sample(app_url):
+    """A sample picked, then the paste box edited and Load clicked at once: the edited text loads, not the sample
+    (a browser walk loaded the sample over the edit: the server's reply that let go of the sample came after Load)."""
+    own = "My own notes. The locker code is 4242. Nothing else is in this note."
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 1000})
+        page.goto(app_url)
+        page.get_by_role("tab", name="Sample").click()
+        page.get_by_label("Sample").click()
+        page.get_by_role("option", name="Hamlet, the opening (~6K tokens)").click()
+        page.locator("#doc-info").get_by_text(re.compile(r"\d+% of the")).wait_for(timeout=60_000)
+        page.get_by_role("tab", name="Paste").click()
+        page.locator("#pasted textarea").fill(own)
+        page.get_by_role("button", name="Load document").click()
+        loaded = page.locator("#document").get_by_text("Document · ")
+        loaded.or_(page.locator("#doc-info").get_by_text("Not loaded")).wait_for(timeout=120_000)
+        assert "pasted text" in loaded.inner_text()
+        assert_no_error_state(page)
+        browser.close()
