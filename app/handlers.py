@@ -146,7 +146,7 @@ def read_upload(server: Server, file, state: ChatState | None) -> dict:
     except (DocumentError, UserError) as error:
         notify(str(error))
         return {"upload": None, "pasted": "", "sample": None, "cut": HIDDEN,
-                "doc_info": f"**Not loaded:** {error}.{still_loaded(state)}"}
+                "doc_info": f"**Not loaded:** {str(error).rstrip('.')}.{still_loaded(state)}"}
 
 
 def pick_sample(server: Server, name: str | None, depth: float) -> dict:
@@ -157,11 +157,6 @@ def pick_sample(server: Server, name: str | None, depth: float) -> dict:
         note = f" The passkey is **{needle_document(depth)[1]}**: ask *What is the pass key?*"
     text = sample_text(name, depth)
     return candidate(server, text, note) | {"pasted": text, "upload": None}
-
-
-def edited(server: Server, text: str) -> dict:
-    """The paste box was edited: it no longer holds the upload or the sample."""
-    return {"upload": None, "sample": None}
 
 
 def describe(server: Server, text: str) -> dict:
@@ -272,7 +267,7 @@ def ask(server: Server, question: str, mode: str, budget, page_size, dense_layer
                 notes, marks = notes_and_marks()
             chat = before + notes + [user, {"role": "assistant", "content": "".join(s.text for s in steps)}]
             yield {"chat": chat, "metrics": views.metrics(mode, steps, run),
-                   "meter": views.meter(session.context_usage())}
+                   "meter": views.meter(session.context_usage(steps[-1].context_len))}
         answer.raise_error()
     except ContextFullError as error:  # refused: the question stays in its box, the last answer's metrics stay
         notify(str(error))

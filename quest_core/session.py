@@ -245,10 +245,12 @@ class Session:
     def _tokenize(self, text: str) -> list[int]:
         return _count(self.tokenizer, text)
 
-    def context_usage(self) -> ContextUsage:
-        """What the context holds now: the document, the conversation after it, and the room left."""
-        total = self.max_context or len(self.token_ids)
-        conversation = max(len(self.token_ids) - self.document_tokens, 0)
+    def context_usage(self, length: int | None = None) -> ContextUsage:
+        """What the context holds now: the document, the conversation after it, and the room left; with `length`, as
+        the cache holds that many tokens (an answer's Step.context_len: its tokens join `token_ids` when it ends)."""
+        length = len(self.token_ids) if length is None else length
+        total = self.max_context or length
+        conversation = max(length - self.document_tokens, 0)
         return ContextUsage(total, self.document_tokens, conversation, total - self.document_tokens - conversation)
 
     # ---- pages, for the views ----

@@ -312,3 +312,26 @@ def test_a_sample_loads_at_the_chosen_depth_even_when_the_paste_box_lags(client)
     stale = sample_text(NEEDLE, 50)
     assert "Loaded" in load(client, stale, sample=NEEDLE, depth=20)["doc_info"]
     assert needle_document(20)[1] in server_state(client).needle
+
+
+def test_the_context_meter_grows_with_the_answer_while_it_streams(default_model, short_document, monkeypatch):
+    """While an answer streams, the meter counts the tokens in the cache, as the metrics' context does (a browser
+    walk saw it hold the last answer's count until the answer ended, while the metrics' context grew)."""
+    model, tokenizer = default_model
+    server = handlers.Server(model, tokenizer, None, OpenSessions(2), max_new_tokens=MAX_NEW_TOKENS)
+    state = server.sessions.open("meter", server.new_session)
+    state.session.ingest(short_document.read_text())
+    state.document_name = short_document.name
+    state.session.answer(QUESTION, max_new_tokens=MAX_NEW_TOKENS)  # a turn before: its tokens are in the meter too
+    monkeypatch.setattr(handlers, "REFRESH_S", 0.01)  # about every step shown
+    streamed = []
+    for shown in handlers.ask(server, "And Bernardo?", "quest", 256, 16, 2, False, MAX_NEW_TOKENS, 0.0,
+                              DECODING.repetition_penalty, DECODING.no_repeat_ngram_size, 2, 0, None, False, state):
+        context = re.search(r"context ([\d,]+) tokens", shown.get("metrics", ""))
+        if context and "streaming" in shown["metrics"]:
+            streamed.append((int(context.group(1).replace(",", "")), shown["meter"]))
+    assert len(streamed) >= 3
+    document = state.session.document_tokens
+    for context, meter in streamed:
+        assert f"conversation <b>{context - document:,}</b>" in meter
+    state.close()
