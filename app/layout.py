@@ -71,11 +71,16 @@ def event(server, handler, outputs: list[str], failure: dict | None = None, gpu=
 
 
 # Gradio lays HighlightedText's spans out as flex items, each as tall as its lines: passages of several lines stood
-# side by side in columns. As inline text they read in order (pass to launch: `demo.launch(css=CSS)`).
+# side by side in columns. As inline text they read in order (pass to launch: `demo.launch(css=CSS)`), whole words
+# wrapped (Gradio breaks them anywhere), and with no space where one passage meets the next (Gradio's markup has
+# spaces between its spans: a browser walk read "Claud ius"), the text alone sized and shaded.
 CSS = """
 #looked .textfield { display: block; }
 #looked .token-container, #looked .token { display: inline; }
 #looked .token { margin: 0; padding-left: 0; padding-right: 0; }
+#looked .token, #answer-tokens .token { word-break: normal; overflow-wrap: break-word; }
+#looked .token-container, #looked .token { font-size: 0; }
+#looked .text { font-size: var(--text-md); background: inherit; }
 """
 
 

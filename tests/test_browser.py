@@ -69,6 +69,16 @@ def assert_reads_in_order(page):
         assert top >= bottom - 1.5 * line, (top, bottom, line)
 
 
+def assert_passages_meet(page):
+    """Where one passage of "where the model looked" ends and the next goes on in the same line, nothing is drawn
+    between them (Gradio's markup has a space between its spans: a browser walk read "Claud ius")."""
+    ends = page.locator("#looked .text").evaluate_all(
+        "nodes => nodes.map(n => Array.from(n.getClientRects())).filter(r => r.length)"
+        ".map(r => [r[0].left, r[0].top, r[r.length - 1].right, r[r.length - 1].top])")
+    gaps = [left - right for (_, _, right, end_top), (left, top, _, _) in zip(ends, ends[1:]) if abs(top - end_top) < 2]
+    assert gaps and max(abs(gap) for gap in gaps) < 1, gaps
+
+
 def ask_and_watch(page, question: str) -> set[int]:
     """Send `question` and wait for its answer to end (the metrics say how it ended); returns the token counts the
     metrics showed on the way."""
@@ -158,6 +168,7 @@ def test_fill_the_context_compare_and_see_where_the_model_looked(app_url, tmp_pa
         page.locator("#looked .token").first.wait_for(timeout=10_000)
         whole_answer = shades(page)
         assert_reads_in_order(page)
+        assert_passages_meet(page)
         assert sum(shade not in ("", "transparent", "rgba(0, 0, 0, 0)") for shade in whole_answer) >= 3
         page.locator("#answer-tokens .token").nth(2).click()
         page.locator("#looked-note").get_by_text("picked token", exact=False).wait_for(timeout=30_000)
