@@ -142,7 +142,9 @@ def test_the_headline_reports_the_ratios_of_the_runs_it_is_given():
     quest = views.Speed(12.5, 0.006, 4.2, 6000, "Compare", ((6000,), (24,)))
     text = views.headline({"dense": dense, "quest": quest})
     assert "**1.25×**" in text and "**5.0×**" in text and "**4.2× fewer**" in text
-    assert "Compare: the same question and context" in text
+    assert "Compare: the same question and context" in text and "cannot explain" not in text
+    noisy = views.Speed(11.4, 0.0333, 1.0, 6000, "Compare", ((6000,), (100,)))  # slower attention, faster step
+    assert "cannot explain" in views.headline({"dense": dense, "quest": noisy})
     assert "Compare" in views.headline({"quest": quest}) and "×" not in views.headline({"quest": quest})
     assert "another session" not in text
     shared = views.Speed(5.0, 0.030, 1.0, 6000, "chat", ((6000,), (100,)), shared=True)
