@@ -294,7 +294,7 @@ def ask(server: Server, question: str, mode: str, budget, page_size, dense_layer
     state.chat = before + notes + [user, {"role": "assistant", "content": run.text + stopped}]
     state.answer, state.question, state.picked_step = run, question, None
     state.page_texts = session.page_texts()
-    if run.new_tokens > 1:
+    if run.new_tokens > 1 and not inspect:  # an inspected answer also ran dense attention at each step: not a speed
         state.speeds[mode] = speed(run, "chat")
     yield {"chat": state.chat, "metrics": last_metrics(state),
            "meter": views.meter(session.context_usage()), **speed_views(state),

@@ -335,3 +335,24 @@ def test_the_context_meter_grows_with_the_answer_while_it_streams(default_model,
     for context, meter in streamed:
         assert f"conversation <b>{context - document:,}</b>" in meter
     state.close()
+
+
+def test_an_inspected_answer_gives_the_headline_no_speed(default_model, short_document):
+    """Inspect runs dense attention beside Quest at each step (the recall): the answer is slower, so its tok/s is not
+    Quest's (a browser walk saw it become the headline's "Quest ... tok/s so far"). A plain answer gives one."""
+    model, tokenizer = default_model
+    server = handlers.Server(model, tokenizer, None, OpenSessions(2), max_new_tokens=MAX_NEW_TOKENS)
+    state = server.sessions.open("inspect", server.new_session)
+    state.session.ingest(short_document.read_text())
+    state.document_name = short_document.name
+
+    def answer(inspect):
+        return list(handlers.ask(server, QUESTION, "quest", 256, 16, 2, inspect, MAX_NEW_TOKENS, 0.0,
+                                 DECODING.repetition_penalty, DECODING.no_repeat_ngram_size, 2, 0, None, False,
+                                 state))[-1]
+
+    inspected = answer(True)
+    assert "recall" in inspected["metrics"] and state.speeds == {} and inspected["headline"] == ""
+    plain = answer(False)
+    assert set(state.speeds) == {"quest"} and "Quest" in plain["headline"]
+    state.close()
