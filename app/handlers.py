@@ -377,6 +377,13 @@ def new_chat(server: Server, state: ChatState | None) -> dict:
     return answers_cleared() | {"meter": views.meter(state.session.context_usage())}
 
 
+def comparing(server: Server, question: str, state: ChatState | None) -> dict:
+    """Compare's panel as it starts, naming the question it answers: the one typed, else the last one asked."""
+    question = (question or "").strip() or (state.question if state is not None else "")
+    return {"compare_box": gr.update(visible=True),
+            "verdict": f"Comparing{f' *{question}*' if question else ''}: dense first, then Quest…"}
+
+
 def compare(server: Server, question: str, budget, page_size, dense_layers, max_new_tokens, repetition_penalty,
             no_repeat_ngram_size, top_p, two_level: bool, state: ChatState | None, progress=PROGRESS) -> dict:
     """The same question (or the last one asked) answered dense and with Quest on the same context, greedily; the

@@ -76,10 +76,9 @@ def event(server, handler, outputs: list[str], failure: dict | None = None, gpu=
 # spaces between its spans: a browser walk read "Claud ius"), the text alone sized and shaded.
 CSS = """
 #looked .textfield { display: block; }
-#looked .token-container, #looked .token { display: inline; }
+#looked .token-container, #looked .token { display: inline; font-size: 0; }
 #looked .token { margin: 0; padding-left: 0; padding-right: 0; }
 #looked .token, #answer-tokens .token { word-break: normal; overflow-wrap: break-word; }
-#looked .token-container, #looked .token { font-size: 0; }
 #looked .text { font-size: var(--text-md); background: inherit; }
 """
 
@@ -257,8 +256,8 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 256, gpu=lam
                                                                             {"api_visibility": "private"})):
             stopped = on(trigger, handlers.stop, ["state"], [], queue=False, api_visibility="private")
             on(stopped.then, handlers.new_chat, ["state"], answers, concurrency_id=MODEL_WORK, **api)
-        comparing = compare.click(lambda: (gr.update(visible=True), "Comparing: dense first, then Quest…"), None,
-                                  [c["compare_box"], c["verdict"]], queue=False, api_visibility="private")
+        comparing = on(compare.click, handlers.comparing, ["question", "state"], ["compare_box", "verdict"],
+                       queue=False, api_visibility="private")
         on(comparing.then, handlers.compare, ["question", "budget", "page_size", "dense_layers", "max_new_tokens",
                                               "repetition_penalty", "no_repeat_ngram_size", "top_p", "two_level",
                                               "state"],

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from app import figures, looked, views
+from app import figures, handlers, looked, views
+from app.sessions import ChatState
 from quest_core.trace import StepTrace, mean_pages_read
 
 LAYERS, HEADS, DENSE_LAYERS = 6, 3, 2
@@ -156,3 +157,12 @@ def test_the_headline_reports_the_ratios_of_the_runs_it_is_given():
     bars = json.loads(figures.time_per_token({"dense": (100.0, 30.0), "quest": (80.0, 6.0)}).to_json())
     attention, rest = bars["data"]
     assert attention["x"] == [30.0, 6.0] and rest["x"] == [70.0, 74.0]
+
+
+def test_compare_names_the_question_it_answers_as_it_starts():
+    """Compare answers the question typed, else the last one asked: its panel says which from the start (a browser
+    walk pressed Compare on an empty box and learned only from the verdict which question had run)."""
+    state = ChatState(question="Who is Francisco?")
+    assert "*Who is Francisco?*" in handlers.comparing(None, "", state)["verdict"]
+    assert "*And Bernardo?*" in handlers.comparing(None, " And Bernardo? ", state)["verdict"]
+    assert "*" not in handlers.comparing(None, "", None)["verdict"]
