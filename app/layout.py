@@ -158,9 +158,10 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 256, gpu=lam
                                                      info="rank pairs of pages first, then the pages of the best "
                                                           "pairs: with pages of 2 it kept 62 of 63 held-out passkeys "
                                                           "at budget 128, where pages of 4 kept 45 (eval/RESULTS.md)")
-                        c["dense_layers"] = gr.Slider(0, num_layers, quest.dense_layers, step=1,
+                        c["dense_layers"] = gr.Slider(0, num_layers - 1, quest.dense_layers, step=1,
                                                       label="Dense layers",
-                                                      info="the first layers always read everything")
+                                                      info="the first layers always read everything (the last "
+                                                           "stays Quest's)")
                     with gr.Row():
                         c["max_new_tokens"] = gr.Slider(1, max(max_new_tokens, 2), min(decoding.max_new_tokens,
                                                                                        max_new_tokens),
