@@ -131,16 +131,16 @@ def headline(speeds: dict) -> str:
     step_gain = quest.tokens_per_s / dense.tokens_per_s
     text = (f"**Quest vs dense on this document** ({where}): whole step "
             f"**{step_gain:.2f}×** ({dense.tokens_per_s:.1f} → {quest.tokens_per_s:.1f} tok/s)")
-    if dense.attention_s and quest.attention_s:
-        text += (f" · attention alone **{dense.attention_s / quest.attention_s:.1f}×** "
+    attention_gain = dense.attention_s / quest.attention_s if dense.attention_s and quest.attention_s else None
+    if attention_gain:
+        text += (f" · attention alone **{attention_gain:.1f}×** "
                  f"({1000 * dense.attention_s:.1f} → {1000 * quest.attention_s:.1f} ms per step)")
     text += f" · KV bytes read: {kv_saving(quest.kv_ratio, bold=True)}"
     text += " (the theoretical attention speedup)." if quest.kv_ratio >= 1.05 else "."
-    if dense.attention_s and quest.attention_s:
+    if attention_gain:
         share = dense.attention_s / (dense.ms_per_token / 1000)
         text += (f"  \nAttention is {100 * share:.0f}% of a dense step here; the rest (MLPs, projections, the "
                  "vocabulary) costs the same in both modes, so the step gains less than the attention")
-        attention_gain = dense.attention_s / quest.attention_s
         if not (1 <= step_gain <= attention_gain or attention_gain <= step_gain <= 1):
             text += (": here the whole steps differ in a way attention cannot explain, which is the two runs' timing "
                      "(other work on this machine, or chance)")

@@ -85,6 +85,17 @@ def server_state(client) -> ChatState:
     raise LookupError("no server holds this client's session")
 
 
+def loaded_state(default_model, document: Path, owner: str):
+    """A Server of the default model with one open session that has `document` loaded, for calling handlers directly
+    (no Gradio server): (server, its ChatState)."""
+    model, tokenizer = default_model
+    server = handlers.Server(model, tokenizer, None, OpenSessions(2), max_new_tokens=MAX_NEW_TOKENS)
+    state = server.sessions.open(owner, server.new_session)
+    state.session.ingest(document.read_text())
+    state.document_name = document.name
+    return server, state
+
+
 def first_divergence(dense_ids, quest_ids):
     """The index of the first token where two answers differ (the shorter one's length if one is a prefix of the
     other), or None if they are the same."""
@@ -285,11 +296,7 @@ def test_a_long_document_is_tokenized_once_for_its_note_and_the_end_kept(default
 def test_stop_during_compare_ends_it_with_no_verdict_and_no_speed(default_model, short_document, monkeypatch):
     """Stop while Compare's dense answer streams: Quest does not run, the verdict says stopped and the headline takes
     no speed from the cut answer (a browser walk saw Quest run on, 'differ from token 0' and a headline from it)."""
-    model, tokenizer = default_model
-    server = handlers.Server(model, tokenizer, None, OpenSessions(2), max_new_tokens=MAX_NEW_TOKENS)
-    state = server.sessions.open("compare-stop", server.new_session)
-    state.session.ingest(short_document.read_text())
-    state.document_name = short_document.name
+    server, state = loaded_state(default_model, short_document, "compare-stop")
     ask = state.session.ask
 
     def ask_then_stop(*args, **kwargs):
@@ -317,11 +324,7 @@ def test_a_sample_loads_at_the_chosen_depth_even_when_the_paste_box_lags(client)
 def test_the_context_meter_grows_with_the_answer_while_it_streams(default_model, short_document, monkeypatch):
     """While an answer streams, the meter counts the tokens in the cache, as the metrics' context does (a browser
     walk saw it hold the last answer's count until the answer ended, while the metrics' context grew)."""
-    model, tokenizer = default_model
-    server = handlers.Server(model, tokenizer, None, OpenSessions(2), max_new_tokens=MAX_NEW_TOKENS)
-    state = server.sessions.open("meter", server.new_session)
-    state.session.ingest(short_document.read_text())
-    state.document_name = short_document.name
+    server, state = loaded_state(default_model, short_document, "meter")
     state.session.answer(QUESTION, max_new_tokens=MAX_NEW_TOKENS)  # a turn before: its tokens are in the meter too
     monkeypatch.setattr(handlers, "REFRESH_S", 0.01)  # about every step shown
     streamed = []
@@ -340,11 +343,7 @@ def test_the_context_meter_grows_with_the_answer_while_it_streams(default_model,
 def test_an_inspected_answer_gives_the_headline_no_speed(default_model, short_document):
     """Inspect runs dense attention beside Quest at each step (the recall): the answer is slower, so its tok/s is not
     Quest's (a browser walk saw it become the headline's "Quest ... tok/s so far"). A plain answer gives one."""
-    model, tokenizer = default_model
-    server = handlers.Server(model, tokenizer, None, OpenSessions(2), max_new_tokens=MAX_NEW_TOKENS)
-    state = server.sessions.open("inspect", server.new_session)
-    state.session.ingest(short_document.read_text())
-    state.document_name = short_document.name
+    server, state = loaded_state(default_model, short_document, "inspect")
 
     def answer(inspect):
         return list(handlers.ask(server, QUESTION, "quest", 256, 16, 2, inspect, MAX_NEW_TOKENS, 0.0,
