@@ -93,9 +93,9 @@ KERNEL_KINDS = {"cuBLAS matmul": ("nvjet", "gemm", "gemv", "splitKreduce", "cutl
 
 
 def gpu_time_by_kind(model, cache, steps=4):
-    """({kind: GPU us per step}, wall ms per step, the longest kernels: `longest_kernels`) over `steps` graph
-    replays decoding on from the cache's tokens, under the profiler. The first two steps (eager and capture) and the
-    one queued when the profiler starts are not profiled: it starts once the GPU is idle."""
+    """({kind: GPU us per step}, wall ms per step, the longest kernels: `longest_kernels`, busy us per step: `busy_us`)
+    over `steps` graph replays decoding on from the cache's tokens, under the profiler. The first two steps (eager
+    and capture) and the one queued when the profiler starts are not profiled: it starts once the GPU is idle."""
     logits = torch.zeros(model.config.vocab_size, device="cuda")
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
     for index, _ in enumerate(decode(model, cache, logits, 4 + steps, min_new_tokens=4 + steps)):
@@ -106,7 +106,17 @@ def gpu_time_by_kind(model, cache, steps=4):
     torch.cuda.synchronize()
     wall_ms = 1e3 * (time.perf_counter() - started) / steps
     profiler.stop()
-    return kernel_time_by_kind(profiler, steps), wall_ms, longest_kernels(profiler, steps)
+    return kernel_time_by_kind(profiler, steps), wall_ms, longest_kernels(profiler, steps), busy_us(profiler, steps)
+
+
+def busy_us(profiler, steps: int) -> float:
+    """GPU us per step during which at least one kernel runs: the union of a stopped profiler's kernel intervals
+    over `steps` steps (kernels that overlap, as a programmatic dependent and the kernel before it, count once)."""
+    busy, end = 0.0, float("-inf")
+    for start, stop in sorted((e.time_range.start, e.time_range.end) for e in gpu_kernels(profiler)):
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    return busy / steps
 
 
 def longest_kernels(profiler, steps: int, count: int = 14) -> list[tuple[str, float, float]]:
@@ -164,10 +174,10 @@ def main():
         ours(model, cache, prompt[:512], 8)  # warm-up: kernel builds, plans, compiling the layers (first context)
         warmup_s = time.perf_counter() - started
         dense_ttft, dense_speed, dense_first = ours(model, cache, prompt, args.new_tokens)
-        dense_kinds, dense_wall, _ = gpu_time_by_kind(model, cache)
+        dense_kinds, dense_wall, _, dense_busy = gpu_time_by_kind(model, cache)
         cache.set_config(quest)
         quest_ttft, quest_speed, quest_first = ours(model, cache, prompt, args.new_tokens)
-        quest_kinds, quest_wall, quest_kernels = gpu_time_by_kind(model, cache)
+        quest_kinds, quest_wall, quest_kernels, quest_busy = gpu_time_by_kind(model, cache)
         _, quest_eager_speed, _ = ours(model, cache, prompt, args.new_tokens, cuda_graph=False)
         graphed = cache.graph_decoder is not None and not cache.graph_decoder.failed
         row = dict(context=context, hf_ttft_s=hf_ttft, hf_tok_s=hf_speed, hf_static_tok_s=hf_static_speed,
@@ -175,8 +185,8 @@ def main():
                    dense_tok_s=dense_speed, quest_ttft_s=quest_ttft, quest_tok_s=quest_speed,
                    quest_eager_tok_s=quest_eager_speed, dense_first_steps_s=dense_first,
                    quest_first_steps_s=quest_first, warmup_s=warmup_s, cuda_graph=graphed, dense_gpu_us=dense_kinds,
-                   dense_profiled_ms=dense_wall, quest_gpu_us=quest_kinds, quest_profiled_ms=quest_wall,
-                   quest_kernels=quest_kernels)
+                   dense_profiled_ms=dense_wall, dense_busy_us=dense_busy, quest_gpu_us=quest_kinds,
+                   quest_profiled_ms=quest_wall, quest_busy_us=quest_busy, quest_kernels=quest_kernels)
         rows.append(row)
         print(json.dumps(row), flush=True)
         del cache
@@ -193,13 +203,15 @@ def main():
                      f"{1e3 * r['dense_first_steps_s']:.0f} / {1e3 * r['quest_first_steps_s']:.0f} |")
     kinds = [*KERNEL_KINDS, "other"]
     profile = ["| context | engine | " + " | ".join(f"{kind} ms" for kind in kinds) +
-               " | GPU total ms | step ms | matmul / weights' floor |", "|---:|---|" + "---:|" * (len(kinds) + 3)]
+               " | GPU total ms | GPU busy ms | step ms | matmul / weights' floor |",
+               "|---:|---|" + "---:|" * (len(kinds) + 4)]
     for r in rows:
         for engine in ("dense", "quest"):
             times = r[f"{engine}_gpu_us"]
             matmul_ms = (times["cuBLAS matmul"] + times["Triton matmul"]) / 1e3
             profile.append(f"| {r['context']} | {engine} | " + " | ".join(f"{times[k] / 1e3:.2f}" for k in kinds) +
-                           f" | {sum(times.values()) / 1e3:.2f} | {r[f'{engine}_profiled_ms']:.2f} | "
+                           f" | {sum(times.values()) / 1e3:.2f} | {r[f'{engine}_busy_us'] / 1e3:.2f} | "
+                           f"{r[f'{engine}_profiled_ms']:.2f} | "
                            f"{matmul_ms / weights_ms:.2f}x |")
     longest = max(rows, key=lambda r: r["context"])
     kernels = ["| kernel | calls a step | µs a call | µs a step |", "|---|---:|---:|---:|"]
@@ -222,11 +234,12 @@ def main():
             "\n\nWhere a decode step's GPU time goes: kernel time per step by kind, from the profiler over 4 graph "
             "replays after each timed run (Triton matmul: the autotuned Triton kernels holding a matrix product; "
             "other: copies, memsets, PyTorch's own kernels), and the "
-            "step's wall time under the profiler. The step time less the GPU total is time the GPU waits: launch "
-            "gaps inside the graph and the host's work between replays; a kernel launched as a programmatic "
+            "step's wall time under the profiler. A kernel launched as a programmatic "
             "dependent (ours, FlashInfer's, and on Hopper the compiled layers' but Inductor's matrix-product "
             "templates) counts from when its blocks start, which can be while the kernel before it runs, so the "
-            "kinds' times can overlap. The last column: the matrix products' time "
+            "kinds' times can overlap; GPU busy counts the time any kernel runs once. The step time less GPU busy is "
+            "time no kernel runs: launch gaps inside the graph and the host's work between replays. The last column: "
+            "the matrix products' time "
             f"against the weights' bytes floor ({weight_bytes / 1e9:.2f} GB a step at the copy bandwidth "
             f"measured in this run, {bandwidth / 1e12:.2f} TB/s: {weights_ms:.2f} ms).\n\n" + "\n".join(profile) +
             f"\n\nThe kernels that took the most GPU time in a Quest step at {longest['context']} (the same profile; "

@@ -154,3 +154,17 @@ def test_the_e2e_benchs_longest_kernels_count_the_gpu_kernels_of_a_step_by_name(
     assert longest_kernels(profiler, steps=2, count=4) == [
         ("nvjet_sm90_tst_256x8_64x6_2x1_v_bz_TNT", 1.0, 246.0), ("triton_red_fused_mm_t_view_0", 2.0, 8.0),
         ("score_topk_kernel", 1.0, 12.0), ("sparse_decode_kernel", 1.0, 11.0)]
+
+
+def test_the_e2e_benchs_busy_time_counts_overlapping_kernels_once():
+    """bench/e2e.py's GPU busy time: the union of the kernels' intervals per step, so that a programmatic dependent
+    started inside the kernel before it counts once, and the gaps between kernels not at all."""
+    from types import SimpleNamespace
+
+    from bench.e2e import busy_us
+    gpu, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    intervals = [(30.0, 40.0), (0.0, 10.0), (5.0, 12.0), (6.0, 8.0), (20.0, 25.0)]  # out of order: busy 12 + 5 + 10
+    events = [SimpleNamespace(name="k", device_type=gpu, time_range=SimpleNamespace(start=a, end=b))
+              for a, b in intervals]
+    events.append(SimpleNamespace(name="aten::mm", device_type=cpu, time_range=SimpleNamespace(start=0.0, end=99.0)))
+    assert busy_us(SimpleNamespace(events=lambda: events), steps=2) == 13.5
