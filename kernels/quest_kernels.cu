@@ -250,6 +250,7 @@ constexpr int kMaxChunks = 4;     // 16-byte vectors per lane and page: 2D <= 4 
 constexpr int kFirstBits = 11;    // the first radix digit; the others have 8 bits (fewer for the last)
 constexpr int kFirstBins = 1 << kFirstBits;
 constexpr int kSweepBatch = 8;    // scores each thread loads at once in the top-k sweeps
+constexpr int kHeldKeys = 10;     // keys a thread of the selection holds from the histogram to the sweep
 constexpr int kMaxMassGroup = 32; // query heads per KV head that rule mass takes
 enum GroupRule { kSum = 0, kMax = 1, kMass = 2 };  // quest_core.selection.page_scores' group_rule
 
@@ -628,26 +629,31 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
   for (int b = threadIdx.x; b < kFirstBins; b += kThreads) histogram[b] = 0;
   __syncthreads();
   // This thread's keys of pages p0 + j * kThreads + t, relative to the head's smallest key. With one round of
-  // candidates (at most kThreads * kSweepBatch: 8,192) they stay in registers from the histogram to the end of
-  // sweep 2; with more, each of those passes loads its round's from L2.
-  unsigned int keys[kSweepBatch];
+  // candidates (at most kThreads * kHeldKeys: 10,240, a context of 160K at pages of 16) they stay in registers from
+  // the histogram to the end of sweep 2; with more, each of those passes loads its round's from L2. (H200, 2026-12-03,
+  // Llama-3.1-8B heads, budget 2048, graph us: with 8 keys a thread, 8,192 candidates, a 128K context decoding past
+  // its prompt took two rounds: 8,200 pages 23.77, against 18.75 at 8,192; with 10, 20.54 and 19.08, and 11.66 ->
+  // 11.79 at 32K, 8.37 -> 8.63 at 8K: the registers cost a little everywhere. 16 keys, with the spread below: 21.56
+  // at 8,200 pages, 20.17 at 8,192, 12.78 at 32K. A captured call's pages spread over the grid by the length read on
+  // the GPU, not the capacity that sized it: 0.7-0.9 slower at 8,200 pages and at 32K, 0.6 faster at 8,192.)
+  unsigned int keys[kHeldKeys];
   // Radix digits of r = key - smallest_key, from bit `shift` up: r >> shift < 2048 for every candidate.
   const unsigned int span = largest_key - smallest_key;
   int shift = max(0, 32 - __clz(span) - kFirstBits);
   auto relative_key = [&](int p) { return order_key(__ldcg(head_scores + p)) - smallest_key; };
   auto load_keys = [&](int p0) {  // loads first, all in flight together
 #pragma unroll
-    for (int j = 0; j < kSweepBatch; ++j) {
+    for (int j = 0; j < kHeldKeys; ++j) {
       const int p = p0 + j * kThreads + threadIdx.x;
       keys[j] = p < candidates ? relative_key(p) : 0u;
     }
   };
-  const bool one_round = candidates <= kThreads * kSweepBatch;
+  const bool one_round = candidates <= kThreads * kHeldKeys;
   if (one_round) load_keys(0);
-  for (int p0 = 0; p0 < candidates; p0 += kThreads * kSweepBatch) {  // the first digit's histogram
+  for (int p0 = 0; p0 < candidates; p0 += kThreads * kHeldKeys) {  // the first digit's histogram
     if (!one_round) load_keys(p0);
 #pragma unroll
-    for (int j = 0; j < kSweepBatch; ++j) {
+    for (int j = 0; j < kHeldKeys; ++j) {
       const int p = p0 + j * kThreads + threadIdx.x;
       if (p >= sink_pages && p < candidates) atomicAdd(&histogram[keys[j] >> shift], 1u);
     }
@@ -660,10 +666,10 @@ __global__ void __launch_bounds__(kThreads) score_topk_kernel(
   // scores again.
   const bool use_list = histogram[first_digit] <= (unsigned int)list_capacity;
   int32_t* head_out = out + (int64_t)h * k;
-  for (int p0 = 0; p0 < candidates; p0 += kThreads * kSweepBatch) {
+  for (int p0 = 0; p0 < candidates; p0 += kThreads * kHeldKeys) {
     if (!one_round) load_keys(p0);
 #pragma unroll
-    for (int j = 0; j < kSweepBatch; ++j) {
+    for (int j = 0; j < kHeldKeys; ++j) {
       const int p = p0 + j * kThreads + threadIdx.x;
       if (p >= candidates) break;
       if (p < sink_pages) continue;

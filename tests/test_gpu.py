@@ -100,10 +100,10 @@ def kernel_selection(scorer, query, layer, k, group_rule, on_gpu, sink_pages=0):
 @needs_kernels
 @pytest.mark.parametrize("group_rule", ["sum", "max", "mass"])
 def test_score_topk_past_one_round_of_candidates(group_rule):
-    """Up to 8,192 full pages each thread of the selecting block keeps its pages' keys in registers; past that,
+    """Up to 10,240 full pages each thread of the selecting block keeps its pages' keys in registers; past that,
     each pass over the keys (and rule mass's over the logits) reloads them round by round."""
     num_kv_heads, page_size, head_dim, group = 2, 4, 64, 3
-    layer = filled(page_size * 9000 + 2, page_size, num_kv_heads, head_dim, torch.bfloat16)
+    layer = filled(page_size * 11000 + 2, page_size, num_kv_heads, head_dim, torch.bfloat16)
     query = torch.randn(num_kv_heads, group, head_dim, device="cuda").to(torch.bfloat16)
     reference = page_scores(query.float(), layer.page_bounds[:, : layer.num_pages].float(), group_rule)
     scorer = kernels.ScoreTopK(module)
