@@ -71,7 +71,7 @@ MARKS = [
     ("", "  __threadfence();\n  __syncthreads();\n"
          "  if (threadIdx.x == 0) is_last = atomicAdd(&counters[h], 1u) == (rule == kMass", mark(3, sync=True)),
     ("  if (!is_last) return;\n", "\n  // The last block of head h: every", mark(4)),
-    ("  unsigned int keys[kSweepBatch];\n", "", mark(5, sync=True)),
+    ("  unsigned int keys[kHeldKeys];\n", "", mark(5, sync=True)),
     ("  __syncthreads();\n", "  find_bin(histogram, kFirstBins", mark(6)),
     ("  const unsigned int first_digit = found_bin;\n", "", mark(7)),
     ("  __syncthreads();\n", "  if (threadIdx.x == 0) head_out[k - 1]", mark(8)),
