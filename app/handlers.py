@@ -203,7 +203,8 @@ def load_document(server: Server, text: str, cut: str | None, file, sample: str 
     if state is None or state.session is None:
         state = server.sessions.open(request.session_hash, server.new_session)
         if state is None:
-            raise UserError(f"The server is busy ({server.sessions.limit} sessions are open): try again shortly.")
+            raise UserError(f"The server is busy ({views.counted(server.sessions.limit, 'session')} open): try again "
+                            "shortly.")
     state.forget_document()
     cleared = {"state": state, "cut": HIDDEN, "headline": "", "speed_plot": HIDDEN} | answers_cleared()
     started = time.perf_counter()
@@ -224,7 +225,7 @@ def load_document(server: Server, text: str, cut: str | None, file, sample: str 
     name = sample or (Path(file).name if file else "pasted text")
     state.document_name = f"{name}{f' ({cut})' if not fit.fits else ''}"
     state.needle = find_needle(text)
-    loaded = (f"{state.document_name}: {ingested.document_tokens:,} tokens, prefilled in "
+    loaded = (f"{state.document_name}: {views.counted(ingested.document_tokens, 'token')}, prefilled in "
               f"{time.perf_counter() - started:.1f} s")
     return cleared | {"document": gr.update(label=f"Document · {loaded}", open=False),
                       "doc_info": f"**Loaded** {loaded}. Ask away: follow-up questions reuse the document's KV.",
@@ -347,9 +348,10 @@ def turn_notices(run, asked_tokens: int) -> list[dict]:
                             "context (they stay shown above; the model no longer sees them). The document stays. "
                             "**New chat** frees the whole conversation."))
     if run.max_new_tokens < asked_tokens:
-        notes.append(notice(f"Answer capped at {run.max_new_tokens} tokens",
-                            f"Only {run.max_new_tokens} tokens of room are left beside the document and this "
-                            "question; **New chat** frees the conversation's room."))
+        cap = views.counted(run.max_new_tokens, "token")
+        notes.append(notice(f"Answer capped at {cap}",
+                            f"Room for only {cap} is left beside the document and this question; **New chat** frees "
+                            "the conversation's room."))
     return notes
 
 

@@ -23,13 +23,18 @@ class Speed:
         return 1000 / self.tokens_per_s
 
 
+def counted(count: int, noun: str) -> str:
+    """The count and its noun, plural unless the count is 1: "1 token", "2,048 tokens"."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
 def header(model, backend_text: str, max_context: int, max_new_tokens: int, max_sessions: int) -> str:
     name = Path(getattr(model.config, "_name_or_path", "") or type(model).__name__).name
     dtype = str(model.dtype).removeprefix("torch.")
     device = next(model.parameters()).device
     return (f"Model **{name}** · {dtype} · {device} · attention backend **{backend_text}** · "
-            f"context {max_context:,} tokens · answers up to {max_new_tokens:,} tokens · "
-            f"{max_sessions} sessions at once")
+            f"context {max_context:,} tokens · answers up to {counted(max_new_tokens, 'token')} · "
+            f"{counted(max_sessions, 'session')} at once")
 
 
 def backend_text(backend) -> str:
@@ -42,7 +47,7 @@ def document_note(fit, max_context: int, keep: str | None = None) -> str:
     keep of one that does not fit."""
     share = 100 * fit.tokens / max_context
     if fit.fits:
-        return (f"{fit.tokens:,} tokens, {share:.0f}% of the {max_context:,}-token context; "
+        return (f"{counted(fit.tokens, 'token')}, {share:.0f}% of the {max_context:,}-token context; "
                 f"press **Load document**.")
     too_long = f"{fit.tokens:,} tokens: **longer than the context leaves room for**"
     if keep is not None:
@@ -56,8 +61,9 @@ def meter(usage) -> str:
     """The context as a bar: document, conversation, room left (a ContextUsage)."""
     parts = [("document", usage.document_tokens, "#1d4ed8"), ("conversation", usage.conversation_tokens, "#a78bfa"),
              ("room left", usage.room_tokens, "#e5e7eb")]
-    bars = "".join(f"<div title='{name}: {tokens:,} tokens' style='width:{100 * tokens / usage.max_context:.2f}%;"
-                   f"background:{color}'></div>" for name, tokens, color in parts if tokens > 0)
+    bars = "".join(f"<div title='{name}: {counted(tokens, 'token')}' "
+                   f"style='width:{100 * tokens / usage.max_context:.2f}%;background:{color}'></div>"
+                   for name, tokens, color in parts if tokens > 0)
     keys = " · ".join(f"<span style='color:{color if name != 'room left' else '#9ca3af'}'>■</span> {name} "
                       f"<b>{tokens:,}</b>" for name, tokens, color in parts)
     return (f"<div style='font-size:0.9em'>Context of {usage.max_context:,} tokens: {keys}</div>"
@@ -65,7 +71,7 @@ def meter(usage) -> str:
             f"margin-top:4px'>{bars}</div>")
 
 
-ENDINGS = {"eos": "complete", "max_new_tokens": "cut at {} tokens", "cancelled": "stopped"}  # RunStats.stop_reason
+ENDINGS = {"eos": "complete", "max_new_tokens": "cut at {}", "cancelled": "stopped"}  # RunStats.stop_reason
 
 
 def metrics(mode: str, steps: list, run, recall: float | None = None) -> str:
@@ -75,9 +81,10 @@ def metrics(mode: str, steps: list, run, recall: float | None = None) -> str:
         return f"**{mode}** · prefilling the question…"
     decode_s = sum(step.seconds for step in steps[1:])
     rate = run.decode_tokens_per_s if run.new_tokens else (len(steps) - 1) / decode_s if decode_s > 0 else 0.0
-    state = ENDINGS.get(run.stop_reason, "{}").format(run.max_new_tokens) if run.new_tokens else "streaming…"
+    state = (ENDINGS.get(run.stop_reason, "{}").format(counted(run.max_new_tokens, "token")) if run.new_tokens
+             else "streaming…")
     setting = f" · {budget_text(run)}" if mode == "quest" else ""
-    lines = [f"**{mode}**{setting} · {len(steps)} tokens · decode **{rate:.1f} tok/s** · "
+    lines = [f"**{mode}**{setting} · {counted(len(steps), 'token')} · decode **{rate:.1f} tok/s** · "
              f"TTFT {steps[0].seconds:.2f} s · context {steps[-1].context_len:,} tokens · "
              f"prefilled {run.prefill_tokens:,}, reused {run.reused_tokens:,} · {state}"]
     traced = [step.trace for step in steps if step.trace is not None]

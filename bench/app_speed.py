@@ -96,7 +96,7 @@ def app_run(client, args, settings: QuestConfig, decoding: Decoding, tokenizer) 
             first_at, first_text = time.perf_counter(), text_of(updates[-1][0][-1])
     final_at = time.perf_counter()
     shown = dict(zip(ASK_OUTPUTS, job.result()))
-    found = re.search(r"(\d+) tokens · decode \*\*([\d.]+) tok/s\*\*", shown["metrics"])
+    found = re.search(r"(\d+) tokens? · decode \*\*([\d.]+) tok/s\*\*", shown["metrics"])
     tokens = int(found.group(1))
     in_first = len(tokenizer(first_text, add_special_tokens=False)["input_ids"])  # the text's tokens, within one
     return {"tokens": tokens, "client_tok_s": (tokens - in_first) / (final_at - first_at),

@@ -105,9 +105,9 @@ def one_user(url: str, doc: dict, folder: Path, start: threading.Barrier, args, 
             job.cancel()
             raise TimeoutError("the load test ran past --timeout")
     history, _, metrics, *_ = job.result(timeout=max(deadline - time.monotonic(), 1))
-    engine = re.search(r"(\d+) tokens · decode \*\*([\d.]+) tok/s\*\* · TTFT ([\d.]+) s", metrics)
+    engine = re.search(r"(\d+) tokens? · decode \*\*([\d.]+) tok/s\*\* · TTFT ([\d.]+) s", metrics)
     return {"client": client, "name": doc["name"], "code": doc["code"], "load_status": status,
-            "document_tokens": int(re.match(r"([\d,]+) tokens", info).group(1).replace(",", "")),
+            "document_tokens": int(re.match(r"([\d,]+) tokens?", info).group(1).replace(",", "")),
             "load_s": submitted - began, "queue_wait_s": first_update - submitted,
             "ttft_s": first_text - submitted if first_text else None, "answer": answer_text(history),
             "engine_ttft_s": float(engine.group(3)), "decode_tokens_per_s": float(engine.group(2)),

@@ -2,6 +2,7 @@
 sizes, and the headline's numbers. No model, no server."""
 import json
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from app import figures, handlers, looked, views
 from app.sessions import ChatState
+from quest_core.session import ContextUsage, DocumentFit, RunStats, Step
 from quest_core.trace import StepTrace, mean_pages_read
 
 LAYERS, HEADS, DENSE_LAYERS = 6, 3, 2
@@ -166,3 +168,20 @@ def test_compare_names_the_question_it_answers_as_it_starts():
     assert "*Who is Francisco?*" in handlers.comparing(None, "", state)["verdict"]
     assert "*And Bernardo?*" in handlers.comparing(None, " And Bernardo? ", state)["verdict"]
     assert "*" not in handlers.comparing(None, "", None)["verdict"]
+
+
+def test_a_count_of_one_reads_in_the_singular():
+    """Counts that can be 1 say "1 token", "1 session" (a browser walk read "1 tokens"); others stay plural."""
+    step = Step(0, 42, "Hi", 0.5, 300, None)
+    assert "**dense** · 1 token · decode" in views.metrics("dense", [step], RunStats("dense", 256, 16, 2))
+    cut = RunStats("dense", 256, 16, 2, new_tokens=1, max_new_tokens=1, stop_reason="max_new_tokens")
+    assert views.metrics("dense", [step], cut).endswith("· cut at 1 token")
+    assert views.metrics("dense", [step, step], cut).startswith("**dense** · 2 tokens · ")
+    assert views.document_note(DocumentFit(1, 8000, True), 8192).startswith("1 token, 0% of the 8,192-token")
+    assert "title='document: 1 token'" in views.meter(ContextUsage(8192, 1, 0, 8191))
+    model = SimpleNamespace(config=SimpleNamespace(_name_or_path="tiny"), dtype="torch.float32",
+                            parameters=lambda: iter([torch.zeros(1)]))
+    assert "answers up to 1 token · 1 session at once" in views.header(model, "torch", 8192, 1, 1)
+    capped = handlers.turn_notices(RunStats("quest", 256, 16, 2, max_new_tokens=1), 24)
+    assert capped[0]["metadata"]["title"] == "⚠️ Answer capped at 1 token"
+    assert (views.counted(1, "session"), views.counted(2048, "token")) == ("1 session", "2,048 tokens")

@@ -45,7 +45,7 @@ def answer_line(metrics: str) -> str:
 
 
 def tokens_in(metrics: str) -> int | None:
-    found = re.search(r"· (\d+) tokens · decode", metrics)
+    found = re.search(r"· (\d+) tokens? · decode", metrics)
     return int(found.group(1)) if found else None
 
 
@@ -90,7 +90,7 @@ def ask_and_watch(page, question: str) -> set[int]:
         line = answer_line(page.locator("#metrics").inner_text())
         if line != before and (count := tokens_in(line)) is not None:
             seen.add(count)
-            if re.search(r"· (complete|cut at \d+ tokens|stopped)$", line):
+            if re.search(r"· (complete|cut at \d+ tokens?|stopped)$", line):
                 return seen
         time.sleep(0.1)
     raise TimeoutError(f"no answer to {question!r}")
