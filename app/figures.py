@@ -24,8 +24,8 @@ def _layout(figure, title, height):
     return figure
 
 
-def _legend(figure, dense_layer: bool, marks: dict):
-    """Legend entries for the cell colours and the marks (the heatmap itself has none)."""
+def _legend(figure, dense_layer: bool):
+    """Legend entries for the cell colours (the heatmap itself has none)."""
     entries = [("read", BLUE), ("not read", WHITE), ("current page", ORANGE)]
     if dense_layer:
         entries.append(("dense layer: all read", DENSE_COLOR))
@@ -33,18 +33,14 @@ def _legend(figure, dense_layer: bool, marks: dict):
         figure.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name, hoverinfo="skip",
                                     marker=dict(symbol="square", size=11, color=color, line=dict(width=1,
                                                                                                color="#9ca3af"))))
-    for name in marks:
-        color, symbol = MARKS[name]
-        figure.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"{name}'s pages", hoverinfo="skip",
-                                    marker=dict(symbol=symbol, size=11, color=color)))
 
 
 def _marks(figure, marks: dict, y: float):
-    """Markers at row `y` over the pages in `marks` (name -> page ids)."""
+    """Markers at row `y` over the pages in `marks` (name -> page ids), each kind with its legend entry."""
     for name, pages in marks.items():
         if len(pages):
             color, symbol = MARKS[name]
-            figure.add_trace(go.Scatter(x=list(pages), y=[y] * len(pages), mode="markers", showlegend=False,
+            figure.add_trace(go.Scatter(x=list(pages), y=[y] * len(pages), mode="markers", name=f"{name}'s pages",
                                         marker=dict(symbol=symbol, size=10, color=color),
                                         hovertemplate=f"{name}: page %{{x}}<extra></extra>"))
 
@@ -93,8 +89,8 @@ def pages_read(step, layer: int, page_size: int, page_labels: list[str], marks: 
     figure = go.Figure(go.Heatmap(z=z, x=x, y=list(range(num_heads)), text=[hover] * num_heads, showscale=False,
                                   hovertemplate="KV head %{y}<br>%{text}<extra></extra>", colorscale=COLORSCALE,
                                   zmin=0, zmax=DENSE))
+    _legend(figure, dense)
     _marks(figure, marks, num_heads - 0.5 + 0.35)
-    _legend(figure, dense, marks)
     figure.update_yaxes(title="KV head", tickvals=list(range(num_heads)), range=[-0.5, num_heads + 0.1],
                         fixedrange=True)
     figure.update_xaxes(title=f"page ({page_size} tokens{'' if bin_pages == 1 else f'; {bin_pages} per column'})",
@@ -137,8 +133,8 @@ def selection_over_time(steps, layer: int, head: int, page_size: int, marks: dic
     figure = go.Figure(go.Heatmap(z=rows, x=_column_centers(num_pages, bin_pages), y=y, showscale=False,
                                   colorscale=COLORSCALE, zmin=0, zmax=DENSE,
                                   hovertemplate="step %{y}, page %{x:.0f}<extra></extra>"))
+    _legend(figure, any(_is_dense(step, layer) for step in steps))
     _marks(figure, marks, -0.5 - max(1.0, 0.03 * len(steps)))
-    _legend(figure, any(_is_dense(step, layer) for step in steps), marks)
     figure.update_yaxes(title="decode step", autorange="reversed")
     figure.update_xaxes(title="page", range=[-0.5, num_pages - 0.5])
     return _layout(figure, f"Pages read over the answer · layer {layer}, KV head {head}", 340)

@@ -185,3 +185,17 @@ def test_a_count_of_one_reads_in_the_singular():
     capped = handlers.turn_notices(RunStats("quest", 256, 16, 2, max_new_tokens=1), 24)
     assert capped[0]["metadata"]["title"] == "⚠️ Answer capped at 1 token"
     assert (views.counted(1, "session"), views.counted(2048, "token")) == ("1 session", "2,048 tokens")
+
+
+def test_the_legend_names_only_the_marks_the_figure_draws():
+    """A mark kind with no pages (a question not found in the cache, a needle cut off) draws nothing and has no legend
+    entry (a browser walk saw "question's pages" in the legend with no marker drawn); one with pages has both."""
+    rng = random.Random(4)
+    steps = [random_trace(rng, 400 + i, 4, 8) for i in range(3)]
+    marks = {"question": [], "needle": [20, 21]}
+    for figure in (figures.pages_read(steps[-1], DENSE_LAYERS, 4, [], marks),
+                   figures.selection_over_time(steps, DENSE_LAYERS, 0, 4, marks)):
+        legend = {trace.name: trace for trace in figure.data if trace.showlegend is not False and trace.name}
+        assert "question's pages" not in legend
+        assert list(legend["needle's pages"].x) == [20, 21]
+        assert {"read", "not read", "current page"} <= set(legend)
