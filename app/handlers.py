@@ -254,10 +254,10 @@ def ask(server: Server, question: str, mode: str, budget, page_size, dense_layer
            "metrics": views.metrics(mode, [], None)}
     answer = Streaming(session.ask(question, trace=True, inspect=bool(inspect), **decoding), session.cancel)
 
-    def notes_and_marks():  # once the engine has started the answer (its RunStats says what it dropped)
-        return turn_notices(session.last_run, decoding["max_new_tokens"]), page_marks(session, question, state.needle)
+    def notices():  # once the engine has started the answer (its RunStats says what it dropped)
+        return turn_notices(session.last_run, decoding["max_new_tokens"])
 
-    notes, marks, shown = None, {}, 0
+    notes, shown = None, 0
     try:
         while not answer.done.wait(REFRESH_S if shown else FIRST_TOKEN_POLL_S):
             steps = list(answer.steps)
@@ -265,7 +265,7 @@ def ask(server: Server, question: str, mode: str, budget, page_size, dense_layer
                 continue
             shown, run = len(steps), session.last_run
             if notes is None:
-                notes, marks = notes_and_marks()
+                notes = notices()
             chat = before + notes + [user, {"role": "assistant", "content": "".join(s.text for s in steps)}]
             yield {"chat": chat, "metrics": views.metrics(mode, steps, run),
                    "meter": views.meter(session.context_usage(steps[-1].context_len))}
@@ -289,7 +289,7 @@ def ask(server: Server, question: str, mode: str, budget, page_size, dense_layer
     finally:
         answer.stop()
     if notes is None:  # no step was shown while streaming
-        notes, marks = notes_and_marks()
+        notes = notices()
     run = session.last_run
     stopped = " (stopped)" if run.stop_reason == "cancelled" else ""
     state.chat = before + notes + [user, {"role": "assistant", "content": run.text + stopped}]
@@ -299,7 +299,7 @@ def ask(server: Server, question: str, mode: str, budget, page_size, dense_layer
         state.speeds[mode] = speed(run, "chat")
     yield {"chat": state.chat, "metrics": last_metrics(state),
            "meter": views.meter(session.context_usage()), **speed_views(state),
-           **answer_views(state, session, int(layer), int(head), marks)}
+           **answer_views(state, session, int(layer), int(head))}
 
 
 class Streaming:
@@ -466,12 +466,11 @@ def page_labels(page_texts: list[str], page_size: int) -> list[str]:
             f"{text[:60].replace(chr(10), ' ').replace('<', '&lt;')}" for page, text in enumerate(page_texts)]
 
 
-def answer_views(state: ChatState, session: Session, layer: int, head: int, marks: dict | None = None) -> dict:
+def answer_views(state: ChatState, session: Session, layer: int, head: int) -> dict:
     """Pages read (at the picked token or the last), over time, and where the model looked."""
     run = state.answer
     traced = traced_steps(run.steps)
-    if marks is None:
-        marks = page_marks(session, state.question, state.needle)
+    marks = page_marks(session, state.question, state.needle)  # the cache holds the question once the answer ends
     if not traced:
         return {"heads_plot": HIDDEN, "time_plot": HIDDEN, **looked_views(state, session)}
     page_size = run.page_size

@@ -355,3 +355,17 @@ def test_an_inspected_answer_gives_the_headline_no_speed(default_model, short_do
     plain = answer(False)
     assert set(state.speeds) == {"quest"} and "Quest" in plain["headline"]
     state.close()
+
+
+def test_an_answers_plots_mark_the_pages_of_its_question(default_model, short_document):
+    """The pages-read plots an answer ends with mark its question's pages (they were looked up while the answer
+    streamed, before the question's tokens are in the session's cache: none were found, none marked)."""
+    server, state = loaded_state(default_model, short_document, "question-marks")
+    shown = list(handlers.ask(server, QUESTION, "quest", 256, 16, 2, False, 4, 0.0, DECODING.repetition_penalty,
+                              DECODING.no_repeat_ngram_size, 2, 0, None, False, state))[-1]
+    pages = state.session.pages_of(QUESTION)
+    assert pages
+    for plot in ("heads_plot", "time_plot"):
+        marks = [trace for trace in shown[plot]["value"].data if trace.name == "question's pages"]
+        assert [list(trace.x) for trace in marks] == [pages], plot
+    state.close()
