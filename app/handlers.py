@@ -246,11 +246,12 @@ def ask(server: Server, question: str, mode: str, budget, page_size, dense_layer
         yield {}
         return
     configure(session, mode, budget, page_size, dense_layers, top_p, two_level)
+    attention = views.attention_used(session.config)
     decoding = dict(max_new_tokens=min(int(max_new_tokens), server.max_new_tokens), temperature=float(temperature),
                     repetition_penalty=float(repetition_penalty), no_repeat_ngram_size=int(no_repeat_ngram_size))
     before = list(state.chat)
     user = {"role": "user", "content": question}
-    yield {"chat": before + [user, {"role": "assistant", "content": ""}], "question": "",
+    yield {"chat": before + [user, answer_message(attention, "")], "question": "",
            "metrics": views.metrics(mode, [], None)}
     answer = Streaming(session.ask(question, trace=True, inspect=bool(inspect), **decoding), session.cancel)
 
@@ -266,7 +267,7 @@ def ask(server: Server, question: str, mode: str, budget, page_size, dense_layer
             shown, run = len(steps), session.last_run
             if notes is None:
                 notes = notices()
-            chat = before + notes + [user, {"role": "assistant", "content": "".join(s.text for s in steps)}]
+            chat = before + notes + [user, answer_message(attention, "".join(s.text for s in steps))]
             yield {"chat": chat, "metrics": views.metrics(mode, steps, run),
                    "meter": views.meter(session.context_usage(steps[-1].context_len))}
         answer.raise_error()
@@ -292,7 +293,7 @@ def ask(server: Server, question: str, mode: str, budget, page_size, dense_layer
         notes = notices()
     run = session.last_run
     stopped = " (stopped)" if run.stop_reason == "cancelled" else ""
-    state.chat = before + notes + [user, {"role": "assistant", "content": run.text + stopped}]
+    state.chat = before + notes + [user, answer_message(attention, run.text + stopped)]
     state.answer, state.question, state.picked_step = run, question, None
     state.page_texts = session.page_texts()
     if run.new_tokens > 1 and not inspect:  # an inspected answer also ran dense attention at each step: not a speed
@@ -331,6 +332,23 @@ class Streaming:
         if not self.done.is_set():
             self.cancel()
             self.done.wait(STOP_WAIT_S)
+
+
+ATTENTION_LINE_END = "</small>\n\n"
+
+
+def answer_message(attention: str, text: str) -> dict:
+    """An answer for the chat, under a small line saying which attention produced it (views.attention_used): the
+    chat keeps each answer's, whatever the settings of the next."""
+    return {"role": "assistant", "content": f"<small>{attention}{ATTENTION_LINE_END}{text}"}
+
+
+def answer_text(message: dict) -> str:
+    """The text of an answer_message as Gradio's API returns it (a string or a list of text parts), without its
+    attention line: what the API's clients compare and time."""
+    content = message["content"]
+    text = content if isinstance(content, str) else "".join(part["text"] for part in content)
+    return text.partition(ATTENTION_LINE_END)[2]
 
 
 def notice(title: str, text: str) -> dict:

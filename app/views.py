@@ -155,8 +155,14 @@ def headline(speeds: dict) -> str:
     return text + caveat
 
 
+def attention_used(config) -> str:
+    """The attention an answer runs with (a QuestConfig or RunStats), for its chat message."""
+    return "dense attention" if config.mode == "dense" else f"Quest attention · {budget_text(config)}"
+
+
 def budget_text(run) -> str:
-    """The budget a Quest answer (a RunStats) ran with, and its ranking where it had two levels."""
+    """The budget a Quest answer (a RunStats, or the QuestConfig it runs with) ran with, and its ranking where it
+    had two levels."""
     ranking = ", two-level ranking" if run.coarse_factor else ""
     if run.top_p is None:
         return f"budget {run.budget}{ranking}"

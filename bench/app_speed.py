@@ -31,6 +31,7 @@ from gradio_client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from app import handlers  # noqa: E402
 from app.documents import sample_text  # noqa: E402
 from bench.results import write_section  # noqa: E402
 from quest_core.backends import make_backend  # noqa: E402
@@ -76,11 +77,6 @@ def serve(port: int, max_new_tokens: int) -> tuple[subprocess.Popen, Client]:
     raise TimeoutError("the app did not start within 10 minutes")
 
 
-def text_of(message) -> str:
-    content = message["content"]
-    return content if isinstance(content, str) else "".join(part["text"] for part in content)
-
-
 def app_run(client, args, settings: QuestConfig, decoding: Decoding, tokenizer) -> dict:
     """One answer through the app, with `settings` and `decoding` (what the app's sliders start at)."""
     client.predict(api_name="/new_chat")
@@ -92,8 +88,8 @@ def app_run(client, args, settings: QuestConfig, decoding: Decoding, tokenizer) 
     while not job.done():  # not `for update in job`: gradio_client's iterator polls every millisecond, a load
         time.sleep(CLIENT_POLL_S)  # that a browser does not put on the server's two cores
         updates = job.outputs()
-        if first_at is None and updates and updates[-1][0] and text_of(updates[-1][0][-1]):
-            first_at, first_text = time.perf_counter(), text_of(updates[-1][0][-1])
+        if first_at is None and updates and updates[-1][0] and handlers.answer_text(updates[-1][0][-1]):
+            first_at, first_text = time.perf_counter(), handlers.answer_text(updates[-1][0][-1])
     final_at = time.perf_counter()
     shown = dict(zip(ASK_OUTPUTS, job.result()))
     found = re.search(r"(\d+) tokens? · decode \*\*([\d.]+) tok/s\*\*", shown["metrics"])
@@ -101,7 +97,7 @@ def app_run(client, args, settings: QuestConfig, decoding: Decoding, tokenizer) 
     in_first = len(tokenizer(first_text, add_special_tokens=False)["input_ids"])  # the text's tokens, within one
     return {"tokens": tokens, "client_tok_s": (tokens - in_first) / (final_at - first_at),
             "server_tok_s": float(found.group(2)), "whole_answer_s": final_at - submitted,
-            "text": text_of(shown["chat"][-1])}
+            "text": handlers.answer_text(shown["chat"][-1])}
 
 
 def engine_run(session: Session, args) -> dict:

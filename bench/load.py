@@ -30,6 +30,7 @@ from gradio_client import Client, handle_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from app import handlers  # noqa: E402
 from app.layout import build_app  # noqa: E402
 from app.sessions import ChatState  # noqa: E402
 from bench.results import write_section  # noqa: E402
@@ -75,11 +76,6 @@ def documents(tokenizer, count: int, seed: int) -> list[dict]:
     return docs
 
 
-def answer_text(history) -> str:
-    content = history[-1]["content"]
-    return content if isinstance(content, str) else "".join(part["text"] for part in content)
-
-
 def one_user(url: str, doc: dict, folder: Path, start: threading.Barrier, args, deadline: float) -> dict:
     """Upload, load and ask as one browser session; returns its timings, answer and client."""
     client = Client(url, verbose=False)
@@ -99,7 +95,7 @@ def one_user(url: str, doc: dict, folder: Path, start: threading.Barrier, args, 
     for history, *_ in job:
         now = time.perf_counter()
         first_update = first_update or now
-        if first_text is None and answer_text(history).strip():
+        if first_text is None and handlers.answer_text(history[-1]).strip():
             first_text = now
         if time.monotonic() > deadline:
             job.cancel()
@@ -109,7 +105,7 @@ def one_user(url: str, doc: dict, folder: Path, start: threading.Barrier, args, 
     return {"client": client, "name": doc["name"], "code": doc["code"], "load_status": status,
             "document_tokens": int(re.match(r"([\d,]+) tokens?", info).group(1).replace(",", "")),
             "load_s": submitted - began, "queue_wait_s": first_update - submitted,
-            "ttft_s": first_text - submitted if first_text else None, "answer": answer_text(history),
+            "ttft_s": first_text - submitted if first_text else None, "answer": handlers.answer_text(history[-1]),
             "engine_ttft_s": float(engine.group(3)), "decode_tokens_per_s": float(engine.group(2)),
             "new_tokens": int(engine.group(1)), "total_s": time.perf_counter() - submitted}
 

@@ -119,7 +119,7 @@ def test_upload_ask_stream_metrics_plots_looked_and_compare(client, short_docume
     updates, shown = ask(client, QUESTION, inspect=True)
     assert len(updates) >= 2  # streamed, not one final message
     run = session.last_run
-    assert text_of(shown["chat"][-1]) == run.text and run.text.strip()
+    assert handlers.answer_text(shown["chat"][-1]) == run.text and run.text.strip()
     assert f"{run.new_tokens} tokens · decode **{run.decode_tokens_per_s:.1f} tok/s**" in shown["metrics"]
     assert "KV read per step" in shown["metrics"] and "recall" in shown["metrics"]
     assert json.loads(value(shown["heads_plot"])["plot"])["data"][0]["type"] == "heatmap"
@@ -204,7 +204,7 @@ def test_dense_answers_equal_the_cli_in_the_chat_and_in_compare(client, short_do
                           "--json"],
                          capture_output=True, text=True, cwd=ROOT, check=True, env=dict(os.environ))
     expected = json.loads(cli.stdout)["text"]
-    assert text_of(shown["chat"][-1]) == expected
+    assert handlers.answer_text(shown["chat"][-1]) == expected
     assert server_state(client).speeds["dense"].source == "Compare"
     assert expected.strip() and expected in shown_text(compared[0])
 
@@ -221,7 +221,7 @@ def test_the_context_never_overflows_and_new_chat_keeps_the_document(client):
     for turn in range(30):
         _, shown = ask(client, f"Question {turn}: what does Horatio say next?")
         run = session.last_run
-        assert run.new_tokens > 0 and text_of(shown["chat"][-1]) == run.text
+        assert run.new_tokens > 0 and handlers.answer_text(shown["chat"][-1]) == run.text
         assert len(session.token_ids) <= session.max_context
         dropped = [m for m in shown["chat"] if (m.get("metadata") or {}).get("title", "").startswith("⚠️ Context full")]
         assert len(dropped) == notices + (run.dropped_turns > 0)
@@ -368,4 +368,25 @@ def test_an_answers_plots_mark_the_pages_of_its_question(default_model, short_do
     for plot in ("heads_plot", "time_plot"):
         marks = [trace for trace in shown[plot]["value"].data if trace.name == "question's pages"]
         assert [list(trace.x) for trace in marks] == [pages], plot
+    state.close()
+
+
+def test_each_answer_in_the_chat_says_which_attention_produced_it(default_model, short_document):
+    """Every answer carries a small line naming its attention, from its first update on, and keeps it when a later
+    answer uses another (with modes flipped between questions, only the metrics said which, and for the last answer
+    only)."""
+    server, state = loaded_state(default_model, short_document, "attention-line")
+
+    def answer(question, mode):
+        return list(handlers.ask(server, question, mode, 256, 16, 2, False, 4, 0.0, DECODING.repetition_penalty,
+                                 DECODING.no_repeat_ngram_size, 2, 0, None, False, state))
+
+    quest_line = "<small>Quest attention · budget 256</small>"
+    streamed = answer(QUESTION, "quest")
+    assert all(text_of(shown["chat"][-1]).startswith(quest_line) for shown in streamed)
+    quest_text = state.answer.text
+    answer("And Bernardo?", "dense")
+    answers = [text_of(message) for message in state.chat if message["role"] == "assistant"]
+    assert answers == [f"{quest_line}\n\n{quest_text}", f"<small>dense attention</small>\n\n{state.answer.text}"]
+    assert [handlers.answer_text(message) for message in state.chat[1::2]] == [quest_text, state.answer.text]
     state.close()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from app import views
 from app.documents import sample_text
 from quest_core.config import default_config
 from quest_core.session import Session, cut_document, measure_document
@@ -141,8 +142,8 @@ def test_fill_the_context_compare_and_see_where_the_model_looked(app_url, tmp_pa
             live |= {count for count in seen if count < final}
             answer = page.locator('#chat [data-testid="bot"]').last
             expect(answer).to_have_text(re.compile(r"\w"))  # answers keep coming
-            if turn == 0:  # the streamed answer is the engine's, word for word
-                assert words(answer.inner_text()) == words(first_answer)
+            if turn == 0:  # the streamed answer is the engine's, word for word, under the attention it ran with
+                assert words(answer.inner_text()) == words(views.attention_used(session.config)) + words(first_answer)
             assert_no_error_state(page)
             if page.locator("#chat").get_by_text("Context full").count():
                 break
