@@ -13,10 +13,19 @@ WHITE, LIGHT_BLUE, BLUE, ORANGE, DENSE_COLOR = "#eef0f3", "#bfdbfe", "#1d4ed8", 
 COLORSCALE = [[0, WHITE], [0.05, WHITE], [0.05, LIGHT_BLUE], [0.6, BLUE], [0.7, BLUE], [0.7, ORANGE],
               [0.9, ORANGE], [0.9, DENSE_COLOR], [1, DENSE_COLOR]]
 MARKS = {"question": ("#dc2626", "triangle-down"), "needle": ("#059669", "star")}  # name -> (color, symbol)
+# Plotly's mode bar (its toolbar, shown on hover or touch) covers the figure's top 27 px from the right edge, 272 px
+# wide: at a phone's 400 px, the title's row. Titles start below it; a subtitle holds what one 400 px line cannot.
+MODE_BAR_PX = 32
+TITLE_PX, SUBTITLE_PX = 17, 28  # a title's line; a subtitle's, with the gap Plotly leaves above it
 
 
-def _layout(figure, title, height):
-    figure.update_layout(title=dict(text=title, font=dict(size=13)), height=height, margin=dict(l=50, r=10, t=40, b=36),
+def _layout(figure, title: str, height: int, subtitle: str = ""):
+    """The app's look for `figure`: its title and subtitle under Plotly's mode bar, then `height` pixels for the plot,
+    its axes and legend."""
+    top = MODE_BAR_PX + TITLE_PX + (SUBTITLE_PX if subtitle else 0) + 8
+    figure.update_layout(title=dict(text=title, font=dict(size=13), subtitle=dict(text=subtitle, font=dict(size=12)),
+                                    yref="container", y=1, yanchor="top", pad=dict(t=MODE_BAR_PX)),
+                         height=top + height, margin=dict(l=50, r=10, t=top, b=36),
                          plot_bgcolor="white", uirevision="keep",  # no zoom reset on refresh
                          # the legend under the plot: above it, rows it wraps into ran over the title
                          legend=dict(orientation="h", yref="container", y=0, yanchor="bottom", x=0,
@@ -103,7 +112,10 @@ def pages_read(step, layer: int, page_size: int, page_labels: list[str], marks: 
         read = (pages >= 0).sum(1)  # top-p: -1 in the slots a head did not read
         counts = f"{read.min()}" if read.min() == read.max() else f"{read.min()}-{read.max()}"
         kind = f"each head read {counts} of {num_pages} pages"
-    return _layout(figure, f"Pages read · layer {layer}, at {step.context_len:,} tokens: {kind}", 150 + 34 * num_heads)
+    # at least three heads' height: a dense step has one row, and on a phone its legend (a column of five entries)
+    # took the whole plot, then more (Plotly failed "with axis scaling" and drew nothing)
+    height = 110 + 34 * max(num_heads, 3)
+    return _layout(figure, f"Pages read · layer {layer}, at {step.context_len:,} tokens", height, kind)
 
 
 def _bin_label(page_labels: list[str], first: int, end: int) -> str:
@@ -137,7 +149,7 @@ def selection_over_time(steps, layer: int, head: int, page_size: int, marks: dic
     _marks(figure, marks, -0.5 - max(1.0, 0.03 * len(steps)))
     figure.update_yaxes(title="decode step", autorange="reversed")
     figure.update_xaxes(title="page", range=[-0.5, num_pages - 0.5])
-    return _layout(figure, f"Pages read over the answer · layer {layer}, KV head {head}", 340)
+    return _layout(figure, f"Pages read over the answer · layer {layer}, KV head {head}", 300)
 
 
 def kv_read_per_step(series: dict) -> go.Figure:
@@ -150,13 +162,12 @@ def kv_read_per_step(series: dict) -> go.Figure:
                                     line=dict(color=BLUE if mode == "quest" else DENSE_COLOR, width=3)))
     figure.update_yaxes(title="KV MiB read per step", rangemode="tozero")
     figure.update_xaxes(title="context, tokens")
-    title = "KV read per step: dense reads every page of every layer"
     if len(series) == 2:
         dense, quest = series["dense"][1], series["quest"][1]
-        title += f" ({sum(dense) / len(dense) / 2**20:.1f} MiB), Quest {sum(quest) / len(quest) / 2**20:.1f} MiB"
-    else:
-        title += f"; answer {'with Quest' if 'dense' in series else 'dense'} (or Compare) to draw its line"
-    return _layout(figure, title, 300)
+        return _layout(figure, f"KV read per step: dense {sum(dense) / len(dense) / 2**20:.1f} MiB, Quest "
+                       f"{sum(quest) / len(quest) / 2**20:.1f} MiB", 260, "dense reads every page of every layer")
+    return _layout(figure, "KV read per step (dense reads every page)", 260,
+                   f"answer {'with Quest' if 'dense' in series else 'dense'} (or Compare) to draw its line")
 
 
 def time_per_token(speeds: dict) -> go.Figure:
@@ -174,4 +185,4 @@ def time_per_token(speeds: dict) -> go.Figure:
     figure.update_layout(barmode="stack")
     figure.update_xaxes(title="ms per token", rangemode="tozero")
     figure.update_layout(bargap=0.25)
-    return _layout(figure, "Time per token on this document", 100 + 35 * len(modes))
+    return _layout(figure, "Time per token on this document", 60 + 35 * len(modes))

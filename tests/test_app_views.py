@@ -84,7 +84,7 @@ def test_top_p_steps_count_only_the_pages_read():
     np.testing.assert_allclose(shares, counts / (4 * (LAYERS - DENSE_LAYERS) * HEADS))
     read = steps[-1].pages_read[DENSE_LAYERS + 1]
     figure = figures.pages_read(steps[-1], DENSE_LAYERS + 1, 4, [], {})
-    assert f"each head read {read.min()}-{read.max()} of 101 pages" in figure.layout.title.text
+    assert figure.layout.title.subtitle.text == f"each head read {read.min()}-{read.max()} of 101 pages"
     assert mean_pages_read(steps) == pytest.approx(torch.stack([s.pages_read[DENSE_LAYERS:] for s in steps]).float()
                                                    .mean().item())
 

@@ -1,8 +1,9 @@
 """A person's path through the app in a real browser (Debian's Chromium, headless, driven by Playwright, 1440x1000):
 a refused upload, a document that fills the context, questions until old turns must go, live metrics, the
-heatmap's legend, Compare beside the chat, "where the model looked", and the chat's trash icon. No element may show
-Gradio's error state at any point. Saves a screenshot of the two-column app after Compare (to $QUEST_SCREENSHOT if
-set, which is how assets/screenshot.png is made)."""
+heatmap's legend, the plots' titles clear of Plotly's toolbar (also at a phone's 400 px), Compare beside the chat,
+"where the model looked", and the chat's trash icon. No element may show Gradio's error state at any point. Saves a
+screenshot of the two-column app after Compare (to $QUEST_SCREENSHOT if set, which is how assets/screenshot.png is
+made)."""
 import os
 import re
 import shutil
@@ -80,6 +81,23 @@ def assert_passages_meet(page):
     assert gaps and max(abs(gap) for gap in gaps) < 1, gaps
 
 
+def assert_titles_clear_of_the_mode_bar(page):
+    """Each plot's title and subtitle lie within the figure and off Plotly's mode bar (its toolbar, shown on hover or
+    touch; a browser walk at a phone's 400 px found it over the titles)."""
+    for plot in ("speed-plot", "heads-plot", "time-plot"):
+        boxes = page.locator(f"#{plot}").evaluate(
+            "plot => { const box = e => e.getBoundingClientRect().toJSON(); return {bar: box(plot.querySelector("
+            "'.modebar')), figure: box(plot.querySelector('.main-svg')), titles: Array.from(plot.querySelectorAll("
+            "'.gtitle, .gtitle-subtitle')).map(box)}; }")
+        bar, figure = boxes["bar"], boxes["figure"]
+        assert boxes["titles"] and bar["width"] > 0, plot
+        for title in boxes["titles"]:
+            apart = (title["top"] >= bar["bottom"] or title["bottom"] <= bar["top"] or title["right"] <= bar["left"]
+                     or title["left"] >= bar["right"])
+            assert apart, (plot, title, bar)
+            assert figure["left"] <= title["left"] and title["right"] <= figure["right"], (plot, title, figure)
+
+
 def ask_and_watch(page, question: str) -> set[int]:
     """Send `question` and wait for its answer to end (the metrics say how it ended); returns the token counts the
     metrics showed on the way."""
@@ -152,6 +170,12 @@ def test_fill_the_context_compare_and_see_where_the_model_looked(app_url, tmp_pa
 
         legend = page.locator("#heads-plot .legend").text_content()
         assert all(name in legend for name in ("read", "not read", "current page", "question's pages"))
+        assert_titles_clear_of_the_mode_bar(page)
+        page.set_viewport_size({"width": 400, "height": 800})  # a phone
+        page.wait_for_timeout(1500)  # the plots follow the width
+        assert_titles_clear_of_the_mode_bar(page)
+        page.set_viewport_size({"width": 1440, "height": 1000})
+        page.wait_for_timeout(1500)
 
         page.get_by_role("button", name="Compare dense vs Quest").click()
         page.locator("#verdict").get_by_text("Question:", exact=False).wait_for(timeout=600_000)
