@@ -225,6 +225,9 @@ def build_app(model, tokenizer, backend=None, max_new_tokens: int = 256, gpu=lam
                api_name="pick_sample", js=FILLS_PASTE_BOX),
             on(c["depth"].release, handlers.pick_sample, ["sample", "depth"], ["upload", *document],
                api_visibility="private", js=FILLS_PASTE_BOX),
+            # the note follows typing (only the latest text is measured); text put in without keystrokes, on blur
+            on(c["pasted"].input, handlers.describe, ["pasted"], ["doc_info", "cut"], api_visibility="private",
+               trigger_mode="always_last", show_progress="hidden"),
             on(c["pasted"].blur, handlers.describe, ["pasted"], ["doc_info", "cut"], api_visibility="private")]
         c["pasted"].focus(None, [c["pasted"]], None, js="(text) => { window.pasteAtFocus = text; }", queue=False)
         c["pasted"].blur(None, [c["pasted"], c["upload"], c["sample"]], [c["upload"], c["sample"]],

@@ -227,3 +227,24 @@ def test_load_takes_the_paste_box_edited_after_a_sample(app_url):
         assert "pasted text" in loaded.inner_text()
         assert_no_error_state(page)
         browser.close()
+
+
+def test_the_note_follows_the_paste_box_while_typing(app_url, default_model):
+    """The note under the paste box counts the text as it is typed, before the box loses focus (it was written on
+    blur only: while someone typed, it described the text before)."""
+    model, tokenizer = default_model
+    first, more = "The locker code is 4242.", " Nothing else is in this note, which goes on a little longer."
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 1000})
+        page.goto(app_url)
+        page.get_by_role("tab", name="Paste").click()
+        box = page.locator("#pasted textarea")
+        for typed, text in ((first, first), (more, first + more)):
+            box.press_sequentially(typed, delay=20)
+            tokens = measure_document(tokenizer, model.config, text).tokens
+            note = re.compile(rf"^{views.counted(tokens, 'token')}, \d+% of the")
+            page.locator("#doc-info").get_by_text(note).wait_for(timeout=30_000)
+            assert box.evaluate("box => box === document.activeElement")  # still typing: no blur
+        assert_no_error_state(page)
+        browser.close()
