@@ -23,6 +23,7 @@ from gradio_client import Client, handle_file
 from pypdf import PdfWriter
 
 import quest_core.engine as engine_module
+from app import handlers
 from app.layout import build_app
 from app.sessions import ChatState
 from app.views import backend_text
@@ -83,8 +84,8 @@ def ask(client, question, mode="quest", budget=256, max_new_tokens=8):
 
 
 def answer_text(history):
-    content = history[-1]["content"]
-    return content if isinstance(content, str) else "".join(part["text"] for part in content)
+    """The last answer's text in the chat, without its attention line."""
+    return handlers.answer_text(history[-1])
 
 
 def server_state(demo, client) -> ChatState:
