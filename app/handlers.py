@@ -343,12 +343,16 @@ def answer_message(attention: str, text: str) -> dict:
     return {"role": "assistant", "content": f"<small>{attention}{ATTENTION_LINE_END}{text}"}
 
 
-def answer_text(message: dict) -> str:
-    """The text of an answer_message as Gradio's API returns it (a string or a list of text parts), without its
-    attention line: what the API's clients compare and time."""
+def message_text(message: dict) -> str:
+    """A chat message's text as Gradio's API returns it: a string, or a list of text parts."""
     content = message["content"]
-    text = content if isinstance(content, str) else "".join(part["text"] for part in content)
-    return text.partition(ATTENTION_LINE_END)[2]
+    return content if isinstance(content, str) else "".join(part["text"] for part in content)
+
+
+def answer_text(message: dict) -> str:
+    """The text of an answer_message as the API returns it, without its attention line: what the API's clients
+    compare and time."""
+    return message_text(message).partition(ATTENTION_LINE_END)[2]
 
 
 def notice(title: str, text: str) -> dict:

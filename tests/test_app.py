@@ -70,11 +70,6 @@ def value(update):
     return update["value"] if isinstance(update, dict) and "visible" in update else update
 
 
-def text_of(message) -> str:
-    content = message["content"]
-    return content if isinstance(content, str) else "".join(part["text"] for part in content)
-
-
 def server_state(client) -> ChatState:
     """The ChatState the server holds for `client`'s session."""
     for blocks in gr.Blocks.get_instances():
@@ -245,7 +240,8 @@ def test_refusals_are_messages_that_change_nothing_and_a_new_document_clears_the
     too_long = "Why? " * 4000  # does not fit beside the document: refused, the last answer's metrics stay
     _, refused = ask(client, too_long)
     assert refused["metrics"] == answered["metrics"] and refused["question"] == too_long.strip()
-    assert [text_of(message) for message in refused["chat"][-2:-1]] == [too_long.strip()]  # the notice follows it
+    # the question stays in the chat, the notice follows it
+    assert [handlers.message_text(message) for message in refused["chat"][-2:-1]] == [too_long.strip()]
     assert refused["chat"][-1]["metadata"]["title"] == "⚠️ The question does not fit"
     _, empty = ask(client, "  ")
     assert empty["metrics"] == {"__type__": "update"}  # left as it is: a warning only
@@ -383,10 +379,10 @@ def test_each_answer_in_the_chat_says_which_attention_produced_it(default_model,
 
     quest_line = "<small>Quest attention · budget 256</small>"
     streamed = answer(QUESTION, "quest")
-    assert all(text_of(shown["chat"][-1]).startswith(quest_line) for shown in streamed)
+    assert all(handlers.message_text(shown["chat"][-1]).startswith(quest_line) for shown in streamed)
     quest_text = state.answer.text
     answer("And Bernardo?", "dense")
-    answers = [text_of(message) for message in state.chat if message["role"] == "assistant"]
+    answers = [handlers.message_text(message) for message in state.chat if message["role"] == "assistant"]
     assert answers == [f"{quest_line}\n\n{quest_text}", f"<small>dense attention</small>\n\n{state.answer.text}"]
     assert [handlers.answer_text(message) for message in state.chat[1::2]] == [quest_text, state.answer.text]
     state.close()
