@@ -4,8 +4,8 @@
 # by side, then runs what the arguments name: tests, kernels, e2e (default: all three), batch (batched decode,
 # bench/batch_gpu.py), batch-hf (HF generate at the same batches: bench/batch_hf.py), app (the app's decoding, traced
 # and untraced, SmolLM2's and Llama-3.1-8B's shapes: bench/app_gpu.py), phases (each of our kernels' phases on cold
-# data: bench/kernel_phases.py), profile, multi (the 70B-shaped model split over 2 GPUs: bench/multi_gpu.py, on the
-# device tool's 2-GPU H200 machine).
+# data: bench/kernel_phases.py), floor (Quest against the floor of its reads: bench/read_floor.py), profile, multi
+# (the 70B-shaped model split over 2 GPUs: bench/multi_gpu.py, on the device tool's 2-GPU H200 machine).
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
@@ -35,6 +35,7 @@ for step in ${@:-tests kernels e2e}; do
     app) for shape in smollm2 llama3-8b; do python3 bench/app_gpu.py --shape $shape; done 2>&1 \
            | tee "$OUT/app_gpu.txt" ;;
     phases) python3 bench/kernel_phases.py 2>&1 | tee "$OUT/phases.txt" ;;
+    floor) python3 bench/read_floor.py 2>&1 | tee "$OUT/read_floor.txt" ;;
     profile)  # where our two kernels' time goes (Nsight Compute): one layer of Llama-3.1-8B heads at 128K
       ncu --kernel-name regex:'score_topk|sparse_decode' --launch-skip 20 --launch-count 2 --section SpeedOfLight \
         --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats --section Occupancy \

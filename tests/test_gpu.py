@@ -624,3 +624,19 @@ def test_compiled_layers_kernels_launch_as_programmatic_dependents():
     kernels = [part for module in code for part in module.split("async_compile.triton(")[1:]]
     assert kernels and all("'launch_pdl': True" in kernel for kernel in kernels)
     assert all("gdc_wait()" in kernel for kernel in kernels if "tl.load(" in kernel)
+
+
+def test_the_read_floors_kernels_read_every_byte_once():
+    """bench/read_floor.py's kernels (the floor of Quest's reads) read the page bounds in use and the selected pages'
+    K and V, each byte once: their XOR equals torch's over the same bytes, for each kernel, called twice (the one
+    kernel's head counters left at zero), at pages of 16 and 4 and a k that does not split evenly."""
+    from bench import read_floor
+
+    module = read_floor.load_module()
+    for name, heads, num_pages, k, blocks, splits, threads in [("llama3-8b", 4, 301, 37, 5, 3, 256),
+                                                               ("smollm2", 3, 1000, 129, 7, 9, 128)]:
+        bounds, keys, values = read_floor.layer(read_floor.SHAPES[name], num_pages)
+        bounds, keys, values = bounds[:heads].contiguous(), keys[:, :heads].contiguous(), values[:, :heads].contiguous()
+        bounds = torch.cat([bounds, torch.randn_like(bounds[:, :9])], dim=1)  # capacity past the pages in use
+        rows = read_floor.random_rows(num_pages, heads, k)
+        read_floor.check_reads(module, bounds, keys, values, rows, num_pages, blocks, splits, threads)
